@@ -1,0 +1,1066 @@
+#include "broker/broker.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <deque>
+#include <filesystem>
+#include <fstream>
+#include <unordered_map>
+#include <unordered_set>
+
+#include <zmq.hpp>
+
+#include "broker/job_table.h"
+#include "broker/journal.h"
+#include "broker/records.h"
+#include "common/clock.h"
+#include "common/log.h"
+#include "schema/protocol.h"
+
+namespace asrf {
+
+using proto::Cmd;
+namespace rec = records;
+
+Status BrokerOptions::Sanitize() {
+  if (listen.empty()) return Status::Invalid("--listen must not be empty");
+  if (state_dir.empty()) return Status::Invalid("--state-dir must not be empty");
+  if (endpoint_file.empty()) endpoint_file = state_dir + "/broker.endpoint";
+  max_attempts = std::clamp(max_attempts, 1, 1000);
+  heartbeat_ms = std::clamp<int64_t>(heartbeat_ms, 50, 60000);
+  heartbeat_misses = std::clamp(heartbeat_misses, 1, 100);
+  backoff_ms = std::clamp<int64_t>(backoff_ms, 0, 3600000);
+  backoff_max_ms = std::max(backoff_max_ms, backoff_ms);
+  result_retention_s = std::max<int64_t>(result_retention_s, 0);
+  watch_max_ms = std::clamp<int64_t>(watch_max_ms, 1000, 3600000);
+  max_messages_per_wake = std::clamp(max_messages_per_wake, 1, 100000);
+  return Status::Ok();
+}
+
+namespace {
+
+struct WorkerConn {
+  std::string id;
+  std::string routing;
+  std::string host;
+  std::string device;
+  uint32_t slots = 1;
+  bool draining = false;
+  std::unordered_set<std::string> kinds;
+  std::unordered_set<uint64_t> leases;  // job ids
+  int64_t last_seen = 0;
+  int64_t gpu_mem_bytes = 0;
+};
+
+struct Watcher {
+  std::string routing;
+  int64_t expires = 0;
+  bool results = true;
+};
+
+// Work waiting for a journal completion.
+struct PendingSubmit {
+  std::vector<std::string> routings;  // the first requester and any retries that arrived meanwhile
+  std::vector<uint64_t> reqs;
+  std::string request_id;
+  std::string batch;
+  std::vector<Job> jobs;
+};
+struct PendingFinish {
+  uint64_t job = 0;
+  uint64_t epoch = 0;
+  std::string worker_routing;  // empty: no RESULT_ACK owed (cancel, dead)
+  JobState state = JobState::kDone;
+};
+struct PendingReply {
+  std::string routing;
+  proto::Reply reply;
+};
+
+}  // namespace
+
+struct Broker::Impl {
+  BrokerOptions opt;
+  zmq::context_t ctx{1};
+  zmq::socket_t sock{ctx, zmq::socket_type::router};
+  std::string endpoint;
+  std::unique_ptr<Journal> journal;
+  JobTable table;
+  uint64_t next_job_id = 1;
+  uint64_t next_epoch = 0;
+  uint64_t next_token = 1;
+
+  std::unordered_map<std::string, WorkerConn> workers;          // by worker id
+  std::unordered_map<std::string, std::string> worker_by_routing;
+  std::unordered_map<std::string, std::vector<Watcher>> watchers;  // by batch
+  std::unordered_map<std::string, std::vector<proto::JobEvent>> pending_events;
+  std::unordered_map<std::string, rec::RequestRecord> requests;  // by request id
+  std::unordered_map<std::string, uint64_t> inflight_requests;   // request id -> token
+
+  std::unordered_map<uint64_t, PendingSubmit> pending_submits;
+  std::unordered_map<uint64_t, std::vector<PendingFinish>> pending_finishes;
+  std::unordered_map<uint64_t, PendingReply> pending_replies;
+  std::deque<std::pair<int64_t, uint64_t>> retention;  // (finished wall ms, job id)
+  std::set<std::pair<int64_t, uint64_t>> deadlines;     // (deadline mono, job id)
+
+  int64_t next_heartbeat = 0;
+  int64_t next_housekeeping = 0;
+
+  // ---- sending --------------------------------------------------------------------------------
+
+  template <typename T>
+  void Send(const std::string& routing, Cmd cmd, const T& body) {
+    std::string b = proto::EncodeBody(body);
+    uint8_t c = static_cast<uint8_t>(cmd);
+    try {
+      sock.send(zmq::buffer(routing), zmq::send_flags::sndmore | zmq::send_flags::dontwait);
+      sock.send(zmq::buffer(proto::kTag), zmq::send_flags::sndmore | zmq::send_flags::dontwait);
+      sock.send(zmq::buffer(&c, 1), zmq::send_flags::sndmore | zmq::send_flags::dontwait);
+      sock.send(zmq::buffer(b), zmq::send_flags::dontwait);
+    } catch (const zmq::error_t& e) {
+      LogWarn("send_failed").Kv("cmd", proto::CmdName(cmd)).Kv("error", e.what());
+    }
+  }
+
+  void SendError(const std::string& routing, uint64_t req, const std::string& code, const std::string& message) {
+    proto::Error e;
+    e.req = req;
+    e.code = code;
+    e.message = message;
+    Send(routing, Cmd::kError, e);
+  }
+
+  // ---- replay ---------------------------------------------------------------------------------
+
+  Status Replay() {
+    int64_t loaded = 0;
+    ASRF_RETURN_IF_ERROR(journal->Scan("j/", [&](std::string_view key, std::string_view value) -> Status {
+      uint64_t id = rec::IdFromKey(key);
+      rec::JobRecord r;
+      Status st = proto::DecodeBody(value, &r);
+      if (id == 0 || !st.ok()) {
+        LogError("journal_record_unreadable").Kv("key", std::string(key)).Kv("error", st.message());
+        return Status::Ok();
+      }
+      Job j;
+      j.id = id;
+      j.batch = r.batch;
+      j.kind = r.kind;
+      j.payload = std::move(r.payload.data);
+      j.priority = r.priority;
+      j.timeout_ms = r.timeout_ms;
+      j.submitted_ms = r.submitted_ms;
+      pending_replay_.emplace(id, std::move(j));
+      next_job_id = std::max(next_job_id, id + 1);
+      return Status::Ok();
+    }));
+    ASRF_RETURN_IF_ERROR(journal->Scan("s/", [&](std::string_view key, std::string_view value) -> Status {
+      uint64_t id = rec::IdFromKey(key);
+      auto it = pending_replay_.find(id);
+      rec::StateRecord r;
+      if (it == pending_replay_.end() || !proto::DecodeBody(value, &r).ok() || r.state >= proto::kNumStates) {
+        LogError("journal_record_unreadable").Kv("key", std::string(key));
+        return Status::Ok();
+      }
+      Job& j = it->second;
+      j.state = static_cast<JobState>(r.state);
+      if (j.state == JobState::kLeased) j.state = JobState::kQueued;  // never written; be safe
+      j.attempts = r.attempts;
+      j.error = r.error;
+      j.result = std::move(r.result.data);
+      j.result_dropped = r.result_dropped;
+      j.finished_ms = r.finished_ms;
+      j.run_ms = r.run_ms;
+      j.worker = r.worker;
+      return Status::Ok();
+    }));
+    ASRF_RETURN_IF_ERROR(journal->Scan("r/", [&](std::string_view key, std::string_view value) -> Status {
+      rec::RequestRecord r;
+      if (proto::DecodeBody(value, &r).ok()) requests[std::string(key.substr(2))] = r;
+      return Status::Ok();
+    }));
+    int64_t now_wall = WallMs();
+    for (auto& [id, j] : pending_replay_) {
+      if (proto::IsTerminal(j.state) && j.finished_ms > 0 && !j.result_dropped) {
+        retention.push_back({j.finished_ms, id});
+      }
+      (void)now_wall;
+      table.Add(std::move(j));
+      loaded++;
+    }
+    pending_replay_.clear();
+    std::sort(retention.begin(), retention.end());
+    const auto& c = table.counts();
+    LogInfo("journal_replayed")
+        .Kv("jobs", loaded)
+        .Kv("queued", c[0])
+        .Kv("done", c[2])
+        .Kv("failed", c[3])
+        .Kv("dead", c[4])
+        .Kv("cancelled", c[5])
+        .Kv("generation", journal->generation());
+    return Status::Ok();
+  }
+  std::map<uint64_t, Job> pending_replay_;
+
+  // ---- state changes --------------------------------------------------------------------------
+
+  rec::StateRecord StateOf(const Job& j) {
+    rec::StateRecord r;
+    r.state = static_cast<uint8_t>(j.state);
+    r.attempts = j.attempts;
+    r.error = j.error;
+    r.result.data = j.result;
+    r.result_dropped = j.result_dropped;
+    r.finished_ms = j.finished_ms;
+    r.run_ms = j.run_ms;
+    r.worker = j.worker;
+    return r;
+  }
+
+  // Removes a job's lease from its worker and the deadline index.
+  void DropLease(Job& j) {
+    if (j.state != JobState::kLeased) return;
+    auto w = workers.find(j.worker);
+    if (w != workers.end()) w->second.leases.erase(j.id);
+    if (j.deadline_mono) deadlines.erase({j.deadline_mono, j.id});
+    j.deadline_mono = 0;
+    j.started = false;
+  }
+
+  // Writes the job's terminal record (synced, payload dropped) and finishes it in memory once
+  // the write completes. The job stays leased (finishing) in the meantime so nothing reassigns it.
+  void Finish(Job& j, JobState state, std::string error, std::string result, int64_t run_ms,
+              const std::string& ack_routing) {
+    DropLease(j);
+    j.finishing = true;
+    Job shadow = j;
+    shadow.state = state;
+    shadow.error = std::move(error);
+    shadow.result = std::move(result);
+    shadow.run_ms = run_ms;
+    shadow.finished_ms = WallMs();
+    JournalBatch b;
+    rec::JobRecord jr;
+    jr.batch = j.batch;
+    jr.kind = j.kind;
+    jr.priority = j.priority;
+    jr.timeout_ms = j.timeout_ms;
+    jr.submitted_ms = j.submitted_ms;
+    if (state != JobState::kDone) jr.payload.data = j.payload;  // kept for RETRY
+    b.Put(rec::JobKey(j.id), proto::EncodeBody(jr));
+    b.Put(rec::StateKey(j.id), proto::EncodeBody(StateOf(shadow)));
+    uint64_t token = next_token++;
+    pending_finishes[token].push_back({j.id, j.epoch, ack_routing, state});
+    finish_shadows_[j.id] = std::move(shadow);
+    journal->Write(std::move(b), /*sync=*/true, token);
+  }
+  std::unordered_map<uint64_t, Job> finish_shadows_;
+
+  void OnFinishWritten(const PendingFinish& f, const Status& st) {
+    Job* j = table.Find(f.job);
+    auto sh = finish_shadows_.find(f.job);
+    if (!j || sh == finish_shadows_.end()) return;
+    Job shadow = std::move(sh->second);
+    finish_shadows_.erase(sh);
+    j->finishing = false;
+    if (!st.ok()) {
+      // Not durable: the job runs again rather than being reported done and then lost.
+      LogError("finish_not_durable").Kv("job", j->id).Kv("error", st.message());
+      if (j->state == JobState::kLeased) table.SetState(*j, JobState::kQueued);
+      if (!f.worker_routing.empty()) {
+        proto::ResultAck ack;
+        ack.rejected.push_back({f.job, f.epoch, "journal write failed; the job will run again: " + st.message()});
+        Send(f.worker_routing, Cmd::kResultAck, ack);
+      }
+      return;
+    }
+    j->error = std::move(shadow.error);
+    j->result = std::move(shadow.result);
+    j->run_ms = shadow.run_ms;
+    j->finished_ms = shadow.finished_ms;
+    if (f.state == JobState::kDone) std::string().swap(j->payload);
+    table.SetState(*j, f.state);
+    retention.push_back({j->finished_ms, j->id});
+    LogLine(f.state == JobState::kDone ? LogLevel::kDebug : LogLevel::kInfo, "job_finished")
+        .Kv("job", j->id)
+        .Kv("batch", j->batch)
+        .Kv("state", proto::StateName(f.state))
+        .Kv("attempts", j->attempts)
+        .Kv("error", j->error);
+    QueueEvent(*j);
+    if (!f.worker_routing.empty()) {
+      proto::ResultAck ack;
+      ack.accepted.push_back({f.job, f.epoch});
+      Send(f.worker_routing, Cmd::kResultAck, ack);
+    }
+  }
+
+  void QueueEvent(const Job& j) {
+    if (!watchers.count(j.batch)) return;
+    proto::JobEvent e;
+    e.id = j.id;
+    e.state = proto::StateName(j.state);
+    e.attempts = j.attempts;
+    e.error = j.error;
+    e.result.data = j.result;
+    e.run_ms = j.run_ms;
+    pending_events[j.batch].push_back(std::move(e));
+  }
+
+  // A leased job that was lost (worker gone, timed out, worker reconnected without it).
+  // Counts an attempt only if the worker had reported it started.
+  void LoseLease(Job& j, const std::string& why, int64_t now) {
+    if (j.state != JobState::kLeased || j.finishing) return;
+    bool counted = j.started;
+    DropLease(j);
+    if (!counted) {
+      table.SetState(j, JobState::kQueued);
+      return;
+    }
+    j.attempts++;
+    j.error = why;
+    LogWarn("job_attempt_lost").Kv("job", j.id).Kv("attempts", j.attempts).Kv("error", why);
+    if (static_cast<int>(j.attempts) >= opt.max_attempts) {
+      Finish(j, JobState::kDead, why + " (attempt " + std::to_string(j.attempts) + " of " +
+                                     std::to_string(opt.max_attempts) + ")",
+             "", 0, "");
+      return;
+    }
+    int64_t backoff = opt.backoff_ms;
+    for (uint32_t i = 1; i < j.attempts && backoff < opt.backoff_max_ms; ++i) backoff *= 2;
+    backoff = std::min(backoff, opt.backoff_max_ms);
+    table.SetState(j, JobState::kQueued, backoff > 0 ? now + backoff : 0);
+    JournalBatch b;
+    b.Put(rec::StateKey(j.id), proto::EncodeBody(StateOf(j)));
+    journal->Write(std::move(b), /*sync=*/false, 0);
+  }
+
+  void RemoveWorker(const std::string& id, const std::string& why, int64_t now) {
+    auto it = workers.find(id);
+    if (it == workers.end()) return;
+    std::vector<uint64_t> leases(it->second.leases.begin(), it->second.leases.end());
+    std::sort(leases.begin(), leases.end());
+    for (uint64_t jid : leases) {
+      if (Job* j = table.Find(jid)) LoseLease(*j, "worker " + id + " " + why, now);
+    }
+    worker_by_routing.erase(it->second.routing);
+    LogInfo("worker_gone").Kv("worker", id).Kv("why", why).Kv("requeued", static_cast<uint64_t>(leases.size()));
+    workers.erase(it);
+  }
+
+  // ---- client handlers ------------------------------------------------------------------------
+
+  void OnSubmit(const std::string& routing, std::string_view body) {
+    proto::Submit m;
+    Status st = proto::DecodeBody(body, &m);
+    if (st.ok()) st = proto::Validate(m);
+    if (!st.ok()) {
+      SendError(routing, m.req, "bad_request", st.message());
+      return;
+    }
+    if (!m.request_id.empty()) {
+      auto done = requests.find(m.request_id);
+      if (done != requests.end()) {
+        proto::Reply r;
+        r.req = m.req;
+        r.batch = done->second.batch;
+        r.duplicate = true;
+        for (uint32_t i = 0; i < done->second.count; ++i) r.job_ids.push_back(done->second.first + i);
+        Send(routing, Cmd::kReply, r);
+        return;
+      }
+      auto inflight = inflight_requests.find(m.request_id);
+      if (inflight != inflight_requests.end()) {
+        PendingSubmit& p = pending_submits[inflight->second];
+        p.routings.push_back(routing);
+        p.reqs.push_back(m.req);
+        return;
+      }
+    }
+    uint64_t first = next_job_id;
+    next_job_id += m.jobs.size();
+    std::string batch = m.batch.empty() ? "b" + std::to_string(journal->generation()) + "-" + std::to_string(first)
+                                        : m.batch;
+    int64_t now_wall = WallMs();
+    JournalBatch b;
+    PendingSubmit p;
+    p.routings.push_back(routing);
+    p.reqs.push_back(m.req);
+    p.request_id = m.request_id;
+    p.batch = batch;
+    p.jobs.reserve(m.jobs.size());
+    for (size_t i = 0; i < m.jobs.size(); ++i) {
+      rec::JobRecord r;
+      r.batch = batch;
+      r.kind = std::move(m.jobs[i].kind);
+      r.payload = std::move(m.jobs[i].payload);
+      r.priority = m.jobs[i].priority;
+      r.timeout_ms = m.jobs[i].timeout_ms;
+      r.submitted_ms = now_wall;
+      b.Put(rec::JobKey(first + i), proto::EncodeBody(r));
+      Job j;
+      j.id = first + i;
+      j.batch = batch;
+      j.kind = std::move(r.kind);
+      j.payload = std::move(r.payload.data);
+      j.priority = r.priority;
+      j.timeout_ms = r.timeout_ms;
+      j.submitted_ms = now_wall;
+      p.jobs.push_back(std::move(j));
+    }
+    if (!m.request_id.empty()) {
+      rec::RequestRecord rr{batch, first, static_cast<uint32_t>(m.jobs.size())};
+      b.Put(rec::RequestKey(m.request_id), proto::EncodeBody(rr));
+    }
+    uint64_t token = next_token++;
+    if (!m.request_id.empty()) inflight_requests[m.request_id] = token;
+    pending_submits.emplace(token, std::move(p));
+    journal->Write(std::move(b), /*sync=*/true, token);
+  }
+
+  void OnSubmitWritten(PendingSubmit& p, const Status& st) {
+    if (!p.request_id.empty()) inflight_requests.erase(p.request_id);
+    if (!st.ok()) {
+      for (size_t i = 0; i < p.routings.size(); ++i) {
+        SendError(p.routings[i], p.reqs[i], "journal_unavailable",
+                  "the broker could not make the jobs durable, nothing was accepted: " + st.message());
+      }
+      return;
+    }
+    proto::Reply r;
+    r.batch = p.batch;
+    r.job_ids.reserve(p.jobs.size());
+    uint64_t first = p.jobs.empty() ? 0 : p.jobs.front().id;
+    for (auto& j : p.jobs) {
+      r.job_ids.push_back(j.id);
+      table.Add(std::move(j));
+    }
+    if (!p.request_id.empty()) {
+      requests[p.request_id] = rec::RequestRecord{p.batch, first, static_cast<uint32_t>(r.job_ids.size())};
+    }
+    for (size_t i = 0; i < p.routings.size(); ++i) {
+      r.req = p.reqs[i];
+      r.duplicate = i > 0;
+      Send(p.routings[i], Cmd::kReply, r);
+    }
+  }
+
+  std::map<std::string, int64_t> CountsMap(const JobTable::Counts& c) {
+    std::map<std::string, int64_t> m;
+    for (int i = 0; i < proto::kNumStates; ++i) m[proto::StateName(static_cast<JobState>(i))] = c[i];
+    return m;
+  }
+
+  proto::JobInfo InfoOf(const Job& j, bool with_result) {
+    proto::JobInfo i;
+    i.id = j.id;
+    i.batch = j.batch;
+    i.kind = j.kind;
+    i.state = proto::StateName(j.state);
+    i.priority = j.priority;
+    i.attempts = j.attempts;
+    i.error = j.error;
+    if (with_result) i.result.data = j.result;
+    i.submitted_ms = j.submitted_ms;
+    i.finished_ms = j.finished_ms;
+    i.worker = j.worker;
+    if (j.state == JobState::kQueued) {
+      bool runnable = false;
+      for (const auto& [id, w] : workers) {
+        if (w.kinds.count(j.kind)) runnable = true;
+      }
+      if (workers.empty()) i.why = "no worker is connected";
+      else if (!runnable) i.why = "no connected worker runs kind " + j.kind;
+      else if (j.not_before_mono > 0) i.why = "waiting to retry after a lost attempt";
+      else i.why = "waiting for a free worker slot";
+    } else if (j.result_dropped) {
+      i.why = "result dropped after the retention period";
+    }
+    return i;
+  }
+
+  void OnStatus(const std::string& routing, std::string_view body) {
+    proto::StatusReq m;
+    Status st = proto::DecodeBody(body, &m);
+    if (!st.ok()) return SendError(routing, m.req, "bad_request", st.message());
+    proto::Reply r;
+    r.req = m.req;
+    if (m.job != 0) {
+      Job* j = table.Find(m.job);
+      if (!j) return SendError(routing, m.req, "not_found", "no job " + std::to_string(m.job));
+      r.jobs.push_back(InfoOf(*j, true));
+      r.batch = j->batch;
+      r.counts = CountsMap(table.counts());
+    } else if (!m.batch.empty()) {
+      if (!table.BatchJobs(m.batch)) return SendError(routing, m.req, "not_found", "no batch " + m.batch);
+      r.batch = m.batch;
+      r.counts = CountsMap(table.BatchCounts(m.batch));
+    } else {
+      r.counts = CountsMap(table.counts());
+    }
+    Send(routing, Cmd::kReply, r);
+  }
+
+  // Cancels one job; returns true if it was not already finished.
+  bool CancelJob(Job& j) {
+    if (proto::IsTerminal(j.state) || j.finishing) return false;
+    if (j.state == JobState::kLeased) {
+      auto w = workers.find(j.worker);
+      if (w != workers.end()) {
+        proto::CancelJobs c;
+        c.leases.push_back({j.id, j.epoch});
+        c.reason = "cancelled by a client";
+        Send(w->second.routing, Cmd::kCancelJobs, c);
+      }
+    }
+    Finish(j, JobState::kCancelled, "cancelled by a client", "", 0, "");
+    return true;
+  }
+
+  void OnCancel(const std::string& routing, std::string_view body) {
+    proto::CancelReq m;
+    Status st = proto::DecodeBody(body, &m);
+    if (!st.ok()) return SendError(routing, m.req, "bad_request", st.message());
+    uint64_t n = 0;
+    if (m.job != 0) {
+      Job* j = table.Find(m.job);
+      if (!j) return SendError(routing, m.req, "not_found", "no job " + std::to_string(m.job));
+      n += CancelJob(*j) ? 1 : 0;
+    } else {
+      const auto* ids = table.BatchJobs(m.batch);
+      if (!ids) return SendError(routing, m.req, "not_found", "no batch " + m.batch);
+      for (uint64_t id : *ids) {
+        if (Job* j = table.Find(id)) n += CancelJob(*j) ? 1 : 0;
+      }
+    }
+    ReplyAfterJournal(routing, m.req, n);
+  }
+
+  // Replies once everything queued to the journal so far is written (a cheap barrier).
+  void ReplyAfterJournal(const std::string& routing, uint64_t req, uint64_t affected) {
+    uint64_t token = next_token++;
+    PendingReply p;
+    p.routing = routing;
+    p.reply.req = req;
+    p.reply.affected = affected;
+    pending_replies.emplace(token, std::move(p));
+    journal->Write(JournalBatch{}, /*sync=*/true, token);
+  }
+
+  void OnWatch(const std::string& routing, std::string_view body, int64_t now) {
+    proto::WatchReq m;
+    Status st = proto::DecodeBody(body, &m);
+    if (!st.ok()) return SendError(routing, m.req, "bad_request", st.message());
+    if (!table.BatchJobs(m.batch)) return SendError(routing, m.req, "not_found", "no batch " + m.batch);
+    auto& list = watchers[m.batch];
+    int64_t expires = now + std::clamp<int64_t>(m.watch_ms, 1000, opt.watch_max_ms);
+    bool found = false;
+    for (auto& w : list) {
+      if (w.routing == routing) {
+        w.expires = expires;
+        w.results = m.results;
+        found = true;
+      }
+    }
+    if (!found) list.push_back({routing, expires, m.results});
+    proto::Reply r;
+    r.req = m.req;
+    r.batch = m.batch;
+    r.counts = CountsMap(table.BatchCounts(m.batch));
+    Send(routing, Cmd::kReply, r);
+  }
+
+  void OnWorkers(const std::string& routing, std::string_view body, int64_t now) {
+    proto::WorkersReq m;
+    Status st = proto::DecodeBody(body, &m);
+    if (!st.ok()) return SendError(routing, m.req, "bad_request", st.message());
+    proto::Reply r;
+    r.req = m.req;
+    for (const auto& [id, w] : workers) {
+      proto::WorkerInfo i;
+      i.id = id;
+      i.host = w.host;
+      i.device = w.device;
+      i.slots = w.slots;
+      i.running = static_cast<uint32_t>(w.leases.size());
+      i.draining = w.draining;
+      i.idle_ms = now - w.last_seen;
+      i.kinds.assign(w.kinds.begin(), w.kinds.end());
+      std::sort(i.kinds.begin(), i.kinds.end());
+      r.workers.push_back(std::move(i));
+    }
+    std::sort(r.workers.begin(), r.workers.end(), [](const auto& a, const auto& b) { return a.id < b.id; });
+    Send(routing, Cmd::kReply, r);
+  }
+
+  void OnJobs(const std::string& routing, std::string_view body) {
+    proto::JobsReq m;
+    Status st = proto::DecodeBody(body, &m);
+    if (!st.ok()) return SendError(routing, m.req, "bad_request", st.message());
+    JobState want{};
+    bool any_state = m.state.empty();
+    if (!any_state && !proto::ParseState(m.state, &want)) {
+      return SendError(routing, m.req, "bad_request",
+                       "unknown state \"" + m.state + "\"; use queued, leased, done, failed, dead or cancelled");
+    }
+    proto::Reply r;
+    r.req = m.req;
+    uint32_t limit = std::clamp<uint32_t>(m.limit, 1, 10000);
+    auto consider = [&](const Job& j) {
+      if (!any_state && j.state != want) return true;
+      r.jobs.push_back(InfoOf(j, false));
+      return r.jobs.size() < limit;
+    };
+    if (!m.batch.empty()) {
+      if (const auto* ids = table.BatchJobs(m.batch)) {
+        for (uint64_t id : *ids) {
+          if (Job* j = table.Find(id); j && !consider(*j)) break;
+        }
+      }
+    } else {
+      for (const auto& [id, j] : table.all()) {
+        if (!consider(j)) break;
+      }
+    }
+    Send(routing, Cmd::kReply, r);
+  }
+
+  bool RetryJob(Job& j) {
+    if (j.finishing || (j.state != JobState::kDead && j.state != JobState::kFailed)) return false;
+    retried_.push_back(j.id);
+    j.attempts = 0;
+    j.error.clear();
+    j.result.clear();
+    j.finished_ms = 0;
+    table.SetState(j, JobState::kQueued);
+    JournalBatch b;
+    b.Put(rec::StateKey(j.id), proto::EncodeBody(StateOf(j)));
+    journal->Write(std::move(b), /*sync=*/true, 0);
+    return true;
+  }
+  std::vector<uint64_t> retried_;
+
+  void OnRetry(const std::string& routing, std::string_view body) {
+    proto::RetryReq m;
+    Status st = proto::DecodeBody(body, &m);
+    if (!st.ok()) return SendError(routing, m.req, "bad_request", st.message());
+    uint64_t n = 0;
+    if (m.job != 0) {
+      Job* j = table.Find(m.job);
+      if (!j) return SendError(routing, m.req, "not_found", "no job " + std::to_string(m.job));
+      if (!RetryJob(*j)) {
+        return SendError(routing, m.req, "bad_request",
+                         "job " + std::to_string(m.job) + " is " + proto::StateName(j->state) +
+                             "; only dead or failed jobs can be retried");
+      }
+      n = 1;
+    } else if (m.all_dead) {
+      std::vector<Job*> dead;
+      for (const auto& [id, j] : table.all()) {
+        if (j.state == JobState::kDead) dead.push_back(table.Find(id));
+      }
+      for (Job* j : dead) n += RetryJob(*j) ? 1 : 0;
+    } else {
+      return SendError(routing, m.req, "bad_request", "RETRY needs a job id or all_dead");
+    }
+    ReplyAfterJournal(routing, m.req, n);
+  }
+
+  // ---- worker handlers ------------------------------------------------------------------------
+
+  WorkerConn* WorkerFor(const std::string& routing, int64_t now) {
+    auto it = worker_by_routing.find(routing);
+    if (it == worker_by_routing.end()) return nullptr;
+    auto w = workers.find(it->second);
+    if (w == workers.end()) return nullptr;
+    w->second.last_seen = now;
+    return &w->second;
+  }
+
+  void OnReady(const std::string& routing, std::string_view body, int64_t now) {
+    proto::Ready m;
+    Status st = proto::DecodeBody(body, &m);
+    if (st.ok() && (m.worker_id.empty() || m.worker_id.size() > 256)) st = Status::Invalid("worker_id must be 1 to 256 bytes");
+    if (!st.ok()) return SendError(routing, 0, "bad_request", st.message());
+    auto existing = workers.find(m.worker_id);
+    std::unordered_set<uint64_t> keep;
+    if (existing != workers.end()) {
+      // The same worker on a new connection (it reconnected): keep the leases it still runs.
+      for (const auto& l : m.running) {
+        Job* j = table.Find(l.id);
+        if (j && j->state == JobState::kLeased && j->epoch == l.epoch && j->worker == m.worker_id) keep.insert(l.id);
+      }
+      std::vector<uint64_t> lost;
+      for (uint64_t id : existing->second.leases) if (!keep.count(id)) lost.push_back(id);
+      for (uint64_t id : lost) {
+        if (Job* j = table.Find(id)) LoseLease(*j, "worker " + m.worker_id + " reconnected without it", now);
+      }
+      worker_by_routing.erase(existing->second.routing);
+    }
+    WorkerConn& w = workers[m.worker_id];
+    w.id = m.worker_id;
+    w.routing = routing;
+    w.host = m.host;
+    w.device = m.device;
+    w.slots = std::clamp<uint32_t>(m.slots, 0, 4096);
+    w.draining = m.draining;
+    w.kinds = std::unordered_set<std::string>(m.kinds.begin(), m.kinds.end());
+    w.last_seen = now;
+    worker_by_routing[routing] = m.worker_id;
+    // Leases the worker reports that this broker does not know (e.g. from before a restart) are
+    // cancelled so the worker stops spending time on them.
+    proto::CancelJobs cancel;
+    cancel.reason = "lease no longer valid";
+    for (const auto& l : m.running) {
+      if (!keep.count(l.id)) cancel.leases.push_back(l);
+    }
+    if (!cancel.leases.empty()) Send(routing, Cmd::kCancelJobs, cancel);
+    LogInfo("worker_ready")
+        .Kv("worker", w.id)
+        .Kv("host", w.host)
+        .Kv("device", w.device)
+        .Kv("slots", static_cast<uint64_t>(w.slots))
+        .Kv("kept_leases", static_cast<uint64_t>(keep.size()));
+    Send(routing, Cmd::kHeartbeat, proto::Heartbeat{});
+  }
+
+  void OnHeartbeat(const std::string& routing, std::string_view body, int64_t now) {
+    WorkerConn* w = WorkerFor(routing, now);
+    if (!w) {
+      // A worker we do not know (e.g. after a broker restart): ask it to introduce itself.
+      proto::Disconnect d;
+      d.reason = "unknown worker; send READY";
+      Send(routing, Cmd::kDisconnect, d);
+      return;
+    }
+    proto::Heartbeat m;
+    if (proto::DecodeBody(body, &m).ok()) {
+      w->draining = m.draining;
+      w->gpu_mem_bytes = m.gpu_mem_bytes;
+    }
+  }
+
+  void OnStarted(const std::string& routing, std::string_view body, int64_t now) {
+    WorkerConn* w = WorkerFor(routing, now);
+    proto::Started m;
+    if (!w || !proto::DecodeBody(body, &m).ok()) return;
+    for (const auto& l : m.leases) {
+      Job* j = table.Find(l.id);
+      if (!j || j->state != JobState::kLeased || j->epoch != l.epoch || j->finishing) continue;
+      j->started = true;
+      if (j->timeout_ms > 0) {
+        j->deadline_mono = now + j->timeout_ms;
+        deadlines.insert({j->deadline_mono, j->id});
+      }
+    }
+  }
+
+  void OnResult(const std::string& routing, std::string_view body, int64_t now) {
+    WorkerConn* w = WorkerFor(routing, now);
+    proto::Result m;
+    Status st = proto::DecodeBody(body, &m);
+    if (st.ok()) st = proto::Validate(m);
+    if (!st.ok()) return SendError(routing, 0, "bad_request", st.message());
+    proto::ResultAck rejected;
+    for (auto& r : m.results) {
+      Job* j = table.Find(r.id);
+      std::string why;
+      if (!w) why = "unknown worker; send READY first";
+      else if (!j) why = "no such job";
+      else if (j->state != JobState::kLeased || j->finishing) why = std::string("job is ") + proto::StateName(j->state);
+      else if (j->epoch != r.epoch) why = "stale lease: epoch " + std::to_string(r.epoch) + " is not the current one";
+      else if (j->worker != w->id) why = "job is leased to another worker";
+      if (!why.empty()) {
+        LogWarn("result_rejected").Kv("job", r.id).Kv("epoch", r.epoch).Kv("why", why);
+        rejected.rejected.push_back({r.id, r.epoch, why});
+        continue;
+      }
+      if (r.ok) {
+        Finish(*j, JobState::kDone, "", std::move(r.result.data), r.run_ms, routing);
+      } else {
+        Finish(*j, JobState::kFailed, r.error.empty() ? "job failed without a message" : r.error,
+               std::move(r.result.data), r.run_ms, routing);
+      }
+    }
+    if (!rejected.rejected.empty()) Send(routing, Cmd::kResultAck, rejected);
+  }
+
+  void OnProgress(const std::string& routing, std::string_view body, int64_t now) {
+    WorkerConn* w = WorkerFor(routing, now);
+    proto::Progress m;
+    if (!w || !proto::DecodeBody(body, &m).ok()) return;
+    Job* j = table.Find(m.id);
+    if (j && j->state == JobState::kLeased && j->epoch == m.epoch) j->progress = m.info.substr(0, 65536);
+  }
+
+  void OnDisconnect(const std::string& routing, int64_t now) {
+    auto it = worker_by_routing.find(routing);
+    if (it == worker_by_routing.end()) return;
+    RemoveWorker(it->second, "said goodbye", now);
+  }
+
+  // ---- dispatch and timers --------------------------------------------------------------------
+
+  void Dispatch() {
+    if (!table.HasReady()) return;
+    std::vector<WorkerConn*> order;
+    for (auto& [id, w] : workers) {
+      if (!w.draining && w.leases.size() < w.slots) order.push_back(&w);
+    }
+    // Round-robin one job at a time so work spreads over workers, then send one ASSIGN each.
+    std::unordered_map<WorkerConn*, proto::Assign> out;
+    bool progress = true;
+    while (progress && table.HasReady()) {
+      progress = false;
+      for (WorkerConn* w : order) {
+        if (w->leases.size() >= w->slots) continue;
+        uint64_t id = table.PopReady(w->kinds);
+        if (id == 0) continue;
+        Job* j = table.Find(id);
+        table.SetState(*j, JobState::kLeased);
+        j->epoch = ++next_epoch;
+        j->worker = w->id;
+        j->started = false;
+        w->leases.insert(id);
+        proto::Assignment a;
+        a.id = id;
+        a.epoch = j->epoch;
+        a.kind = j->kind;
+        a.payload.data = j->payload;
+        a.timeout_ms = j->timeout_ms;
+        a.attempt = j->attempts;
+        out[w].jobs.push_back(std::move(a));
+        progress = true;
+      }
+    }
+    for (auto& [w, assign] : out) Send(w->routing, Cmd::kAssign, assign);
+  }
+
+  void Timers(int64_t now) {
+    table.Promote(now);
+    // Workers that missed their heartbeats.
+    int64_t silence = opt.heartbeat_ms * opt.heartbeat_misses;
+    std::vector<std::string> gone;
+    for (const auto& [id, w] : workers) {
+      if (now - w.last_seen > silence) gone.push_back(id);
+    }
+    for (const auto& id : gone) {
+      RemoveWorker(id, "lost (no heartbeat for " + std::to_string(silence) + " ms)", now);
+    }
+    // Jobs past their per-job timeout.
+    while (!deadlines.empty() && deadlines.begin()->first <= now) {
+      uint64_t id = deadlines.begin()->second;
+      deadlines.erase(deadlines.begin());
+      Job* j = table.Find(id);
+      if (!j || j->state != JobState::kLeased || j->finishing) continue;
+      j->deadline_mono = 0;
+      auto w = workers.find(j->worker);
+      if (w != workers.end()) {
+        proto::CancelJobs c;
+        c.leases.push_back({j->id, j->epoch});
+        c.reason = "timed out";
+        Send(w->second.routing, Cmd::kCancelJobs, c);
+      }
+      LoseLease(*j, "timed out after " + std::to_string(j->timeout_ms) + " ms", now);
+    }
+    if (now >= next_heartbeat) {
+      for (const auto& [id, w] : workers) Send(w.routing, Cmd::kHeartbeat, proto::Heartbeat{});
+      next_heartbeat = now + opt.heartbeat_ms;
+    }
+    if (now >= next_housekeeping) {
+      next_housekeeping = now + 1000;
+      for (auto it = watchers.begin(); it != watchers.end();) {
+        auto& list = it->second;
+        list.erase(std::remove_if(list.begin(), list.end(), [&](const Watcher& w) { return w.expires <= now; }),
+                   list.end());
+        it = list.empty() ? watchers.erase(it) : std::next(it);
+      }
+      DropExpiredResults();
+    }
+  }
+
+  void DropExpiredResults() {
+    int64_t cutoff = WallMs() - opt.result_retention_s * 1000;
+    JournalBatch b;
+    while (!retention.empty() && retention.front().first <= cutoff && b.ops.size() < 10000) {
+      uint64_t id = retention.front().second;
+      retention.pop_front();
+      Job* j = table.Find(id);
+      if (!j || !proto::IsTerminal(j->state) || j->result_dropped) continue;
+      std::string().swap(j->result);
+      j->result_dropped = true;
+      b.Put(rec::StateKey(id), proto::EncodeBody(StateOf(*j)));
+    }
+    if (!b.empty()) journal->Write(std::move(b), /*sync=*/false, 0);
+  }
+
+  void FlushEvents() {
+    for (auto& [batch, events] : pending_events) {
+      auto wl = watchers.find(batch);
+      if (wl == watchers.end() || events.empty()) continue;
+      proto::Event full;
+      full.batch = batch;
+      full.jobs = std::move(events);
+      proto::Event lean;
+      bool need_lean = false;
+      for (const auto& w : wl->second) need_lean = need_lean || !w.results;
+      if (need_lean) {
+        lean.batch = batch;
+        for (const auto& e : full.jobs) {
+          proto::JobEvent c = e;
+          c.result.data.clear();
+          lean.jobs.push_back(std::move(c));
+        }
+      }
+      for (const auto& w : wl->second) Send(w.routing, Cmd::kEvent, w.results ? full : lean);
+    }
+    pending_events.clear();
+  }
+
+  void HandleCompletions() {
+    for (const auto& c : journal->TakeCompletions()) {
+      if (auto it = pending_submits.find(c.token); it != pending_submits.end()) {
+        OnSubmitWritten(it->second, c.status);
+        pending_submits.erase(it);
+      } else if (auto f = pending_finishes.find(c.token); f != pending_finishes.end()) {
+        for (const auto& pf : f->second) OnFinishWritten(pf, c.status);
+        pending_finishes.erase(f);
+      } else if (auto r = pending_replies.find(c.token); r != pending_replies.end()) {
+        if (c.status.ok()) {
+          Send(r->second.routing, Cmd::kReply, r->second.reply);
+        } else {
+          SendError(r->second.routing, r->second.reply.req, "journal_unavailable", c.status.message());
+        }
+        pending_replies.erase(r);
+      }
+    }
+  }
+
+  // Handles one message; never throws.
+  void HandleMessage(std::vector<zmq::message_t>& frames, int64_t now) {
+    if (frames.size() < 2) return;  // cannot even reply
+    const std::string routing = frames[0].to_string();
+    if (frames.size() != 4) {
+      SendError(routing, 0, "bad_frames", "a message has exactly 3 frames after the routing id: tag, command, body");
+      return;
+    }
+    Status st = proto::CheckTag(frames[1].to_string_view());
+    if (!st.ok()) {
+      SendError(routing, 0, st.code() == Status::Code::kUnavailable ? "unsupported_version" : "bad_tag", st.message());
+      return;
+    }
+    Cmd cmd;
+    st = proto::ParseCmd(frames[2].to_string_view(), &cmd);
+    if (!st.ok()) {
+      SendError(routing, 0, "unknown_command", st.message());
+      return;
+    }
+    std::string_view body = frames[3].to_string_view();
+    switch (cmd) {
+      case Cmd::kSubmit: return OnSubmit(routing, body);
+      case Cmd::kStatus: return OnStatus(routing, body);
+      case Cmd::kCancel: return OnCancel(routing, body);
+      case Cmd::kWatch: return OnWatch(routing, body, now);
+      case Cmd::kWorkers: return OnWorkers(routing, body, now);
+      case Cmd::kJobs: return OnJobs(routing, body);
+      case Cmd::kRetry: return OnRetry(routing, body);
+      case Cmd::kReady: return OnReady(routing, body, now);
+      case Cmd::kHeartbeat: return OnHeartbeat(routing, body, now);
+      case Cmd::kStarted: return OnStarted(routing, body, now);
+      case Cmd::kResult: return OnResult(routing, body, now);
+      case Cmd::kProgress: return OnProgress(routing, body, now);
+      case Cmd::kDisconnect: return OnDisconnect(routing, now);
+      default:
+        SendError(routing, 0, "unknown_command",
+                  std::string("the broker does not accept ") + proto::CmdName(cmd) + " from peers");
+    }
+  }
+};
+
+Broker::Broker(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Broker::~Broker() = default;
+std::string Broker::endpoint() const { return impl_->endpoint; }
+
+Status Broker::Open(const BrokerOptions& options, std::unique_ptr<Broker>* out) {
+  auto impl = std::make_unique<Impl>();
+  impl->opt = options;
+  ASRF_RETURN_IF_ERROR(impl->opt.Sanitize());
+  std::error_code ec;
+  std::filesystem::create_directories(impl->opt.state_dir, ec);
+  if (ec) return Status::IOError("cannot create state dir " + impl->opt.state_dir + ": " + ec.message());
+  JournalOptions jo;
+  jo.dir = impl->opt.state_dir + "/journal";
+  jo.env = impl->opt.journal_env;
+  ASRF_RETURN_IF_ERROR(Journal::Open(jo, &impl->journal));
+  impl->next_epoch = impl->journal->generation() << 32;
+  ASRF_RETURN_IF_ERROR(impl->Replay());
+  try {
+    impl->sock.set(zmq::sockopt::maxmsgsize, proto::kMaxMessageBytes);
+    impl->sock.set(zmq::sockopt::linger, 0);
+    impl->sock.set(zmq::sockopt::sndhwm, 100000);
+    impl->sock.set(zmq::sockopt::rcvhwm, 100000);
+    impl->sock.bind(impl->opt.listen);
+    impl->endpoint = impl->sock.get(zmq::sockopt::last_endpoint);
+  } catch (const zmq::error_t& e) {
+    return Status::Unavailable("cannot listen on " + impl->opt.listen + ": " + e.what());
+  }
+  {
+    std::string tmp = impl->opt.endpoint_file + ".tmp";
+    std::ofstream f(tmp);
+    f << impl->endpoint << "\n";
+    f.close();
+    std::filesystem::rename(tmp, impl->opt.endpoint_file, ec);
+  }
+  out->reset(new Broker(std::move(impl)));
+  return Status::Ok();
+}
+
+Status Broker::Run(const std::atomic<bool>* stop) {
+  Impl& s = *impl_;
+  LogInfo("broker_listening").Kv("endpoint", s.endpoint).Kv("state_dir", s.opt.state_dir);
+  std::vector<zmq::message_t> frames;
+  while (!stop->load()) {
+    zmq::pollitem_t items[2] = {{s.sock.handle(), 0, ZMQ_POLLIN, 0}, {nullptr, s.journal->wake_fd(), ZMQ_POLLIN, 0}};
+    try {
+      zmq::poll(items, 2, std::chrono::milliseconds(s.table.HasReady() ? 10 : 50));
+    } catch (const zmq::error_t& e) {
+      if (e.num() != EINTR) return Status::IOError(std::string("poll: ") + e.what());
+    }
+    int64_t now = MonoMs();
+    for (int n = 0; n < s.opt.max_messages_per_wake; ++n) {
+      frames.clear();
+      try {
+        zmq::message_t msg;
+        if (!s.sock.recv(msg, zmq::recv_flags::dontwait)) break;
+        bool more = msg.more();
+        frames.push_back(std::move(msg));
+        while (more) {
+          zmq::message_t part;
+          if (!s.sock.recv(part, zmq::recv_flags::none)) break;
+          more = part.more();
+          if (frames.size() < 8) frames.push_back(std::move(part));  // extra frames: malformed anyway
+          else frames.back() = zmq::message_t(1);
+        }
+      } catch (const zmq::error_t& e) {
+        if (e.num() == EINTR) break;
+        LogError("recv_failed").Kv("error", e.what());
+        break;
+      }
+      s.HandleMessage(frames, now);
+    }
+    s.HandleCompletions();
+    s.Timers(now);
+    s.Dispatch();
+    s.FlushEvents();
+  }
+  LogInfo("broker_stopping").Kv("pending_writes", static_cast<uint64_t>(s.pending_submits.size() +
+                                                                         s.pending_finishes.size()));
+  s.journal->Flush();
+  s.HandleCompletions();
+  s.FlushEvents();
+  return Status::Ok();
+}
+
+}  // namespace asrf

@@ -1,0 +1,107 @@
+#include "broker/job_table.h"
+
+namespace asrf {
+
+Job& JobTable::Add(Job job) {
+  uint64_t id = job.id;
+  JobState s = job.state;
+  int64_t nb = job.not_before_mono;
+  auto [it, inserted] = jobs_.emplace(id, std::move(job));
+  Job& j = it->second;
+  BatchInfo& b = batches_[j.batch];
+  b.ids.push_back(id);
+  // Counted in its state; enter the queues through SetState's path.
+  counts_[static_cast<int>(s)]++;
+  b.counts[static_cast<int>(s)]++;
+  if (s == JobState::kQueued) {
+    if (nb > 0) {
+      delayed_.insert({nb, id});
+    } else {
+      ready_[j.kind].insert({-static_cast<int64_t>(j.priority), id});
+      ready_count_++;
+    }
+  }
+  return j;
+}
+
+Job* JobTable::Find(uint64_t id) {
+  auto it = jobs_.find(id);
+  return it == jobs_.end() ? nullptr : &it->second;
+}
+
+void JobTable::Unqueue(Job& job) {
+  if (job.state != JobState::kQueued) return;
+  auto r = ready_.find(job.kind);
+  if (r != ready_.end() && r->second.erase({-static_cast<int64_t>(job.priority), job.id}) > 0) {
+    ready_count_--;
+    return;
+  }
+  delayed_.erase({job.not_before_mono, job.id});
+}
+
+void JobTable::SetState(Job& job, JobState s, int64_t not_before_mono) {
+  Unqueue(job);
+  counts_[static_cast<int>(job.state)]--;
+  counts_[static_cast<int>(s)]++;
+  auto b = batches_.find(job.batch);
+  if (b != batches_.end()) {
+    b->second.counts[static_cast<int>(job.state)]--;
+    b->second.counts[static_cast<int>(s)]++;
+  }
+  job.state = s;
+  job.not_before_mono = 0;
+  if (s == JobState::kQueued) {
+    if (not_before_mono > 0) {
+      job.not_before_mono = not_before_mono;
+      delayed_.insert({not_before_mono, job.id});
+    } else {
+      ready_[job.kind].insert({-static_cast<int64_t>(job.priority), job.id});
+      ready_count_++;
+    }
+  }
+}
+
+int64_t JobTable::Promote(int64_t now_mono) {
+  while (!delayed_.empty() && delayed_.begin()->first <= now_mono) {
+    uint64_t id = delayed_.begin()->second;
+    delayed_.erase(delayed_.begin());
+    Job* j = Find(id);
+    if (!j) continue;
+    j->not_before_mono = 0;
+    ready_[j->kind].insert({-static_cast<int64_t>(j->priority), id});
+    ready_count_++;
+  }
+  return delayed_.empty() ? 0 : delayed_.begin()->first;
+}
+
+uint64_t JobTable::PopReady(const std::unordered_set<std::string>& kinds) {
+  std::set<Key>* best = nullptr;
+  for (auto& [kind, set] : ready_) {
+    if (set.empty()) continue;
+    if (!kinds.empty() && !kinds.count(kind)) continue;
+    if (!best || *set.begin() < *best->begin()) best = &set;
+  }
+  if (!best) return 0;
+  uint64_t id = best->begin()->second;
+  best->erase(best->begin());
+  ready_count_--;
+  return id;
+}
+
+std::vector<std::string> JobTable::ReadyKinds() const {
+  std::vector<std::string> out;
+  for (const auto& [kind, set] : ready_) if (!set.empty()) out.push_back(kind);
+  return out;
+}
+
+JobTable::Counts JobTable::BatchCounts(const std::string& batch) const {
+  auto it = batches_.find(batch);
+  return it == batches_.end() ? Counts{} : it->second.counts;
+}
+
+const std::vector<uint64_t>* JobTable::BatchJobs(const std::string& batch) const {
+  auto it = batches_.find(batch);
+  return it == batches_.end() ? nullptr : &it->second.ids;
+}
+
+}  // namespace asrf

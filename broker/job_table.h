@@ -1,0 +1,92 @@
+// JobTable: every job the broker knows, its state, and the queues that order the runnable ones.
+// Pure in-memory bookkeeping with no I/O, driven by the broker's poll thread (not thread-safe).
+//
+// Order: higher priority first, then lower job id (submission order) within a priority.
+// A job requeued with backoff waits in `delayed` until its not_before time.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <map>
+#include <set>
+#include <string>
+#include <unordered_map>
+#include <unordered_set>
+#include <utility>
+#include <vector>
+
+#include "schema/protocol.h"
+
+namespace asrf {
+
+using proto::JobState;
+
+struct Job {
+  uint64_t id = 0;
+  std::string batch;
+  std::string kind;
+  std::string payload;
+  int32_t priority = 0;
+  int64_t timeout_ms = 0;
+  int64_t submitted_ms = 0;  // wall
+  JobState state = JobState::kQueued;
+  uint32_t attempts = 0;     // attempts counted: started and then lost, or timed out
+  std::string error;         // last error
+  std::string result;
+  bool result_dropped = false;  // retention ended
+  int64_t finished_ms = 0;   // wall
+  int64_t run_ms = 0;
+  std::string worker;        // current or last worker id
+  std::string progress;      // last PROGRESS info (JSON)
+  // Lease, valid while state == kLeased.
+  uint64_t epoch = 0;
+  bool started = false;
+  bool finishing = false;    // a terminal record is being journaled
+  int64_t deadline_mono = 0; // per-job timeout deadline once started; 0 = none
+  int64_t not_before_mono = 0;
+};
+
+class JobTable {
+ public:
+  using Counts = std::array<int64_t, proto::kNumStates>;
+
+  // Adds a job in its current state; queued jobs go to the ready (or delayed) queue.
+  // REQUIRES: no job with this id exists.
+  Job& Add(Job job);
+  Job* Find(uint64_t id);
+  const std::map<uint64_t, Job>& all() const { return jobs_; }
+
+  // Moves a job to a new state, keeping counts and queues right. A job moved to kQueued is
+  // runnable at not_before_mono (0 = now).
+  void SetState(Job& job, JobState s, int64_t not_before_mono = 0);
+
+  // Moves delayed jobs whose time has come to the ready queues. Returns the next wake-up time
+  // (0 when nothing is delayed).
+  int64_t Promote(int64_t now_mono);
+
+  // Takes the best runnable job among `kinds` (any kind when kinds is empty); 0 when none.
+  uint64_t PopReady(const std::unordered_set<std::string>& kinds);
+  bool HasReady() const { return ready_count_ > 0; }
+  // Kinds with runnable jobs.
+  std::vector<std::string> ReadyKinds() const;
+
+  const Counts& counts() const { return counts_; }
+  Counts BatchCounts(const std::string& batch) const;
+  const std::vector<uint64_t>* BatchJobs(const std::string& batch) const;
+
+ private:
+  void Unqueue(Job& job);
+  using Key = std::pair<int64_t, uint64_t>;  // (-priority, id)
+  std::map<uint64_t, Job> jobs_;
+  std::unordered_map<std::string, std::set<Key>> ready_;  // per kind
+  std::set<std::pair<int64_t, uint64_t>> delayed_;       // (not_before, id)
+  size_t ready_count_ = 0;
+  Counts counts_{};
+  struct BatchInfo {
+    std::vector<uint64_t> ids;
+    Counts counts{};
+  };
+  std::unordered_map<std::string, BatchInfo> batches_;
+};
+
+}  // namespace asrf

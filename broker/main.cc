@@ -1,0 +1,62 @@
+// asr-broker: the durable job queue. See `asr-broker --help` and schema/protocol.md.
+#include <csignal>
+#include <iostream>
+
+#include "broker/broker.h"
+#include "common/log.h"
+#include "common/options.h"
+
+namespace {
+std::atomic<bool> g_stop{false};
+void OnSignal(int) { g_stop.store(true); }
+}  // namespace
+
+int main(int argc, char** argv) {
+  using namespace asrf;
+  SetLogProcessName("asr-broker");
+  BrokerOptions o;
+  po::options_description desc("asr-broker options");
+  desc.add_options()
+      ("listen", po::value(&o.listen)->default_value(o.listen),
+       "ZeroMQ endpoint to bind; tcp://127.0.0.1:0 picks a free port (written to the endpoint file)")
+      ("state-dir", po::value(&o.state_dir)->default_value(o.state_dir),
+       "directory for the RocksDB journal; a restarted broker replays it")
+      ("endpoint-file", po::value(&o.endpoint_file)->default_value(""),
+       "file that receives the bound endpoint (default: STATE_DIR/broker.endpoint)")
+      ("max-attempts", po::value(&o.max_attempts)->default_value(o.max_attempts),
+       "attempts (started and lost, or timed out) before a job is dead")
+      ("heartbeat-ms", po::value(&o.heartbeat_ms)->default_value(o.heartbeat_ms),
+       "heartbeat interval, both ways")
+      ("heartbeat-misses", po::value(&o.heartbeat_misses)->default_value(o.heartbeat_misses),
+       "missed heartbeats after which a worker loses its leases")
+      ("backoff-ms", po::value(&o.backoff_ms)->default_value(o.backoff_ms),
+       "delay before a lost job runs again; doubles with each attempt")
+      ("backoff-max-ms", po::value(&o.backoff_max_ms)->default_value(o.backoff_max_ms), "longest retry delay")
+      ("result-retention-s", po::value(&o.result_retention_s)->default_value(o.result_retention_s),
+       "seconds a finished job's result is kept for clients")
+      ("max-messages-per-wake", po::value(&o.max_messages_per_wake)->default_value(o.max_messages_per_wake),
+       "messages handled per poll wake-up before timers and dispatch run");
+  po::variables_map vm;
+  ParseResult pr = ParseOptions(argc, argv, desc,
+                                "usage: asr-broker [--listen tcp://127.0.0.1:5555] [--state-dir DIR] [--config FILE]",
+                                &vm);
+  if (!pr.proceed) return pr.exit_code;
+
+  std::signal(SIGTERM, OnSignal);
+  std::signal(SIGINT, OnSignal);
+  std::signal(SIGPIPE, SIG_IGN);
+  std::unique_ptr<Broker> broker;
+  Status st = Broker::Open(o, &broker);
+  if (!st.ok()) {
+    LogError("broker_start_failed").Kv("error", st.ToString());
+    std::cerr << "asr-broker: " << st.ToString() << "\n";
+    return 1;
+  }
+  st = broker->Run(&g_stop);
+  if (!st.ok()) {
+    LogError("broker_failed").Kv("error", st.ToString());
+    return 1;
+  }
+  LogInfo("broker_stopped");
+  return 0;
+}

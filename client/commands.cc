@@ -1,0 +1,494 @@
+#include "client/commands.h"
+
+#include <unistd.h>
+
+#include <cstdio>
+#include <iostream>
+#include <map>
+#include <random>
+
+#include <boost/program_options.hpp>
+#include <nlohmann/json.hpp>
+
+#include "common/log.h"
+
+namespace asrf {
+
+namespace po = boost::program_options;
+using proto::Cmd;
+using json = nlohmann::json;
+
+namespace {
+
+int ExitFor(const Status& st) {
+  if (st.ok()) return kExitOk;
+  std::cerr << "asr-submit: " << st.message() << "\n";
+  if (st.code() == Status::Code::kTimeout || st.code() == Status::Code::kUnavailable) return kExitUnreachable;
+  return kExitJobsFailed;
+}
+
+int64_t RequestTimeoutMs(const GlobalOptions& g) { return static_cast<int64_t>(g.request_timeout_s * 1000); }
+
+// Parses a subcommand's words; prints help or a usage error. Returns -1 to proceed.
+int ParseSub(const std::vector<std::string>& args, po::options_description& desc,
+             po::positional_options_description* pos, const std::string& usage, po::variables_map* vm) {
+  desc.add_options()("help,h", "print this help");
+  try {
+    auto parser = po::command_line_parser(args).options(desc);
+    if (pos) parser.positional(*pos);
+    po::store(parser.run(), *vm);
+    if (vm->count("help")) {
+      std::cout << usage << "\n\n" << desc;
+      return kExitOk;
+    }
+    po::notify(*vm);
+  } catch (const po::error& e) {
+    std::cerr << "asr-submit: " << e.what() << "\n" << usage << "\n";
+    return kExitUsage;
+  }
+  return -1;
+}
+
+std::string RandomHex(int bytes) {
+  std::random_device rd;
+  std::string s;
+  static const char* hex = "0123456789abcdef";
+  for (int i = 0; i < bytes; ++i) {
+    unsigned v = rd() & 0xff;
+    s.push_back(hex[v >> 4]);
+    s.push_back(hex[v & 15]);
+  }
+  return s;
+}
+
+std::string SafeText(const std::string& bytes) {
+  return json(bytes).dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
+json CountsJson(const std::map<std::string, int64_t>& counts) {
+  json j = json::object();
+  for (const char* k : {"queued", "leased", "done", "failed", "dead", "cancelled"}) {
+    auto it = counts.find(k);
+    j[k] = it == counts.end() ? 0 : it->second;
+  }
+  return j;
+}
+
+int64_t Terminal(const std::map<std::string, int64_t>& c) {
+  int64_t n = 0;
+  for (const char* k : {"done", "failed", "dead", "cancelled"}) {
+    auto it = c.find(k);
+    if (it != c.end()) n += it->second;
+  }
+  return n;
+}
+
+// Follows a batch until every job is finished. Prints progress on stderr (a live line on a
+// terminal, a line every 5 s otherwise) and, with print_events, one line per finished job.
+int WaitBatch(const GlobalOptions& g, BrokerClient& client, const std::string& batch, int64_t total,
+              int64_t start_ms, bool print_events, std::map<std::string, int64_t>* final_counts) {
+  bool tty = isatty(STDERR_FILENO) == 1;
+  int64_t deadline = g.timeout_s > 0 ? start_ms + static_cast<int64_t>(g.timeout_s * 1000) : INT64_MAX;
+  int64_t last_answer = MonoMs();
+  int64_t next_watch = 0, next_print = 0;
+  std::map<std::string, int64_t> counts;
+  uint64_t watch_req = 0;
+  for (;;) {
+    int64_t now = MonoMs();
+    if (now >= deadline) {
+      std::cerr << "asr-submit: --timeout passed with " << (total - Terminal(counts)) << " of " << total
+                << " jobs unfinished (batch " << batch << ")\n";
+      return kExitUnreachable;
+    }
+    if (now - last_answer > RequestTimeoutMs(g)) {
+      std::cerr << "asr-submit: the broker at " << client.endpoint() << " stopped answering (batch " << batch
+                << " is safe in its journal; run `asr-submit watch " << batch << "` later)\n";
+      return kExitUnreachable;
+    }
+    if (now >= next_watch) {
+      proto::WatchReq w;
+      w.req = watch_req = client.NextReq();
+      w.batch = batch;
+      w.watch_ms = 10000;
+      w.results = print_events;
+      client.Send(Cmd::kWatch, w);
+      next_watch = now + 1000;
+    }
+    Incoming in;
+    Status st = client.Receive(std::min<int64_t>(200, std::max<int64_t>(deadline - now, 0)), &in);
+    if (st.ok()) {
+      if (in.cmd == Cmd::kReply && in.reply.req == watch_req) {
+        last_answer = MonoMs();
+        counts = in.reply.counts;
+      } else if (in.cmd == Cmd::kReply) {
+        last_answer = MonoMs();
+      } else if (in.cmd == Cmd::kError) {
+        last_answer = MonoMs();
+        if (in.error.req == watch_req) {
+          std::cerr << "asr-submit: " << in.error.code << ": " << in.error.message << "\n";
+          return in.error.code == "not_found" ? kExitUsage : kExitJobsFailed;
+        }
+      } else if (in.cmd == Cmd::kEvent) {
+        last_answer = MonoMs();
+        for (const auto& e : in.event.jobs) {
+          if (print_events) {
+            json j = {{"job", e.id}, {"state", e.state}, {"attempts", e.attempts}};
+            if (!e.error.empty()) j["error"] = e.error;
+            if (!e.result.data.empty()) {
+              j["result"] = json::parse(e.result.data, nullptr, false);
+              if (j["result"].is_discarded()) j["result"] = e.result.data;
+            }
+            std::cout << j.dump(-1, ' ', false, json::error_handler_t::replace) << "\n";
+          }
+          // Counted from the next WATCH reply; an event makes the next one come sooner.
+          next_watch = std::min(next_watch, MonoMs() + 50);
+        }
+      }
+    }
+    int64_t finished = Terminal(counts);
+    now = MonoMs();
+    if (now >= next_print || finished >= total) {
+      double secs = (now - start_ms) / 1000.0;
+      char line[256];
+      std::snprintf(line, sizeof(line), "batch %s: %lld/%lld finished (%lld done, %lld failed, %lld dead) %.1f s",
+                    batch.c_str(), static_cast<long long>(finished), static_cast<long long>(total),
+                    static_cast<long long>(counts["done"]), static_cast<long long>(counts["failed"]),
+                    static_cast<long long>(counts["dead"]), secs);
+      if (tty) std::cerr << "\r" << line << std::flush;
+      else std::cerr << line << "\n";
+      next_print = now + (tty ? 200 : 5000);
+    }
+    if (total > 0 && finished >= total) {
+      if (tty) std::cerr << "\n";
+      *final_counts = counts;
+      return counts["done"] == total ? kExitOk : kExitJobsFailed;
+    }
+  }
+}
+
+// ---- submit -------------------------------------------------------------------------------------
+
+int RunSubmit(const GlobalOptions& g, const std::vector<std::string>& args) {
+  std::string kind, payload, batch;
+  int64_t count = 1;
+  int priority = 0;
+  double job_timeout = 0;
+  po::options_description desc("submit options");
+  desc.add_options()
+      ("kind", po::value(&kind)->required(), "job kind (echo, sleep, fail, crash, ...)")
+      ("count", po::value(&count)->default_value(1), "number of identical jobs")
+      ("payload", po::value(&payload)->default_value("{}"), "JSON text given to each job")
+      ("priority", po::value(&priority)->default_value(0), "higher runs first")
+      ("job-timeout", po::value(&job_timeout)->default_value(0), "seconds one attempt may run; 0 = no limit")
+      ("batch", po::value(&batch)->default_value(""), "batch name (default: a new random one)")
+      ("wait", po::bool_switch(), "wait for every job and print a JSON summary line");
+  po::variables_map vm;
+  int rc = ParseSub(args, desc, nullptr,
+                    "usage: asr-submit [--broker URL] submit --kind K [--count N] [--payload JSON] [--priority P] "
+                    "[--job-timeout S] [--wait]",
+                    &vm);
+  if (rc >= 0) return rc;
+  if (count < 1 || count > 100000000) {
+    std::cerr << "asr-submit: --count must be between 1 and 100000000\n";
+    return kExitUsage;
+  }
+  if (payload.size() > proto::kMaxPayloadBytes) {
+    std::cerr << "asr-submit: --payload is over the " << proto::kMaxPayloadBytes << "-byte limit\n";
+    return kExitUsage;
+  }
+  if (job_timeout < 0) {
+    std::cerr << "asr-submit: --job-timeout must be >= 0\n";
+    return kExitUsage;
+  }
+  bool wait = vm["wait"].as<bool>();
+  if (batch.empty()) batch = "b-" + RandomHex(8);
+  int64_t start = MonoMs();
+  BrokerClient client(g.broker);
+
+  // Chunks of at most 1,000 jobs or ~4 MiB, up to 8 in flight; each chunk's request id makes a
+  // resend after a timeout or a broker restart return the original ids instead of duplicates.
+  const int64_t per_chunk = std::max<int64_t>(1, std::min<int64_t>(1000, (4 << 20) / (payload.size() + 64)));
+  const int64_t chunks = (count + per_chunk - 1) / per_chunk;
+  struct Chunk {
+    std::string body;
+    uint64_t req = 0;
+    int64_t sent_ms = 0;
+    bool done = false;
+  };
+  std::vector<Chunk> out(chunks);
+  std::string request_base = batch + "/" + RandomHex(4) + "/";
+  int64_t next = 0, acked = 0, in_flight = 0;
+  int64_t last_progress = MonoMs();
+  std::unordered_map<uint64_t, int64_t> by_req;
+  while (acked < chunks) {
+    int64_t now = MonoMs();
+    while (next < chunks && in_flight < 8) {
+      proto::Submit s;
+      s.req = client.NextReq();
+      s.request_id = request_base + std::to_string(next);
+      s.batch = batch;
+      int64_t n = std::min(per_chunk, count - next * per_chunk);
+      s.jobs.resize(n);
+      for (auto& j : s.jobs) {
+        j.kind = kind;
+        j.payload.data = payload;
+        j.priority = priority;
+        j.timeout_ms = static_cast<int64_t>(job_timeout * 1000);
+      }
+      out[next] = {proto::EncodeBody(s), s.req, now, false};
+      by_req[s.req] = next;
+      client.SendRaw(Cmd::kSubmit, out[next].body);
+      next++;
+      in_flight++;
+    }
+    if (now - last_progress > RequestTimeoutMs(g)) {
+      std::cerr << "asr-submit: the broker at " << g.broker << " did not acknowledge the jobs within "
+                << g.request_timeout_s << " s (is asr-broker running?); " << acked << " of " << chunks
+                << " chunks are durable in batch " << batch << "\n";
+      return kExitUnreachable;
+    }
+    // Resend chunks unanswered for 2 s (same request id: no duplicates).
+    for (int64_t i = 0; i < next; ++i) {
+      if (!out[i].done && now - out[i].sent_ms > 2000) {
+        client.SendRaw(Cmd::kSubmit, out[i].body);
+        out[i].sent_ms = now;
+      }
+    }
+    Incoming in;
+    Status st = client.Receive(100, &in);
+    if (!st.ok()) continue;
+    auto it = by_req.find(in.req());
+    if (it == by_req.end() || out[it->second].done) continue;
+    if (in.cmd == Cmd::kError) {
+      std::cerr << "asr-submit: the broker refused the jobs: " << in.error.code << ": " << in.error.message << "\n";
+      return in.error.code == "journal_unavailable" ? kExitUnreachable : kExitUsage;
+    }
+    out[it->second].done = true;
+    acked++;
+    in_flight--;
+    last_progress = MonoMs();
+  }
+  std::cout << batch << std::endl;
+  if (!wait) return kExitOk;
+  std::map<std::string, int64_t> counts;
+  rc = WaitBatch(g, client, batch, count, start, false, &counts);
+  if (rc == kExitUnreachable || counts.empty()) return rc;
+  json summary = {{"done", counts["done"]},
+                  {"failed", counts["failed"]},
+                  {"dead", counts["dead"]},
+                  {"cancelled", counts["cancelled"]},
+                  {"seconds", (MonoMs() - start) / 1000.0}};
+  std::cout << summary.dump() << std::endl;
+  return rc;
+}
+
+// ---- status -------------------------------------------------------------------------------------
+
+int RunStatus(const GlobalOptions& g, const std::vector<std::string>& args) {
+  uint64_t job = 0;
+  std::string batch;
+  po::options_description desc("status options");
+  desc.add_options()
+      ("job", po::value(&job)->default_value(0), "job id (also the first word)")
+      ("batch", po::value(&batch)->default_value(""), "counts for one batch")
+      ("json", po::bool_switch(), "print one JSON object");
+  po::positional_options_description pos;
+  pos.add("job", 1);
+  po::variables_map vm;
+  int rc = ParseSub(args, desc, &pos, "usage: asr-submit status [JOB_ID | --batch B] [--json]", &vm);
+  if (rc >= 0) return rc;
+  bool as_json = vm["json"].as<bool>();
+  BrokerClient client(g.broker);
+  proto::StatusReq req;
+  req.job = job;
+  req.batch = batch;
+  proto::Reply r;
+  Status st = client.Call(Cmd::kStatus, req, &r, RequestTimeoutMs(g));
+  if (!st.ok()) return ExitFor(st);
+  if (job != 0 && !r.jobs.empty()) {
+    const auto& i = r.jobs.front();
+    json j = {{"id", i.id},           {"batch", i.batch},       {"kind", i.kind},
+              {"state", i.state},     {"priority", i.priority}, {"attempts", i.attempts},
+              {"error", i.error},     {"worker", i.worker},     {"submitted_ms", i.submitted_ms},
+              {"finished_ms", i.finished_ms}};
+    if (!i.why.empty()) j["why"] = i.why;
+    json res = json::parse(i.result.data, nullptr, false);
+    j["result"] = res.is_discarded() ? json(i.result.data) : res;
+    if (as_json) {
+      std::cout << j.dump(-1, ' ', false, json::error_handler_t::replace) << std::endl;
+    } else {
+      std::cout << "job " << i.id << " (" << i.kind << ", batch " << i.batch << "): " << i.state;
+      if (i.attempts) std::cout << ", " << i.attempts << " attempt(s) lost";
+      if (!i.worker.empty()) std::cout << ", worker " << i.worker;
+      std::cout << "\n";
+      if (!i.why.empty()) std::cout << "  why: " << i.why << "\n";
+      if (!i.error.empty()) std::cout << "  error: " << i.error << "\n";
+      if (!i.result.data.empty()) std::cout << "  result: " << SafeText(i.result.data) << "\n";
+    }
+    return kExitOk;
+  }
+  json c = CountsJson(r.counts);
+  if (as_json) {
+    std::cout << c.dump() << std::endl;
+  } else {
+    for (auto& [k, v] : c.items()) std::cout << k << " " << v << "\n";
+  }
+  return kExitOk;
+}
+
+// ---- cancel / retry -----------------------------------------------------------------------------
+
+bool ParseJobId(const std::string& s, uint64_t* id) {
+  if (s.empty() || s.find_first_not_of("0123456789") != std::string::npos || s.size() > 19) return false;
+  *id = std::stoull(s);
+  return *id != 0;
+}
+
+int RunCancel(const GlobalOptions& g, const std::vector<std::string>& args) {
+  std::string target;
+  po::options_description desc("cancel options");
+  desc.add_options()("target", po::value(&target)->required(), "a job id or a batch name");
+  po::positional_options_description pos;
+  pos.add("target", 1);
+  po::variables_map vm;
+  int rc = ParseSub(args, desc, &pos, "usage: asr-submit cancel JOB_ID|BATCH", &vm);
+  if (rc >= 0) return rc;
+  proto::CancelReq req;
+  if (!ParseJobId(target, &req.job)) req.batch = target;
+  BrokerClient client(g.broker);
+  proto::Reply r;
+  Status st = client.Call(Cmd::kCancel, req, &r, RequestTimeoutMs(g));
+  if (!st.ok()) return ExitFor(st);
+  std::cout << "cancelled " << r.affected << " job(s)\n";
+  return kExitOk;
+}
+
+int RunRetry(const GlobalOptions& g, const std::vector<std::string>& args) {
+  std::string target;
+  po::options_description desc("retry options");
+  desc.add_options()
+      ("job", po::value(&target)->default_value(""), "a dead or failed job id")
+      ("dead", po::bool_switch(), "every dead job");
+  po::positional_options_description pos;
+  pos.add("job", 1);
+  po::variables_map vm;
+  int rc = ParseSub(args, desc, &pos, "usage: asr-submit retry JOB_ID | --dead", &vm);
+  if (rc >= 0) return rc;
+  proto::RetryReq req;
+  req.all_dead = vm["dead"].as<bool>();
+  if (!req.all_dead && !ParseJobId(target, &req.job)) {
+    std::cerr << "asr-submit: retry needs a job id or --dead\n";
+    return kExitUsage;
+  }
+  BrokerClient client(g.broker);
+  proto::Reply r;
+  Status st = client.Call(Cmd::kRetry, req, &r, RequestTimeoutMs(g));
+  if (!st.ok()) return ExitFor(st);
+  std::cout << "requeued " << r.affected << " job(s)\n";
+  return kExitOk;
+}
+
+// ---- watch --------------------------------------------------------------------------------------
+
+int RunWatch(const GlobalOptions& g, const std::vector<std::string>& args) {
+  std::string batch;
+  po::options_description desc("watch options");
+  desc.add_options()("batch", po::value(&batch)->required(), "batch name");
+  po::positional_options_description pos;
+  pos.add("batch", 1);
+  po::variables_map vm;
+  int rc = ParseSub(args, desc, &pos, "usage: asr-submit watch BATCH  (one JSON line per finished job)", &vm);
+  if (rc >= 0) return rc;
+  BrokerClient client(g.broker);
+  proto::StatusReq req;
+  req.batch = batch;
+  proto::Reply r;
+  Status st = client.Call(Cmd::kStatus, req, &r, RequestTimeoutMs(g));
+  if (!st.ok()) return st.code() == Status::Code::kNotFound ? (ExitFor(st), kExitUsage) : ExitFor(st);
+  int64_t total = 0;
+  for (auto& [k, v] : r.counts) total += v;
+  std::map<std::string, int64_t> counts;
+  return WaitBatch(g, client, batch, total, MonoMs(), true, &counts);
+}
+
+// ---- jobs / workers -----------------------------------------------------------------------------
+
+int RunJobs(const GlobalOptions& g, const std::vector<std::string>& args) {
+  std::string state, batch;
+  uint32_t limit = 100;
+  po::options_description desc("jobs options");
+  desc.add_options()
+      ("state", po::value(&state)->default_value(""), "queued, leased, done, failed, dead or cancelled")
+      ("batch", po::value(&batch)->default_value(""), "only this batch")
+      ("limit", po::value(&limit)->default_value(100), "at most this many, oldest first")
+      ("json", po::bool_switch(), "one JSON object per line");
+  po::variables_map vm;
+  int rc = ParseSub(args, desc, nullptr, "usage: asr-submit jobs [--state S] [--batch B] [--limit N] [--json]", &vm);
+  if (rc >= 0) return rc;
+  BrokerClient client(g.broker);
+  proto::JobsReq req;
+  req.state = state;
+  req.batch = batch;
+  req.limit = limit;
+  proto::Reply r;
+  Status st = client.Call(Cmd::kJobs, req, &r, RequestTimeoutMs(g));
+  if (!st.ok()) return ExitFor(st);
+  for (const auto& i : r.jobs) {
+    if (vm["json"].as<bool>()) {
+      json j = {{"id", i.id},       {"batch", i.batch},       {"kind", i.kind},
+                {"state", i.state}, {"attempts", i.attempts}, {"error", i.error},
+                {"worker", i.worker}};
+      if (!i.why.empty()) j["why"] = i.why;
+      std::cout << j.dump(-1, ' ', false, json::error_handler_t::replace) << "\n";
+    } else {
+      std::cout << i.id << "\t" << i.state << "\t" << i.kind << "\t" << i.batch << "\tattempts=" << i.attempts;
+      if (!i.error.empty()) std::cout << "\t" << i.error;
+      else if (!i.why.empty()) std::cout << "\t" << i.why;
+      std::cout << "\n";
+    }
+  }
+  if (r.jobs.empty() && !vm["json"].as<bool>()) std::cerr << "no jobs\n";
+  return kExitOk;
+}
+
+int RunWorkers(const GlobalOptions& g, const std::vector<std::string>& args) {
+  po::options_description desc("workers options");
+  desc.add_options()("json", po::bool_switch(), "one JSON object per line");
+  po::variables_map vm;
+  int rc = ParseSub(args, desc, nullptr, "usage: asr-submit workers [--json]", &vm);
+  if (rc >= 0) return rc;
+  BrokerClient client(g.broker);
+  proto::Reply r;
+  Status st = client.Call(Cmd::kWorkers, proto::WorkersReq{}, &r, RequestTimeoutMs(g));
+  if (!st.ok()) return ExitFor(st);
+  for (const auto& w : r.workers) {
+    if (vm["json"].as<bool>()) {
+      json j = {{"id", w.id},           {"host", w.host},         {"device", w.device},
+                {"slots", w.slots},     {"running", w.running},   {"draining", w.draining},
+                {"idle_ms", w.idle_ms}, {"kinds", w.kinds}};
+      std::cout << j.dump() << "\n";
+    } else {
+      std::cout << w.id << "\t" << w.device << "\tslots=" << w.slots << "\trunning=" << w.running
+                << (w.draining ? "\tdraining" : "") << "\n";
+    }
+  }
+  if (r.workers.empty() && !vm["json"].as<bool>()) std::cerr << "no workers connected\n";
+  return kExitOk;
+}
+
+}  // namespace
+
+const std::vector<Command>& Commands() {
+  static const std::vector<Command> kCommands = {
+      {"submit", "submit jobs of one kind; --wait to wait for them", RunSubmit},
+      {"status", "counts per state, or one job with its result", RunStatus},
+      {"watch", "follow a batch until it finishes", RunWatch},
+      {"cancel", "cancel a job or every unfinished job of a batch", RunCancel},
+      {"jobs", "list jobs, e.g. the dead-letter list with --state dead", RunJobs},
+      {"retry", "requeue a dead or failed job, or every dead job", RunRetry},
+      {"workers", "list connected workers", RunWorkers},
+  };
+  return kCommands;
+}
+
+}  // namespace asrf

@@ -1,0 +1,27 @@
+// What the worker knows about CUDA devices. Safe to call on machines without a GPU or driver:
+// CudaDeviceCount() then returns 0 and ProbeCudaDevice() a clear error. When the project is built
+// without CUDA the same functions exist and report that.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "common/status.h"
+
+namespace asrf {
+
+struct CudaDeviceInfo {
+  int index = 0;
+  std::string name;
+  int64_t total_bytes = 0;
+  int64_t free_bytes = 0;
+  int major = 0;
+  int minor = 0;
+};
+
+bool BuiltWithCuda();
+// Number of usable CUDA devices; 0 without a driver or device.
+int CudaDeviceCount();
+Status ProbeCudaDevice(int index, CudaDeviceInfo* out);
+
+}  // namespace asrf

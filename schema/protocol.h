@@ -1,0 +1,367 @@
+// The ASR Fleet wire protocol: constants, command bytes and message bodies. The normative text is
+// schema/protocol.md; keep the two in step. Every body is a MessagePack map; unknown keys are
+// ignored and missing keys take the defaults below, so fields can be added without a version bump.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <msgpack.hpp>
+
+#include "common/status.h"
+
+namespace asrf::proto {
+
+// Frame 1 of every message (after the ROUTER's routing id): "ASRF/<version>".
+inline constexpr std::string_view kTagPrefix = "ASRF/";
+inline constexpr int kVersion = 1;
+inline constexpr std::string_view kTag = "ASRF/1";
+
+// Size limits. A message over kMaxMessageBytes is dropped by ZeroMQ itself (ZMQ_MAXMSGSIZE);
+// the others are checked when decoding and answered with an error.
+inline constexpr int64_t kMaxMessageBytes = 64ll << 20;
+inline constexpr size_t kMaxPayloadBytes = 16u << 20;   // one job's payload
+inline constexpr size_t kMaxResultBytes = 1u << 20;     // one job's result
+inline constexpr size_t kMaxJobsPerMessage = 10000;     // SUBMIT, ASSIGN, RESULT, STARTED
+inline constexpr size_t kMaxStringBytes = 4096;         // kinds, ids, errors (checked per field)
+
+enum class Cmd : uint8_t {
+  // client -> broker (each carries "req", echoed in the REPLY or ERROR)
+  kSubmit = 0x01,
+  kStatus = 0x02,
+  kCancel = 0x03,
+  kWatch = 0x04,
+  kWorkers = 0x05,
+  kJobs = 0x06,
+  kRetry = 0x07,
+  // worker -> broker
+  kReady = 0x10,
+  kHeartbeat = 0x11,  // both ways
+  kStarted = 0x12,
+  kResult = 0x13,
+  kProgress = 0x14,
+  kDisconnect = 0x15,
+  // broker -> worker
+  kAssign = 0x20,
+  kCancelJobs = 0x21,
+  kResultAck = 0x22,
+  // broker -> client
+  kReply = 0x30,
+  kEvent = 0x31,
+  kError = 0x3f,
+};
+
+bool IsKnownCmd(uint8_t c);
+const char* CmdName(Cmd c);
+
+// Job states. Stored in the journal as these strings' index; never renumber.
+enum class JobState : uint8_t { kQueued = 0, kLeased = 1, kDone = 2, kFailed = 3, kDead = 4, kCancelled = 5 };
+inline constexpr int kNumStates = 6;
+const char* StateName(JobState s);
+bool ParseState(std::string_view name, JobState* out);
+inline bool IsTerminal(JobState s) { return s >= JobState::kDone; }
+
+// Bytes that travel as MessagePack BIN (payloads, results). Accepts STR or BIN when decoding.
+struct Blob {
+  std::string data;
+};
+
+}  // namespace asrf::proto
+
+// MessagePack adaptor for Blob: packs as BIN, unpacks from BIN or STR.
+namespace msgpack {
+MSGPACK_API_VERSION_NAMESPACE(MSGPACK_DEFAULT_API_NS) {
+namespace adaptor {
+template <>
+struct convert<asrf::proto::Blob> {
+  const msgpack::object& operator()(const msgpack::object& o, asrf::proto::Blob& v) const {
+    if (o.type == msgpack::type::BIN) v.data.assign(o.via.bin.ptr, o.via.bin.size);
+    else if (o.type == msgpack::type::STR) v.data.assign(o.via.str.ptr, o.via.str.size);
+    else if (o.type == msgpack::type::NIL) v.data.clear();
+    else throw msgpack::type_error();
+    return o;
+  }
+};
+template <>
+struct pack<asrf::proto::Blob> {
+  template <typename Stream>
+  msgpack::packer<Stream>& operator()(msgpack::packer<Stream>& p, const asrf::proto::Blob& v) const {
+    p.pack_bin(static_cast<uint32_t>(v.data.size()));
+    p.pack_bin_body(v.data.data(), static_cast<uint32_t>(v.data.size()));
+    return p;
+  }
+};
+}  // namespace adaptor
+}
+}  // namespace msgpack
+
+namespace asrf::proto {
+
+// ---- client -> broker ----------------------------------------------------------------------
+
+struct SubmitJob {
+  std::string kind;
+  Blob payload;
+  int32_t priority = 0;     // higher runs first; FIFO within a priority
+  int64_t timeout_ms = 0;   // per-attempt run time limit; 0 = none
+  MSGPACK_DEFINE_MAP(kind, payload, priority, timeout_ms);
+};
+
+struct Submit {
+  uint64_t req = 0;
+  std::string request_id;  // idempotency key: a repeat returns the original job ids
+  std::string batch;       // groups jobs for WATCH/STATUS/CANCEL; the broker names one if empty
+  std::vector<SubmitJob> jobs;
+  MSGPACK_DEFINE_MAP(req, request_id, batch, jobs);
+};
+
+// STATUS: one job (job != 0), one batch (batch non-empty) or everything.
+struct StatusReq {
+  uint64_t req = 0;
+  uint64_t job = 0;
+  std::string batch;
+  MSGPACK_DEFINE_MAP(req, job, batch);
+};
+
+// CANCEL: one job or every unfinished job of a batch.
+struct CancelReq {
+  uint64_t req = 0;
+  uint64_t job = 0;
+  std::string batch;
+  MSGPACK_DEFINE_MAP(req, job, batch);
+};
+
+// WATCH: subscribe to a batch's job events for watch_ms (renew by sending WATCH again).
+struct WatchReq {
+  uint64_t req = 0;
+  std::string batch;
+  int64_t watch_ms = 10000;
+  bool results = true;  // include each job's result in events
+  MSGPACK_DEFINE_MAP(req, batch, watch_ms, results);
+};
+
+struct WorkersReq {
+  uint64_t req = 0;
+  MSGPACK_DEFINE_MAP(req);
+};
+
+// JOBS: list jobs in one state (optionally of one batch), oldest first.
+struct JobsReq {
+  uint64_t req = 0;
+  std::string state;
+  std::string batch;
+  uint32_t limit = 100;
+  MSGPACK_DEFINE_MAP(req, state, batch, limit);
+};
+
+// RETRY: put a dead or failed job (or every dead job) back in the queue with its attempts reset.
+struct RetryReq {
+  uint64_t req = 0;
+  uint64_t job = 0;
+  bool all_dead = false;
+  MSGPACK_DEFINE_MAP(req, job, all_dead);
+};
+
+// ---- broker -> client ----------------------------------------------------------------------
+
+struct JobInfo {
+  uint64_t id = 0;
+  std::string batch;
+  std::string kind;
+  std::string state;
+  int32_t priority = 0;
+  uint32_t attempts = 0;
+  std::string error;
+  Blob result;
+  int64_t submitted_ms = 0;  // wall clock
+  int64_t finished_ms = 0;   // wall clock; 0 while unfinished
+  std::string worker;        // current or last worker
+  std::string why;           // why a queued job is waiting, when known
+  MSGPACK_DEFINE_MAP(id, batch, kind, state, priority, attempts, error, result, submitted_ms, finished_ms, worker,
+                     why);
+};
+
+struct WorkerInfo {
+  std::string id;
+  std::string host;
+  std::string device;
+  uint32_t slots = 0;
+  uint32_t running = 0;
+  bool draining = false;
+  int64_t idle_ms = 0;  // since its last message
+  std::vector<std::string> kinds;
+  MSGPACK_DEFINE_MAP(id, host, device, slots, running, draining, idle_ms, kinds);
+};
+
+// One reply shape for every client request; each request fills the fields it documents.
+struct Reply {
+  uint64_t req = 0;
+  std::string batch;                       // SUBMIT, WATCH
+  std::vector<uint64_t> job_ids;           // SUBMIT
+  bool duplicate = false;                  // SUBMIT: request_id seen before; job_ids are the originals
+  std::map<std::string, int64_t> counts;   // STATUS, WATCH: every state name present
+  std::vector<JobInfo> jobs;               // STATUS of a job (one entry), JOBS
+  std::vector<WorkerInfo> workers;         // WORKERS
+  uint64_t affected = 0;                   // CANCEL, RETRY
+  MSGPACK_DEFINE_MAP(req, batch, job_ids, duplicate, counts, jobs, workers, affected);
+};
+
+struct JobEvent {
+  uint64_t id = 0;
+  std::string state;
+  uint32_t attempts = 0;
+  std::string error;
+  Blob result;
+  int64_t run_ms = 0;
+  MSGPACK_DEFINE_MAP(id, state, attempts, error, result, run_ms);
+};
+
+// EVENT: jobs of a watched batch that reached a terminal state.
+struct Event {
+  std::string batch;
+  std::vector<JobEvent> jobs;
+  MSGPACK_DEFINE_MAP(batch, jobs);
+};
+
+// ERROR: a request that could not be served. `code` is one of the codes in protocol.md.
+struct Error {
+  uint64_t req = 0;
+  std::string code;
+  std::string message;
+  MSGPACK_DEFINE_MAP(req, code, message);
+};
+
+// ---- worker <-> broker ---------------------------------------------------------------------
+
+struct Lease {
+  uint64_t id = 0;
+  uint64_t epoch = 0;
+  MSGPACK_DEFINE_MAP(id, epoch);
+};
+
+struct Ready {
+  std::string worker_id;
+  std::string host;
+  std::string device;
+  uint32_t slots = 1;
+  std::vector<std::string> kinds;
+  std::vector<std::string> models;
+  std::vector<Lease> running;  // leases still running after a reconnect
+  bool draining = false;
+  MSGPACK_DEFINE_MAP(worker_id, host, device, slots, kinds, models, running, draining);
+};
+
+struct Heartbeat {
+  bool draining = false;
+  int64_t gpu_mem_bytes = 0;
+  MSGPACK_DEFINE_MAP(draining, gpu_mem_bytes);
+};
+
+struct Assignment {
+  uint64_t id = 0;
+  uint64_t epoch = 0;
+  std::string kind;
+  Blob payload;
+  int64_t timeout_ms = 0;
+  uint32_t attempt = 0;  // attempts already counted before this one
+  MSGPACK_DEFINE_MAP(id, epoch, kind, payload, timeout_ms, attempt);
+};
+
+struct Assign {
+  std::vector<Assignment> jobs;
+  MSGPACK_DEFINE_MAP(jobs);
+};
+
+struct Started {
+  std::vector<Lease> leases;
+  MSGPACK_DEFINE_MAP(leases);
+};
+
+struct JobResult {
+  uint64_t id = 0;
+  uint64_t epoch = 0;
+  bool ok = false;
+  Blob result;
+  std::string error;
+  int64_t run_ms = 0;
+  MSGPACK_DEFINE_MAP(id, epoch, ok, result, error, run_ms);
+};
+
+struct Result {
+  std::vector<JobResult> results;
+  MSGPACK_DEFINE_MAP(results);
+};
+
+struct Rejected {
+  uint64_t id = 0;
+  uint64_t epoch = 0;
+  std::string reason;
+  MSGPACK_DEFINE_MAP(id, epoch, reason);
+};
+
+// RESULT_ACK: accepted leases (after the done record is synced) and rejected ones (at once).
+struct ResultAck {
+  std::vector<Lease> accepted;
+  std::vector<Rejected> rejected;
+  MSGPACK_DEFINE_MAP(accepted, rejected);
+};
+
+struct CancelJobs {
+  std::vector<Lease> leases;
+  std::string reason;
+  MSGPACK_DEFINE_MAP(leases, reason);
+};
+
+struct Progress {
+  uint64_t id = 0;
+  uint64_t epoch = 0;
+  std::string info;  // JSON text
+  MSGPACK_DEFINE_MAP(id, epoch, info);
+};
+
+struct Disconnect {
+  std::string reason;
+  MSGPACK_DEFINE_MAP(reason);
+};
+
+// ---- codec -----------------------------------------------------------------------------------
+
+// Checks frame 1. Returns Invalid("bad_tag: ...") when it is not an ASRF tag and
+// Unavailable("unsupported_version: ...") for an ASRF tag of another version.
+Status CheckTag(std::string_view tag);
+
+// Checks the command frame: exactly one byte naming a known command.
+Status ParseCmd(std::string_view frame, Cmd* out);
+
+// Decodes a MessagePack body with bounded container and string sizes. Never throws.
+Status DecodeRaw(std::string_view body, msgpack::object_handle* out);
+
+template <typename T>
+Status DecodeBody(std::string_view body, T* out) {
+  msgpack::object_handle oh;
+  ASRF_RETURN_IF_ERROR(DecodeRaw(body, &oh));
+  try {
+    oh.get().convert(*out);
+  } catch (const std::exception& e) {
+    return Status::Invalid(std::string("malformed body: ") + e.what());
+  }
+  return Status::Ok();
+}
+
+template <typename T>
+std::string EncodeBody(const T& msg) {
+  msgpack::sbuffer buf;
+  msgpack::pack(buf, msg);
+  return std::string(buf.data(), buf.size());
+}
+
+// Semantic limits on decoded messages (sizes of payloads, results and lists).
+Status Validate(const Submit& m);
+Status Validate(const Result& m);
+
+}  // namespace asrf::proto
+

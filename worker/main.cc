@@ -1,0 +1,63 @@
+// asr-worker: runs jobs for the broker on one device. See `asr-worker --help`.
+#include <csignal>
+#include <iostream>
+
+#include "common/log.h"
+#include "common/options.h"
+#include "cuda/device_info.h"
+#include "worker/worker.h"
+
+namespace {
+std::atomic<bool> g_stop{false};
+void OnSignal(int) { g_stop.store(true); }
+}  // namespace
+
+int main(int argc, char** argv) {
+  using namespace asrf;
+  SetLogProcessName("asr-worker");
+  WorkerOptions o;
+  po::options_description desc("asr-worker options");
+  desc.add_options()
+      ("broker", po::value(&o.broker)->default_value(o.broker), "broker endpoint to connect to")
+      ("device", po::value(&o.device)->default_value(o.device), "cpu or cuda:N (one worker per GPU)")
+      ("state-dir", po::value(&o.state_dir)->default_value(o.state_dir),
+       "directory for this worker's local state (checkpoints, result outbox)")
+      ("slots", po::value(&o.slots)->default_value(o.slots), "jobs run at once (credits offered to the broker)")
+      ("worker-id", po::value(&o.worker_id)->default_value(""), "name shown in listings (default host/device/pid)")
+      ("heartbeat-ms", po::value(&o.heartbeat_ms)->default_value(o.heartbeat_ms), "heartbeat interval")
+      ("heartbeat-misses", po::value(&o.heartbeat_misses)->default_value(o.heartbeat_misses),
+       "missed broker heartbeats after which the worker reconnects");
+  po::variables_map vm;
+  ParseResult pr = ParseOptions(
+      argc, argv, desc,
+      "usage: asr-worker [--broker tcp://127.0.0.1:5555] [--device cpu|cuda:N] [--state-dir DIR] [--slots N]", &vm);
+  if (!pr.proceed) return pr.exit_code;
+
+  if (o.device.rfind("cuda:", 0) == 0) {
+    CudaDeviceInfo info;
+    int index = -1;
+    try {
+      index = std::stoi(o.device.substr(5));
+    } catch (...) {
+    }
+    Status st = index < 0 ? Status::Invalid("--device cuda:N needs a device number") : ProbeCudaDevice(index, &info);
+    if (!st.ok()) {
+      std::cerr << "asr-worker: cannot use " << o.device << ": " << st.message() << "\n";
+      return 2;
+    }
+    LogInfo("cuda_device").Kv("index", info.index).Kv("name", info.name).Kv("total_bytes", info.total_bytes);
+  }
+
+  std::signal(SIGTERM, OnSignal);
+  std::signal(SIGINT, OnSignal);
+  std::signal(SIGPIPE, SIG_IGN);
+  JobRegistry registry;
+  RegisterDiagnosticKinds(&registry);
+  Worker worker(o, std::move(registry));
+  Status st = worker.Run(&g_stop);
+  if (!st.ok()) {
+    std::cerr << "asr-worker: " << st.ToString() << "\n";
+    return 1;
+  }
+  return 0;
+}

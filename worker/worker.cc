@@ -1,0 +1,350 @@
+#include "worker/worker.h"
+
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <condition_variable>
+#include <deque>
+#include <filesystem>
+#include <mutex>
+#include <thread>
+#include <unordered_map>
+
+#include <zmq.hpp>
+
+#include "common/clock.h"
+#include "common/log.h"
+#include "schema/protocol.h"
+
+namespace asrf {
+
+using proto::Cmd;
+
+Status WorkerOptions::Sanitize() {
+  if (broker.empty()) return Status::Invalid("--broker must not be empty");
+  if (device != "cpu" && device.rfind("cuda:", 0) != 0) {
+    return Status::Invalid("--device must be cpu or cuda:N, not \"" + device + "\"");
+  }
+  slots = std::clamp(slots, 1, 1024);
+  heartbeat_ms = std::clamp<int64_t>(heartbeat_ms, 50, 60000);
+  heartbeat_misses = std::clamp(heartbeat_misses, 1, 100);
+  if (worker_id.empty()) {
+    char host[256] = {0};
+    gethostname(host, sizeof(host) - 1);
+    worker_id = std::string(host) + "/" + device + "/" + std::to_string(getpid());
+  }
+  return Status::Ok();
+}
+
+namespace {
+
+struct Task {
+  proto::Assignment a;
+  std::shared_ptr<std::atomic<bool>> cancelled;
+};
+
+struct Done {
+  bool started_only = false;  // a "started" notice rather than a result
+  proto::Lease lease;
+  proto::JobResult result;
+};
+
+}  // namespace
+
+struct Worker::Impl {
+  WorkerOptions opt;
+  JobRegistry registry;
+  zmq::context_t ctx{1};
+  std::unique_ptr<zmq::socket_t> sock;
+  int wake_fd = -1;
+
+  std::mutex mu;
+  std::condition_variable cv;
+  std::deque<Task> tasks;   // GUARDED_BY(mu)
+  std::vector<Done> done;   // GUARDED_BY(mu)
+  bool stopping_threads = false;
+  std::vector<std::thread> threads;
+
+  // Poll-thread state.
+  std::unordered_map<uint64_t, std::pair<uint64_t, std::shared_ptr<std::atomic<bool>>>> running;  // id -> epoch
+  std::unordered_map<uint64_t, uint64_t> unacked;  // id -> epoch, results sent but not acknowledged
+  int64_t last_broker_seen = 0;
+  int64_t next_heartbeat = 0;
+  bool draining = false;
+
+  void Connect() {
+    sock = std::make_unique<zmq::socket_t>(ctx, zmq::socket_type::dealer);
+    sock->set(zmq::sockopt::linger, 0);
+    sock->set(zmq::sockopt::maxmsgsize, proto::kMaxMessageBytes);
+    sock->set(zmq::sockopt::sndhwm, 100000);
+    sock->set(zmq::sockopt::rcvhwm, 100000);
+    sock->connect(opt.broker);
+    proto::Ready r;
+    r.worker_id = opt.worker_id;
+    char host[256] = {0};
+    gethostname(host, sizeof(host) - 1);
+    r.host = host;
+    r.device = opt.device;
+    r.slots = static_cast<uint32_t>(opt.slots);
+    r.kinds = registry.Kinds();
+    r.draining = draining;
+    for (const auto& [id, e] : running) r.running.push_back({id, e.first});
+    Send(Cmd::kReady, r);
+    last_broker_seen = MonoMs();
+    LogInfo("worker_connecting").Kv("broker", opt.broker).Kv("worker", opt.worker_id)
+        .Kv("running", static_cast<uint64_t>(running.size()));
+  }
+
+  template <typename T>
+  void Send(Cmd cmd, const T& body) {
+    std::string b = proto::EncodeBody(body);
+    uint8_t c = static_cast<uint8_t>(cmd);
+    try {
+      sock->send(zmq::buffer(proto::kTag), zmq::send_flags::sndmore | zmq::send_flags::dontwait);
+      sock->send(zmq::buffer(&c, 1), zmq::send_flags::sndmore | zmq::send_flags::dontwait);
+      sock->send(zmq::buffer(b), zmq::send_flags::dontwait);
+    } catch (const zmq::error_t& e) {
+      LogWarn("send_failed").Kv("cmd", proto::CmdName(cmd)).Kv("error", e.what());
+    }
+  }
+
+  void Wake() {
+    uint64_t one = 1;
+    ssize_t unused = ::write(wake_fd, &one, sizeof(one));
+    (void)unused;
+  }
+
+  void ExecutorLoop() {
+    for (;;) {
+      Task t;
+      {
+        std::unique_lock<std::mutex> lock(mu);
+        cv.wait(lock, [&] { return stopping_threads || !tasks.empty(); });
+        if (tasks.empty()) return;
+        t = std::move(tasks.front());
+        tasks.pop_front();
+        done.push_back({true, {t.a.id, t.a.epoch}, {}});
+      }
+      Wake();
+      Done d;
+      d.lease = {t.a.id, t.a.epoch};
+      d.result.id = t.a.id;
+      d.result.epoch = t.a.epoch;
+      int64_t t0 = MonoUs();
+      const JobFn* fn = registry.Find(t.a.kind);
+      Status st;
+      std::string result;
+      if (!fn) {
+        st = Status::Invalid("this worker has no job kind \"" + t.a.kind + "\"");
+      } else if (t.cancelled->load()) {
+        st = Status::Unavailable("cancelled");
+      } else {
+        JobContext ctx;
+        ctx.id = t.a.id;
+        ctx.attempt = t.a.attempt;
+        ctx.cancelled = t.cancelled.get();
+        try {
+          st = (*fn)(t.a.payload.data, ctx, &result);
+        } catch (const std::exception& e) {
+          st = Status::Invalid(std::string("job threw: ") + e.what());
+        }
+      }
+      d.result.run_ms = (MonoUs() - t0) / 1000;
+      if (st.ok() && result.size() > proto::kMaxResultBytes) {
+        st = Status::Invalid("result of " + std::to_string(result.size()) + " bytes is over the " +
+                             std::to_string(proto::kMaxResultBytes) + "-byte limit");
+        result.clear();
+      }
+      d.result.ok = st.ok();
+      if (st.ok()) d.result.result.data = std::move(result);
+      else d.result.error = st.message();
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        done.push_back(std::move(d));
+      }
+      Wake();
+    }
+  }
+
+  void OnAssign(std::string_view body) {
+    proto::Assign m;
+    Status st = proto::DecodeBody(body, &m);
+    if (!st.ok()) {
+      LogError("bad_assign").Kv("error", st.message());
+      return;
+    }
+    std::lock_guard<std::mutex> lock(mu);
+    for (auto& a : m.jobs) {
+      auto flag = std::make_shared<std::atomic<bool>>(false);
+      running[a.id] = {a.epoch, flag};
+      LogDebug("job_assigned").Kv("job", a.id).Kv("epoch", a.epoch).Kv("kind", a.kind);
+      tasks.push_back({std::move(a), flag});
+    }
+    cv.notify_all();
+  }
+
+  void OnCancelJobs(std::string_view body) {
+    proto::CancelJobs m;
+    if (!proto::DecodeBody(body, &m).ok()) return;
+    for (const auto& l : m.leases) {
+      auto it = running.find(l.id);
+      if (it != running.end() && it->second.first == l.epoch) {
+        it->second.second->store(true);
+        LogInfo("job_cancel_requested").Kv("job", l.id).Kv("reason", m.reason);
+      }
+    }
+  }
+
+  void OnResultAck(std::string_view body) {
+    proto::ResultAck m;
+    if (!proto::DecodeBody(body, &m).ok()) return;
+    for (const auto& l : m.accepted) unacked.erase(l.id);
+    for (const auto& r : m.rejected) {
+      unacked.erase(r.id);
+      LogWarn("result_rejected").Kv("job", r.id).Kv("epoch", r.epoch).Kv("reason", r.reason);
+    }
+  }
+
+  void HandleIncoming(int64_t now) {
+    for (int n = 0; n < 1000; ++n) {
+      std::vector<zmq::message_t> frames;
+      try {
+        zmq::message_t msg;
+        if (!sock->recv(msg, zmq::recv_flags::dontwait)) return;
+        bool more = msg.more();
+        frames.push_back(std::move(msg));
+        while (more) {
+          zmq::message_t part;
+          if (!sock->recv(part, zmq::recv_flags::none)) break;
+          more = part.more();
+          frames.push_back(std::move(part));
+        }
+      } catch (const zmq::error_t& e) {
+        return;
+      }
+      if (frames.size() != 3 || !proto::CheckTag(frames[0].to_string_view()).ok()) continue;
+      Cmd cmd;
+      if (!proto::ParseCmd(frames[1].to_string_view(), &cmd).ok()) continue;
+      last_broker_seen = now;
+      std::string_view body = frames[2].to_string_view();
+      switch (cmd) {
+        case Cmd::kAssign: OnAssign(body); break;
+        case Cmd::kCancelJobs: OnCancelJobs(body); break;
+        case Cmd::kResultAck: OnResultAck(body); break;
+        case Cmd::kHeartbeat: break;
+        case Cmd::kDisconnect: {
+          // The broker does not know us (it restarted): introduce ourselves again.
+          LogInfo("broker_asked_ready");
+          sock.reset();
+          Connect();
+          return;
+        }
+        case Cmd::kError: {
+          proto::Error e;
+          if (proto::DecodeBody(body, &e).ok()) LogError("broker_error").Kv("code", e.code).Kv("message", e.message);
+          break;
+        }
+        default: break;
+      }
+    }
+  }
+
+  void FlushDone() {
+    std::vector<Done> batch;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      batch.swap(done);
+    }
+    if (batch.empty()) return;
+    proto::Started started;
+    proto::Result results;
+    for (auto& d : batch) {
+      if (d.started_only) {
+        started.leases.push_back(d.lease);
+        continue;
+      }
+      running.erase(d.lease.id);
+      unacked[d.lease.id] = d.lease.epoch;
+      if (!d.result.ok) LogInfo("job_failed").Kv("job", d.lease.id).Kv("error", d.result.error);
+      results.results.push_back(std::move(d.result));
+    }
+    if (!started.leases.empty()) Send(Cmd::kStarted, started);
+    if (!results.results.empty()) Send(Cmd::kResult, results);
+  }
+};
+
+Worker::Worker(WorkerOptions options, JobRegistry registry) : impl_(std::make_unique<Impl>()) {
+  impl_->opt = std::move(options);
+  impl_->registry = std::move(registry);
+}
+
+Worker::~Worker() {
+  {
+    std::lock_guard<std::mutex> lock(impl_->mu);
+    impl_->stopping_threads = true;
+  }
+  impl_->cv.notify_all();
+  for (auto& t : impl_->threads) if (t.joinable()) t.join();
+  if (impl_->wake_fd >= 0) ::close(impl_->wake_fd);
+}
+
+Status Worker::Run(const std::atomic<bool>* stop) {
+  Impl& s = *impl_;
+  ASRF_RETURN_IF_ERROR(s.opt.Sanitize());
+  std::error_code ec;
+  std::filesystem::create_directories(s.opt.state_dir, ec);
+  if (ec) return Status::IOError("cannot create state dir " + s.opt.state_dir + ": " + ec.message());
+  s.wake_fd = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (s.wake_fd < 0) return Status::IOError("eventfd failed");
+  for (int i = 0; i < s.opt.slots; ++i) s.threads.emplace_back([&s] { s.ExecutorLoop(); });
+  try {
+    s.Connect();
+  } catch (const zmq::error_t& e) {
+    return Status::Invalid("cannot connect to " + s.opt.broker + ": " + e.what());
+  }
+  int64_t drain_started = 0;
+  for (;;) {
+    int64_t now = MonoMs();
+    if (stop->load() && !s.draining) {
+      s.draining = true;
+      drain_started = now;
+      s.Send(Cmd::kHeartbeat, proto::Heartbeat{true, 0});
+      LogInfo("worker_draining").Kv("running", static_cast<uint64_t>(s.running.size()));
+    }
+    if (s.draining && s.running.empty() &&
+        (s.unacked.empty() || now - drain_started > s.opt.drain_ack_wait_ms)) {
+      break;
+    }
+    zmq::pollitem_t items[2] = {{s.sock->handle(), 0, ZMQ_POLLIN, 0}, {nullptr, s.wake_fd, ZMQ_POLLIN, 0}};
+    try {
+      zmq::poll(items, 2, std::chrono::milliseconds(50));
+    } catch (const zmq::error_t& e) {
+      if (e.num() != EINTR) return Status::IOError(std::string("poll: ") + e.what());
+    }
+    if (items[1].revents & ZMQ_POLLIN) {
+      uint64_t drained;
+      ssize_t unused = ::read(s.wake_fd, &drained, sizeof(drained));
+      (void)unused;
+    }
+    now = MonoMs();
+    s.HandleIncoming(now);
+    s.FlushDone();
+    if (now >= s.next_heartbeat) {
+      s.Send(Cmd::kHeartbeat, proto::Heartbeat{s.draining, 0});
+      s.next_heartbeat = now + s.opt.heartbeat_ms;
+    }
+    if (now - s.last_broker_seen > s.opt.heartbeat_ms * s.opt.heartbeat_misses) {
+      LogWarn("broker_lost").Kv("broker", s.opt.broker).Kv("silent_ms", now - s.last_broker_seen);
+      s.unacked.clear();  // a restarted broker rejects old epochs anyway
+      s.Connect();
+    }
+  }
+  proto::Disconnect d;
+  d.reason = "drained";
+  s.Send(Cmd::kDisconnect, d);
+  LogInfo("worker_stopped").Kv("worker", s.opt.worker_id);
+  return Status::Ok();
+}
+
+}  // namespace asrf
