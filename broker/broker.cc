@@ -746,15 +746,27 @@ struct Broker::Impl {
     WorkerConn* w = WorkerFor(routing, now);
     proto::Started m;
     if (!w || !proto::DecodeBody(body, &m).ok()) return;
+    // Confirm what is current, so the worker runs a job only once the broker knows it started
+    // (a job that kills its worker then always counts an attempt); cancel the rest.
+    proto::Started confirmed;
+    proto::CancelJobs stale;
+    stale.reason = "lease no longer valid";
     for (const auto& l : m.leases) {
       Job* j = table.Find(l.id);
-      if (!j || j->state != JobState::kLeased || j->epoch != l.epoch || j->finishing) continue;
+      if (!j || j->state != JobState::kLeased || j->epoch != l.epoch || j->finishing || j->worker != w->id) {
+        stale.leases.push_back(l);
+        continue;
+      }
+      confirmed.leases.push_back(l);
+      if (j->started) continue;  // a resend after a reconnect
       j->started = true;
       if (j->timeout_ms > 0) {
         j->deadline_mono = now + j->timeout_ms;
         deadlines.insert({j->deadline_mono, j->id});
       }
     }
+    if (!confirmed.leases.empty()) Send(routing, Cmd::kStarted, confirmed);
+    if (!stale.leases.empty()) Send(routing, Cmd::kCancelJobs, stale);
   }
 
   void OnResult(const std::string& routing, std::string_view body, int64_t now) {

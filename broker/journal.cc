@@ -33,7 +33,8 @@ struct Journal::Impl {
     uint64_t token;
   };
 
-  std::unique_ptr<rocksdb::DB> db;
+  std::unique_ptr<rocksdb::DB> db;  // null only while a reopen after an error failed
+  rocksdb::Options db_options;
   JournalOptions options;
   int wake_fd = -1;
 
@@ -50,6 +51,7 @@ struct Journal::Impl {
 
   void Run() {
     std::vector<Pending> group;
+    bool failed = false;
     for (;;) {
       {
         std::unique_lock<std::mutex> lock(mu);
@@ -73,12 +75,29 @@ struct Journal::Impl {
       }
       rocksdb::WriteOptions wo;
       wo.sync = sync;
-      rocksdb::Status rs = db->Write(wo, &wb);
+      rocksdb::Status rs;
+      if (failed) {
+        // A failed write (disk full, I/O error) leaves RocksDB refusing writes; try to leave
+        // that state first, so writes work again as soon as the disk does.
+        rs = db ? db->Resume() : rocksdb::Status::IOError("closed");
+        if (!rs.ok()) {
+          // RocksDB refuses to resume after a failed WAL write; reopening replays the WAL up to
+          // its last good record, which is exactly the state every acknowledgement promised.
+          db.reset();
+          rocksdb::DB* raw = nullptr;
+          rs = rocksdb::DB::Open(db_options, options.dir, &raw);
+          if (rs.ok()) db.reset(raw);
+        }
+        if (rs.ok()) {
+          failed = false;
+          LogInfo("journal_resumed");
+        }
+      }
+      if (rs.ok() && !db) rs = rocksdb::Status::IOError("journal is closed after an earlier error");
+      if (rs.ok()) rs = db->Write(wo, &wb);
       if (!rs.ok()) {
-        // A failed write (disk full, I/O error) puts RocksDB in a read-only error state; try to
-        // leave it so the next group has a chance once space is back.
-        rocksdb::Status resumed = db->Resume();
-        LogError("journal_write_failed").Kv("error", rs.ToString()).Kv("resumed", resumed.ok());
+        failed = true;
+        LogError("journal_write_failed").Kv("error", rs.ToString()).Kv("records", static_cast<uint64_t>(wb.Count()));
       }
       Status st = FromRocks(rs, "journal write");
       bool notify = false;
@@ -119,6 +138,7 @@ Status Journal::Open(const JournalOptions& options, std::unique_ptr<Journal>* ou
   ro.keep_log_file_num = 3;
   ro.info_log_level = rocksdb::InfoLogLevel::WARN_LEVEL;
   ro.write_buffer_size = 32u << 20;
+  impl->db_options = ro;
   rocksdb::DB* raw = nullptr;
   rocksdb::Status rs = rocksdb::DB::Open(ro, options.dir, &raw);
   if (!rs.ok()) return FromRocks(rs, "cannot open journal in " + options.dir);

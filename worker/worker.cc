@@ -45,7 +45,6 @@ struct Task {
 };
 
 struct Done {
-  bool started_only = false;  // a "started" notice rather than a result
   proto::Lease lease;
   proto::JobResult result;
 };
@@ -68,6 +67,7 @@ struct Worker::Impl {
 
   // Poll-thread state.
   std::unordered_map<uint64_t, std::pair<uint64_t, std::shared_ptr<std::atomic<bool>>>> running;  // id -> epoch
+  std::unordered_map<uint64_t, Task> awaiting_start;  // assigned, STARTED sent, not yet confirmed
   std::unordered_map<uint64_t, uint64_t> unacked;  // id -> epoch, results sent but not acknowledged
   int64_t last_broker_seen = 0;
   int64_t next_heartbeat = 0;
@@ -91,6 +91,9 @@ struct Worker::Impl {
     r.draining = draining;
     for (const auto& [id, e] : running) r.running.push_back({id, e.first});
     Send(Cmd::kReady, r);
+    proto::Started again;  // confirmations lost with the old connection
+    for (const auto& [id, t] : awaiting_start) again.leases.push_back({id, t.a.epoch});
+    if (!again.leases.empty()) Send(Cmd::kStarted, again);
     last_broker_seen = MonoMs();
     LogInfo("worker_connecting").Kv("broker", opt.broker).Kv("worker", opt.worker_id)
         .Kv("running", static_cast<uint64_t>(running.size()));
@@ -124,9 +127,7 @@ struct Worker::Impl {
         if (tasks.empty()) return;
         t = std::move(tasks.front());
         tasks.pop_front();
-        done.push_back({true, {t.a.id, t.a.epoch}, {}});
       }
-      Wake();
       Done d;
       d.lease = {t.a.id, t.a.epoch};
       d.result.id = t.a.id;
@@ -167,6 +168,8 @@ struct Worker::Impl {
     }
   }
 
+  // A job runs only after the broker confirmed its STARTED: then a job that kills this process
+  // is known to have started and counts an attempt.
   void OnAssign(std::string_view body) {
     proto::Assign m;
     Status st = proto::DecodeBody(body, &m);
@@ -174,12 +177,26 @@ struct Worker::Impl {
       LogError("bad_assign").Kv("error", st.message());
       return;
     }
-    std::lock_guard<std::mutex> lock(mu);
+    proto::Started started;
     for (auto& a : m.jobs) {
       auto flag = std::make_shared<std::atomic<bool>>(false);
       running[a.id] = {a.epoch, flag};
       LogDebug("job_assigned").Kv("job", a.id).Kv("epoch", a.epoch).Kv("kind", a.kind);
-      tasks.push_back({std::move(a), flag});
+      started.leases.push_back({a.id, a.epoch});
+      awaiting_start[a.id] = {std::move(a), flag};
+    }
+    if (!started.leases.empty()) Send(Cmd::kStarted, started);
+  }
+
+  void OnStartConfirmed(std::string_view body) {
+    proto::Started m;
+    if (!proto::DecodeBody(body, &m).ok()) return;
+    std::lock_guard<std::mutex> lock(mu);
+    for (const auto& l : m.leases) {
+      auto it = awaiting_start.find(l.id);
+      if (it == awaiting_start.end() || it->second.a.epoch != l.epoch) continue;
+      tasks.push_back(std::move(it->second));
+      awaiting_start.erase(it);
     }
     cv.notify_all();
   }
@@ -192,6 +209,12 @@ struct Worker::Impl {
       if (it != running.end() && it->second.first == l.epoch) {
         it->second.second->store(true);
         LogInfo("job_cancel_requested").Kv("job", l.id).Kv("reason", m.reason);
+        auto waiting = awaiting_start.find(l.id);
+        if (waiting != awaiting_start.end() && waiting->second.a.epoch == l.epoch) {
+          // Never started here: nothing to report.
+          awaiting_start.erase(waiting);
+          running.erase(it);
+        }
       }
     }
   }
@@ -232,6 +255,7 @@ struct Worker::Impl {
         case Cmd::kAssign: OnAssign(body); break;
         case Cmd::kCancelJobs: OnCancelJobs(body); break;
         case Cmd::kResultAck: OnResultAck(body); break;
+        case Cmd::kStarted: OnStartConfirmed(body); break;
         case Cmd::kHeartbeat: break;
         case Cmd::kDisconnect: {
           // The broker does not know us (it restarted): introduce ourselves again.
@@ -257,19 +281,13 @@ struct Worker::Impl {
       batch.swap(done);
     }
     if (batch.empty()) return;
-    proto::Started started;
     proto::Result results;
     for (auto& d : batch) {
-      if (d.started_only) {
-        started.leases.push_back(d.lease);
-        continue;
-      }
       running.erase(d.lease.id);
       unacked[d.lease.id] = d.lease.epoch;
       if (!d.result.ok) LogInfo("job_failed").Kv("job", d.lease.id).Kv("error", d.result.error);
       results.results.push_back(std::move(d.result));
     }
-    if (!started.leases.empty()) Send(Cmd::kStarted, started);
     if (!results.results.empty()) Send(Cmd::kResult, results);
   }
 };

@@ -1,0 +1,306 @@
+// The broker in this process, driven by raw DEALER peers on loopback: durability of
+// acknowledgements across a simulated power cut, stale-epoch rejection, and hostile input.
+#include <gtest/gtest.h>
+
+#include <set>
+
+#include <zmq.hpp>
+
+#include "broker/fault_fs.h"
+#include "client/broker_client.h"
+#include "tests/harness.h"
+
+namespace asrf {
+namespace {
+
+using proto::Cmd;
+using testing::InProcBroker;
+using testing::TempDir;
+
+// A peer speaking raw frames, for fake workers and hostile clients.
+class RawPeer {
+ public:
+  explicit RawPeer(const std::string& endpoint) : sock_(ctx_, zmq::socket_type::dealer) {
+    sock_.set(zmq::sockopt::linger, 0);
+    sock_.connect(endpoint);
+  }
+  void SendFrames(const std::vector<std::string>& frames) {
+    for (size_t i = 0; i < frames.size(); ++i) {
+      sock_.send(zmq::buffer(frames[i]), i + 1 < frames.size() ? zmq::send_flags::sndmore : zmq::send_flags::none);
+    }
+  }
+  template <typename T>
+  void Send(Cmd cmd, const T& body) {
+    SendFrames({std::string(proto::kTag), std::string(1, static_cast<char>(cmd)), proto::EncodeBody(body)});
+  }
+  // Next message with this command (others are skipped); false on timeout.
+  bool Expect(Cmd want, std::string* body, int timeout_ms = 5000) {
+    int64_t deadline = MonoMs() + timeout_ms;
+    while (MonoMs() < deadline) {
+      zmq::pollitem_t item{sock_.handle(), 0, ZMQ_POLLIN, 0};
+      zmq::poll(&item, 1, std::chrono::milliseconds(50));
+      if (!(item.revents & ZMQ_POLLIN)) continue;
+      std::vector<zmq::message_t> frames;
+      zmq::message_t m;
+      (void)sock_.recv(m);
+      bool more = m.more();
+      frames.push_back(std::move(m));
+      while (more) {
+        zmq::message_t p;
+        (void)sock_.recv(p);
+        more = p.more();
+        frames.push_back(std::move(p));
+      }
+      if (frames.size() == 3 && frames[1].size() == 1 && static_cast<Cmd>(frames[1].data<char>()[0]) == want) {
+        *body = frames[2].to_string();
+        return true;
+      }
+    }
+    return false;
+  }
+  proto::Error ExpectError(int timeout_ms = 5000) {
+    std::string body;
+    proto::Error e;
+    e.code = "(none)";
+    if (Expect(Cmd::kError, &body, timeout_ms)) EXPECT_TRUE(proto::DecodeBody(body, &e).ok());
+    return e;
+  }
+
+ private:
+  zmq::context_t ctx_{1};
+  zmq::socket_t sock_;
+};
+
+BrokerOptions TestOptions(const std::string& dir) {
+  BrokerOptions o;
+  o.listen = "tcp://127.0.0.1:0";
+  o.state_dir = dir;
+  o.heartbeat_ms = 100;
+  o.heartbeat_misses = 3;
+  o.backoff_ms = 0;
+  return o;
+}
+
+proto::Submit Jobs(int n, const std::string& kind = "echo", const std::string& request_id = "") {
+  proto::Submit s;
+  s.request_id = request_id;
+  s.batch = "t";
+  for (int i = 0; i < n; ++i) s.jobs.push_back({kind, proto::Blob{"{\"i\":" + std::to_string(i) + "}"}, 0, 0});
+  return s;
+}
+
+TEST(Broker, AcknowledgedJobsSurviveAPowerCut) {
+  TempDir tmp;
+  FaultFs fs;
+  std::set<uint64_t> acked;
+  {
+    BrokerOptions o = TestOptions(tmp / "b");
+    o.journal_env = fs.env();
+    InProcBroker broker(o);
+    ASSERT_TRUE(broker.open_status().ok()) << broker.open_status().ToString();
+    BrokerClient client(broker.endpoint());
+    // Keep 16 SUBMITs of 10 jobs in flight; cut the power once 100 are acknowledged.
+    int in_flight = 0;
+    int64_t deadline = MonoMs() + 20000;
+    while (acked.size() < 100 && MonoMs() < deadline) {
+      while (in_flight < 16) {
+        proto::Submit s = Jobs(10);
+        s.req = client.NextReq();
+        client.Send(Cmd::kSubmit, s);
+        in_flight++;
+      }
+      Incoming in;
+      if (!client.Receive(100, &in).ok()) continue;
+      ASSERT_EQ(in.cmd, Cmd::kReply) << in.error.message;
+      in_flight--;
+      for (uint64_t id : in.reply.job_ids) acked.insert(id);
+    }
+    fs.Crash();
+    ASSERT_GE(acked.size(), 100u);
+  }
+  // Restart on the real file system: every acknowledged job is there.
+  InProcBroker broker(TestOptions(tmp / "b"));
+  ASSERT_TRUE(broker.open_status().ok());
+  BrokerClient client(broker.endpoint());
+  for (uint64_t id : acked) {
+    proto::StatusReq q;
+    q.job = id;
+    proto::Reply r;
+    Status st = client.Call(Cmd::kStatus, q, &r, 5000);
+    ASSERT_TRUE(st.ok()) << "acknowledged job " << id << " was lost: " << st.ToString();
+    EXPECT_EQ(r.jobs.at(0).state, "queued");
+  }
+}
+
+TEST(Broker, RepeatedSubmitReturnsTheOriginalIds) {
+  TempDir tmp;
+  InProcBroker broker(TestOptions(tmp / "b"));
+  ASSERT_TRUE(broker.open_status().ok());
+  BrokerClient client(broker.endpoint());
+  proto::Reply first, second;
+  ASSERT_TRUE(client.Call(Cmd::kSubmit, Jobs(5, "echo", "req-1"), &first, 5000).ok());
+  ASSERT_TRUE(client.Call(Cmd::kSubmit, Jobs(5, "echo", "req-1"), &second, 5000).ok());
+  EXPECT_EQ(first.job_ids, second.job_ids);
+  EXPECT_FALSE(first.duplicate);
+  EXPECT_TRUE(second.duplicate);
+  proto::Reply status;
+  ASSERT_TRUE(client.Call(Cmd::kStatus, proto::StatusReq{}, &status, 5000).ok());
+  EXPECT_EQ(status.counts["queued"], 5);
+  // Still true after a restart (the request record is journaled with the jobs).
+  broker.Stop();
+  InProcBroker again(TestOptions(tmp / "b"));
+  BrokerClient c2(again.endpoint());
+  proto::Reply third;
+  ASSERT_TRUE(c2.Call(Cmd::kSubmit, Jobs(5, "echo", "req-1"), &third, 5000).ok());
+  EXPECT_EQ(third.job_ids, first.job_ids);
+}
+
+// A worker whose lease expired sends its result late: rejected; the new lease holder's is kept.
+TEST(Broker, StaleResultFromAnExpiredLeaseIsRejected) {
+  TempDir tmp;
+  InProcBroker broker(TestOptions(tmp / "b"));
+  ASSERT_TRUE(broker.open_status().ok());
+  BrokerClient client(broker.endpoint());
+  proto::Reply sub;
+  ASSERT_TRUE(client.Call(Cmd::kSubmit, Jobs(1), &sub, 5000).ok());
+  uint64_t job = sub.job_ids.at(0);
+
+  RawPeer a(broker.endpoint());
+  proto::Ready ra;
+  ra.worker_id = "A";
+  ra.kinds = {"echo"};
+  a.Send(Cmd::kReady, ra);
+  std::string body;
+  ASSERT_TRUE(a.Expect(Cmd::kAssign, &body));
+  proto::Assign assign_a;
+  ASSERT_TRUE(proto::DecodeBody(body, &assign_a).ok());
+  ASSERT_EQ(assign_a.jobs.at(0).id, job);
+  uint64_t old_epoch = assign_a.jobs[0].epoch;
+  a.Send(Cmd::kStarted, proto::Started{{{job, old_epoch}}});
+  // A now goes silent: no heartbeats. After 3 x 100 ms the broker takes the lease back.
+  RawPeer b(broker.endpoint());
+  proto::Ready rb;
+  rb.worker_id = "B";
+  rb.kinds = {"echo"};
+  b.Send(Cmd::kReady, rb);
+  proto::Assign assign_b;
+  int64_t deadline = MonoMs() + 5000;
+  while (MonoMs() < deadline) {
+    b.Send(Cmd::kHeartbeat, proto::Heartbeat{});
+    if (b.Expect(Cmd::kAssign, &body, 100)) {
+      ASSERT_TRUE(proto::DecodeBody(body, &assign_b).ok());
+      break;
+    }
+  }
+  ASSERT_EQ(assign_b.jobs.size(), 1u) << "the lost lease was never reassigned";
+  EXPECT_EQ(assign_b.jobs[0].id, job);
+  EXPECT_GT(assign_b.jobs[0].epoch, old_epoch);
+  EXPECT_EQ(assign_b.jobs[0].attempt, 1u) << "a started-then-lost job counts one attempt";
+
+  // A's late result: rejected.
+  a.Send(Cmd::kReady, ra);  // A comes back (new connection state) and reports its result
+  proto::Result late;
+  late.results.push_back({job, old_epoch, true, proto::Blob{"\"from A\""}, "", 1});
+  a.Send(Cmd::kResult, late);
+  ASSERT_TRUE(a.Expect(Cmd::kResultAck, &body));
+  proto::ResultAck ack_a;
+  ASSERT_TRUE(proto::DecodeBody(body, &ack_a).ok());
+  ASSERT_EQ(ack_a.rejected.size(), 1u);
+  EXPECT_TRUE(ack_a.accepted.empty());
+
+  // B's result: accepted, and it is the one kept.
+  proto::Result good;
+  good.results.push_back({job, assign_b.jobs[0].epoch, true, proto::Blob{"\"from B\""}, "", 1});
+  b.Send(Cmd::kResult, good);
+  ASSERT_TRUE(b.Expect(Cmd::kResultAck, &body));
+  proto::ResultAck ack_b;
+  ASSERT_TRUE(proto::DecodeBody(body, &ack_b).ok());
+  ASSERT_EQ(ack_b.accepted.size(), 1u);
+  proto::StatusReq q;
+  q.job = job;
+  proto::Reply r;
+  ASSERT_TRUE(client.Call(Cmd::kStatus, q, &r, 5000).ok());
+  EXPECT_EQ(r.jobs.at(0).state, "done");
+  EXPECT_EQ(r.jobs.at(0).result.data, "\"from B\"");
+  EXPECT_EQ(r.jobs.at(0).attempts, 1u);
+
+  // And a second copy of B's result (a retransmission) is not accepted twice.
+  b.Send(Cmd::kResult, good);
+  ASSERT_TRUE(b.Expect(Cmd::kResultAck, &body));
+  proto::ResultAck again;
+  ASSERT_TRUE(proto::DecodeBody(body, &again).ok());
+  EXPECT_EQ(again.rejected.size(), 1u);
+}
+
+TEST(Broker, HostileInputGetsErrorsAndTheBrokerKeepsServing) {
+  TempDir tmp;
+  InProcBroker broker(TestOptions(tmp / "b"));
+  ASSERT_TRUE(broker.open_status().ok());
+  RawPeer bad(broker.endpoint());
+
+  bad.SendFrames({"just one frame"});
+  EXPECT_EQ(bad.ExpectError().code, "bad_frames");
+  bad.SendFrames({"ASRF/9", std::string(1, '\x02'), proto::EncodeBody(proto::StatusReq{})});
+  proto::Error e = bad.ExpectError();
+  EXPECT_EQ(e.code, "unsupported_version");
+  EXPECT_NE(e.message.find("1"), std::string::npos);
+  bad.SendFrames({"GET / HTTP/1.1", "x", "y"});
+  EXPECT_EQ(bad.ExpectError().code, "bad_tag");
+  bad.SendFrames({std::string(proto::kTag), std::string(1, '\x66'), "x"});
+  EXPECT_EQ(bad.ExpectError().code, "unknown_command");
+  bad.SendFrames({std::string(proto::kTag), std::string(1, '\x01'), "\x81\xa4jobs\xdd\xff\xff"});  // truncated
+  EXPECT_EQ(bad.ExpectError().code, "bad_request");
+  bad.SendFrames({std::string(proto::kTag), std::string(1, '\x01'), "\xc1\xc1\xc1"});
+  EXPECT_EQ(bad.ExpectError().code, "bad_request");
+  // A job payload over the per-job limit.
+  proto::Submit big = Jobs(1);
+  big.jobs[0].payload.data.assign(proto::kMaxPayloadBytes + 10, 'x');
+  bad.Send(Cmd::kSubmit, big);
+  EXPECT_EQ(bad.ExpectError().code, "bad_request");
+  // A message over the transport limit: ZeroMQ drops that connection.
+  {
+    RawPeer huge(broker.endpoint());
+    huge.SendFrames({std::string(proto::kTag), std::string(1, '\x01'),
+                     std::string(static_cast<size_t>(proto::kMaxMessageBytes) + 1024, 'x')});
+    std::string body;
+    EXPECT_FALSE(huge.Expect(Cmd::kReply, &body, 500));
+  }
+  // A result for a job that does not exist, from a worker that never said READY.
+  proto::Result r;
+  r.results.push_back({123456, 1, true, proto::Blob{"x"}, "", 0});
+  bad.Send(Cmd::kResult, r);
+  std::string body;
+  ASSERT_TRUE(bad.Expect(Cmd::kResultAck, &body));
+
+  // Everyone else is still served.
+  BrokerClient client(broker.endpoint());
+  proto::Reply ok;
+  ASSERT_TRUE(client.Call(Cmd::kSubmit, Jobs(3), &ok, 5000).ok());
+  EXPECT_EQ(ok.job_ids.size(), 3u);
+  proto::Reply st;
+  ASSERT_TRUE(client.Call(Cmd::kStatus, proto::StatusReq{}, &st, 5000).ok());
+  EXPECT_EQ(st.counts["queued"], 3);
+}
+
+TEST(Broker, FullDiskRefusesSubmitsWithAClearErrorAndRecovers) {
+  TempDir tmp;
+  FaultFs fs;
+  BrokerOptions o = TestOptions(tmp / "b");
+  o.journal_env = fs.env();
+  InProcBroker broker(o);
+  ASSERT_TRUE(broker.open_status().ok());
+  BrokerClient client(broker.endpoint());
+  proto::Reply r;
+  fs.SetNoSpace(true);
+  Status st = client.Call(Cmd::kSubmit, Jobs(2), &r, 5000);
+  EXPECT_EQ(st.code(), Status::Code::kUnavailable) << st.ToString();
+  EXPECT_NE(st.message().find("journal_unavailable"), std::string::npos);
+  fs.SetNoSpace(false);
+  ASSERT_TRUE(client.Call(Cmd::kSubmit, Jobs(2), &r, 5000).ok());
+  proto::Reply counts;
+  ASSERT_TRUE(client.Call(Cmd::kStatus, proto::StatusReq{}, &counts, 5000).ok());
+  EXPECT_EQ(counts.counts["queued"], 2) << "the refused jobs must not have been accepted";
+}
+
+}  // namespace
+}  // namespace asrf

@@ -1,0 +1,255 @@
+// The real binaries on loopback: workers and brokers SIGKILLed mid-run, poison jobs, timeouts,
+// cancellation and the client's exit codes.
+#include <gtest/gtest.h>
+#include <signal.h>
+
+#include <map>
+#include <set>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include "tests/harness.h"
+
+namespace asrf::testing {
+namespace {
+
+using json = nlohmann::json;
+
+const std::vector<std::string> kFastHeartbeats = {"--heartbeat-ms", "200", "--heartbeat-misses", "3"};
+
+std::vector<std::string> With(std::vector<std::string> a, const std::vector<std::string>& b) {
+  a.insert(a.end(), b.begin(), b.end());
+  return a;
+}
+
+std::string LastLine(const std::string& s) {
+  std::string t = s;
+  while (!t.empty() && t.back() == '\n') t.pop_back();
+  auto p = t.rfind('\n');
+  return p == std::string::npos ? t : t.substr(p + 1);
+}
+
+std::string FirstLine(const std::string& s) { return s.substr(0, s.find('\n')); }
+
+// Follows a batch with `asr-submit watch` and returns job id -> how many times it finished.
+std::map<uint64_t, int> FinishedJobs(const std::string& out, std::set<std::string>* states = nullptr) {
+  std::map<uint64_t, int> seen;
+  std::istringstream in(out);
+  std::string line;
+  while (std::getline(in, line)) {
+    auto j = json::parse(line, nullptr, false);
+    if (j.is_discarded() || !j.contains("job")) continue;
+    seen[j["job"].get<uint64_t>()]++;
+    if (states) states->insert(j["state"].get<std::string>());
+  }
+  return seen;
+}
+
+TEST(Fleet, WorkerKilledMidwayLosesNothingAndNothingRunsTwiceIntoResults) {
+  TempDir tmp;
+  BrokerProc b = StartBroker(tmp / "broker", tmp / "broker.log", With(kFastHeartbeats, {"--backoff-ms", "0"}));
+  ASSERT_FALSE(b.endpoint.empty()) << ReadFile(tmp / "broker.log");
+  // 1,000 short jobs (2 ms each) so the kill lands midway.
+  RunResult sub = Submit(b.endpoint, {"submit", "--kind", "sleep", "--payload", "{\"ms\":2}", "--count", "1000"});
+  ASSERT_EQ(sub.code, 0) << sub.err;
+  std::string batch = FirstLine(sub.out);
+  // Follow the batch from the start so every finish event is seen.
+  Proc watcher({ASRF_SUBMIT_BIN, "--broker", b.endpoint, "watch", batch}, tmp / "watch.out");
+  Proc w1 = StartWorker(b.endpoint, tmp / "w1", tmp / "w1.log", With(kFastHeartbeats, {"--slots", "2"}));
+  ASSERT_TRUE(WaitFor([&] { return StatusCounts(b.endpoint).done >= 200; }, 30000));
+  w1.Signal(SIGKILL);
+  ASSERT_EQ(w1.Wait(5000), 128 + SIGKILL);
+  Counts mid = StatusCounts(b.endpoint);
+  EXPECT_LT(mid.done, 1000) << "the kill did not land midway";
+  Proc w2 = StartWorker(b.endpoint, tmp / "w2", tmp / "w2.log", With(kFastHeartbeats, {"--slots", "2"}));
+  ASSERT_EQ(watcher.Wait(60000), 0) << ReadFile(tmp / "watch.out");
+  Counts c = StatusCounts(b.endpoint);
+  EXPECT_EQ(c.done, 1000);
+  EXPECT_EQ(c.total(), 1000);
+  std::set<std::string> states;
+  auto seen = FinishedJobs(ReadFile(tmp / "watch.out"), &states);
+  EXPECT_EQ(seen.size(), 1000u);
+  for (const auto& [id, n] : seen) EXPECT_EQ(n, 1) << "job " << id << " finished " << n << " times";
+  EXPECT_EQ(states, std::set<std::string>{"done"});
+}
+
+TEST(Fleet, BrokerKilledAndRestartedLosesNoJob) {
+  TempDir tmp;
+  BrokerProc b = StartBroker(tmp / "broker", tmp / "broker.log", kFastHeartbeats);
+  ASSERT_FALSE(b.endpoint.empty());
+  RunResult sub = Submit(b.endpoint, {"submit", "--kind", "sleep", "--payload", "{\"ms\":2}", "--count", "1000"});
+  ASSERT_EQ(sub.code, 0) << sub.err;
+  Proc w = StartWorker(b.endpoint, tmp / "w", tmp / "w.log", With(kFastHeartbeats, {"--slots", "2"}));
+  ASSERT_TRUE(WaitFor([&] { return StatusCounts(b.endpoint).done >= 200; }, 30000));
+  Counts before = StatusCounts(b.endpoint);
+  b.proc.Signal(SIGKILL);
+  ASSERT_EQ(b.proc.Wait(5000), 128 + SIGKILL);
+  EXPECT_GT(before.queued + before.leased, 0) << "nothing was left queued or leased at the kill";
+  // Same state dir, same port: the worker reconnects by itself.
+  BrokerProc b2 = StartBroker(tmp / "broker", tmp / "broker.log", kFastHeartbeats, b.endpoint);
+  ASSERT_EQ(b2.endpoint, b.endpoint) << ReadFile(tmp / "broker.log");
+  ASSERT_TRUE(WaitFor([&] { return StatusCounts(b2.endpoint).done == 1000; }, 60000))
+      << ReadFile(tmp / "w.log");
+  Counts c = StatusCounts(b2.endpoint);
+  EXPECT_EQ(c.total(), 1000);
+  // A broker restart never counts an attempt.
+  RunResult jobs = Submit(b2.endpoint, {"jobs", "--state", "done", "--limit", "1000", "--json"});
+  ASSERT_EQ(jobs.code, 0);
+  int lines = 0;
+  std::istringstream in(jobs.out);
+  std::string line;
+  while (std::getline(in, line)) {
+    auto j = json::parse(line);
+    EXPECT_EQ(j["attempts"].get<int>(), 0) << line;
+    lines++;
+  }
+  EXPECT_EQ(lines, 1000);
+}
+
+TEST(Fleet, JobThatAlwaysKillsItsWorkerEndsDeadWithTheReason) {
+  TempDir tmp;
+  BrokerProc b = StartBroker(tmp / "broker", tmp / "broker.log", With(kFastHeartbeats, {"--backoff-ms", "50"}));
+  ASSERT_FALSE(b.endpoint.empty());
+  RunResult sub = Submit(b.endpoint, {"submit", "--kind", "crash"});
+  ASSERT_EQ(sub.code, 0) << sub.err;
+  // A supervisor restarts the worker whenever it dies, as systemd would.
+  int crashes = 0;
+  for (int i = 0; i < 6 && StatusCounts(b.endpoint).dead != 1; ++i) {
+    Proc w = StartWorker(b.endpoint, tmp / "w", tmp / "w.log", kFastHeartbeats);
+    int rc = w.Wait(10000);
+    if (rc == 128 + SIGABRT) crashes++;
+    WaitFor([&] { return StatusCounts(b.endpoint).queued == 1 || StatusCounts(b.endpoint).dead == 1; }, 5000);
+  }
+  Counts c = StatusCounts(b.endpoint);
+  EXPECT_EQ(c.dead, 1);
+  EXPECT_EQ(crashes, 3) << "max_attempts is 3";
+  RunResult dead = Submit(b.endpoint, {"jobs", "--state", "dead", "--json"});
+  auto j = json::parse(FirstLine(dead.out));
+  EXPECT_EQ(j["attempts"].get<int>(), 3);
+  EXPECT_NE(j["error"].get<std::string>().find("lost"), std::string::npos) << dead.out;
+  // The dead-letter list can be retried.
+  RunResult retry = Submit(b.endpoint, {"retry", "--dead"});
+  EXPECT_EQ(retry.code, 0);
+  EXPECT_EQ(StatusCounts(b.endpoint).queued, 1);
+}
+
+TEST(Fleet, PerJobTimeoutCancelsAndRetriesThenDeadLetters) {
+  TempDir tmp;
+  BrokerProc b = StartBroker(tmp / "broker", tmp / "broker.log", With(kFastHeartbeats, {"--backoff-ms", "0"}));
+  Proc w = StartWorker(b.endpoint, tmp / "w", tmp / "w.log", With(kFastHeartbeats, {"--slots", "2"}));
+  RunResult r = Submit(b.endpoint, {"submit", "--kind", "sleep", "--payload", "{\"ms\":60000}", "--job-timeout",
+                                    "0.3", "--wait"},
+                       60000);
+  EXPECT_EQ(r.code, 1) << r.err;
+  auto j = json::parse(LastLine(r.out));
+  EXPECT_EQ(j["dead"].get<int>(), 1);
+  EXPECT_LT(r.seconds, 20) << "the worker did not stop the timed-out job";
+  RunResult dead = Submit(b.endpoint, {"jobs", "--state", "dead", "--json"});
+  EXPECT_NE(dead.out.find("timed out"), std::string::npos) << dead.out;
+  // The worker stays healthy and serves other jobs.
+  RunResult ok = Submit(b.endpoint, {"submit", "--kind", "echo", "--count", "10", "--wait"});
+  EXPECT_EQ(ok.code, 0) << ok.err;
+}
+
+TEST(Fleet, SubmitWaitReportsEveryOutcomeAndExitCodes) {
+  TempDir tmp;
+  BrokerProc b = StartBroker(tmp / "broker", tmp / "broker.log");
+  Proc w = StartWorker(b.endpoint, tmp / "w", tmp / "w.log", {"--slots", "4"});
+  RunResult ok = Submit(b.endpoint, {"submit", "--kind", "echo", "--count", "50", "--payload", "{\"x\":[1,2]}",
+                                     "--wait"});
+  ASSERT_EQ(ok.code, 0) << ok.err;
+  auto j = json::parse(LastLine(ok.out));
+  EXPECT_EQ(j["done"].get<int>(), 50);
+  EXPECT_EQ(j["failed"].get<int>(), 0);
+  EXPECT_TRUE(j.contains("seconds"));
+  // Echo returns the payload byte for byte.
+  RunResult st = Submit(b.endpoint, {"status", "1", "--json"});
+  ASSERT_EQ(st.code, 0);
+  EXPECT_EQ(json::parse(st.out)["result"], json::parse("{\"x\":[1,2]}"));
+  // A malformed payload fails that job with a clear error.
+  RunResult bad = Submit(b.endpoint, {"submit", "--kind", "echo", "--payload", "{not json", "--wait"});
+  EXPECT_EQ(bad.code, 1);
+  EXPECT_EQ(json::parse(LastLine(bad.out))["failed"].get<int>(), 1);
+  RunResult failed = Submit(b.endpoint, {"jobs", "--state", "failed", "--json"});
+  EXPECT_NE(failed.out.find("malformed payload"), std::string::npos) << failed.out;
+  // status --json: exactly one line with every state.
+  RunResult s = Submit(b.endpoint, {"status", "--json"});
+  ASSERT_EQ(s.code, 0);
+  EXPECT_EQ(std::count(s.out.begin(), s.out.end(), '\n'), 1);
+  auto counts = json::parse(s.out);
+  for (const char* k : {"queued", "leased", "done", "failed", "dead", "cancelled"}) {
+    ASSERT_TRUE(counts.contains(k) && counts[k].is_number_integer()) << k;
+  }
+  EXPECT_EQ(counts["done"].get<int>(), 50);
+  EXPECT_EQ(counts["failed"].get<int>(), 1);
+  // Usage errors exit 2.
+  EXPECT_EQ(Submit(b.endpoint, {"submit", "--count", "3"}).code, 2);
+  EXPECT_EQ(Submit(b.endpoint, {"frobnicate"}).code, 2);
+  // The worker list shows the worker.
+  RunResult ws = Submit(b.endpoint, {"workers", "--json"});
+  EXPECT_NE(ws.out.find("\"slots\":4"), std::string::npos) << ws.out;
+}
+
+TEST(Fleet, UnreachableBrokerExitsThreeWithinABoundedWait) {
+  RunResult r = RunCommand({ASRF_SUBMIT_BIN, "--broker", "tcp://127.0.0.1:1", "--request-timeout", "1", "submit", "--kind",
+                     "echo", "--count", "5", "--wait"},
+                    30000);
+  EXPECT_EQ(r.code, 3) << r.err;
+  EXPECT_LT(r.seconds, 10);
+  EXPECT_NE(r.err.find("is asr-broker running"), std::string::npos) << r.err;
+  RunResult s = RunCommand({ASRF_SUBMIT_BIN, "--broker", "tcp://127.0.0.1:1", "--request-timeout", "1", "status", "--json"});
+  EXPECT_EQ(s.code, 3);
+}
+
+TEST(Fleet, PrioritiesCancellationAndDrainOnSigterm) {
+  TempDir tmp;
+  BrokerProc b = StartBroker(tmp / "broker", tmp / "broker.log");
+  // Queued before any worker exists: low first, then high priority.
+  RunResult low = Submit(b.endpoint, {"submit", "--kind", "sleep", "--payload", "{\"ms\":1}", "--count", "5"});
+  RunResult high = Submit(b.endpoint, {"submit", "--kind", "sleep", "--payload", "{\"ms\":1}", "--count", "5",
+                                       "--priority", "10"});
+  RunResult doomed = Submit(b.endpoint, {"submit", "--kind", "sleep", "--payload", "{\"ms\":1}", "--count", "7"});
+  ASSERT_EQ(doomed.code, 0);
+  RunResult cancel = Submit(b.endpoint, {"cancel", FirstLine(doomed.out)});
+  EXPECT_EQ(cancel.code, 0);
+  EXPECT_NE(cancel.out.find("cancelled 7"), std::string::npos) << cancel.out;
+  RunResult q = Submit(b.endpoint, {"status", "6"});
+  EXPECT_NE(q.out.find("no worker is connected"), std::string::npos) << q.out;
+  Proc w = StartWorker(b.endpoint, tmp / "w", tmp / "w.log", {"--slots", "1"});
+  ASSERT_TRUE(WaitFor([&] { return StatusCounts(b.endpoint).done == 10; }, 20000));
+  // With one slot, every high-priority job finished before any low one.
+  RunResult done = Submit(b.endpoint, {"jobs", "--state", "done", "--limit", "100", "--json"});
+  std::vector<uint64_t> high_ids, low_ids;
+  std::istringstream in(done.out);
+  std::string line;
+  std::map<uint64_t, int64_t> finished;
+  while (std::getline(in, line)) {
+    auto j = json::parse(line);
+    RunResult one = Submit(b.endpoint, {"status", std::to_string(j["id"].get<uint64_t>()), "--json"});
+    auto info = json::parse(one.out);
+    finished[info["id"].get<uint64_t>()] = info["finished_ms"].get<int64_t>();
+  }
+  ASSERT_EQ(finished.size(), 10u);
+  int64_t last_high = 0, first_low = INT64_MAX;
+  for (auto [id, t] : finished) {
+    if (id <= 5) first_low = std::min(first_low, t);
+    else last_high = std::max(last_high, t);
+  }
+  EXPECT_LE(last_high, first_low);
+  EXPECT_EQ(StatusCounts(b.endpoint).cancelled, 7);
+  // A long job running when the worker gets SIGTERM is finished, not dropped.
+  RunResult slow = Submit(b.endpoint, {"submit", "--kind", "sleep", "--payload", "{\"ms\":800}"});
+  ASSERT_TRUE(WaitFor([&] { return StatusCounts(b.endpoint).leased == 1; }, 5000));
+  w.Signal(SIGTERM);
+  EXPECT_EQ(w.Wait(10000), 0);
+  Counts c = StatusCounts(b.endpoint);
+  EXPECT_EQ(c.done, 11);
+  EXPECT_EQ(c.leased, 0);
+  // And the broker itself stops cleanly on SIGTERM.
+  b.proc.Signal(SIGTERM);
+  EXPECT_EQ(b.proc.Wait(10000), 0);
+}
+
+}  // namespace
+}  // namespace asrf::testing

@@ -1,0 +1,71 @@
+// JobTable: ordering (priority, then FIFO), backoff, kinds and per-state counts.
+#include <gtest/gtest.h>
+
+#include "broker/job_table.h"
+
+namespace asrf {
+namespace {
+
+Job MakeJob(uint64_t id, int prio, const std::string& kind = "echo", const std::string& batch = "b") {
+  Job j;
+  j.id = id;
+  j.priority = prio;
+  j.kind = kind;
+  j.batch = batch;
+  return j;
+}
+
+TEST(JobTable, HigherPriorityFirstThenFifo) {
+  JobTable t;
+  t.Add(MakeJob(1, 0));
+  t.Add(MakeJob(2, 5));
+  t.Add(MakeJob(3, 0));
+  t.Add(MakeJob(4, 5));
+  t.Add(MakeJob(5, -1));
+  std::vector<uint64_t> order;
+  while (uint64_t id = t.PopReady({})) {
+    order.push_back(id);
+    t.SetState(*t.Find(id), JobState::kLeased);
+  }
+  EXPECT_EQ(order, (std::vector<uint64_t>{2, 4, 1, 3, 5}));
+  EXPECT_EQ(t.counts()[static_cast<int>(JobState::kLeased)], 5);
+  EXPECT_EQ(t.counts()[static_cast<int>(JobState::kQueued)], 0);
+}
+
+TEST(JobTable, BackedOffJobWaitsForItsTime) {
+  JobTable t;
+  Job& j = t.Add(MakeJob(1, 0));
+  t.SetState(j, JobState::kLeased);
+  t.SetState(j, JobState::kQueued, /*not_before=*/1000);
+  EXPECT_EQ(t.PopReady({}), 0u);
+  EXPECT_EQ(t.Promote(999), 1000);
+  EXPECT_EQ(t.PopReady({}), 0u);
+  EXPECT_EQ(t.Promote(1000), 0);
+  EXPECT_EQ(t.PopReady({}), 1u);
+}
+
+TEST(JobTable, OnlyKindsTheWorkerRuns) {
+  JobTable t;
+  t.Add(MakeJob(1, 9, "transcribe"));
+  t.Add(MakeJob(2, 0, "echo"));
+  EXPECT_EQ(t.PopReady({"echo"}), 2u);
+  EXPECT_EQ(t.PopReady({"echo"}), 0u);
+  EXPECT_EQ(t.PopReady({"echo", "transcribe"}), 1u);
+}
+
+TEST(JobTable, CancelledQueuedJobLeavesTheQueueAndCountsMove) {
+  JobTable t;
+  t.Add(MakeJob(1, 0, "echo", "x"));
+  t.Add(MakeJob(2, 0, "echo", "x"));
+  t.SetState(*t.Find(1), JobState::kCancelled);
+  EXPECT_EQ(t.PopReady({}), 2u);
+  EXPECT_EQ(t.PopReady({}), 0u);
+  auto c = t.BatchCounts("x");
+  EXPECT_EQ(c[static_cast<int>(JobState::kCancelled)], 1);
+  EXPECT_EQ(c[static_cast<int>(JobState::kQueued)], 1);  // popped but not yet moved
+  EXPECT_EQ(t.BatchJobs("x")->size(), 2u);
+  EXPECT_EQ(t.BatchJobs("nope"), nullptr);
+}
+
+}  // namespace
+}  // namespace asrf
