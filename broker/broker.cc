@@ -123,6 +123,22 @@ struct Broker::Impl {
     }
   }
 
+  // The "req" of a body that could not be decoded as a whole, so the error still reaches the
+  // request that caused it; 0 when there is none.
+  static uint64_t PeekReq(std::string_view body) {
+    msgpack::object_handle oh;
+    if (!proto::DecodeRaw(body, &oh).ok()) return 0;
+    const msgpack::object& o = oh.get();
+    for (uint32_t i = 0; i < o.via.map.size; ++i) {
+      const auto& kv = o.via.map.ptr[i];
+      if (kv.key.type == msgpack::type::STR && std::string_view(kv.key.via.str.ptr, kv.key.via.str.size) == "req" &&
+          kv.val.type == msgpack::type::POSITIVE_INTEGER) {
+        return kv.val.via.u64;
+      }
+    }
+    return 0;
+  }
+
   void SendError(const std::string& routing, uint64_t req, const std::string& code, const std::string& message) {
     proto::Error e;
     e.req = req;
@@ -234,6 +250,7 @@ struct Broker::Impl {
   void Finish(Job& j, JobState state, std::string error, std::string result, int64_t run_ms,
               const std::string& ack_routing) {
     DropLease(j);
+    if (j.state == JobState::kQueued) table.Unqueue(j);
     j.finishing = true;
     Job shadow = j;
     shadow.state = state;
@@ -268,7 +285,7 @@ struct Broker::Impl {
     if (!st.ok()) {
       // Not durable: the job runs again rather than being reported done and then lost.
       LogError("finish_not_durable").Kv("job", j->id).Kv("error", st.message());
-      if (j->state == JobState::kLeased) table.SetState(*j, JobState::kQueued);
+      if (j->state == JobState::kLeased || j->state == JobState::kQueued) table.SetState(*j, JobState::kQueued);
       if (!f.worker_routing.empty()) {
         proto::ResultAck ack;
         ack.rejected.push_back({f.job, f.epoch, "journal write failed; the job will run again: " + st.message()});
@@ -357,7 +374,7 @@ struct Broker::Impl {
     Status st = proto::DecodeBody(body, &m);
     if (st.ok()) st = proto::Validate(m);
     if (!st.ok()) {
-      SendError(routing, m.req, "bad_request", st.message());
+      SendError(routing, PeekReq(body), "bad_request", st.message());
       return;
     }
     if (!m.request_id.empty()) {
@@ -469,7 +486,7 @@ struct Broker::Impl {
     if (j.state == JobState::kQueued) {
       bool runnable = false;
       for (const auto& [id, w] : workers) {
-        if (w.kinds.count(j.kind)) runnable = true;
+        if (w.kinds.empty() || w.kinds.count(j.kind)) runnable = true;
       }
       if (workers.empty()) i.why = "no worker is connected";
       else if (!runnable) i.why = "no connected worker runs kind " + j.kind;
@@ -484,7 +501,7 @@ struct Broker::Impl {
   void OnStatus(const std::string& routing, std::string_view body) {
     proto::StatusReq m;
     Status st = proto::DecodeBody(body, &m);
-    if (!st.ok()) return SendError(routing, m.req, "bad_request", st.message());
+    if (!st.ok()) return SendError(routing, PeekReq(body), "bad_request", st.message());
     proto::Reply r;
     r.req = m.req;
     if (m.job != 0) {
@@ -522,7 +539,7 @@ struct Broker::Impl {
   void OnCancel(const std::string& routing, std::string_view body) {
     proto::CancelReq m;
     Status st = proto::DecodeBody(body, &m);
-    if (!st.ok()) return SendError(routing, m.req, "bad_request", st.message());
+    if (!st.ok()) return SendError(routing, PeekReq(body), "bad_request", st.message());
     uint64_t n = 0;
     if (m.job != 0) {
       Job* j = table.Find(m.job);
@@ -552,7 +569,7 @@ struct Broker::Impl {
   void OnWatch(const std::string& routing, std::string_view body, int64_t now) {
     proto::WatchReq m;
     Status st = proto::DecodeBody(body, &m);
-    if (!st.ok()) return SendError(routing, m.req, "bad_request", st.message());
+    if (!st.ok()) return SendError(routing, PeekReq(body), "bad_request", st.message());
     if (!table.BatchJobs(m.batch)) return SendError(routing, m.req, "not_found", "no batch " + m.batch);
     auto& list = watchers[m.batch];
     int64_t expires = now + std::clamp<int64_t>(m.watch_ms, 1000, opt.watch_max_ms);
@@ -575,7 +592,7 @@ struct Broker::Impl {
   void OnWorkers(const std::string& routing, std::string_view body, int64_t now) {
     proto::WorkersReq m;
     Status st = proto::DecodeBody(body, &m);
-    if (!st.ok()) return SendError(routing, m.req, "bad_request", st.message());
+    if (!st.ok()) return SendError(routing, PeekReq(body), "bad_request", st.message());
     proto::Reply r;
     r.req = m.req;
     for (const auto& [id, w] : workers) {
@@ -598,7 +615,7 @@ struct Broker::Impl {
   void OnJobs(const std::string& routing, std::string_view body) {
     proto::JobsReq m;
     Status st = proto::DecodeBody(body, &m);
-    if (!st.ok()) return SendError(routing, m.req, "bad_request", st.message());
+    if (!st.ok()) return SendError(routing, PeekReq(body), "bad_request", st.message());
     JobState want{};
     bool any_state = m.state.empty();
     if (!any_state && !proto::ParseState(m.state, &want)) {
@@ -627,30 +644,28 @@ struct Broker::Impl {
     Send(routing, Cmd::kReply, r);
   }
 
-  bool RetryJob(Job& j) {
+  bool RetryJob(Job& j, JournalBatch* b) {
     if (j.finishing || (j.state != JobState::kDead && j.state != JobState::kFailed)) return false;
-    retried_.push_back(j.id);
     j.attempts = 0;
     j.error.clear();
     j.result.clear();
+    j.result_dropped = false;
     j.finished_ms = 0;
     table.SetState(j, JobState::kQueued);
-    JournalBatch b;
-    b.Put(rec::StateKey(j.id), proto::EncodeBody(StateOf(j)));
-    journal->Write(std::move(b), /*sync=*/true, 0);
+    b->Put(rec::StateKey(j.id), proto::EncodeBody(StateOf(j)));
     return true;
   }
-  std::vector<uint64_t> retried_;
 
   void OnRetry(const std::string& routing, std::string_view body) {
     proto::RetryReq m;
     Status st = proto::DecodeBody(body, &m);
-    if (!st.ok()) return SendError(routing, m.req, "bad_request", st.message());
+    if (!st.ok()) return SendError(routing, PeekReq(body), "bad_request", st.message());
+    JournalBatch b;
     uint64_t n = 0;
     if (m.job != 0) {
       Job* j = table.Find(m.job);
       if (!j) return SendError(routing, m.req, "not_found", "no job " + std::to_string(m.job));
-      if (!RetryJob(*j)) {
+      if (!RetryJob(*j, &b)) {
         return SendError(routing, m.req, "bad_request",
                          "job " + std::to_string(m.job) + " is " + proto::StateName(j->state) +
                              "; only dead or failed jobs can be retried");
@@ -661,11 +676,18 @@ struct Broker::Impl {
       for (const auto& [id, j] : table.all()) {
         if (j.state == JobState::kDead) dead.push_back(table.Find(id));
       }
-      for (Job* j : dead) n += RetryJob(*j) ? 1 : 0;
+      for (Job* j : dead) n += RetryJob(*j, &b) ? 1 : 0;
     } else {
       return SendError(routing, m.req, "bad_request", "RETRY needs a job id or all_dead");
     }
-    ReplyAfterJournal(routing, m.req, n);
+    // The reply reports the status of the very write that holds the retried records.
+    uint64_t token = next_token++;
+    PendingReply p;
+    p.routing = routing;
+    p.reply.req = m.req;
+    p.reply.affected = n;
+    pending_replies.emplace(token, std::move(p));
+    journal->Write(std::move(b), /*sync=*/true, token);
   }
 
   // ---- worker handlers ------------------------------------------------------------------------
@@ -789,6 +811,13 @@ struct Broker::Impl {
         rejected.rejected.push_back({r.id, r.epoch, why});
         continue;
       }
+      if (r.error.size() > proto::kMaxStringBytes) r.error.resize(proto::kMaxStringBytes);
+      if (r.result.data.size() > proto::kMaxResultBytes) {
+        r.ok = false;
+        r.error = "result of " + std::to_string(r.result.data.size()) + " bytes is over the " +
+                  std::to_string(proto::kMaxResultBytes) + "-byte limit";
+        r.result.data.clear();
+      }
       if (r.ok) {
         Finish(*j, JobState::kDone, "", std::move(r.result.data), r.run_ms, routing);
       } else {
@@ -822,7 +851,8 @@ struct Broker::Impl {
       if (!w.draining && w.leases.size() < w.slots) order.push_back(&w);
     }
     // Round-robin one job at a time so work spreads over workers, then send one ASSIGN each.
-    std::unordered_map<WorkerConn*, proto::Assign> out;
+    std::unordered_map<WorkerConn*, std::vector<proto::Assign>> out;  // split at ~32 MiB
+    std::unordered_map<WorkerConn*, size_t> bytes;
     bool progress = true;
     while (progress && table.HasReady()) {
       progress = false;
@@ -843,11 +873,20 @@ struct Broker::Impl {
         a.payload.data = j->payload;
         a.timeout_ms = j->timeout_ms;
         a.attempt = j->attempts;
-        out[w].jobs.push_back(std::move(a));
+        auto& msgs = out[w];
+        size_t size = a.payload.data.size() + 128;
+        if (msgs.empty() || bytes[w] + size > (32u << 20) || msgs.back().jobs.size() >= 1000) {
+          msgs.emplace_back();
+          bytes[w] = 0;
+        }
+        bytes[w] += size;
+        msgs.back().jobs.push_back(std::move(a));
         progress = true;
       }
     }
-    for (auto& [w, assign] : out) Send(w->routing, Cmd::kAssign, assign);
+    for (auto& [w, msgs] : out) {
+      for (const auto& assign : msgs) Send(w->routing, Cmd::kAssign, assign);
+    }
   }
 
   void Timers(int64_t now) {
@@ -900,7 +939,8 @@ struct Broker::Impl {
       uint64_t id = retention.front().second;
       retention.pop_front();
       Job* j = table.Find(id);
-      if (!j || !proto::IsTerminal(j->state) || j->result_dropped) continue;
+      if (!j || !proto::IsTerminal(j->state) || j->result_dropped || j->result.empty()) continue;
+      if (j->finished_ms > cutoff) continue;  // retried and finished again since; a newer entry exists
       std::string().swap(j->result);
       j->result_dropped = true;
       b.Put(rec::StateKey(id), proto::EncodeBody(StateOf(*j)));
@@ -912,21 +952,21 @@ struct Broker::Impl {
     for (auto& [batch, events] : pending_events) {
       auto wl = watchers.find(batch);
       if (wl == watchers.end() || events.empty()) continue;
-      proto::Event full;
-      full.batch = batch;
-      full.jobs = std::move(events);
-      proto::Event lean;
-      bool need_lean = false;
-      for (const auto& w : wl->second) need_lean = need_lean || !w.results;
-      if (need_lean) {
-        lean.batch = batch;
-        for (const auto& e : full.jobs) {
-          proto::JobEvent c = e;
+      // Messages of at most 1,000 events and ~32 MiB of results.
+      size_t i = 0;
+      while (i < events.size()) {
+        proto::Event full, lean;
+        full.batch = lean.batch = batch;
+        size_t bytes = 0;
+        for (; i < events.size() && full.jobs.size() < 1000 && bytes < (32u << 20); ++i) {
+          bytes += events[i].result.data.size() + 64;
+          proto::JobEvent c = events[i];
           c.result.data.clear();
           lean.jobs.push_back(std::move(c));
+          full.jobs.push_back(std::move(events[i]));
         }
+        for (const auto& w : wl->second) Send(w.routing, Cmd::kEvent, w.results ? full : lean);
       }
-      for (const auto& w : wl->second) Send(w.routing, Cmd::kEvent, w.results ? full : lean);
     }
     pending_events.clear();
   }
@@ -960,13 +1000,13 @@ struct Broker::Impl {
     }
     Status st = proto::CheckTag(frames[1].to_string_view());
     if (!st.ok()) {
-      SendError(routing, 0, st.code() == Status::Code::kUnavailable ? "unsupported_version" : "bad_tag", st.message());
+      SendError(routing, PeekReq(frames[3].to_string_view()), st.code() == Status::Code::kUnavailable ? "unsupported_version" : "bad_tag", st.message());
       return;
     }
     Cmd cmd;
     st = proto::ParseCmd(frames[2].to_string_view(), &cmd);
     if (!st.ok()) {
-      SendError(routing, 0, "unknown_command", st.message());
+      SendError(routing, PeekReq(frames[3].to_string_view()), "unknown_command", st.message());
       return;
     }
     std::string_view body = frames[3].to_string_view();

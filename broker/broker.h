@@ -1,7 +1,7 @@
 // Broker: the ZeroMQ ROUTER loop that owns the queue. One thread polls the socket and the
 // journal's completion fd; it never waits on disk (the Journal writes on its own thread).
 //
-// Loop, as in schema/protocol.md: poll until the next deadline; handle at most
+// Loop, as in schema/protocol.md: poll (10 ms while work is runnable, else 50 ms); handle at most
 // `max_messages_per_wake` messages, one handler per command; collect journal completions; then
 // timers (expire workers and timed-out jobs, promote backed-off jobs, heartbeats, retention,
 // watchers) and dispatch to workers with free credits; finally flush batched events.

@@ -60,6 +60,10 @@ class JobTable {
   // runnable at not_before_mono (0 = now).
   void SetState(Job& job, JobState s, int64_t not_before_mono = 0);
 
+  // Takes a queued job out of the ready/delayed queues without changing its state (a job whose
+  // terminal record is being written must not be dispatched). SetState(kQueued) puts it back.
+  void Unqueue(Job& job);
+
   // Moves delayed jobs whose time has come to the ready queues. Returns the next wake-up time
   // (0 when nothing is delayed).
   int64_t Promote(int64_t now_mono);
@@ -75,7 +79,6 @@ class JobTable {
   const std::vector<uint64_t>* BatchJobs(const std::string& batch) const;
 
  private:
-  void Unqueue(Job& job);
   using Key = std::pair<int64_t, uint64_t>;  // (-priority, id)
   std::map<uint64_t, Job> jobs_;
   std::unordered_map<std::string, std::set<Key>> ready_;  // per kind

@@ -357,7 +357,8 @@ int RunCancel(const GlobalOptions& g, const std::vector<std::string>& args) {
   if (!ParseJobId(target, &req.job)) req.batch = target;
   BrokerClient client(g.broker);
   proto::Reply r;
-  Status st = client.Call(Cmd::kCancel, req, &r, RequestTimeoutMs(g));
+  // Not resent: a second CANCEL would report 0 jobs cancelled.
+  Status st = client.Call(Cmd::kCancel, req, &r, RequestTimeoutMs(g), RequestTimeoutMs(g));
   if (!st.ok()) return ExitFor(st);
   std::cout << "cancelled " << r.affected << " job(s)\n";
   return kExitOk;
@@ -382,7 +383,8 @@ int RunRetry(const GlobalOptions& g, const std::vector<std::string>& args) {
   }
   BrokerClient client(g.broker);
   proto::Reply r;
-  Status st = client.Call(Cmd::kRetry, req, &r, RequestTimeoutMs(g));
+  // Not resent: a second RETRY would find the job queued and refuse.
+  Status st = client.Call(Cmd::kRetry, req, &r, RequestTimeoutMs(g), RequestTimeoutMs(g));
   if (!st.ok()) return ExitFor(st);
   std::cout << "requeued " << r.affected << " job(s)\n";
   return kExitOk;

@@ -27,7 +27,7 @@ inline constexpr int64_t kMaxMessageBytes = 64ll << 20;
 inline constexpr size_t kMaxPayloadBytes = 16u << 20;   // one job's payload
 inline constexpr size_t kMaxResultBytes = 1u << 20;     // one job's result
 inline constexpr size_t kMaxJobsPerMessage = 10000;     // SUBMIT, ASSIGN, RESULT, STARTED
-inline constexpr size_t kMaxStringBytes = 4096;         // kinds, ids, errors (checked per field)
+inline constexpr size_t kMaxStringBytes = 4096;         // error texts (longer ones are cut)
 
 enum class Cmd : uint8_t {
   // client -> broker (each carries "req", echoed in the REPLY or ERROR)
@@ -41,7 +41,7 @@ enum class Cmd : uint8_t {
   // worker -> broker
   kReady = 0x10,
   kHeartbeat = 0x11,  // both ways
-  kStarted = 0x12,
+  kStarted = 0x12,    // worker -> broker, and the broker's confirmation back
   kResult = 0x13,
   kProgress = 0x14,
   kDisconnect = 0x15,

@@ -173,6 +173,11 @@ TEST(Fleet, SubmitWaitReportsEveryOutcomeAndExitCodes) {
   EXPECT_EQ(json::parse(LastLine(bad.out))["failed"].get<int>(), 1);
   RunResult failed = Submit(b.endpoint, {"jobs", "--state", "failed", "--json"});
   EXPECT_NE(failed.out.find("malformed payload"), std::string::npos) << failed.out;
+  // A failure with a huge message is recorded (cut to 4 KiB) and does not hold up its neighbours.
+  std::string huge = "{\"message\":\"" + std::string(100000, 'e') + "\"}";
+  RunResult loud = Submit(b.endpoint, {"submit", "--kind", "fail", "--payload", huge, "--count", "3", "--wait"}, 30000);
+  EXPECT_EQ(loud.code, 1) << loud.err;
+  EXPECT_EQ(json::parse(LastLine(loud.out))["failed"].get<int>(), 3);
   // status --json: exactly one line with every state.
   RunResult s = Submit(b.endpoint, {"status", "--json"});
   ASSERT_EQ(s.code, 0);
@@ -182,7 +187,7 @@ TEST(Fleet, SubmitWaitReportsEveryOutcomeAndExitCodes) {
     ASSERT_TRUE(counts.contains(k) && counts[k].is_number_integer()) << k;
   }
   EXPECT_EQ(counts["done"].get<int>(), 50);
-  EXPECT_EQ(counts["failed"].get<int>(), 1);
+  EXPECT_EQ(counts["failed"].get<int>(), 4);
   // Usage errors exit 2.
   EXPECT_EQ(Submit(b.endpoint, {"submit", "--count", "3"}).code, 2);
   EXPECT_EQ(Submit(b.endpoint, {"frobnicate"}).code, 2);

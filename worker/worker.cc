@@ -159,7 +159,7 @@ struct Worker::Impl {
       }
       d.result.ok = st.ok();
       if (st.ok()) d.result.result.data = std::move(result);
-      else d.result.error = st.message();
+      else d.result.error = st.message().substr(0, proto::kMaxStringBytes);
       {
         std::lock_guard<std::mutex> lock(mu);
         done.push_back(std::move(d));
@@ -281,12 +281,20 @@ struct Worker::Impl {
       batch.swap(done);
     }
     if (batch.empty()) return;
+    // RESULT messages of at most 1,000 results and ~32 MiB.
     proto::Result results;
+    size_t bytes = 0;
     for (auto& d : batch) {
       running.erase(d.lease.id);
       unacked[d.lease.id] = d.lease.epoch;
       if (!d.result.ok) LogInfo("job_failed").Kv("job", d.lease.id).Kv("error", d.result.error);
+      bytes += d.result.result.data.size() + d.result.error.size() + 64;
       results.results.push_back(std::move(d.result));
+      if (results.results.size() >= 1000 || bytes >= (32u << 20)) {
+        Send(Cmd::kResult, results);
+        results.results.clear();
+        bytes = 0;
+      }
     }
     if (!results.results.empty()) Send(Cmd::kResult, results);
   }
