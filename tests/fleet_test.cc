@@ -5,6 +5,7 @@
 
 #include <map>
 #include <set>
+#include <fstream>
 #include <sstream>
 
 #include <nlohmann/json.hpp>
@@ -194,6 +195,35 @@ TEST(Fleet, SubmitWaitReportsEveryOutcomeAndExitCodes) {
   // The worker list shows the worker.
   RunResult ws = Submit(b.endpoint, {"workers", "--json"});
   EXPECT_NE(ws.out.find("\"slots\":4"), std::string::npos) << ws.out;
+}
+
+// Options come from the command line, ASRF_* variables and a --config file, in that order.
+TEST(Fleet, OptionsFromEnvironmentAndConfigFile) {
+  TempDir tmp;
+  {
+    std::ofstream conf(tmp / "broker.conf");
+    conf << "# a comment\nlisten = tcp://127.0.0.1:0\nstate-dir = " << (tmp / "from-file") << "\nmax-attempts = 1\n";
+  }
+  setenv("ASRF_STATE_DIR", (tmp / "from-env").c_str(), 1);
+  Proc broker({ASRF_BROKER_BIN, "--config", tmp / "broker.conf"}, tmp / "broker.log");
+  unsetenv("ASRF_STATE_DIR");
+  ASSERT_TRUE(WaitFor([&] { return !ReadFile(tmp / "from-env/broker.endpoint").empty(); }, 10000))
+      << "the environment should win over the config file\n" << ReadFile(tmp / "broker.log");
+  EXPECT_TRUE(ReadFile(tmp / "from-file/broker.endpoint").empty());
+  std::string endpoint = ReadFile(tmp / "from-env/broker.endpoint");
+  endpoint.pop_back();
+  // max-attempts = 1 from the file: one crash makes the job dead.
+  ASSERT_EQ(Submit(endpoint, {"submit", "--kind", "crash"}).code, 0);
+  Proc w = StartWorker(endpoint, tmp / "w", tmp / "w.log", kFastHeartbeats);
+  EXPECT_EQ(w.Wait(10000), 128 + SIGABRT);
+  EXPECT_TRUE(WaitFor([&] { return StatusCounts(endpoint).dead == 1; }, 10000));
+  // Bad values are usage errors, with the option named.
+  RunResult bad = RunCommand({ASRF_BROKER_BIN, "--max-attempts", "many"});
+  EXPECT_EQ(bad.code, 2);
+  EXPECT_NE(bad.err.find("max-attempts"), std::string::npos) << bad.err;
+  RunResult help = RunCommand({ASRF_WORKER_BIN, "--help"});
+  EXPECT_EQ(help.code, 0);
+  EXPECT_NE(help.out.find("--slots"), std::string::npos);
 }
 
 TEST(Fleet, UnreachableBrokerExitsThreeWithinABoundedWait) {
