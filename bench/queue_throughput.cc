@@ -53,34 +53,6 @@ pid_t Spawn(const std::vector<std::string>& argv, const std::string& log) {
   return pid;
 }
 
-// Keeps a WATCH on `batch` alive and counts result events; returns false on a 30 s stall.
-struct Follower {
-  BrokerClient& c;
-  std::string batch;
-  int64_t next_watch = 0;
-  template <typename OnEvent>
-  bool Pump(int64_t timeout_ms, OnEvent on_event) {
-    int64_t now = asrf::MonoMs();
-    if (now >= next_watch) {
-      asrf::proto::WatchReq w;
-      w.req = c.NextReq();
-      w.batch = batch;
-      w.watch_ms = 10000;
-      c.Send(Cmd::kWatch, w);
-      next_watch = now + 2000;
-    }
-    Incoming in;
-    if (!c.Receive(timeout_ms, &in).ok()) return true;
-    if (in.cmd == Cmd::kEvent) {
-      for (const auto& e : in.event.jobs) on_event(e);
-    } else if (in.cmd == Cmd::kError) {
-      std::cerr << "broker error: " << in.error.code << " " << in.error.message << "\n";
-      return false;
-    }
-    return true;
-  }
-};
-
 double Percentile(std::vector<double> v, double p) {
   if (v.empty()) return 0;
   std::sort(v.begin(), v.end());
@@ -150,11 +122,14 @@ int main(int argc, char** argv) {
   const std::string payload = "{\"n\":1}";
 
   // ---- 1. throughput ----
+  // One loop reads everything: SUBMIT replies free a window slot, EVENTs count results; the
+  // WATCH on the batch starts as soon as the first SUBMIT is acknowledged (the batch exists).
   std::string batch = "tp";
   int64_t t0 = MonoUs();
-  int64_t per = 1000, chunks = (count + per - 1) / per, sent = 0, acked = 0, in_flight = 0, results = 0;
-  Follower f{client, batch};
+  int64_t per = 1000, chunks = (count + per - 1) / per, sent = 0, in_flight = 0, results = 0;
+  std::unordered_map<uint64_t, bool> submit_reqs;
   bool watching = false;
+  int64_t next_watch = 0, last_progress = asrf::MonoMs();
   while (results < count) {
     while (sent < chunks && in_flight < 8) {
       asrf::proto::Submit s;
@@ -163,32 +138,38 @@ int main(int argc, char** argv) {
       s.batch = batch;
       int64_t n = std::min(per, count - sent * per);
       s.jobs.assign(n, asrf::proto::SubmitJob{"echo", asrf::proto::Blob{payload}, 0, 0});
+      submit_reqs[s.req] = true;
       client.Send(Cmd::kSubmit, s);
       sent++;
       in_flight++;
     }
+    int64_t now = asrf::MonoMs();
+    if (watching && now >= next_watch) {
+      asrf::proto::WatchReq w;
+      w.req = client.NextReq();
+      w.batch = batch;
+      w.watch_ms = 10000;
+      client.Send(Cmd::kWatch, w);
+      next_watch = now + 2000;
+    }
+    if (now - last_progress > 30000) {
+      std::cerr << "stalled at " << results << " results; see " << state << "\n";
+      return 1;
+    }
     Incoming in;
-    if (!watching && acked > 0) {
-      watching = true;
-    }
-    if (watching) {
-      if (!f.Pump(50, [&](const asrf::proto::JobEvent& e) { results += e.state == "done"; })) return 1;
-      // SUBMIT replies arrive through the same socket; Pump hands out only events, so count
-      // acknowledgements by asking the broker how many jobs the batch holds.
-    } else if (client.Receive(50, &in).ok() && in.cmd == Cmd::kReply) {
-      acked++;
+    if (!client.Receive(50, &in).ok()) continue;
+    last_progress = asrf::MonoMs();
+    if (in.cmd == Cmd::kReply && submit_reqs.erase(in.reply.req)) {
       in_flight--;
-    }
-    if (watching && in_flight > 0) {
-      asrf::proto::StatusReq q;
-      q.batch = batch;
-      asrf::proto::Reply r;
-      if (client.Call(Cmd::kStatus, q, &r, 5000).ok()) {
-        int64_t total = 0;
-        for (auto& [k, v] : r.counts) total += v;
-        acked = (total + per - 1) / per;
-        in_flight = sent - acked;
+      if (!watching) {
+        watching = true;
+        next_watch = 0;
       }
+    } else if (in.cmd == Cmd::kEvent) {
+      for (const auto& e : in.event.jobs) results += e.state == "done";
+    } else if (in.cmd == Cmd::kError) {
+      std::cerr << "broker error: " << in.error.code << " " << in.error.message << "\n";
+      return 1;
     }
   }
   double tp_s = (MonoUs() - t0) / 1e6;
@@ -204,7 +185,7 @@ int main(int argc, char** argv) {
     asrf::proto::Reply r;
     if (!client.Call(Cmd::kSubmit, s, &r, 5000).ok()) return 1;
   }
-  Follower lf{client, lbatch};
+  struct { int64_t next_watch = 0; } lf;
   std::unordered_map<uint64_t, int64_t> sent_at;  // req -> us
   std::unordered_map<uint64_t, int64_t> job_sent; // job id -> us
   std::vector<double> lat_ms;

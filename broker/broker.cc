@@ -72,6 +72,15 @@ struct PendingFinish {
   uint64_t epoch = 0;
   std::string worker_routing;  // empty: no RESULT_ACK owed (cancel, dead)
   JobState state = JobState::kDone;
+  std::string error;
+  std::string result;
+  int64_t run_ms = 0;
+  int64_t finished_ms = 0;
+};
+// Terminal records gathered from one message, written as one journal batch.
+struct FinishGroup {
+  JournalBatch batch;
+  std::vector<PendingFinish> finishes;
 };
 struct PendingReply {
   std::string routing;
@@ -99,7 +108,7 @@ struct Broker::Impl {
   std::unordered_map<std::string, uint64_t> inflight_requests;   // request id -> token
 
   std::unordered_map<uint64_t, PendingSubmit> pending_submits;
-  std::unordered_map<uint64_t, std::vector<PendingFinish>> pending_finishes;
+  std::unordered_map<uint64_t, std::vector<PendingFinish>> pending_finishes;  // by journal token
   std::unordered_map<uint64_t, PendingReply> pending_replies;
   std::deque<std::pair<int64_t, uint64_t>> retention;  // (finished wall ms, job id)
   std::set<std::pair<int64_t, uint64_t>> deadlines;     // (deadline mono, job id)
@@ -198,7 +207,8 @@ struct Broker::Impl {
     }));
     int64_t now_wall = WallMs();
     for (auto& [id, j] : pending_replay_) {
-      if (proto::IsTerminal(j.state) && j.finished_ms > 0 && !j.result_dropped) {
+      if (j.state == JobState::kDone) std::string().swap(j.payload);
+      if (proto::IsTerminal(j.state) && j.finished_ms > 0 && !j.result_dropped && !j.result.empty()) {
         retention.push_back({j.finished_ms, id});
       }
       (void)now_wall;
@@ -245,73 +255,81 @@ struct Broker::Impl {
     j.started = false;
   }
 
-  // Writes the job's terminal record (synced, payload dropped) and finishes it in memory once
-  // the write completes. The job stays leased (finishing) in the meantime so nothing reassigns it.
+  // Adds the job's terminal record to `g` (payload dropped for done jobs); the job finishes in
+  // memory once CommitFinishes' synced write completes. Meanwhile it is held (finishing) so
+  // nothing reassigns it.
   void Finish(Job& j, JobState state, std::string error, std::string result, int64_t run_ms,
-              const std::string& ack_routing) {
+              const std::string& ack_routing, FinishGroup* g) {
     DropLease(j);
     if (j.state == JobState::kQueued) table.Unqueue(j);
     j.finishing = true;
-    Job shadow = j;
-    shadow.state = state;
-    shadow.error = std::move(error);
-    shadow.result = std::move(result);
-    shadow.run_ms = run_ms;
-    shadow.finished_ms = WallMs();
-    JournalBatch b;
-    rec::JobRecord jr;
-    jr.batch = j.batch;
-    jr.kind = j.kind;
-    jr.priority = j.priority;
-    jr.timeout_ms = j.timeout_ms;
-    jr.submitted_ms = j.submitted_ms;
-    if (state != JobState::kDone) jr.payload.data = j.payload;  // kept for RETRY
-    b.Put(rec::JobKey(j.id), proto::EncodeBody(jr));
-    b.Put(rec::StateKey(j.id), proto::EncodeBody(StateOf(shadow)));
-    uint64_t token = next_token++;
-    pending_finishes[token].push_back({j.id, j.epoch, ack_routing, state});
-    finish_shadows_[j.id] = std::move(shadow);
-    journal->Write(std::move(b), /*sync=*/true, token);
+    PendingFinish f{j.id, j.epoch, ack_routing, state, std::move(error), std::move(result), run_ms, WallMs()};
+    // Small payloads stay in the job record; a large one (audio) is dropped once the job is done.
+    if (state == JobState::kDone && j.payload.size() > kKeepPayloadBytes) {
+      rec::JobRecord jr;
+      jr.batch = j.batch;
+      jr.kind = j.kind;
+      jr.priority = j.priority;
+      jr.timeout_ms = j.timeout_ms;
+      jr.submitted_ms = j.submitted_ms;
+      g->batch.Put(rec::JobKey(j.id), proto::EncodeBody(jr));
+    }
+    rec::StateRecord r;
+    r.state = static_cast<uint8_t>(state);
+    r.attempts = j.attempts;
+    r.error = f.error;
+    r.result.data = f.result;
+    r.finished_ms = f.finished_ms;
+    r.run_ms = run_ms;
+    r.worker = j.worker;
+    g->batch.Put(rec::StateKey(j.id), proto::EncodeBody(r));
+    g->finishes.push_back(std::move(f));
   }
-  std::unordered_map<uint64_t, Job> finish_shadows_;
+  static constexpr size_t kKeepPayloadBytes = 1024;
 
-  void OnFinishWritten(const PendingFinish& f, const Status& st) {
+  void CommitFinishes(FinishGroup&& g) {
+    if (g.finishes.empty()) return;
+    uint64_t token = next_token++;
+    pending_finishes.emplace(token, std::move(g.finishes));
+    journal->Write(std::move(g.batch), /*sync=*/true, token);
+  }
+
+  void FinishOne(Job& j, JobState state, std::string error) {
+    FinishGroup g;
+    Finish(j, state, std::move(error), "", 0, "", &g);
+    CommitFinishes(std::move(g));
+  }
+
+  void OnFinishWritten(PendingFinish& f, const Status& st, proto::ResultAck* ack) {
     Job* j = table.Find(f.job);
-    auto sh = finish_shadows_.find(f.job);
-    if (!j || sh == finish_shadows_.end()) return;
-    Job shadow = std::move(sh->second);
-    finish_shadows_.erase(sh);
+    if (!j || !j->finishing) return;
     j->finishing = false;
     if (!st.ok()) {
       // Not durable: the job runs again rather than being reported done and then lost.
       LogError("finish_not_durable").Kv("job", j->id).Kv("error", st.message());
       if (j->state == JobState::kLeased || j->state == JobState::kQueued) table.SetState(*j, JobState::kQueued);
       if (!f.worker_routing.empty()) {
-        proto::ResultAck ack;
-        ack.rejected.push_back({f.job, f.epoch, "journal write failed; the job will run again: " + st.message()});
-        Send(f.worker_routing, Cmd::kResultAck, ack);
+        ack->rejected.push_back({f.job, f.epoch, "journal write failed; the job will run again: " + st.message()});
       }
       return;
     }
-    j->error = std::move(shadow.error);
-    j->result = std::move(shadow.result);
-    j->run_ms = shadow.run_ms;
-    j->finished_ms = shadow.finished_ms;
-    if (f.state == JobState::kDone) std::string().swap(j->payload);
+    j->error = std::move(f.error);
+    j->result = std::move(f.result);
+    j->run_ms = f.run_ms;
+    j->finished_ms = f.finished_ms;
+    if (f.state == JobState::kDone) std::string().swap(j->payload);  // others keep it for RETRY
     table.SetState(*j, f.state);
-    retention.push_back({j->finished_ms, j->id});
-    LogLine(f.state == JobState::kDone ? LogLevel::kDebug : LogLevel::kInfo, "job_finished")
-        .Kv("job", j->id)
-        .Kv("batch", j->batch)
-        .Kv("state", proto::StateName(f.state))
-        .Kv("attempts", j->attempts)
-        .Kv("error", j->error);
-    QueueEvent(*j);
-    if (!f.worker_routing.empty()) {
-      proto::ResultAck ack;
-      ack.accepted.push_back({f.job, f.epoch});
-      Send(f.worker_routing, Cmd::kResultAck, ack);
+    if (!j->result.empty()) retention.push_back({j->finished_ms, j->id});
+    if (f.state != JobState::kDone) {
+      LogInfo("job_finished")
+          .Kv("job", j->id)
+          .Kv("batch", j->batch)
+          .Kv("state", proto::StateName(f.state))
+          .Kv("attempts", j->attempts)
+          .Kv("error", j->error);
     }
+    QueueEvent(*j);
+    if (!f.worker_routing.empty()) ack->accepted.push_back({f.job, f.epoch});
   }
 
   void QueueEvent(const Job& j) {
@@ -340,9 +358,8 @@ struct Broker::Impl {
     j.error = why;
     LogWarn("job_attempt_lost").Kv("job", j.id).Kv("attempts", j.attempts).Kv("error", why);
     if (static_cast<int>(j.attempts) >= opt.max_attempts) {
-      Finish(j, JobState::kDead, why + " (attempt " + std::to_string(j.attempts) + " of " +
-                                     std::to_string(opt.max_attempts) + ")",
-             "", 0, "");
+      FinishOne(j, JobState::kDead,
+                why + " (attempt " + std::to_string(j.attempts) + " of " + std::to_string(opt.max_attempts) + ")");
       return;
     }
     int64_t backoff = opt.backoff_ms;
@@ -532,7 +549,7 @@ struct Broker::Impl {
         Send(w->second.routing, Cmd::kCancelJobs, c);
       }
     }
-    Finish(j, JobState::kCancelled, "cancelled by a client", "", 0, "");
+    FinishOne(j, JobState::kCancelled, "cancelled by a client");
     return true;
   }
 
@@ -798,6 +815,7 @@ struct Broker::Impl {
     if (st.ok()) st = proto::Validate(m);
     if (!st.ok()) return SendError(routing, 0, "bad_request", st.message());
     proto::ResultAck rejected;
+    FinishGroup group;
     for (auto& r : m.results) {
       Job* j = table.Find(r.id);
       std::string why;
@@ -819,12 +837,13 @@ struct Broker::Impl {
         r.result.data.clear();
       }
       if (r.ok) {
-        Finish(*j, JobState::kDone, "", std::move(r.result.data), r.run_ms, routing);
+        Finish(*j, JobState::kDone, "", std::move(r.result.data), r.run_ms, routing, &group);
       } else {
         Finish(*j, JobState::kFailed, r.error.empty() ? "job failed without a message" : r.error,
-               std::move(r.result.data), r.run_ms, routing);
+               std::move(r.result.data), r.run_ms, routing, &group);
       }
     }
+    CommitFinishes(std::move(group));
     if (!rejected.rejected.empty()) Send(routing, Cmd::kResultAck, rejected);
   }
 
@@ -977,7 +996,14 @@ struct Broker::Impl {
         OnSubmitWritten(it->second, c.status);
         pending_submits.erase(it);
       } else if (auto f = pending_finishes.find(c.token); f != pending_finishes.end()) {
-        for (const auto& pf : f->second) OnFinishWritten(pf, c.status);
+        // One RESULT_ACK per worker connection for the whole group.
+        std::unordered_map<std::string, proto::ResultAck> acks;
+        for (auto& pf : f->second) OnFinishWritten(pf, c.status, &acks[pf.worker_routing]);
+        for (auto& [routing, ack] : acks) {
+          if (!routing.empty() && (!ack.accepted.empty() || !ack.rejected.empty())) {
+            Send(routing, Cmd::kResultAck, ack);
+          }
+        }
         pending_finishes.erase(f);
       } else if (auto r = pending_replies.find(c.token); r != pending_replies.end()) {
         if (c.status.ok()) {

@@ -107,10 +107,11 @@ struct Journal::Impl {
         if (sync) stats.syncs++;
         stats.batches += group.size();
         if (!st.ok()) stats.errors++;
+        bool was_empty = completions.empty();  // else the poll thread is already due to wake
         for (const auto& p : group) {
           if (p.token != 0) {
             completions.push_back({p.token, st});
-            notify = true;
+            notify = was_empty;
           }
         }
         written_seq += group.size();

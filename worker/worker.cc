@@ -160,11 +160,13 @@ struct Worker::Impl {
       d.result.ok = st.ok();
       if (st.ok()) d.result.result.data = std::move(result);
       else d.result.error = st.message().substr(0, proto::kMaxStringBytes);
+      bool first;
       {
         std::lock_guard<std::mutex> lock(mu);
+        first = done.empty();
         done.push_back(std::move(d));
       }
-      Wake();
+      if (first) Wake();  // the poll thread takes everything queued at once
     }
   }
 
@@ -197,8 +199,8 @@ struct Worker::Impl {
       if (it == awaiting_start.end() || it->second.a.epoch != l.epoch) continue;
       tasks.push_back(std::move(it->second));
       awaiting_start.erase(it);
+      cv.notify_one();
     }
-    cv.notify_all();
   }
 
   void OnCancelJobs(std::string_view body) {

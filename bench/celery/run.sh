@@ -37,6 +37,15 @@ command -v redis-server >/dev/null || { echo "redis-server not found" >&2; exit 
 workdir="$(mktemp -d "${TMPDIR:-/tmp}/celery-bench.XXXXXX")"
 redis_pid=""
 worker_pid=""
+child_pid=""
+
+# Run a command in the background and wait for it, so that a signal to this
+# script is handled at once instead of after the command finishes.
+run_child() {
+    "$@" &
+    child_pid=$!
+    wait "$child_pid"
+}
 
 # Stop a background process: SIGTERM, wait up to $2 seconds, then SIGKILL.
 stop_pid() {
@@ -53,6 +62,7 @@ stop_pid() {
 
 cleanup() {
     local rc=$?
+    stop_pid "$child_pid" 5
     # Warm shutdown of the worker first (it still needs redis), then redis.
     stop_pid "$worker_pid" 20
     stop_pid "$redis_pid" 10
@@ -93,7 +103,7 @@ redis-cli -p "$port" ping >/dev/null
 worker_pid=$!
 
 # Ready once a probe job makes the round trip.
-"$PYTHON" - <<'EOF'
+probe='
 import sys, time
 from tasks import echo
 deadline = time.monotonic() + 60
@@ -105,6 +115,7 @@ while True:
         pass
     if time.monotonic() > deadline:
         sys.exit("celery worker did not become ready within 60 s")
-EOF
+'
+run_child "$PYTHON" -c "$probe"
 
-"$PYTHON" "$here/celery_bench.py" "$@"
+run_child "$PYTHON" "$here/celery_bench.py" "$@"
