@@ -67,6 +67,7 @@ int main(int argc, char** argv) {
   int64_t count = 20000, latency_count = 1000;
   double rate = 200;
   int slots = 64;
+  int payload_bytes = 64;
   po::options_description desc("queue_throughput options");
   desc.add_options()("help,h", "print this help")
       ("bin-dir", po::value(&bin_dir)->default_value(ASRF_BUILD_DIR), "build dir holding broker/ worker/ binaries")
@@ -74,7 +75,9 @@ int main(int argc, char** argv) {
       ("count", po::value(&count)->default_value(count), "jobs for the throughput run")
       ("latency-count", po::value(&latency_count)->default_value(latency_count), "jobs for the latency run")
       ("rate", po::value(&rate)->default_value(rate), "submissions per second in the latency run")
-      ("slots", po::value(&slots)->default_value(slots), "slots (credits) per worker; 2 workers");
+      ("slots", po::value(&slots)->default_value(slots), "slots (credits) per worker; 2 workers")
+      ("payload-bytes", po::value(&payload_bytes)->default_value(payload_bytes),
+       "length of the string inside each job's JSON payload (the Celery peer sends the same)");
   po::variables_map vm;
   try {
     po::store(po::parse_command_line(argc, argv, desc), vm);
@@ -119,7 +122,7 @@ int main(int argc, char** argv) {
     if (client.Call(Cmd::kWorkers, asrf::proto::WorkersReq{}, &r, 2000).ok() && r.workers.size() == 2) break;
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
-  const std::string payload = "{\"n\":1}";
+  const std::string payload = "{\"data\":\"" + std::string(std::max(payload_bytes, 0), 'x') + "\"}";
 
   // ---- 1. throughput ----
   // One loop reads everything: SUBMIT replies free a window slot, EVENTs count results; the

@@ -10,7 +10,7 @@
 #   REDIS_PORT  port for the private redis-server (default 6390)
 #   PYTHON      interpreter that can import celery and redis
 #               (default: first of python3, /usr/bin/python3 that can)
-#   CELERY_PREFETCH_MULTIPLIER  worker prefetch multiplier (default 1, see tasks.py)
+#   CELERY_PREFETCH_MULTIPLIER  worker prefetch multiplier (default 4, see tasks.py)
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
