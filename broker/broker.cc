@@ -11,11 +11,13 @@
 
 #include <zmq.hpp>
 
+#include "broker/event_sink.h"
 #include "broker/job_table.h"
 #include "broker/journal.h"
 #include "broker/records.h"
 #include "common/clock.h"
 #include "common/log.h"
+#include "common/pg.h"
 #include "schema/protocol.h"
 
 namespace asrf {
@@ -81,6 +83,7 @@ struct PendingFinish {
 struct FinishGroup {
   JournalBatch batch;
   std::vector<PendingFinish> finishes;
+  std::vector<records::JobRow> rows;  // for the PostgreSQL job history
 };
 struct PendingReply {
   std::string routing;
@@ -95,6 +98,8 @@ struct Broker::Impl {
   zmq::socket_t sock{ctx, zmq::socket_type::router};
   std::string endpoint;
   std::unique_ptr<Journal> journal;
+  std::unique_ptr<EventSink> sink;  // with --pg: job history to PostgreSQL
+  uint64_t next_event_seq = 0;
   JobTable table;
   uint64_t next_job_id = 1;
   uint64_t next_epoch = 0;
@@ -245,6 +250,33 @@ struct Broker::Impl {
     return r;
   }
 
+  // ---- job history for PostgreSQL (only with --pg) -------------------------------------------
+
+  records::JobRow RowOf(const Job& j, JobState state) {
+    records::JobRow r;
+    r.id = j.id;
+    r.batch = j.batch;
+    r.kind = j.kind;
+    r.state = static_cast<uint8_t>(state);
+    r.priority = j.priority;
+    r.attempts = j.attempts;
+    r.submitted_ms = j.submitted_ms;
+    r.started_ms = j.started_ms;
+    r.finished_ms = j.finished_ms;
+    r.worker = j.worker;
+    r.error = j.error;
+    return r;
+  }
+
+  // Adds an "e/" record to a journal batch that is written anyway: no extra sync.
+  void AddEvent(JournalBatch* b, std::vector<records::JobRow> rows) {
+    if (!sink || rows.empty()) return;
+    records::EventRecord e;
+    e.seq = next_event_seq++;
+    e.rows = std::move(rows);
+    b->Put(records::EventKey(e.seq), proto::EncodeBody(e));
+  }
+
   // Removes a job's lease from its worker and the deadline index.
   void DropLease(Job& j) {
     if (j.state != JobState::kLeased) return;
@@ -283,12 +315,19 @@ struct Broker::Impl {
     r.run_ms = run_ms;
     r.worker = j.worker;
     g->batch.Put(rec::StateKey(j.id), proto::EncodeBody(r));
+    if (sink) {
+      records::JobRow row = RowOf(j, state);
+      row.error = f.error;
+      row.finished_ms = f.finished_ms;
+      g->rows.push_back(std::move(row));
+    }
     g->finishes.push_back(std::move(f));
   }
   static constexpr size_t kKeepPayloadBytes = 1024;
 
   void CommitFinishes(FinishGroup&& g) {
     if (g.finishes.empty()) return;
+    AddEvent(&g.batch, std::move(g.rows));
     uint64_t token = next_token++;
     pending_finishes.emplace(token, std::move(g.finishes));
     journal->Write(std::move(g.batch), /*sync=*/true, token);
@@ -368,6 +407,7 @@ struct Broker::Impl {
     table.SetState(j, JobState::kQueued, backoff > 0 ? now + backoff : 0);
     JournalBatch b;
     b.Put(rec::StateKey(j.id), proto::EncodeBody(StateOf(j)));
+    AddEvent(&b, {RowOf(j, JobState::kQueued)});
     journal->Write(std::move(b), /*sync=*/false, 0);
   }
 
@@ -443,6 +483,12 @@ struct Broker::Impl {
       j.timeout_ms = r.timeout_ms;
       j.submitted_ms = now_wall;
       p.jobs.push_back(std::move(j));
+    }
+    if (sink) {
+      std::vector<records::JobRow> rows;
+      rows.reserve(p.jobs.size());
+      for (const auto& j : p.jobs) rows.push_back(RowOf(j, JobState::kQueued));
+      AddEvent(&b, std::move(rows));
     }
     if (!m.request_id.empty()) {
       rec::RequestRecord rr{batch, first, static_cast<uint32_t>(m.jobs.size())};
@@ -524,6 +570,15 @@ struct Broker::Impl {
     if (m.job != 0) {
       Job* j = table.Find(m.job);
       if (!j) return SendError(routing, m.req, "not_found", "no job " + std::to_string(m.job));
+      if (j->result_dropped && sink) {
+        // Past the retention period: the result is only in PostgreSQL; answered from there.
+        ResultLookup l;
+        l.routing = routing;
+        l.req = m.req;
+        l.info = InfoOf(*j, false);
+        sink->Lookup(std::move(l));
+        return;
+      }
       r.jobs.push_back(InfoOf(*j, true));
       r.batch = j->batch;
       r.counts = CountsMap(table.counts());
@@ -670,6 +725,7 @@ struct Broker::Impl {
     j.finished_ms = 0;
     table.SetState(j, JobState::kQueued);
     b->Put(rec::StateKey(j.id), proto::EncodeBody(StateOf(j)));
+    AddEvent(b, {RowOf(j, JobState::kQueued)});
     return true;
   }
 
@@ -788,6 +844,7 @@ struct Broker::Impl {
     // Confirm what is current, so the worker runs a job only once the broker knows it started
     // (a job that kills its worker then always counts an attempt); cancel the rest.
     proto::Started confirmed;
+    std::vector<records::JobRow> started_rows;
     proto::CancelJobs stale;
     stale.reason = "lease no longer valid";
     for (const auto& l : m.leases) {
@@ -799,12 +856,19 @@ struct Broker::Impl {
       confirmed.leases.push_back(l);
       if (j->started) continue;  // a resend after a reconnect
       j->started = true;
+      j->started_ms = WallMs();
+      if (sink) started_rows.push_back(RowOf(*j, JobState::kLeased));
       if (j->timeout_ms > 0) {
         j->deadline_mono = now + j->timeout_ms;
         deadlines.insert({j->deadline_mono, j->id});
       }
     }
     if (!confirmed.leases.empty()) Send(routing, Cmd::kStarted, confirmed);
+    if (!started_rows.empty()) {
+      JournalBatch b;
+      AddEvent(&b, std::move(started_rows));
+      journal->Write(std::move(b), /*sync=*/false, 0);
+    }
     if (!stale.leases.empty()) Send(routing, Cmd::kCancelJobs, stale);
   }
 
@@ -990,8 +1054,24 @@ struct Broker::Impl {
     pending_events.clear();
   }
 
+  void HandleLookups() {
+    if (!sink) return;
+    for (auto& l : sink->TakeLookups()) {
+      proto::Reply r;
+      r.req = l.req;
+      if (l.found) l.info.why.clear();
+      else l.info.why = "result dropped after the retention period and not in PostgreSQL" +
+                        (l.error.empty() ? std::string() : " (" + l.error + ")");
+      r.batch = l.info.batch;
+      r.jobs.push_back(std::move(l.info));
+      Send(l.routing, Cmd::kReply, r);
+    }
+  }
+
   void HandleCompletions() {
-    for (const auto& c : journal->TakeCompletions()) {
+    auto completions = journal->TakeCompletions();
+    if (sink && !completions.empty()) sink->Notify();
+    for (const auto& c : completions) {
       if (auto it = pending_submits.find(c.token); it != pending_submits.end()) {
         OnSubmitWritten(it->second, c.status);
         pending_submits.erase(it);
@@ -1073,6 +1153,15 @@ Status Broker::Open(const BrokerOptions& options, std::unique_ptr<Broker>* out) 
   jo.env = impl->opt.journal_env;
   ASRF_RETURN_IF_ERROR(Journal::Open(jo, &impl->journal));
   impl->next_epoch = impl->journal->generation() << 32;
+  impl->next_event_seq = (impl->journal->generation() << 32) + 1;
+  if (!impl->opt.pg.empty()) {
+    ASRF_RETURN_IF_ERROR(CheckConninfo(impl->opt.pg).WithContext("--pg"));
+    EventSinkOptions eo;
+    eo.conninfo = impl->opt.pg;
+    impl->sink = std::make_unique<EventSink>(eo, impl->journal.get());
+  } else {
+    LogWarn("no_postgresql").Kv("detail", "no --pg / ASRF_PG: job history is kept only in the journal");
+  }
   ASRF_RETURN_IF_ERROR(impl->Replay());
   try {
     impl->sock.set(zmq::sockopt::maxmsgsize, proto::kMaxMessageBytes);
@@ -1100,9 +1189,11 @@ Status Broker::Run(const std::atomic<bool>* stop) {
   LogInfo("broker_listening").Kv("endpoint", s.endpoint).Kv("state_dir", s.opt.state_dir);
   std::vector<zmq::message_t> frames;
   while (!stop->load()) {
-    zmq::pollitem_t items[2] = {{s.sock.handle(), 0, ZMQ_POLLIN, 0}, {nullptr, s.journal->wake_fd(), ZMQ_POLLIN, 0}};
+    zmq::pollitem_t items[3] = {{s.sock.handle(), 0, ZMQ_POLLIN, 0},
+                                {nullptr, s.journal->wake_fd(), ZMQ_POLLIN, 0},
+                                {nullptr, s.sink ? s.sink->wake_fd() : -1, ZMQ_POLLIN, 0}};
     try {
-      zmq::poll(items, 2, std::chrono::milliseconds(s.table.HasReady() ? 10 : 50));
+      zmq::poll(items, s.sink ? 3 : 2, std::chrono::milliseconds(s.table.HasReady() ? 10 : 50));
     } catch (const zmq::error_t& e) {
       if (e.num() != EINTR) return Status::IOError(std::string("poll: ") + e.what());
     }
@@ -1129,6 +1220,7 @@ Status Broker::Run(const std::atomic<bool>* stop) {
       s.HandleMessage(frames, now);
     }
     s.HandleCompletions();
+    s.HandleLookups();
     s.Timers(now);
     s.Dispatch();
     s.FlushEvents();

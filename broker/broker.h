@@ -32,6 +32,7 @@ struct BrokerOptions {
   int64_t result_retention_s = 86400;   // results are kept this long after a job ends
   int64_t watch_max_ms = 60000;         // longest WATCH subscription without renewal
   int max_messages_per_wake = 2000;     // fairness cap per poll wake-up
+  std::string pg;                       // libpq conninfo for the job-history sink; empty: none
   rocksdb::Env* journal_env = nullptr;  // tests only
 
   // Clamps values into their sane ranges; returns an error for values that cannot be used.

@@ -35,6 +35,7 @@ struct Job {
   std::string result;
   bool result_dropped = false;  // retention ended
   int64_t finished_ms = 0;   // wall
+  int64_t started_ms = 0;    // wall, of the current or last attempt
   int64_t run_ms = 0;
   std::string worker;        // current or last worker id
   std::string progress;      // last PROGRESS info (JSON)

@@ -34,6 +34,7 @@ struct Journal::Impl {
   };
 
   std::unique_ptr<rocksdb::DB> db;  // null only while a reopen after an error failed
+  std::mutex db_mu;                 // held by readers on other threads, and to swap `db`
   rocksdb::Options db_options;
   JournalOptions options;
   int wake_fd = -1;
@@ -83,6 +84,7 @@ struct Journal::Impl {
         if (!rs.ok()) {
           // RocksDB refuses to resume after a failed WAL write; reopening replays the WAL up to
           // its last good record, which is exactly the state every acknowledgement promised.
+          std::lock_guard<std::mutex> swap(db_mu);
           db.reset();
           rocksdb::DB* raw = nullptr;
           rs = rocksdb::DB::Open(db_options, options.dir, &raw);
@@ -189,6 +191,23 @@ Status Journal::Scan(std::string_view prefix,
                             std::string_view(it->value().data(), it->value().size())));
   }
   return FromRocks(it->status(), "journal scan");
+}
+
+Status Journal::ReadAfter(std::string_view prefix, const std::string& after, size_t limit,
+                          const std::function<void(std::string_view, std::string_view)>& fn) {
+  std::lock_guard<std::mutex> lock(impl_->db_mu);
+  if (!impl_->db) return Status::IOError("journal is closed after an error");
+  std::unique_ptr<rocksdb::Iterator> it(impl_->db->NewIterator(rocksdb::ReadOptions()));
+  rocksdb::Slice p(prefix.data(), prefix.size());
+  if (after.empty()) it->Seek(p);
+  else {
+    it->Seek(after);
+    if (it->Valid() && it->key() == rocksdb::Slice(after)) it->Next();
+  }
+  for (size_t n = 0; n < limit && it->Valid() && it->key().starts_with(p); it->Next(), ++n) {
+    fn(std::string_view(it->key().data(), it->key().size()), std::string_view(it->value().data(), it->value().size()));
+  }
+  return FromRocks(it->status(), "journal read");
 }
 
 void Journal::Write(JournalBatch batch, bool sync, uint64_t token) {

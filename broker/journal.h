@@ -76,6 +76,11 @@ class Journal {
   // REQUIRES: no Write has been issued yet.
   Status Scan(std::string_view prefix, const std::function<Status(std::string_view, std::string_view)>& fn);
 
+  // Calls fn for up to `limit` records whose key starts with prefix and sorts after `after`
+  // (everything when empty), in key order. Safe from any thread (the event sink reads here).
+  Status ReadAfter(std::string_view prefix, const std::string& after, size_t limit,
+                   const std::function<void(std::string_view, std::string_view)>& fn);
+
   // Queues batch. If sync, the WAL is synced before its completion is posted. A token of 0 asks
   // for no completion (errors are then only logged and counted).
   void Write(JournalBatch batch, bool sync, uint64_t token);

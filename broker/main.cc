@@ -5,6 +5,7 @@
 #include "broker/broker.h"
 #include "common/log.h"
 #include "common/options.h"
+#include "common/pg.h"
 
 namespace {
 std::atomic<bool> g_stop{false};
@@ -34,6 +35,10 @@ int main(int argc, char** argv) {
       ("backoff-max-ms", po::value(&o.backoff_max_ms)->default_value(o.backoff_max_ms), "longest retry delay")
       ("result-retention-s", po::value(&o.result_retention_s)->default_value(o.result_retention_s),
        "seconds a finished job's result is kept for clients")
+      ("pg", po::value(&o.pg)->default_value(""),
+       "PostgreSQL conninfo (key=value or postgresql:// URI; PGHOST, PGPASSFILE... honoured; never a password "
+       "here) for the job history; empty: the broker runs without it")
+      ("migrate", po::bool_switch(), "apply the SQL migrations to --pg and exit")
       ("max-messages-per-wake", po::value(&o.max_messages_per_wake)->default_value(o.max_messages_per_wake),
        "messages handled per poll wake-up before timers and dispatch run");
   po::variables_map vm;
@@ -41,6 +46,24 @@ int main(int argc, char** argv) {
                                 "usage: asr-broker [--listen tcp://127.0.0.1:5555] [--state-dir DIR] [--config FILE]",
                                 &vm);
   if (!pr.proceed) return pr.exit_code;
+
+  if (vm["migrate"].as<bool>()) {
+    if (o.pg.empty()) {
+      std::cerr << "asr-broker: --migrate needs --pg (or ASRF_PG)\n";
+      return 2;
+    }
+    std::unique_ptr<PgConn> conn;
+    Status st = PgConn::Connect(o.pg, &conn);
+    int applied = 0;
+    if (st.ok()) st = Migrate(conn.get(), &applied);
+    if (!st.ok()) {
+      std::cerr << "asr-broker: " << st.message() << "\n";
+      return st.code() == Status::Code::kInvalid ? 2 : 1;
+    }
+    std::cout << "applied " << applied << " migration(s); the schema is at version " << kMigrations[kNumMigrations - 1].version
+              << "\n";
+    return 0;
+  }
 
   std::signal(SIGTERM, OnSignal);
   std::signal(SIGINT, OnSignal);

@@ -42,6 +42,39 @@ struct RequestRecord {
   MSGPACK_DEFINE_MAP(batch, first, count);
 };
 
+// One row of the PostgreSQL jobs table as of an event.
+struct JobRow {
+  uint64_t id = 0;
+  uint64_t parent = 0;
+  std::string batch;
+  std::string kind;
+  uint8_t state = 0;
+  int32_t priority = 0;
+  uint32_t attempts = 0;
+  int64_t submitted_ms = 0;
+  int64_t started_ms = 0;
+  int64_t finished_ms = 0;
+  std::string worker;
+  std::string error;
+  MSGPACK_DEFINE_MAP(id, parent, batch, kind, state, priority, attempts, submitted_ms, started_ms, finished_ms,
+                     worker, error);
+};
+
+// "e/<seq>": job lifecycle rows waiting for the PostgreSQL event sink, written in the same journal
+// batch as the change they describe (so they need no sync of their own) and erased once in
+// PostgreSQL. `seq` increases across restarts (generation << 32 | counter).
+struct EventRecord {
+  uint64_t seq = 0;
+  std::vector<JobRow> rows;
+  MSGPACK_DEFINE_MAP(seq, rows);
+};
+
+inline std::string EventKey(uint64_t seq) {
+  char buf[24];
+  std::snprintf(buf, sizeof(buf), "e/%016llx", static_cast<unsigned long long>(seq));
+  return buf;
+}
+
 inline std::string JobKey(uint64_t id) {
   char buf[24];
   std::snprintf(buf, sizeof(buf), "j/%016llx", static_cast<unsigned long long>(id));

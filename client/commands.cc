@@ -336,6 +336,47 @@ int RunStatus(const GlobalOptions& g, const std::vector<std::string>& args) {
   return kExitOk;
 }
 
+// ---- results ------------------------------------------------------------------------------------
+
+int RunResults(const GlobalOptions& g, const std::vector<std::string>& args) {
+  uint64_t job = 0;
+  po::options_description desc("results options");
+  desc.add_options()
+      ("job", po::value(&job)->required(), "job id")
+      ("json", po::bool_switch(), "print {\"id\",\"state\",\"result\",\"error\"} as one JSON line");
+  po::positional_options_description pos;
+  pos.add("job", 1);
+  po::variables_map vm;
+  int rc = ParseSub(args, desc, &pos,
+                    "usage: asr-submit results JOB_ID [--json]  (the result bytes on stdout; from the broker, or from "
+                    "PostgreSQL after the broker's retention period)",
+                    &vm);
+  if (rc >= 0) return rc;
+  BrokerClient client(g.broker);
+  proto::StatusReq req;
+  req.job = job;
+  proto::Reply r;
+  Status st = client.Call(Cmd::kStatus, req, &r, RequestTimeoutMs(g));
+  if (!st.ok()) return st.code() == Status::Code::kNotFound ? (ExitFor(st), kExitUsage) : ExitFor(st);
+  if (r.jobs.empty()) return ExitFor(Status::Invalid("empty answer from the broker"));
+  const auto& i = r.jobs.front();
+  if (vm["json"].as<bool>()) {
+    json j = {{"id", i.id}, {"state", i.state}, {"error", i.error}};
+    json res = json::parse(i.result.data, nullptr, false);
+    j["result"] = res.is_discarded() ? json(i.result.data) : res;
+    if (!i.why.empty()) j["why"] = i.why;
+    std::cout << j.dump(-1, ' ', false, json::error_handler_t::replace) << std::endl;
+  } else {
+    std::cout << i.result.data;
+    if (!i.result.data.empty() && i.result.data.back() != '\n') std::cout << "\n";
+  }
+  if (i.state == "done" && i.why.empty()) return kExitOk;
+  if (!i.why.empty()) std::cerr << "asr-submit: job " << i.id << ": " << i.why << "\n";
+  else if (!i.error.empty()) std::cerr << "asr-submit: job " << i.id << " is " << i.state << ": " << i.error << "\n";
+  else std::cerr << "asr-submit: job " << i.id << " is " << i.state << "\n";
+  return kExitJobsFailed;
+}
+
 // ---- cancel / retry -----------------------------------------------------------------------------
 
 bool ParseJobId(const std::string& s, uint64_t* id) {
@@ -484,6 +525,7 @@ const std::vector<Command>& Commands() {
   static const std::vector<Command> kCommands = {
       {"submit", "submit jobs of one kind; --wait to wait for them", RunSubmit},
       {"status", "counts per state, or one job with its result", RunStatus},
+      {"results", "print one job's result", RunResults},
       {"watch", "follow a batch until it finishes", RunWatch},
       {"cancel", "cancel a job or every unfinished job of a batch", RunCancel},
       {"jobs", "list jobs, e.g. the dead-letter list with --state dead", RunJobs},

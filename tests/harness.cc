@@ -205,6 +205,31 @@ Counts StatusCounts(const std::string& endpoint, const std::string& batch) {
   return c;
 }
 
+PgCluster::PgCluster(std::string state_dir) : state_dir_(std::move(state_dir)) {}
+
+PgCluster::~PgCluster() { Stop(); }
+
+bool PgCluster::Start() {
+  RunResult r = RunCommand({ASRF_SOURCE_DIR "/scripts/pg-local.sh", "start", state_dir_}, 120000);
+  if (r.code != 0) {
+    std::fprintf(stderr, "pg-local.sh start failed: %s\n", r.err.c_str());
+    return false;
+  }
+  url_ = RunCommand({ASRF_SOURCE_DIR "/scripts/pg-local.sh", "url", state_dir_}).out;
+  while (!url_.empty() && url_.back() == '\n') url_.pop_back();
+  return !url_.empty();
+}
+
+bool PgCluster::Stop() {
+  return RunCommand({ASRF_SOURCE_DIR "/scripts/pg-local.sh", "stop", state_dir_}, 120000).code == 0;
+}
+
+std::string PgCluster::Query(const std::string& sql) {
+  RunResult r = RunCommand({"/usr/bin/psql", url_, "-Atqc", sql}, 30000);
+  while (!r.out.empty() && r.out.back() == '\n') r.out.pop_back();
+  return r.code == 0 ? r.out : "ERROR: " + r.err;
+}
+
 InProcBroker::InProcBroker(BrokerOptions options) {
   open_status_ = Broker::Open(options, &broker_);
   if (!open_status_.ok()) return;

@@ -84,6 +84,22 @@ struct Counts {
 };
 Counts StatusCounts(const std::string& endpoint, const std::string& batch = "");
 
+// A private PostgreSQL cluster under `state_dir` (scripts/pg-local.sh), stopped on destruction.
+class PgCluster {
+ public:
+  explicit PgCluster(std::string state_dir);
+  ~PgCluster();
+  bool Start();
+  bool Stop();
+  const std::string& url() const { return url_; }
+  // Runs SQL through psql; returns its trimmed output (fields separated by '|', rows by '\n').
+  std::string Query(const std::string& sql);
+
+ private:
+  std::string state_dir_;
+  std::string url_;
+};
+
 // A broker running on a thread of this process.
 class InProcBroker {
  public:

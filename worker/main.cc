@@ -24,6 +24,9 @@ int main(int argc, char** argv) {
        "directory for this worker's local state (checkpoints, result outbox)")
       ("slots", po::value(&o.slots)->default_value(o.slots), "jobs run at once (credits offered to the broker)")
       ("worker-id", po::value(&o.worker_id)->default_value(""), "name shown in listings (default host/device/pid)")
+      ("pg", po::value(&o.pg)->default_value(""),
+       "PostgreSQL conninfo (key=value or postgresql:// URI; PGHOST, PGPASSFILE... honoured; never a password "
+       "here) for the result sink; empty: results go only to the broker")
       ("heartbeat-ms", po::value(&o.heartbeat_ms)->default_value(o.heartbeat_ms), "heartbeat interval")
       ("heartbeat-misses", po::value(&o.heartbeat_misses)->default_value(o.heartbeat_misses),
        "missed broker heartbeats after which the worker reconnects");

@@ -16,6 +16,7 @@
 #include "common/clock.h"
 #include "common/log.h"
 #include "schema/protocol.h"
+#include "worker/result_sink.h"
 
 namespace asrf {
 
@@ -56,6 +57,7 @@ struct Worker::Impl {
   JobRegistry registry;
   zmq::context_t ctx{1};
   std::unique_ptr<zmq::socket_t> sock;
+  std::unique_ptr<ResultSink> sink;  // with --pg: results become durable there before RESULT
   int wake_fd = -1;
 
   std::mutex mu;
@@ -283,15 +285,24 @@ struct Worker::Impl {
       batch.swap(done);
     }
     if (batch.empty()) return;
-    // RESULT messages of at most 1,000 results and ~32 MiB.
-    proto::Result results;
-    size_t bytes = 0;
+    std::vector<proto::JobResult> results;
     for (auto& d : batch) {
       running.erase(d.lease.id);
       unacked[d.lease.id] = d.lease.epoch;
       if (!d.result.ok) LogInfo("job_failed").Kv("job", d.lease.id).Kv("error", d.result.error);
-      bytes += d.result.result.data.size() + d.result.error.size() + 64;
-      results.results.push_back(std::move(d.result));
+      results.push_back(std::move(d.result));
+    }
+    if (sink) sink->Put(std::move(results));
+    else SendResults(std::move(results));
+  }
+
+  // RESULT messages of at most 1,000 results and ~32 MiB.
+  void SendResults(std::vector<proto::JobResult> all) {
+    proto::Result results;
+    size_t bytes = 0;
+    for (auto& r : all) {
+      bytes += r.result.data.size() + r.error.size() + 64;
+      results.results.push_back(std::move(r));
       if (results.results.size() >= 1000 || bytes >= (32u << 20)) {
         Send(Cmd::kResult, results);
         results.results.clear();
@@ -325,6 +336,19 @@ Status Worker::Run(const std::atomic<bool>* stop) {
   if (ec) return Status::IOError("cannot create state dir " + s.opt.state_dir + ": " + ec.message());
   s.wake_fd = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   if (s.wake_fd < 0) return Status::IOError("eventfd failed");
+  if (!s.opt.pg.empty()) {
+    ResultSinkOptions so;
+    so.conninfo = s.opt.pg;
+    so.outbox_dir = s.opt.state_dir + "/outbox";
+    so.worker_id = s.opt.worker_id;
+    char host[256] = {0};
+    gethostname(host, sizeof(host) - 1);
+    so.host = host;
+    so.device = s.opt.device;
+    ASRF_RETURN_IF_ERROR(ResultSink::Open(so, &s.sink));
+  } else {
+    LogWarn("no_postgresql").Kv("detail", "no --pg / ASRF_PG: results go only to the broker");
+  }
   for (int i = 0; i < s.opt.slots; ++i) s.threads.emplace_back([&s] { s.ExecutorLoop(); });
   try {
     s.Connect();
@@ -340,13 +364,16 @@ Status Worker::Run(const std::atomic<bool>* stop) {
       s.Send(Cmd::kHeartbeat, proto::Heartbeat{true, 0});
       LogInfo("worker_draining").Kv("running", static_cast<uint64_t>(s.running.size()));
     }
-    if (s.draining && s.running.empty() &&
+    if (s.draining && s.running.empty() && (!s.sink || s.sink->Pending() == 0) &&
         (s.unacked.empty() || now - drain_started > s.opt.drain_ack_wait_ms)) {
+      if (s.sink) s.SendResults(s.sink->TakeDurable());
       break;
     }
-    zmq::pollitem_t items[2] = {{s.sock->handle(), 0, ZMQ_POLLIN, 0}, {nullptr, s.wake_fd, ZMQ_POLLIN, 0}};
+    zmq::pollitem_t items[3] = {{s.sock->handle(), 0, ZMQ_POLLIN, 0},
+                                {nullptr, s.wake_fd, ZMQ_POLLIN, 0},
+                                {nullptr, s.sink ? s.sink->wake_fd() : -1, ZMQ_POLLIN, 0}};
     try {
-      zmq::poll(items, 2, std::chrono::milliseconds(50));
+      zmq::poll(items, s.sink ? 3 : 2, std::chrono::milliseconds(50));
     } catch (const zmq::error_t& e) {
       if (e.num() != EINTR) return Status::IOError(std::string("poll: ") + e.what());
     }
@@ -358,6 +385,10 @@ Status Worker::Run(const std::atomic<bool>* stop) {
     now = MonoMs();
     s.HandleIncoming(now);
     s.FlushDone();
+    if (s.sink) {
+      std::vector<proto::JobResult> durable = s.sink->TakeDurable();
+      if (!durable.empty()) s.SendResults(std::move(durable));
+    }
     if (now >= s.next_heartbeat) {
       s.Send(Cmd::kHeartbeat, proto::Heartbeat{s.draining, 0});
       s.next_heartbeat = now + s.opt.heartbeat_ms;

@@ -26,6 +26,7 @@ struct WorkerOptions {
   int64_t heartbeat_ms = 1000;
   int heartbeat_misses = 3;
   int64_t drain_ack_wait_ms = 3000;    // on stop, how long to wait for the last RESULT_ACKs
+  std::string pg;                      // libpq conninfo; empty: results go only to the broker
 
   Status Sanitize();
 };

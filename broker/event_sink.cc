@@ -1,0 +1,279 @@
+#include "broker/event_sink.h"
+
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <condition_variable>
+#include <deque>
+#include <mutex>
+#include <thread>
+#include <unordered_map>
+
+#include "broker/journal.h"
+#include "broker/records.h"
+#include "common/clock.h"
+#include "common/log.h"
+#include "common/pg.h"
+
+namespace asrf {
+
+namespace {
+
+std::optional<std::string> Timestamp(int64_t ms) {
+  if (ms <= 0) return std::nullopt;
+  return std::to_string(ms / 1000) + "." + std::to_string(1000 + ms % 1000).substr(1);
+}
+
+}  // namespace
+
+struct EventSink::Impl {
+  EventSinkOptions opt;
+  Journal* journal;
+  std::unique_ptr<PgConn> pg;
+  int64_t next_connect = 0;
+  bool migrated = false;
+  int wake_fd = -1;
+
+  mutable std::mutex mu;
+  std::condition_variable cv;
+  bool notified = false;                 // GUARDED_BY(mu)
+  bool stopping = false;                 // GUARDED_BY(mu)
+  std::deque<ResultLookup> lookups;      // GUARDED_BY(mu)
+  std::vector<ResultLookup> answered;    // GUARDED_BY(mu)
+  EventSinkStats stats;                  // GUARDED_BY(mu)
+  std::thread thread;
+
+  bool Connect() {
+    if (pg && pg->healthy()) return true;
+    int64_t now = MonoMs();
+    if (now < next_connect) return false;
+    next_connect = now + opt.retry_ms;
+    pg.reset();
+    std::unique_ptr<PgConn> c;
+    Status st = PgConn::Connect(opt.conninfo, &c, 2);
+    if (st.ok() && !migrated) {
+      int applied = 0;
+      st = Migrate(c.get(), &applied);
+      if (st.ok()) {
+        migrated = true;
+        LogInfo("pg_migrated").Kv("applied", applied);
+      }
+    }
+    bool was_up;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      was_up = stats.pg_up;
+      stats.pg_up = st.ok();
+    }
+    if (!st.ok()) {
+      if (was_up || next_connect - opt.retry_ms == now) LogWarn("event_sink_unavailable").Kv("error", st.message());
+      return false;
+    }
+    LogInfo("event_sink_connected");
+    pg = std::move(c);
+    return true;
+  }
+
+  void Down(const Status& st) {
+    LogWarn("event_sink_lost").Kv("error", st.message());
+    pg.reset();
+    std::lock_guard<std::mutex> lock(mu);
+    stats.pg_up = false;
+  }
+
+  // Copies one batch of rows; returns true if there may be more.
+  bool CopyOnce() {
+    std::vector<records::JobRow> rows;
+    std::vector<uint64_t> seqs;
+    std::vector<std::string> keys;
+    Status st = journal->ReadAfter("e/", "", 64, [&](std::string_view key, std::string_view value) {
+      if (rows.size() >= opt.max_rows) return;
+      records::EventRecord e;
+      keys.emplace_back(key);
+      if (!proto::DecodeBody(value, &e).ok()) {
+        LogError("event_record_unreadable").Kv("key", std::string(key));
+        return;
+      }
+      for (auto& r : e.rows) {
+        rows.push_back(std::move(r));
+        seqs.push_back(e.seq);
+      }
+    });
+    if (!st.ok() || keys.empty()) return false;
+    // The newest row per job wins within the batch too.
+    std::unordered_map<uint64_t, size_t> newest;
+    for (size_t i = 0; i < rows.size(); ++i) newest[rows[i].id] = i;
+    // Times travel as epoch seconds (double precision) and are converted in SQL.
+    std::string values;
+    std::vector<std::optional<std::string>> params;
+    int n = 0;
+    for (size_t i = 0; i < rows.size(); ++i) {
+      if (newest[rows[i].id] != i) continue;
+      const auto& r = rows[i];
+      if (n) values += ',';
+      values += '(';
+      for (int c = 1; c <= 13; ++c) {
+        values += (c > 1 ? ",$" : "$") + std::to_string(n * 13 + c);
+        if (c >= 8 && c <= 10) values += "::double precision";
+      }
+      values += ')';
+      params.push_back(std::to_string(r.id));
+      params.push_back(r.parent ? std::optional<std::string>(std::to_string(r.parent)) : std::nullopt);
+      params.push_back(r.batch);
+      params.push_back(r.kind);
+      params.push_back(std::string(proto::StateName(static_cast<proto::JobState>(std::min<int>(r.state, 5)))));
+      params.push_back(std::to_string(r.priority));
+      params.push_back(std::to_string(r.attempts));
+      params.push_back(Timestamp(r.submitted_ms).value_or("0"));
+      params.push_back(Timestamp(r.started_ms));
+      params.push_back(Timestamp(r.finished_ms));
+      params.push_back(r.worker.empty() ? std::nullopt : std::optional<std::string>(r.worker));
+      params.push_back(r.error.empty() ? std::nullopt : std::optional<std::string>(r.error));
+      params.push_back(std::to_string(seqs[i]));
+      ++n;
+    }
+    std::string full =
+        "INSERT INTO jobs (id, parent, batch, kind, state, priority, attempts, submitted_at, started_at, finished_at, "
+        "worker, error, seq) SELECT v.id::bigint, v.parent::bigint, v.batch, v.kind, v.state, v.priority::int, "
+        "v.attempts::int, to_timestamp(v.sub), to_timestamp(v.sta), to_timestamp(v.fin), v.worker, v.error, "
+        "v.seq::bigint FROM (VALUES " +
+        values +
+        ") AS v(id, parent, batch, kind, state, priority, attempts, sub, sta, fin, worker, error, seq) "
+        "ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state, attempts = EXCLUDED.attempts, "
+        "started_at = COALESCE(EXCLUDED.started_at, jobs.started_at), finished_at = EXCLUDED.finished_at, "
+        "worker = COALESCE(EXCLUDED.worker, jobs.worker), error = EXCLUDED.error, seq = EXCLUDED.seq "
+        "WHERE jobs.seq < EXCLUDED.seq";
+    if (n > 0) {
+      st = pg->Query(full, params);
+      if (!st.ok()) {
+        Down(st);
+        return false;
+      }
+    }
+    JournalBatch erase;
+    for (auto& k : keys) erase.Erase(std::move(k));
+    journal->Write(std::move(erase), /*sync=*/false, 0);
+    journal->Flush();  // the next read must not see these again
+    std::lock_guard<std::mutex> lock(mu);
+    stats.rows_written += n;
+    return true;
+  }
+
+  void AnswerLookups() {
+    std::deque<ResultLookup> todo;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      todo.swap(lookups);
+    }
+    if (todo.empty()) return;
+    for (auto& l : todo) {
+      if (!Connect()) {
+        l.error = "PostgreSQL is unreachable";
+      } else {
+        PgResult r;
+        Status st = pg->Query("SELECT payload, error, ok FROM results WHERE job_id = $1", {std::to_string(l.info.id)},
+                              &r);
+        if (!st.ok()) {
+          l.error = st.message();
+          Down(st);
+        } else if (r.rows() > 0) {
+          l.found = true;
+          l.info.result.data = DecodeByteaHex(r.get(0, 0));
+          if (!r.is_null(0, 1)) l.info.error = r.get(0, 1);
+        }
+      }
+    }
+    bool wake;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      wake = answered.empty();
+      for (auto& l : todo) answered.push_back(std::move(l));
+    }
+    if (wake) {
+      uint64_t one = 1;
+      ssize_t unused = ::write(wake_fd, &one, sizeof(one));
+      (void)unused;
+    }
+  }
+
+  void CountBehind() {
+    uint64_t behind = 0;
+    (void)journal->ReadAfter("e/", "", 1000000, [&](std::string_view, std::string_view) { behind++; });
+    std::lock_guard<std::mutex> lock(mu);
+    stats.records_behind = behind;
+  }
+
+  void Run() {
+    int64_t next_count = 0;
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lock(mu);
+        cv.wait_for(lock, std::chrono::milliseconds(200), [&] { return stopping || notified || !lookups.empty(); });
+        if (stopping) return;
+        notified = false;
+      }
+      AnswerLookups();
+      if (Connect()) {
+        for (int i = 0; i < 50 && CopyOnce(); ++i) {
+        }
+      }
+      if (MonoMs() >= next_count) {
+        CountBehind();
+        next_count = MonoMs() + 2000;
+      }
+    }
+  }
+};
+
+EventSink::EventSink(const EventSinkOptions& options, Journal* journal) : impl_(std::make_unique<Impl>()) {
+  impl_->opt = options;
+  impl_->journal = journal;
+  impl_->wake_fd = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  Impl* p = impl_.get();
+  impl_->thread = std::thread([p] { p->Run(); });
+}
+
+EventSink::~EventSink() {
+  {
+    std::lock_guard<std::mutex> lock(impl_->mu);
+    impl_->stopping = true;
+  }
+  impl_->cv.notify_all();
+  if (impl_->thread.joinable()) impl_->thread.join();
+  if (impl_->wake_fd >= 0) ::close(impl_->wake_fd);
+}
+
+void EventSink::Notify() {
+  {
+    std::lock_guard<std::mutex> lock(impl_->mu);
+    impl_->notified = true;
+  }
+  impl_->cv.notify_one();
+}
+
+void EventSink::Lookup(ResultLookup lookup) {
+  {
+    std::lock_guard<std::mutex> lock(impl_->mu);
+    impl_->lookups.push_back(std::move(lookup));
+  }
+  impl_->cv.notify_one();
+}
+
+int EventSink::wake_fd() const { return impl_->wake_fd; }
+
+std::vector<ResultLookup> EventSink::TakeLookups() {
+  uint64_t drained;
+  ssize_t unused = ::read(impl_->wake_fd, &drained, sizeof(drained));
+  (void)unused;
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  std::vector<ResultLookup> out;
+  out.swap(impl_->answered);
+  return out;
+}
+
+EventSinkStats EventSink::GetStats() const {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  return impl_->stats;
+}
+
+}  // namespace asrf

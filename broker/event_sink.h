@@ -1,0 +1,63 @@
+// EventSink: copies job lifecycle rows from the journal ("e/" records) to PostgreSQL's jobs table,
+// on its own thread, in batches (one multi-row upsert per batch), then erases what it copied.
+// While PostgreSQL is down the rows simply stay in the journal and are caught up later; nothing
+// on the broker's poll thread ever waits for PostgreSQL. The same thread answers result lookups
+// for jobs whose result the broker has dropped after its retention period.
+//
+// Thread-safety: Notify, Lookup, TakeLookups and GetStats may be called from any thread.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common/status.h"
+#include "schema/protocol.h"
+
+namespace asrf {
+
+class Journal;
+
+struct EventSinkOptions {
+  std::string conninfo;
+  size_t max_rows = 2000;   // rows per upsert
+  int64_t retry_ms = 1000;  // reconnect interval while PostgreSQL is down
+};
+
+struct EventSinkStats {
+  bool pg_up = false;
+  uint64_t rows_written = 0;  // rows upserted so far
+  uint64_t records_behind = 0;  // "e/" records not yet in PostgreSQL (as of the last pass)
+};
+
+// A STATUS/RESULTS answer the poll thread owes a client, completed from PostgreSQL.
+struct ResultLookup {
+  std::string routing;
+  uint64_t req = 0;
+  proto::JobInfo info;  // filled in: result and error from the results table when found
+  bool found = false;
+  std::string error;    // why the lookup failed
+};
+
+class EventSink {
+ public:
+  // `journal` must outlive the sink. The connection is made (and migrations applied) on the
+  // sink's thread, so an unreachable PostgreSQL never delays the broker's start.
+  EventSink(const EventSinkOptions& options, Journal* journal);
+  ~EventSink();
+
+  // New "e/" records were queued to the journal.
+  void Notify();
+  void Lookup(ResultLookup lookup);
+  int wake_fd() const;
+  std::vector<ResultLookup> TakeLookups();
+  EventSinkStats GetStats() const;
+
+  struct Impl;
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace asrf

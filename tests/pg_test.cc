@@ -1,0 +1,149 @@
+// PostgreSQL as the system of record, against a real private cluster started by the harness:
+// one result row per job, the job history, an outage in the middle of a run, the outbox across a
+// worker restart, migrations and bad conninfo.
+#include <gtest/gtest.h>
+#include <signal.h>
+
+#include <nlohmann/json.hpp>
+
+#include "tests/harness.h"
+
+namespace asrf::testing {
+namespace {
+
+using json = nlohmann::json;
+
+const std::vector<std::string> kFast = {"--heartbeat-ms", "200", "--heartbeat-misses", "3"};
+
+std::vector<std::string> With(std::vector<std::string> a, const std::vector<std::string>& b) {
+  a.insert(a.end(), b.begin(), b.end());
+  return a;
+}
+
+long Num(const std::string& s) {
+  try {
+    return std::stol(s);
+  } catch (...) {
+    return -1;
+  }
+}
+
+class PgTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    pg_ = std::make_unique<PgCluster>(tmp_.path());
+    ASSERT_TRUE(pg_->Start());
+  }
+  TempDir tmp_;
+  std::unique_ptr<PgCluster> pg_;
+};
+
+TEST_F(PgTest, EveryJobHasExactlyOneResultRowAndTheHistoryAgrees) {
+  BrokerProc b = StartBroker(tmp_ / "broker", tmp_ / "broker.log", {"--pg", pg_->url()});
+  ASSERT_FALSE(b.endpoint.empty()) << ReadFile(tmp_ / "broker.log");
+  Proc w1 = StartWorker(b.endpoint, tmp_ / "w1", tmp_ / "w1.log", {"--pg", pg_->url(), "--slots", "8"});
+  Proc w2 = StartWorker(b.endpoint, tmp_ / "w2", tmp_ / "w2.log", {"--pg", pg_->url(), "--slots", "8"});
+  RunResult r = Submit(b.endpoint, {"submit", "--kind", "echo", "--count", "5000", "--payload", "{\"k\":7}", "--wait"},
+                       120000);
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(pg_->Query("SELECT count(*), count(DISTINCT job_id) FROM results"), "5000|5000");
+  EXPECT_EQ(pg_->Query("SELECT count(*) FROM results WHERE ok AND convert_from(payload, 'UTF8') = '{\"k\":7}'"),
+            "5000");
+  // The history catches up asynchronously and then matches the broker's counts.
+  ASSERT_TRUE(WaitFor([&] { return pg_->Query("SELECT count(*) FROM jobs WHERE state = 'done'") == "5000"; }, 20000))
+      << pg_->Query("SELECT state, count(*) FROM jobs GROUP BY state");
+  Counts c = StatusCounts(b.endpoint);
+  EXPECT_EQ(c.done, 5000);
+  EXPECT_EQ(pg_->Query("SELECT count(*) FROM jobs"), std::to_string(c.total()));
+  EXPECT_EQ(pg_->Query("SELECT count(*) FROM jobs WHERE finished_at IS NULL OR started_at IS NULL OR worker IS NULL"),
+            "0");
+  EXPECT_EQ(pg_->Query("SELECT count(*) FROM workers"), "2");
+}
+
+TEST_F(PgTest, PostgresDownForTenSecondsLosesNothingAndJobsKeepCompleting) {
+  BrokerProc b = StartBroker(tmp_ / "broker", tmp_ / "broker.log", With(kFast, {"--pg", pg_->url()}));
+  ASSERT_FALSE(b.endpoint.empty());
+  Proc w1 = StartWorker(b.endpoint, tmp_ / "w1", tmp_ / "w1.log", With(kFast, {"--pg", pg_->url(), "--slots", "4"}));
+  Proc w2 = StartWorker(b.endpoint, tmp_ / "w2", tmp_ / "w2.log", With(kFast, {"--pg", pg_->url(), "--slots", "4"}));
+  RunResult sub = Submit(b.endpoint, {"submit", "--kind", "sleep", "--payload", "{\"ms\":4}", "--count", "5000"});
+  ASSERT_EQ(sub.code, 0) << sub.err;
+  ASSERT_TRUE(WaitFor([&] { return StatusCounts(b.endpoint).done >= 500; }, 30000));
+  ASSERT_TRUE(pg_->Stop());
+  long at_stop = StatusCounts(b.endpoint).done;
+  std::this_thread::sleep_for(std::chrono::seconds(10));
+  long after_outage = StatusCounts(b.endpoint).done;
+  EXPECT_GT(after_outage, at_stop + 1000) << "jobs stopped completing while PostgreSQL was down";
+  ASSERT_TRUE(pg_->Start());
+  ASSERT_TRUE(WaitFor([&] { return StatusCounts(b.endpoint).done == 5000; }, 60000));
+  ASSERT_TRUE(WaitFor([&] { return pg_->Query("SELECT count(*) FROM results") == "5000"; }, 30000))
+      << pg_->Query("SELECT count(*) FROM results");
+  EXPECT_EQ(pg_->Query("SELECT count(DISTINCT job_id) FROM results"), "5000");
+  ASSERT_TRUE(WaitFor([&] { return pg_->Query("SELECT count(*) FROM jobs WHERE state = 'done'") == "5000"; }, 30000))
+      << pg_->Query("SELECT state, count(*) FROM jobs GROUP BY state");
+  // The outage really went through the outbox.
+  std::string logs = ReadFile(tmp_ / "w1.log") + ReadFile(tmp_ / "w2.log");
+  EXPECT_NE(logs.find("result_sink_lost"), std::string::npos);
+}
+
+TEST_F(PgTest, OutboxSurvivesAWorkerRestart) {
+  BrokerProc b = StartBroker(tmp_ / "broker", tmp_ / "broker.log", kFast);
+  ASSERT_TRUE(pg_->Stop());
+  {
+    Proc w = StartWorker(b.endpoint, tmp_ / "w", tmp_ / "w.log", With(kFast, {"--pg", pg_->url(), "--slots", "4"}));
+    RunResult r = Submit(b.endpoint, {"submit", "--kind", "echo", "--count", "50", "--wait"}, 60000);
+    ASSERT_EQ(r.code, 0) << r.err << ReadFile(tmp_ / "w.log");
+    w.Signal(SIGKILL);
+    w.Wait(5000);
+  }
+  ASSERT_TRUE(pg_->Start());
+  // Run the migrations (the broker here has no --pg), then restart the worker on the same state dir.
+  ASSERT_EQ(RunCommand({ASRF_BROKER_BIN, "--migrate", "--pg", pg_->url()}).code, 0);
+  Proc w = StartWorker(b.endpoint, tmp_ / "w", tmp_ / "w2.log", With(kFast, {"--pg", pg_->url()}));
+  EXPECT_TRUE(WaitFor([&] { return pg_->Query("SELECT count(*) FROM results") == "50"; }, 20000))
+      << pg_->Query("SELECT count(*) FROM results") << ReadFile(tmp_ / "w2.log");
+  EXPECT_NE(ReadFile(tmp_ / "w2.log").find("result_outbox_found"), std::string::npos);
+}
+
+TEST_F(PgTest, ResultsPastRetentionComeFromPostgres) {
+  BrokerProc b = StartBroker(tmp_ / "broker", tmp_ / "broker.log", {"--pg", pg_->url(), "--result-retention-s", "0"});
+  Proc w = StartWorker(b.endpoint, tmp_ / "w", tmp_ / "w.log", {"--pg", pg_->url()});
+  ASSERT_EQ(Submit(b.endpoint, {"submit", "--kind", "echo", "--payload", "{\"old\":true}", "--wait"}).code, 0);
+  // Retention 0: the broker drops the result at its next housekeeping pass (every second).
+  ASSERT_TRUE(WaitFor([&] { return Submit(b.endpoint, {"jobs", "--json"}).out.find("retention") != std::string::npos; },
+                      5000));
+  RunResult r = Submit(b.endpoint, {"results", "1", "--json"});
+  ASSERT_EQ(r.code, 0) << r.err << r.out;
+  auto j = json::parse(r.out);
+  EXPECT_EQ(j["result"], json::parse("{\"old\":true}"));
+  RunResult raw = Submit(b.endpoint, {"results", "1"});
+  EXPECT_EQ(raw.out, "{\"old\":true}\n");
+}
+
+TEST_F(PgTest, MigrationsRerunHarmlesslyAndBadConninfoIsAClearError) {
+  RunResult first = RunCommand({ASRF_BROKER_BIN, "--migrate", "--pg", pg_->url()});
+  ASSERT_EQ(first.code, 0) << first.err;
+  EXPECT_NE(first.out.find("applied 1"), std::string::npos) << first.out;
+  RunResult again = RunCommand({ASRF_BROKER_BIN, "--migrate", "--pg", pg_->url()});
+  ASSERT_EQ(again.code, 0) << again.err;
+  EXPECT_NE(again.out.find("applied 0"), std::string::npos) << again.out;
+  EXPECT_EQ(pg_->Query("SELECT count(*) FROM schema_migrations"), "1");
+  for (const char* table : {"jobs", "results", "workers", "models", "checkpoints"}) {
+    EXPECT_EQ(pg_->Query(std::string("SELECT to_regclass('") + table + "') IS NOT NULL"), "t") << table;
+  }
+  // Unparsable, unreachable, and a password on the command line.
+  RunResult bad = RunCommand({ASRF_BROKER_BIN, "--migrate", "--pg", "host=/tmp port=x =="});
+  EXPECT_NE(bad.code, 0);
+  EXPECT_NE(bad.err.find("conninfo"), std::string::npos) << bad.err;
+  RunResult gone = RunCommand({ASRF_BROKER_BIN, "--migrate", "--pg", "host=/nonexistent-dir dbname=asrf"}, 30000);
+  EXPECT_EQ(gone.code, 1);
+  EXPECT_NE(gone.err.find("cannot connect to PostgreSQL"), std::string::npos) << gone.err;
+  RunResult secret = RunCommand({ASRF_BROKER_BIN, "--state-dir", tmp_ / "b", "--pg", pg_->url() + "&password=hunter2"});
+  EXPECT_NE(secret.code, 0);
+  EXPECT_NE(secret.err.find("PGPASSWORD"), std::string::npos) << secret.err;
+  RunResult wsecret = RunCommand({ASRF_WORKER_BIN, "--state-dir", tmp_ / "w", "--pg", "password=x host=/tmp"});
+  EXPECT_NE(wsecret.code, 0);
+  EXPECT_NE(wsecret.err.find("PGPASSWORD"), std::string::npos) << wsecret.err;
+}
+
+}  // namespace
+}  // namespace asrf::testing
