@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# Runs a small fleet on this machine: installs and builds (scripts/setup.sh), starts a broker and
-# two CPU workers (2 slots each), submits 1,000 echo jobs, waits for them, prints the queue counts
-# and the workers, then stops the fleet (workers first, so they drain; then the broker).
+# Runs a small fleet on this machine: installs and builds (scripts/setup.sh), starts the embedded
+# default (a private PostgreSQL cluster under the state dir via scripts/pg-local.sh, a broker and
+# two CPU workers with 2 slots each), submits 1,000 echo jobs, waits for them, prints the queue
+# counts, the workers and what reached PostgreSQL, then stops the fleet (workers first, so they
+# drain; then the broker; then PostgreSQL).
 #
 #   scripts/demo.sh          run the demo and stop everything at the end
 #   scripts/demo.sh --keep   leave the fleet running afterwards (PIDs in STATE/pids)
 #   scripts/demo.sh --stop   stop a fleet left running by --keep
 #
 # Environment:
-#   ASRF_STATE_DIR     state root (default: REPO/asrf-state): broker/, worker-N/, logs/, pids
+#   ASRF_STATE_DIR     state root (default: REPO/asrf-state): broker/, worker-N/, pg/, logs/, pids
 #   ASRF_PORT          broker TCP port on 127.0.0.1 (default 5555)
 #   ASRF_DEMO_TIMEOUT  seconds the submission may take before giving up (default 300)
 #
@@ -102,6 +104,7 @@ stop_recorded_fleet() {
 
 if ((stop_only)); then
     stop_recorded_fleet
+    scripts/pg-local.sh stop "$STATE"
     exit 0
 fi
 
@@ -121,6 +124,11 @@ scripts/setup.sh
 for bin in "$BROKER_BIN" "$WORKER_BIN" "$CLIENT_BIN"; do
     [[ -x "$bin" ]] || die "$bin was not built"
 done
+
+say "starting the private PostgreSQL cluster: scripts/pg-local.sh start $STATE"
+mkdir -p "$STATE"
+scripts/pg-local.sh start "$STATE"
+PG_URL="$(scripts/pg-local.sh url "$STATE")"
 
 BROKER_PID=""
 WORKER_PIDS=()
@@ -142,6 +150,7 @@ cleanup() {
         stop_pids "$BROKER_PID"
     fi
     rm -f "$PIDS_FILE"
+    scripts/pg-local.sh stop "$STATE" || true
     exit "$rc"
 }
 trap cleanup EXIT
@@ -172,7 +181,7 @@ endpoint_file="$STATE/broker/broker.endpoint"
 rm -f "$endpoint_file"
 
 say "starting broker on tcp://127.0.0.1:$PORT (state $STATE/broker, log $LOGS/broker.log)"
-start_process broker "$BROKER_BIN" --listen "tcp://127.0.0.1:$PORT" --state-dir "$STATE/broker"
+start_process broker "$BROKER_BIN" --listen "tcp://127.0.0.1:$PORT" --state-dir "$STATE/broker" --pg "$PG_URL"
 BROKER_PID=$STARTED_PID
 echo "$BROKER_PID" >"$PIDS_FILE"
 
@@ -190,7 +199,8 @@ say "broker is listening on $ENDPOINT"
 
 for n in 1 2; do
     say "starting worker-$n (2 slots, state $STATE/worker-$n, log $LOGS/worker-$n.log)"
-    start_process "worker-$n" "$WORKER_BIN" --broker "$ENDPOINT" --state-dir "$STATE/worker-$n" --slots 2
+    start_process "worker-$n" "$WORKER_BIN" --broker "$ENDPOINT" --state-dir "$STATE/worker-$n" --slots 2 \
+        --pg "$PG_URL"
     WORKER_PIDS+=("$STARTED_PID")
 done
 # Workers first, broker last: `kill $(cat pids)` then signals the workers before the broker.
@@ -224,12 +234,15 @@ say "queue counts (asr-submit status --json; every job in the journal, earlier r
 client status --json || { s=$?; ((rc)) || rc=$s; }
 say "workers (asr-submit workers):"
 client workers || { s=$?; ((rc)) || rc=$s; }
+say "in PostgreSQL ($PG_URL): result rows, and job history by state (it catches up asynchronously):"
+sleep 1
+psql "$PG_URL" -Atc "SELECT 'results', count(*) FROM results" -c "SELECT state, count(*) FROM jobs GROUP BY state" || true
 
 if ((rc != 0)); then show_logs; fi
 
 if ((keep)); then
     say "the fleet keeps running: broker PID $BROKER_PID, worker PIDs ${WORKER_PIDS[*]} (saved in $PIDS_FILE)"
-    say "try: $REPO/$CLIENT_BIN --broker $ENDPOINT status"
+    say "try: $REPO/$CLIENT_BIN --broker $ENDPOINT status   or: psql '$PG_URL'"
     say "stop it with: $REPO/scripts/demo.sh --stop   (or: kill ${WORKER_PIDS[*]}; then kill $BROKER_PID)"
 fi
 exit "$rc"
