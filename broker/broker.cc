@@ -546,6 +546,7 @@ struct Broker::Impl {
     i.submitted_ms = j.submitted_ms;
     i.finished_ms = j.finished_ms;
     i.worker = j.worker;
+    i.progress = j.progress;
     if (j.state == JobState::kQueued) {
       bool runnable = false;
       for (const auto& [id, w] : workers) {
@@ -878,7 +879,7 @@ struct Broker::Impl {
     Status st = proto::DecodeBody(body, &m);
     if (st.ok()) st = proto::Validate(m);
     if (!st.ok()) return SendError(routing, 0, "bad_request", st.message());
-    proto::ResultAck rejected;
+    proto::ResultAck immediate;  // rejections and give-backs, answered at once
     FinishGroup group;
     for (auto& r : m.results) {
       Job* j = table.Find(r.id);
@@ -890,7 +891,18 @@ struct Broker::Impl {
       else if (j->worker != w->id) why = "job is leased to another worker";
       if (!why.empty()) {
         LogWarn("result_rejected").Kv("job", r.id).Kv("epoch", r.epoch).Kv("why", why);
-        rejected.rejected.push_back({r.id, r.epoch, why});
+        immediate.rejected.push_back({r.id, r.epoch, why});
+        continue;
+      }
+      if (r.requeue) {
+        // The worker stopped the job on purpose after saving its state: run it again, no attempt.
+        LogInfo("job_given_back").Kv("job", j->id).Kv("worker", w->id).Kv("reason", r.error);
+        DropLease(*j);
+        table.SetState(*j, JobState::kQueued);
+        JournalBatch b;
+        AddEvent(&b, {RowOf(*j, JobState::kQueued)});
+        if (!b.empty()) journal->Write(std::move(b), /*sync=*/false, 0);
+        immediate.accepted.push_back({r.id, r.epoch});
         continue;
       }
       if (r.error.size() > proto::kMaxStringBytes) r.error.resize(proto::kMaxStringBytes);
@@ -908,7 +920,7 @@ struct Broker::Impl {
       }
     }
     CommitFinishes(std::move(group));
-    if (!rejected.rejected.empty()) Send(routing, Cmd::kResultAck, rejected);
+    if (!immediate.rejected.empty() || !immediate.accepted.empty()) Send(routing, Cmd::kResultAck, immediate);
   }
 
   void OnProgress(const std::string& routing, std::string_view body, int64_t now) {
@@ -916,7 +928,16 @@ struct Broker::Impl {
     proto::Progress m;
     if (!w || !proto::DecodeBody(body, &m).ok()) return;
     Job* j = table.Find(m.id);
-    if (j && j->state == JobState::kLeased && j->epoch == m.epoch) j->progress = m.info.substr(0, 65536);
+    if (!j || j->state != JobState::kLeased || j->epoch != m.epoch) return;
+    j->progress = m.info.substr(0, 65536);
+    if (watchers.count(j->batch)) {
+      proto::JobEvent e;
+      e.id = j->id;
+      e.state = proto::StateName(j->state);
+      e.attempts = j->attempts;
+      e.progress = j->progress;
+      pending_events[j->batch].push_back(std::move(e));
+    }
   }
 
   void OnDisconnect(const std::string& routing, int64_t now) {

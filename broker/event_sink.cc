@@ -81,7 +81,57 @@ struct EventSink::Impl {
     stats.pg_up = false;
   }
 
-  // Copies one batch of rows; returns true if there may be more.
+  static std::optional<std::string> Text(const std::string& s) {
+    if (s.empty()) return std::nullopt;
+    return ValidUtf8(s);
+  }
+
+  // One multi-row upsert of rows[i] for i in `which`. Times travel as epoch seconds.
+  Status UpsertRows(const std::vector<records::JobRow>& rows, const std::vector<uint64_t>& seqs,
+                    const std::vector<size_t>& which) {
+    std::string values;
+    std::vector<std::optional<std::string>> params;
+    params.reserve(which.size() * 13);
+    int n = 0;
+    for (size_t i : which) {
+      const auto& r = rows[i];
+      if (n) values += ',';
+      values += '(';
+      for (int c = 1; c <= 13; ++c) {
+        values += (c > 1 ? ",$" : "$") + std::to_string(n * 13 + c);
+        if (c >= 8 && c <= 10) values += "::double precision";
+      }
+      values += ')';
+      params.push_back(std::to_string(r.id));
+      params.push_back(r.parent ? std::optional<std::string>(std::to_string(r.parent)) : std::nullopt);
+      params.push_back(ValidUtf8(r.batch));
+      params.push_back(ValidUtf8(r.kind));
+      params.push_back(std::string(proto::StateName(static_cast<proto::JobState>(std::min<int>(r.state, 5)))));
+      params.push_back(std::to_string(r.priority));
+      params.push_back(std::to_string(r.attempts));
+      params.push_back(Timestamp(r.submitted_ms).value_or("0"));
+      params.push_back(Timestamp(r.started_ms));
+      params.push_back(Timestamp(r.finished_ms));
+      params.push_back(Text(r.worker));
+      params.push_back(Text(r.error));
+      params.push_back(std::to_string(seqs[i]));
+      ++n;
+    }
+    std::string sql =
+        "INSERT INTO jobs (id, parent, batch, kind, state, priority, attempts, submitted_at, started_at, finished_at, "
+        "worker, error, seq) SELECT v.id::bigint, v.parent::bigint, v.batch, v.kind, v.state, v.priority::int, "
+        "v.attempts::int, to_timestamp(v.sub), to_timestamp(v.sta), to_timestamp(v.fin), v.worker, v.error, "
+        "v.seq::bigint FROM (VALUES " +
+        values +
+        ") AS v(id, parent, batch, kind, state, priority, attempts, sub, sta, fin, worker, error, seq) "
+        "ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state, attempts = EXCLUDED.attempts, "
+        "started_at = COALESCE(EXCLUDED.started_at, jobs.started_at), finished_at = EXCLUDED.finished_at, "
+        "worker = COALESCE(EXCLUDED.worker, jobs.worker), error = EXCLUDED.error, seq = EXCLUDED.seq "
+        "WHERE jobs.seq < EXCLUDED.seq";
+    return pg->Query(sql, params);
+  }
+
+  // Copies one batch of "e/" records; returns true if there may be more.
   bool CopyOnce() {
     std::vector<records::JobRow> rows;
     std::vector<uint64_t> seqs;
@@ -103,59 +153,39 @@ struct EventSink::Impl {
     // The newest row per job wins within the batch too.
     std::unordered_map<uint64_t, size_t> newest;
     for (size_t i = 0; i < rows.size(); ++i) newest[rows[i].id] = i;
-    // Times travel as epoch seconds (double precision) and are converted in SQL.
-    std::string values;
-    std::vector<std::optional<std::string>> params;
-    int n = 0;
+    std::vector<size_t> keep;
     for (size_t i = 0; i < rows.size(); ++i) {
-      if (newest[rows[i].id] != i) continue;
-      const auto& r = rows[i];
-      if (n) values += ',';
-      values += '(';
-      for (int c = 1; c <= 13; ++c) {
-        values += (c > 1 ? ",$" : "$") + std::to_string(n * 13 + c);
-        if (c >= 8 && c <= 10) values += "::double precision";
-      }
-      values += ')';
-      params.push_back(std::to_string(r.id));
-      params.push_back(r.parent ? std::optional<std::string>(std::to_string(r.parent)) : std::nullopt);
-      params.push_back(r.batch);
-      params.push_back(r.kind);
-      params.push_back(std::string(proto::StateName(static_cast<proto::JobState>(std::min<int>(r.state, 5)))));
-      params.push_back(std::to_string(r.priority));
-      params.push_back(std::to_string(r.attempts));
-      params.push_back(Timestamp(r.submitted_ms).value_or("0"));
-      params.push_back(Timestamp(r.started_ms));
-      params.push_back(Timestamp(r.finished_ms));
-      params.push_back(r.worker.empty() ? std::nullopt : std::optional<std::string>(r.worker));
-      params.push_back(r.error.empty() ? std::nullopt : std::optional<std::string>(r.error));
-      params.push_back(std::to_string(seqs[i]));
-      ++n;
+      if (newest[rows[i].id] == i) keep.push_back(i);
     }
-    std::string full =
-        "INSERT INTO jobs (id, parent, batch, kind, state, priority, attempts, submitted_at, started_at, finished_at, "
-        "worker, error, seq) SELECT v.id::bigint, v.parent::bigint, v.batch, v.kind, v.state, v.priority::int, "
-        "v.attempts::int, to_timestamp(v.sub), to_timestamp(v.sta), to_timestamp(v.fin), v.worker, v.error, "
-        "v.seq::bigint FROM (VALUES " +
-        values +
-        ") AS v(id, parent, batch, kind, state, priority, attempts, sub, sta, fin, worker, error, seq) "
-        "ON CONFLICT (id) DO UPDATE SET state = EXCLUDED.state, attempts = EXCLUDED.attempts, "
-        "started_at = COALESCE(EXCLUDED.started_at, jobs.started_at), finished_at = EXCLUDED.finished_at, "
-        "worker = COALESCE(EXCLUDED.worker, jobs.worker), error = EXCLUDED.error, seq = EXCLUDED.seq "
-        "WHERE jobs.seq < EXCLUDED.seq";
-    if (n > 0) {
-      st = pg->Query(full, params);
-      if (!st.ok()) {
+    // Statements of at most 2,000 rows (13 parameters each; PostgreSQL allows 65,535), in one
+    // transaction so a batch lands whole or not at all.
+    st = pg->Exec("BEGIN");
+    for (size_t from = 0; st.ok() && from < keep.size(); from += 2000) {
+      std::vector<size_t> chunk(keep.begin() + from, keep.begin() + std::min(keep.size(), from + 2000));
+      st = UpsertRows(rows, seqs, chunk);
+    }
+    if (st.ok()) st = pg->Exec("COMMIT");
+    uint64_t written = keep.size();
+    if (!st.ok()) {
+      (void)pg->Exec("ROLLBACK");
+      if (!pg->healthy()) {
         Down(st);
         return false;
       }
+      // PostgreSQL is up but refuses these rows: log them and move on rather than hold the
+      // history behind them forever.
+      LogError("event_rows_refused")
+          .Kv("error", st.message())
+          .Kv("rows", written)
+          .Kv("first_key", keys.front());
+      written = 0;
     }
     JournalBatch erase;
     for (auto& k : keys) erase.Erase(std::move(k));
     journal->Write(std::move(erase), /*sync=*/false, 0);
     journal->Flush();  // the next read must not see these again
     std::lock_guard<std::mutex> lock(mu);
-    stats.rows_written += n;
+    stats.rows_written += written;
     return true;
   }
 

@@ -134,6 +134,10 @@ int WaitBatch(const GlobalOptions& g, BrokerClient& client, const std::string& b
           if (print_events) {
             json j = {{"job", e.id}, {"state", e.state}, {"attempts", e.attempts}};
             if (!e.error.empty()) j["error"] = e.error;
+            if (!e.progress.empty()) {
+              j["progress"] = json::parse(e.progress, nullptr, false);
+              if (j["progress"].is_discarded()) j["progress"] = e.progress;
+            }
             if (!e.result.data.empty()) {
               j["result"] = json::parse(e.result.data, nullptr, false);
               if (j["result"].is_discarded()) j["result"] = e.result.data;
@@ -314,6 +318,10 @@ int RunStatus(const GlobalOptions& g, const std::vector<std::string>& args) {
     if (!i.why.empty()) j["why"] = i.why;
     json res = json::parse(i.result.data, nullptr, false);
     j["result"] = res.is_discarded() ? json(i.result.data) : res;
+    if (!i.progress.empty()) {
+      j["progress"] = json::parse(i.progress, nullptr, false);
+      if (j["progress"].is_discarded()) j["progress"] = i.progress;
+    }
     if (as_json) {
       std::cout << j.dump(-1, ' ', false, json::error_handler_t::replace) << std::endl;
     } else {
@@ -323,6 +331,7 @@ int RunStatus(const GlobalOptions& g, const std::vector<std::string>& args) {
       std::cout << "\n";
       if (!i.why.empty()) std::cout << "  why: " << i.why << "\n";
       if (!i.error.empty()) std::cout << "  error: " << i.error << "\n";
+      if (!i.progress.empty()) std::cout << "  progress: " << i.progress << "\n";
       if (!i.result.data.empty()) std::cout << "  result: " << SafeText(i.result.data) << "\n";
     }
     return kExitOk;
@@ -334,6 +343,70 @@ int RunStatus(const GlobalOptions& g, const std::vector<std::string>& args) {
     for (auto& [k, v] : c.items()) std::cout << k << " " << v << "\n";
   }
   return kExitOk;
+}
+
+// ---- train --------------------------------------------------------------------------------------
+
+int RunTrain(const GlobalOptions& g, const std::vector<std::string>& args) {
+  std::string manifest, valid, name, out, init;
+  int64_t steps = 2000, checkpoint_every = 100, valid_every = 250, warmup = 300, channels = 256, hidden = 256,
+          layers = 3;
+  double batch_seconds = 64, lr = 1.5e-3;
+  uint64_t seed = 1;
+  int priority = 0;
+  po::options_description desc("train options");
+  desc.add_options()
+      ("manifest", po::value(&manifest)->required(), "training manifest (JSONL: audio, text, duration) on storage the worker can read")
+      ("valid", po::value(&valid)->required(), "validation manifest, same format")
+      ("name", po::value(&name)->required(), "model name")
+      ("out", po::value(&out)->default_value(""), "where the worker writes the final model file (also kept in its state dir)")
+      ("steps", po::value(&steps)->default_value(steps), "optimizer steps")
+      ("batch-seconds", po::value(&batch_seconds)->default_value(batch_seconds), "padded audio seconds per batch")
+      ("lr", po::value(&lr)->default_value(lr), "peak learning rate (Adam; linear warm-up, cosine decay)")
+      ("warmup", po::value(&warmup)->default_value(warmup), "warm-up steps")
+      ("checkpoint-every", po::value(&checkpoint_every)->default_value(checkpoint_every), "steps between checkpoints")
+      ("valid-every", po::value(&valid_every)->default_value(valid_every), "steps between validation CER measurements")
+      ("seed", po::value(&seed)->default_value(seed), "data order and augmentation seed")
+      ("channels", po::value(&channels)->default_value(channels), "convolution channels")
+      ("hidden", po::value(&hidden)->default_value(hidden), "GRU hidden size (per direction)")
+      ("layers", po::value(&layers)->default_value(layers), "GRU layers")
+      ("init", po::value(&init)->default_value(""), "start from this model file (fine-tuning)")
+      ("priority", po::value(&priority)->default_value(0), "job priority")
+      ("wait", po::bool_switch(), "follow the job (progress lines) until it ends");
+  po::variables_map vm;
+  int rc = ParseSub(args, desc, nullptr,
+                    "usage: asr-submit train --manifest train.jsonl --valid valid.jsonl --name NAME [--steps N] "
+                    "[--batch-seconds S] [--out FILE] [--wait]",
+                    &vm);
+  if (rc >= 0) return rc;
+  auto absolute = [](const std::string& p) {
+    if (p.empty() || p[0] == '/') return p;
+    char cwd[4096];
+    return std::string(getcwd(cwd, sizeof(cwd)) ? cwd : ".") + "/" + p;
+  };
+  for (const std::string* p : {&manifest, &valid}) {
+    if (access(p->c_str(), R_OK) != 0) {
+      std::cerr << "asr-submit: cannot read " << *p << " (the worker must be able to read it too)\n";
+      return kExitUsage;
+    }
+  }
+  json payload = {{"manifest", absolute(manifest)}, {"valid", absolute(valid)}, {"name", name},
+                  {"out", absolute(out)}, {"steps", steps}, {"batch_seconds", batch_seconds}, {"lr", lr},
+                  {"warmup", warmup}, {"checkpoint_every", checkpoint_every}, {"valid_every", valid_every},
+                  {"seed", seed}, {"channels", channels}, {"hidden", hidden}, {"layers", layers},
+                  {"init", absolute(init)}};
+  BrokerClient client(g.broker);
+  proto::Submit s;
+  s.batch = "train-" + name + "-" + RandomHex(4);
+  s.request_id = s.batch;
+  s.jobs.push_back({"train", proto::Blob{payload.dump()}, priority, 0});
+  proto::Reply r;
+  Status st = client.Call(Cmd::kSubmit, s, &r, RequestTimeoutMs(g));
+  if (!st.ok()) return ExitFor(st);
+  std::cout << "job " << r.job_ids.at(0) << " batch " << r.batch << std::endl;
+  if (!vm["wait"].as<bool>()) return kExitOk;
+  std::map<std::string, int64_t> counts;
+  return WaitBatch(g, client, r.batch, 1, MonoMs(), true, &counts);
 }
 
 // ---- results ------------------------------------------------------------------------------------
@@ -526,6 +599,7 @@ const std::vector<Command>& Commands() {
       {"submit", "submit jobs of one kind; --wait to wait for them", RunSubmit},
       {"status", "counts per state, or one job with its result", RunStatus},
       {"results", "print one job's result", RunResults},
+      {"train", "train a CTC model on the fleet", RunTrain},
       {"watch", "follow a batch until it finishes", RunWatch},
       {"cancel", "cancel a job or every unfinished job of a batch", RunCancel},
       {"jobs", "list jobs, e.g. the dead-letter list with --state dead", RunJobs},

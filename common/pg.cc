@@ -139,6 +139,26 @@ Status Migrate(PgConn* conn, int* applied) {
   return conn->Exec("COMMIT");
 }
 
+std::string ValidUtf8(const std::string& s) {
+  std::string out;
+  out.reserve(s.size());
+  size_t i = 0;
+  while (i < s.size()) {
+    unsigned char c = static_cast<unsigned char>(s[i]);
+    size_t n = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
+    bool ok = n > 0 && i + n <= s.size() && c != 0;
+    for (size_t k = 1; ok && k < n; ++k) ok = (static_cast<unsigned char>(s[i + k]) >> 6) == 2;
+    if (ok) {
+      out.append(s, i, n);
+      i += n;
+    } else {
+      out.push_back('?');
+      i += 1;
+    }
+  }
+  return out;
+}
+
 std::string ByteaHex(const std::string& bytes) {
   static const char* hex = "0123456789abcdef";
   std::string out = "\\x";

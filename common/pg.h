@@ -70,6 +70,9 @@ extern const int kNumMigrations;
 // transaction under an advisory lock. Returns how many were applied.
 Status Migrate(PgConn* conn, int* applied);
 
+// Text for a text column: invalid UTF-8 sequences become '?' (PostgreSQL rejects them).
+std::string ValidUtf8(const std::string& s);
+
 // Quotes bytes as a bytea hex literal's text form ("\x...") for a text-format parameter.
 std::string ByteaHex(const std::string& bytes);
 std::string DecodeByteaHex(const std::string& text);

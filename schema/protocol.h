@@ -181,8 +181,9 @@ struct JobInfo {
   int64_t finished_ms = 0;   // wall clock; 0 while unfinished
   std::string worker;        // current or last worker
   std::string why;           // why a queued job is waiting, when known
+  std::string progress;      // the last PROGRESS of a running (or finished) job, JSON text
   MSGPACK_DEFINE_MAP(id, batch, kind, state, priority, attempts, error, result, submitted_ms, finished_ms, worker,
-                     why);
+                     why, progress);
 };
 
 struct WorkerInfo {
@@ -217,7 +218,8 @@ struct JobEvent {
   std::string error;
   Blob result;
   int64_t run_ms = 0;
-  MSGPACK_DEFINE_MAP(id, state, attempts, error, result, run_ms);
+  std::string progress;  // set on progress events of running jobs (state "leased")
+  MSGPACK_DEFINE_MAP(id, state, attempts, error, result, run_ms, progress);
 };
 
 // EVENT: jobs of a watched batch that reached a terminal state.
@@ -288,7 +290,10 @@ struct JobResult {
   Blob result;
   std::string error;
   int64_t run_ms = 0;
-  MSGPACK_DEFINE_MAP(id, epoch, ok, result, error, run_ms);
+  // The worker stopped the job on purpose (it is draining) after saving its state: the broker
+  // queues it again without counting an attempt.
+  bool requeue = false;
+  MSGPACK_DEFINE_MAP(id, epoch, ok, result, error, run_ms, requeue);
 };
 
 struct Result {

@@ -62,7 +62,9 @@ class RawPeer {
     std::string body;
     proto::Error e;
     e.code = "(none)";
-    if (Expect(Cmd::kError, &body, timeout_ms)) EXPECT_TRUE(proto::DecodeBody(body, &e).ok());
+    if (Expect(Cmd::kError, &body, timeout_ms)) {
+      EXPECT_TRUE(proto::DecodeBody(body, &e).ok());
+    }
     return e;
   }
 

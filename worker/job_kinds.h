@@ -20,6 +20,11 @@ struct JobContext {
   // Set when the broker cancels the job (client cancel, timeout). Long kinds poll it and return.
   const std::atomic<bool>* cancelled = nullptr;
   bool Cancelled() const { return cancelled && cancelled->load(std::memory_order_relaxed); }
+  // Set when the worker drains: long kinds save their state and return Busy, which gives the job
+  // back to the broker without counting an attempt.
+  const std::atomic<bool>* stopping = nullptr;
+  // Reports progress (JSON text) to the broker; the latest report wins. May be empty.
+  std::function<void(const std::string&)> progress;
 };
 
 // Returns ok with *result filled, or an error whose message becomes the job's error.

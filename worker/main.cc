@@ -5,6 +5,7 @@
 #include "common/log.h"
 #include "common/options.h"
 #include "cuda/device_info.h"
+#include "worker/train_kind.h"
 #include "worker/worker.h"
 
 namespace {
@@ -27,6 +28,7 @@ int main(int argc, char** argv) {
       ("pg", po::value(&o.pg)->default_value(""),
        "PostgreSQL conninfo (key=value or postgresql:// URI; PGHOST, PGPASSFILE... honoured; never a password "
        "here) for the result sink; empty: results go only to the broker")
+      ("threads", po::value<int>()->default_value(0), "threads for model work (training); 0 = all cores")
       ("heartbeat-ms", po::value(&o.heartbeat_ms)->default_value(o.heartbeat_ms), "heartbeat interval")
       ("heartbeat-misses", po::value(&o.heartbeat_misses)->default_value(o.heartbeat_misses),
        "missed broker heartbeats after which the worker reconnects");
@@ -56,6 +58,13 @@ int main(int argc, char** argv) {
   std::signal(SIGPIPE, SIG_IGN);
   JobRegistry registry;
   RegisterDiagnosticKinds(&registry);
+  TrainKindOptions tk;
+  tk.state_dir = o.state_dir;
+  tk.threads = vm["threads"].as<int>();
+  if (Status st = RegisterTrainKind(&registry, tk); !st.ok()) {
+    std::cerr << "asr-worker: " << st.message() << "\n";
+    return 1;
+  }
   Worker worker(o, std::move(registry));
   Status st = worker.Run(&g_stop);
   if (!st.ok()) {

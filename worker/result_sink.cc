@@ -111,10 +111,10 @@ struct ResultSink::Impl {
              std::to_string(b + 7) + ")";
       params.push_back(std::to_string(r.id));
       params.push_back(std::to_string(r.epoch));
-      params.push_back(opt.worker_id);
+      params.push_back(ValidUtf8(opt.worker_id));
       params.push_back(r.ok ? "t" : "f");
       params.push_back(r.result.data);
-      params.push_back(r.error.empty() ? std::nullopt : std::optional<std::string>(r.error));
+      params.push_back(r.error.empty() ? std::nullopt : std::optional<std::string>(ValidUtf8(r.error)));
       params.push_back(std::to_string(std::min<int64_t>(r.run_ms, INT32_MAX)));
       binary.insert(binary.end(), {false, false, false, false, true, false, false});
       ++n;
@@ -152,7 +152,11 @@ struct ResultSink::Impl {
     }
     if (keys.empty()) return false;
     Status st = rows.empty() ? Status::Ok() : Upsert(rows);
-    if (!st.ok()) {
+    if (!st.ok() && pg->healthy()) {
+      // PostgreSQL is up but refuses these rows: they are still in the broker's journal; log
+      // them and go on instead of holding every later result behind them.
+      LogError("result_rows_refused").Kv("error", st.message()).Kv("rows", static_cast<uint64_t>(rows.size()));
+    } else if (!st.ok()) {
       MarkDown(st);
       return false;
     }

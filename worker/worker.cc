@@ -64,6 +64,8 @@ struct Worker::Impl {
   std::condition_variable cv;
   std::deque<Task> tasks;   // GUARDED_BY(mu)
   std::vector<Done> done;   // GUARDED_BY(mu)
+  std::unordered_map<uint64_t, proto::Progress> progress;  // latest per job; GUARDED_BY(mu)
+  std::atomic<bool> stopping{false};  // draining: long jobs checkpoint and give their job back
   bool stopping_threads = false;
   std::vector<std::thread> threads;
 
@@ -147,6 +149,16 @@ struct Worker::Impl {
         ctx.id = t.a.id;
         ctx.attempt = t.a.attempt;
         ctx.cancelled = t.cancelled.get();
+        ctx.stopping = &stopping;
+        ctx.progress = [this, id = t.a.id, epoch = t.a.epoch](const std::string& info) {
+          bool first;
+          {
+            std::lock_guard<std::mutex> lock(mu);
+            first = progress.empty() && done.empty();
+            progress[id] = proto::Progress{id, epoch, info};
+          }
+          if (first) Wake();
+        };
         try {
           st = (*fn)(t.a.payload.data, ctx, &result);
         } catch (const std::exception& e) {
@@ -159,6 +171,7 @@ struct Worker::Impl {
                              std::to_string(proto::kMaxResultBytes) + "-byte limit");
         result.clear();
       }
+      d.result.requeue = st.code() == Status::Code::kBusy && stopping.load();
       d.result.ok = st.ok();
       if (st.ok()) d.result.result.data = std::move(result);
       else d.result.error = st.message().substr(0, proto::kMaxStringBytes);
@@ -280,9 +293,14 @@ struct Worker::Impl {
 
   void FlushDone() {
     std::vector<Done> batch;
+    std::unordered_map<uint64_t, proto::Progress> reports;
     {
       std::lock_guard<std::mutex> lock(mu);
       batch.swap(done);
+      reports.swap(progress);
+    }
+    for (const auto& [id, p] : reports) {
+      if (running.count(id)) Send(Cmd::kProgress, p);
     }
     if (batch.empty()) return;
     std::vector<proto::JobResult> results;
@@ -360,6 +378,7 @@ Status Worker::Run(const std::atomic<bool>* stop) {
     int64_t now = MonoMs();
     if (stop->load() && !s.draining) {
       s.draining = true;
+      s.stopping = true;
       drain_started = now;
       s.Send(Cmd::kHeartbeat, proto::Heartbeat{true, 0});
       LogInfo("worker_draining").Kv("running", static_cast<uint64_t>(s.running.size()));

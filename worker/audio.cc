@@ -1,0 +1,51 @@
+#include "worker/audio.h"
+
+#include <sndfile.h>
+
+namespace asrf {
+
+Status ProbeAudio(const std::string& path, AudioInfo* info) {
+  SF_INFO sfi{};
+  SNDFILE* f = sf_open(path.c_str(), SFM_READ, &sfi);
+  if (!f) return Status::Invalid(path + ": not readable audio (" + sf_strerror(nullptr) + ")");
+  sf_close(f);
+  info->sample_rate = sfi.samplerate;
+  info->channels = sfi.channels;
+  info->frames = sfi.frames;
+  return Status::Ok();
+}
+
+Status ReadAudio(const std::string& path, std::vector<int16_t>* mono, AudioInfo* info) {
+  SF_INFO sfi{};
+  SNDFILE* f = sf_open(path.c_str(), SFM_READ, &sfi);
+  if (!f) return Status::Invalid(path + ": not readable audio (" + sf_strerror(nullptr) + ")");
+  info->sample_rate = sfi.samplerate;
+  info->channels = sfi.channels;
+  info->frames = sfi.frames;
+  std::vector<int16_t> buf(static_cast<size_t>(sfi.frames) * std::max(sfi.channels, 1));
+  sf_count_t got = sf_readf_short(f, buf.data(), sfi.frames);
+  sf_close(f);
+  if (got < 0) return Status::Invalid(path + ": read error");
+  mono->resize(static_cast<size_t>(got));
+  for (sf_count_t i = 0; i < got; ++i) {
+    int sum = 0;
+    for (int c = 0; c < sfi.channels; ++c) sum += buf[i * sfi.channels + c];
+    (*mono)[i] = static_cast<int16_t>(sum / std::max(sfi.channels, 1));
+  }
+  return Status::Ok();
+}
+
+Status WriteWav(const std::string& path, const std::vector<int16_t>& mono, int sample_rate) {
+  SF_INFO sfi{};
+  sfi.samplerate = sample_rate;
+  sfi.channels = 1;
+  sfi.format = SF_FORMAT_WAV | SF_FORMAT_PCM_16;
+  SNDFILE* f = sf_open(path.c_str(), SFM_WRITE, &sfi);
+  if (!f) return Status::IOError("cannot write " + path + ": " + sf_strerror(nullptr));
+  sf_count_t n = sf_writef_short(f, mono.data(), static_cast<sf_count_t>(mono.size()));
+  sf_close(f);
+  if (n != static_cast<sf_count_t>(mono.size())) return Status::IOError("short write to " + path);
+  return Status::Ok();
+}
+
+}  // namespace asrf

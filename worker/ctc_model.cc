@@ -1,0 +1,261 @@
+#include "worker/ctc_model.h"
+
+#include <cctype>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+namespace asrf {
+
+Status Vocabulary::Encode(const std::string& text, std::vector<int64_t>* ids) const {
+  ids->clear();
+  for (char ch : text) {
+    char c = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+    size_t p = chars.find(c);
+    if (p == std::string::npos) {
+      return Status::Invalid(std::string("character '") + ch + "' is not in the vocabulary \"" + chars + "\"");
+    }
+    ids->push_back(static_cast<int64_t>(p) + 1);
+  }
+  return Status::Ok();
+}
+
+std::string Vocabulary::Decode(const std::vector<int64_t>& ids) const {
+  std::string s;
+  for (int64_t id : ids) {
+    if (id >= 1 && id <= static_cast<int64_t>(chars.size())) s.push_back(chars[id - 1]);
+  }
+  return s;
+}
+
+std::string NormalizeText(const std::string& text) {
+  std::string out;
+  bool space = false;
+  for (char ch : text) {
+    unsigned char c = static_cast<unsigned char>(ch);
+    if (std::isspace(c)) {
+      space = !out.empty();
+      continue;
+    }
+    if (space) out.push_back(' ');
+    space = false;
+    out.push_back(static_cast<char>(std::tolower(c)));
+  }
+  return out;
+}
+
+std::string CtcModelConfig::ToJson() const {
+  nlohmann::json j = {{"features", features}, {"mels", mels},       {"channels", channels},
+                      {"hidden", hidden},     {"layers", layers},   {"dropout", dropout},
+                      {"vocabulary", vocab.chars}, {"architecture", "conv2x-bigru-ctc-v1"}};
+  return j.dump();
+}
+
+Status CtcModelConfig::FromJson(const std::string& text, CtcModelConfig* out) {
+  auto j = nlohmann::json::parse(text, nullptr, false);
+  if (j.is_discarded() || !j.is_object()) return Status::Corruption("model config is not a JSON object");
+  try {
+    CtcModelConfig c;
+    c.features = j.value("features", c.features);
+    c.mels = j.value("mels", c.mels);
+    c.channels = j.value("channels", c.channels);
+    c.hidden = j.value("hidden", c.hidden);
+    c.layers = j.value("layers", c.layers);
+    c.dropout = j.value("dropout", c.dropout);
+    c.vocab.chars = j.value("vocabulary", c.vocab.chars);
+    if (j.value("architecture", std::string("conv2x-bigru-ctc-v1")) != "conv2x-bigru-ctc-v1") {
+      return Status::Invalid("model architecture " + j.value("architecture", std::string()) + " is not supported");
+    }
+    if (c.mels <= 0 || c.channels <= 0 || c.hidden <= 0 || c.layers <= 0 || c.vocab.chars.empty()) {
+      return Status::Corruption("model config has a non-positive size or an empty vocabulary");
+    }
+    *out = c;
+  } catch (const std::exception& e) {
+    return Status::Corruption(std::string("model config: ") + e.what());
+  }
+  return Status::Ok();
+}
+
+CtcModelImpl::CtcModelImpl(CtcModelConfig config) : config_(std::move(config)) {
+  using namespace torch::nn;
+  conv1_ = register_module("conv1", Conv1d(Conv1dOptions(config_.mels, config_.channels, 5).stride(2).padding(2)));
+  conv2_ =
+      register_module("conv2", Conv1d(Conv1dOptions(config_.channels, config_.channels, 5).stride(2).padding(2)));
+  norm_ = register_module("norm", LayerNorm(LayerNormOptions({config_.channels})));
+  gru_ = register_module("gru", GRU(GRUOptions(config_.channels, config_.hidden)
+                                        .num_layers(config_.layers)
+                                        .bidirectional(true)
+                                        .batch_first(true)
+                                        .dropout(config_.layers > 1 ? config_.dropout : 0.0)));
+  drop_ = register_module("drop", Dropout(config_.dropout));
+  out_ = register_module("out", Linear(2 * config_.hidden, config_.vocab.size()));
+}
+
+torch::Tensor CtcModelImpl::OutputFrames(const torch::Tensor& frames) {
+  // Each conv: kernel 5, stride 2, padding 2 -> ceil(L / 2).
+  torch::Tensor l = frames.to(torch::kInt64);
+  l = torch::floor_divide(l + 1, 2);
+  l = torch::floor_divide(l + 1, 2);
+  return l;
+}
+
+std::pair<torch::Tensor, torch::Tensor> CtcModelImpl::forward(torch::Tensor features, torch::Tensor frames) {
+  torch::Tensor x = features.transpose(1, 2);  // [B, mels, T]
+  x = torch::gelu(conv1_->forward(x));
+  x = torch::gelu(conv2_->forward(x));
+  x = norm_->forward(x.transpose(1, 2));  // [B, T', C]
+  torch::Tensor out_frames = OutputFrames(frames).clamp_max(x.size(1)).clamp_min(1);
+  auto packed = torch::nn::utils::rnn::pack_padded_sequence(x, out_frames.to(torch::kCPU), /*batch_first=*/true,
+                                                            /*enforce_sorted=*/false);
+  auto [y_packed, h] = gru_->forward_with_packed_input(packed);
+  auto [y, lens] = torch::nn::utils::rnn::pad_packed_sequence(y_packed, /*batch_first=*/true, 0.0, x.size(1));
+  (void)h;
+  (void)lens;
+  torch::Tensor logits = out_->forward(drop_->forward(y));
+  return {torch::log_softmax(logits, -1), out_frames};
+}
+
+static Status Guard(const std::function<void()>& fn, const std::string& what) {
+  try {
+    fn();
+  } catch (const c10::Error& e) {
+    return Status::Corruption(what + ": " + e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    return Status::IOError(what + ": " + e.what());
+  }
+  return Status::Ok();
+}
+
+static void WriteArchive(CtcModel& model, torch::serialize::OutputArchive& ar) {
+  ar.write("config", c10::IValue(model->config().ToJson()));
+  torch::serialize::OutputArchive weights;
+  model->save(weights);
+  ar.write("model", weights);
+}
+
+static Status ReadArchive(torch::serialize::InputArchive& ar, CtcModel* out) {
+  c10::IValue cfg;
+  ar.read("config", cfg);
+  if (!cfg.isString()) return Status::Corruption("model file: config is not a string");
+  CtcModelConfig config;
+  ASRF_RETURN_IF_ERROR(CtcModelConfig::FromJson(cfg.toStringRef(), &config));
+  CtcModel model(config);
+  torch::serialize::InputArchive weights;
+  ar.read("model", weights);
+  model->load(weights);
+  *out = model;
+  return Status::Ok();
+}
+
+Status SaveModel(CtcModel& model, const std::string& path) {
+  return Guard(
+      [&] {
+        torch::serialize::OutputArchive ar;
+        WriteArchive(model, ar);
+        ar.save_to(path);
+      },
+      "cannot write model " + path);
+}
+
+Status SaveModelToBytes(CtcModel& model, std::string* bytes) {
+  return Guard(
+      [&] {
+        torch::serialize::OutputArchive ar;
+        WriteArchive(model, ar);
+        std::ostringstream os;
+        ar.save_to(os);
+        *bytes = os.str();
+      },
+      "cannot serialise model");
+}
+
+Status LoadModel(const std::string& path, CtcModel* out) {
+  Status inner;
+  Status st = Guard(
+      [&] {
+        torch::serialize::InputArchive ar;
+        ar.load_from(path);
+        inner = ReadArchive(ar, out);
+      },
+      "cannot read model " + path);
+  return st.ok() ? inner : st;
+}
+
+Status LoadModelFromBytes(const std::string& bytes, CtcModel* out) {
+  Status inner;
+  Status st = Guard(
+      [&] {
+        torch::serialize::InputArchive ar;
+        ar.load_from(bytes.data(), bytes.size());
+        inner = ReadArchive(ar, out);
+      },
+      "cannot read model bytes");
+  return st.ok() ? inner : st;
+}
+
+std::vector<std::string> GreedyDecode(const torch::Tensor& log_probs, const torch::Tensor& out_frames,
+                                      const Vocabulary& vocab) {
+  torch::Tensor best = log_probs.argmax(-1).to(torch::kCPU).to(torch::kInt64).contiguous();
+  torch::Tensor lens = out_frames.to(torch::kCPU).to(torch::kInt64);
+  std::vector<std::string> out;
+  for (int64_t b = 0; b < best.size(0); ++b) {
+    const int64_t* p = best[b].data_ptr<int64_t>();
+    int64_t n = std::min<int64_t>(lens[b].item<int64_t>(), best.size(1));
+    std::vector<int64_t> ids;
+    int64_t prev = -1;
+    for (int64_t t = 0; t < n; ++t) {
+      if (p[t] != prev && p[t] != 0) ids.push_back(p[t]);
+      prev = p[t];
+    }
+    out.push_back(NormalizeText(vocab.Decode(ids)));
+  }
+  return out;
+}
+
+size_t EditDistance(const std::vector<std::string>& a, const std::vector<std::string>& b) {
+  std::vector<size_t> prev(b.size() + 1), cur(b.size() + 1);
+  for (size_t j = 0; j <= b.size(); ++j) prev[j] = j;
+  for (size_t i = 1; i <= a.size(); ++i) {
+    cur[0] = i;
+    for (size_t j = 1; j <= b.size(); ++j) {
+      cur[j] = std::min({prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1)});
+    }
+    std::swap(prev, cur);
+  }
+  return prev[b.size()];
+}
+
+static std::vector<std::string> Chars(const std::string& s) {
+  std::vector<std::string> v;
+  for (char c : s) v.emplace_back(1, c);
+  return v;
+}
+
+static std::vector<std::string> Words(const std::string& s) {
+  std::vector<std::string> v;
+  std::istringstream in(s);
+  std::string w;
+  while (in >> w) v.push_back(w);
+  return v;
+}
+
+double CharErrorRate(const std::vector<std::string>& refs, const std::vector<std::string>& hyps) {
+  size_t err = 0, total = 0;
+  for (size_t i = 0; i < refs.size() && i < hyps.size(); ++i) {
+    err += EditDistance(Chars(refs[i]), Chars(hyps[i]));
+    total += refs[i].size();
+  }
+  return total ? static_cast<double>(err) / total : 0.0;
+}
+
+double WordErrorRate(const std::vector<std::string>& refs, const std::vector<std::string>& hyps) {
+  size_t err = 0, total = 0;
+  for (size_t i = 0; i < refs.size() && i < hyps.size(); ++i) {
+    auto r = Words(refs[i]);
+    err += EditDistance(r, Words(hyps[i]));
+    total += r.size();
+  }
+  return total ? static_cast<double>(err) / total : 0.0;
+}
+
+}  // namespace asrf

@@ -1,0 +1,73 @@
+// The project's own CTC acoustic model: log-mel features -> two strided 1-D convolutions (4x fewer
+// frames) -> bidirectional GRU -> per-frame log-probabilities over blank + characters.
+// A model file holds its config (JSON, including the vocabulary and the front end's name) and its
+// weights; the same definition is loaded for training and for inference.
+#pragma once
+
+#include <torch/torch.h>
+
+#include <string>
+#include <vector>
+
+#include "common/status.h"
+
+namespace asrf {
+
+// Characters a model emits. Id 0 is the CTC blank; character i of `chars` is id i + 1.
+struct Vocabulary {
+  std::string chars = " 'abcdefghijklmnopqrstuvwxyz";
+  int64_t size() const { return static_cast<int64_t>(chars.size()) + 1; }
+  // Lowercases and maps text to ids; characters outside the vocabulary make it fail.
+  Status Encode(const std::string& text, std::vector<int64_t>* ids) const;
+  std::string Decode(const std::vector<int64_t>& ids) const;
+};
+
+// Normalises free text toward a vocabulary: lowercase, whitespace collapsed and trimmed.
+std::string NormalizeText(const std::string& text);
+
+struct CtcModelConfig {
+  std::string features = "logmel80-v1";
+  int64_t mels = 80;
+  int64_t channels = 256;
+  int64_t hidden = 256;
+  int64_t layers = 3;
+  double dropout = 0.1;
+  Vocabulary vocab;
+  std::string ToJson() const;
+  static Status FromJson(const std::string& json, CtcModelConfig* out);
+};
+
+class CtcModelImpl : public torch::nn::Module {
+ public:
+  explicit CtcModelImpl(CtcModelConfig config);
+  // features [B, T, mels], frames [B] -> log_probs [B, T', V] and out_frames [B].
+  std::pair<torch::Tensor, torch::Tensor> forward(torch::Tensor features, torch::Tensor frames);
+  const CtcModelConfig& config() const { return config_; }
+  static torch::Tensor OutputFrames(const torch::Tensor& frames);
+
+ private:
+  CtcModelConfig config_;
+  torch::nn::Conv1d conv1_{nullptr}, conv2_{nullptr};
+  torch::nn::LayerNorm norm_{nullptr};
+  torch::nn::GRU gru_{nullptr};
+  torch::nn::Dropout drop_{nullptr};
+  torch::nn::Linear out_{nullptr};
+};
+TORCH_MODULE(CtcModel);
+
+// Model files: config + weights in one torch archive.
+Status SaveModel(CtcModel& model, const std::string& path);
+Status SaveModelToBytes(CtcModel& model, std::string* bytes);
+Status LoadModel(const std::string& path, CtcModel* out);
+Status LoadModelFromBytes(const std::string& bytes, CtcModel* out);
+
+// Greedy CTC decoding: best id per frame, repeats collapsed, blanks dropped.
+std::vector<std::string> GreedyDecode(const torch::Tensor& log_probs, const torch::Tensor& out_frames,
+                                      const Vocabulary& vocab);
+
+// Levenshtein distance between two sequences of characters or words.
+size_t EditDistance(const std::vector<std::string>& a, const std::vector<std::string>& b);
+double CharErrorRate(const std::vector<std::string>& refs, const std::vector<std::string>& hyps);
+double WordErrorRate(const std::vector<std::string>& refs, const std::vector<std::string>& hyps);
+
+}  // namespace asrf

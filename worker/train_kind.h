@@ -1,0 +1,18 @@
+// Registers the `train` job kind (see worker/trainer.h) with a worker's job registry.
+#pragma once
+
+#include <string>
+
+#include "common/status.h"
+#include "worker/job_kinds.h"
+
+namespace asrf {
+
+struct TrainKindOptions {
+  std::string state_dir;  // checkpoints go to STATE_DIR/checkpoints, models to STATE_DIR/models
+  int threads = 0;        // torch threads for training; 0 = torch's default
+};
+
+Status RegisterTrainKind(JobRegistry* registry, const TrainKindOptions& options);
+
+}  // namespace asrf

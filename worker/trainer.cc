@@ -1,0 +1,454 @@
+#include "worker/trainer.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include "common/clock.h"
+#include "common/log.h"
+#include "worker/audio.h"
+#include "worker/checkpoint_store.h"
+#include "worker/ctc_model.h"
+#include "worker/features.h"
+
+namespace asrf {
+
+using json = nlohmann::json;
+
+// ---- spec -------------------------------------------------------------------------------------
+
+Status TrainSpec::FromJson(const std::string& text, TrainSpec* out) {
+  auto j = json::parse(text, nullptr, false);
+  if (j.is_discarded() || !j.is_object()) return Status::Invalid("malformed payload: a train job takes a JSON object");
+  TrainSpec s;
+  try {
+    s.manifest = j.value("manifest", "");
+    s.valid = j.value("valid", "");
+    s.name = j.value("name", "");
+    s.out = j.value("out", "");
+    s.steps = j.value("steps", s.steps);
+    s.batch_seconds = j.value("batch_seconds", s.batch_seconds);
+    s.lr = j.value("lr", s.lr);
+    s.warmup = j.value("warmup", s.warmup);
+    s.clip = j.value("clip", s.clip);
+    s.checkpoint_every = j.value("checkpoint_every", s.checkpoint_every);
+    s.keep = j.value("keep", s.keep);
+    s.valid_every = j.value("valid_every", s.valid_every);
+    s.valid_max = j.value("valid_max", s.valid_max);
+    s.seed = j.value("seed", s.seed);
+    s.channels = j.value("channels", s.channels);
+    s.hidden = j.value("hidden", s.hidden);
+    s.layers = j.value("layers", s.layers);
+    s.dropout = j.value("dropout", s.dropout);
+    s.max_seconds = j.value("max_seconds", s.max_seconds);
+    s.spec_augment = j.value("spec_augment", s.spec_augment);
+    s.init = j.value("init", "");
+  } catch (const std::exception& e) {
+    return Status::Invalid(std::string("malformed payload: ") + e.what());
+  }
+  if (s.manifest.empty() || s.valid.empty() || s.name.empty()) {
+    return Status::Invalid("malformed payload: a train job needs manifest, valid and name");
+  }
+  if (s.steps < 1 || s.batch_seconds <= 0 || s.lr <= 0 || s.checkpoint_every < 1 || s.valid_every < 1 ||
+      s.channels < 1 || s.hidden < 1 || s.layers < 1 || s.keep < 1) {
+    return Status::Invalid("malformed payload: steps, batch_seconds, lr, sizes and intervals must be positive");
+  }
+  *out = s;
+  return Status::Ok();
+}
+
+std::string TrainSpec::ToJson() const {
+  json j = {{"manifest", manifest}, {"valid", valid}, {"name", name}, {"out", out}, {"steps", steps},
+            {"batch_seconds", batch_seconds}, {"lr", lr}, {"warmup", warmup}, {"clip", clip},
+            {"checkpoint_every", checkpoint_every}, {"keep", keep}, {"valid_every", valid_every},
+            {"valid_max", valid_max}, {"seed", seed}, {"channels", channels}, {"hidden", hidden},
+            {"layers", layers}, {"dropout", dropout}, {"max_seconds", max_seconds},
+            {"spec_augment", spec_augment}, {"init", init}};
+  return j.dump();
+}
+
+// ---- data -------------------------------------------------------------------------------------
+
+Status ReadManifest(const std::string& path, const std::string& vocabulary, double max_seconds,
+                    std::vector<ManifestItem>* items) {
+  std::ifstream in(path);
+  if (!in) return Status::Invalid("manifest " + path + " cannot be read (it must be on storage the worker sees)");
+  Vocabulary vocab;
+  vocab.chars = vocabulary;
+  std::vector<std::string> problems;
+  size_t bad = 0;
+  std::string line;
+  int lineno = 0;
+  auto problem = [&](const std::string& p) {
+    ++bad;
+    if (problems.size() < 8) problems.push_back("line " + std::to_string(lineno) + ": " + p);
+  };
+  while (std::getline(in, line)) {
+    ++lineno;
+    if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    auto j = json::parse(line, nullptr, false);
+    if (j.is_discarded() || !j.is_object() || !j.contains("audio") || !j["audio"].is_string() ||
+        !j.contains("text") || !j["text"].is_string()) {
+      problem("not a JSON object with string fields \"audio\" and \"text\"");
+      continue;
+    }
+    ManifestItem it;
+    it.audio = j["audio"].get<std::string>();
+    if (!it.audio.empty() && it.audio[0] != '/') {
+      it.audio = (std::filesystem::path(path).parent_path() / it.audio).string();
+    }
+    it.text = NormalizeText(j["text"].get<std::string>());
+    if (it.text.empty()) {
+      problem("empty text");
+      continue;
+    }
+    std::vector<int64_t> ids;
+    Status st = vocab.Encode(it.text, &ids);
+    if (!st.ok()) {
+      problem(st.message());
+      continue;
+    }
+    AudioInfo info;
+    st = ProbeAudio(it.audio, &info);
+    if (!st.ok()) {
+      problem(st.message());
+      continue;
+    }
+    if (info.sample_rate != kSampleRate) {
+      problem(it.audio + ": sample rate " + std::to_string(info.sample_rate) + " Hz; training needs 16000 Hz");
+      continue;
+    }
+    if (info.frames <= 0) {
+      problem(it.audio + ": no audio");
+      continue;
+    }
+    it.duration = static_cast<double>(info.frames) / info.sample_rate;
+    if (it.duration > max_seconds) {
+      problem(it.audio + ": " + std::to_string(it.duration) + " s is longer than max_seconds");
+      continue;
+    }
+    items->push_back(std::move(it));
+  }
+  if (bad > 0) {
+    std::string m = "manifest " + path + " has " + std::to_string(bad) + " bad line(s); nothing was trained:";
+    for (const auto& p : problems) m += "\n  " + p;
+    if (bad > problems.size()) m += "\n  ...";
+    return Status::Invalid(m);
+  }
+  if (items->empty()) return Status::Invalid("manifest " + path + " has no utterances");
+  return Status::Ok();
+}
+
+namespace {
+
+struct Utterance {
+  std::vector<int16_t> pcm;
+  std::vector<int64_t> ids;
+  std::string text;
+};
+
+Status LoadAll(const std::vector<ManifestItem>& items, const Vocabulary& vocab, std::vector<Utterance>* out) {
+  out->reserve(items.size());
+  for (const auto& it : items) {
+    Utterance u;
+    AudioInfo info;
+    ASRF_RETURN_IF_ERROR(ReadAudio(it.audio, &u.pcm, &info));
+    ASRF_RETURN_IF_ERROR(vocab.Encode(it.text, &u.ids));
+    u.text = it.text;
+    out->push_back(std::move(u));
+  }
+  return Status::Ok();
+}
+
+// Batches by padded audio seconds over duration-sorted utterances (length buckets: neighbours in
+// the sorted order have similar lengths, so padding stays small). The order of batches is
+// shuffled per epoch from the seed, so (epoch, index) is a reproducible data position.
+std::vector<std::vector<size_t>> MakeBatches(const std::vector<Utterance>& data, double batch_seconds) {
+  std::vector<size_t> order(data.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return data[a].pcm.size() < data[b].pcm.size(); });
+  std::vector<std::vector<size_t>> batches;
+  std::vector<size_t> cur;
+  size_t longest = 0;
+  const double budget = batch_seconds * kSampleRate;
+  for (size_t i : order) {
+    size_t len = data[i].pcm.size();
+    if (!cur.empty() && static_cast<double>(std::max(longest, len)) * (cur.size() + 1) > budget) {
+      batches.push_back(std::move(cur));
+      cur.clear();
+      longest = 0;
+    }
+    cur.push_back(i);
+    longest = std::max(longest, len);
+  }
+  if (!cur.empty()) batches.push_back(std::move(cur));
+  return batches;
+}
+
+std::vector<size_t> EpochOrder(size_t n, uint64_t seed, int64_t epoch) {
+  std::vector<size_t> order(n);
+  for (size_t i = 0; i < n; ++i) order[i] = i;
+  std::mt19937_64 rng(seed * 1000003ull + static_cast<uint64_t>(epoch));
+  std::shuffle(order.begin(), order.end(), rng);
+  return order;
+}
+
+void MakeBatchTensors(const std::vector<Utterance>& data, const std::vector<size_t>& idx, torch::Tensor* pcm,
+                      torch::Tensor* lengths) {
+  size_t longest = 0;
+  for (size_t i : idx) longest = std::max(longest, data[i].pcm.size());
+  *pcm = torch::zeros({static_cast<int64_t>(idx.size()), static_cast<int64_t>(longest)}, torch::kFloat32);
+  *lengths = torch::zeros({static_cast<int64_t>(idx.size())}, torch::kInt64);
+  auto pa = pcm->accessor<float, 2>();
+  for (size_t b = 0; b < idx.size(); ++b) {
+    const auto& s = data[idx[b]].pcm;
+    for (size_t t = 0; t < s.size(); ++t) pa[b][t] = s[t] / 32768.0f;
+    (*lengths)[b] = static_cast<int64_t>(s.size());
+  }
+}
+
+// SpecAugment: two frequency masks (up to 15 bins) and two time masks (up to 40 frames, at most
+// 10% of the utterance) per utterance, from the job's own RNG so a resumed run is reproducible.
+void SpecAugment(torch::Tensor& feats, const torch::Tensor& frames, std::mt19937_64& rng) {
+  auto fa = frames.accessor<int64_t, 1>();
+  for (int64_t b = 0; b < feats.size(0); ++b) {
+    for (int k = 0; k < 2; ++k) {
+      int64_t w = std::uniform_int_distribution<int64_t>(0, 15)(rng);
+      int64_t f0 = std::uniform_int_distribution<int64_t>(0, kMels - w)(rng);
+      if (w > 0) feats[b].narrow(1, f0, w).zero_();
+    }
+    int64_t t = fa[b];
+    int64_t maxw = std::min<int64_t>(40, t / 10);
+    for (int k = 0; k < 2 && maxw > 0; ++k) {
+      int64_t w = std::uniform_int_distribution<int64_t>(0, maxw)(rng);
+      int64_t t0 = std::uniform_int_distribution<int64_t>(0, std::max<int64_t>(t - w, 0))(rng);
+      if (w > 0) feats[b].narrow(0, t0, w).zero_();
+    }
+  }
+}
+
+double LearningRate(const TrainSpec& s, int64_t step) {
+  if (step < s.warmup) return s.lr * (step + 1) / static_cast<double>(s.warmup);
+  double p = static_cast<double>(step - s.warmup) / std::max<int64_t>(1, s.steps - s.warmup);
+  p = std::clamp(p, 0.0, 1.0);
+  return s.lr * (0.05 + 0.95 * 0.5 * (1 + std::cos(M_PI * p)));
+}
+
+struct Evaluation {
+  double cer = 1, wer = 1;
+};
+
+Evaluation Evaluate(CtcModel& model, const std::vector<Utterance>& valid, size_t max, double batch_seconds) {
+  torch::NoGradGuard no_grad;
+  model->eval();
+  std::vector<Utterance> subset(valid.begin(), valid.begin() + std::min(max, valid.size()));
+  std::vector<std::string> refs, hyps;
+  for (const auto& idx : MakeBatches(subset, batch_seconds)) {
+    torch::Tensor pcm, lengths, frames;
+    MakeBatchTensors(subset, idx, &pcm, &lengths);
+    torch::Tensor feats = LogMel(pcm, lengths, &frames);
+    auto [lp, out_frames] = model->forward(feats, frames);
+    auto text = GreedyDecode(lp, out_frames, model->config().vocab);
+    for (size_t b = 0; b < idx.size(); ++b) {
+      refs.push_back(subset[idx[b]].text);
+      hyps.push_back(text[b]);
+    }
+  }
+  model->train();
+  return {CharErrorRate(refs, hyps), WordErrorRate(refs, hyps)};
+}
+
+struct Position {
+  int64_t step = 0;  // steps done
+  int64_t epoch = 0;
+  int64_t batch = 0;  // next batch index within the epoch's order
+  double best_cer = 1;
+  double last_cer = -1;
+  double train_seconds = 0;
+};
+
+std::string SaveCheckpoint(CtcModel& model, torch::optim::Adam& opt, const Position& pos, const std::mt19937_64& rng,
+                           const TrainSpec& spec) {
+  torch::serialize::OutputArchive ar;
+  ar.write("config", c10::IValue(model->config().ToJson()));
+  torch::serialize::OutputArchive weights, optim;
+  model->save(weights);
+  opt.save(optim);
+  ar.write("model", weights);
+  ar.write("optimizer", optim);
+  std::ostringstream r;
+  r << rng;
+  json meta = {{"step", pos.step}, {"epoch", pos.epoch}, {"batch", pos.batch}, {"best_cer", pos.best_cer},
+               {"last_cer", pos.last_cer}, {"train_seconds", pos.train_seconds}, {"rng", r.str()},
+               {"spec", spec.ToJson()}};
+  ar.write("meta", c10::IValue(meta.dump()));
+  std::ostringstream os;
+  ar.save_to(os);
+  return os.str();
+}
+
+Status LoadCheckpoint(const std::string& bytes, CtcModel& model, torch::optim::Adam& opt, Position* pos,
+                      std::mt19937_64* rng) {
+  try {
+    torch::serialize::InputArchive ar;
+    ar.load_from(bytes.data(), bytes.size());
+    torch::serialize::InputArchive weights, optim;
+    ar.read("model", weights);
+    model->load(weights);
+    ar.read("optimizer", optim);
+    opt.load(optim);
+    c10::IValue m;
+    ar.read("meta", m);
+    json meta = json::parse(m.toStringRef());
+    pos->step = meta["step"];
+    pos->epoch = meta["epoch"];
+    pos->batch = meta["batch"];
+    pos->best_cer = meta["best_cer"];
+    pos->last_cer = meta["last_cer"];
+    pos->train_seconds = meta["train_seconds"];
+    std::istringstream r(meta["rng"].get<std::string>());
+    r >> *rng;
+  } catch (const std::exception& e) {
+    return Status::Corruption(std::string("checkpoint unreadable: ") + e.what());
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* result) {
+  if (ctx.threads > 0) torch::set_num_threads(ctx.threads);
+  CtcModelConfig config;
+  config.channels = spec.channels;
+  config.hidden = spec.hidden;
+  config.layers = spec.layers;
+  config.dropout = spec.dropout;
+  CtcModel model(config);
+  if (!spec.init.empty()) {
+    ASRF_RETURN_IF_ERROR(LoadModel(spec.init, &model));
+  }
+  const Vocabulary& vocab = model->config().vocab;
+
+  // Check both manifests completely before any training.
+  std::vector<ManifestItem> train_items, valid_items;
+  ASRF_RETURN_IF_ERROR(ReadManifest(spec.manifest, vocab.chars, spec.max_seconds, &train_items));
+  ASRF_RETURN_IF_ERROR(ReadManifest(spec.valid, vocab.chars, spec.max_seconds, &valid_items));
+  std::vector<Utterance> train, valid;
+  ASRF_RETURN_IF_ERROR(LoadAll(train_items, vocab, &train));
+  ASRF_RETURN_IF_ERROR(LoadAll(valid_items, vocab, &valid));
+  double hours = 0;
+  for (const auto& u : train) hours += u.pcm.size() / static_cast<double>(kSampleRate) / 3600.0;
+  std::vector<std::vector<size_t>> batches = MakeBatches(train, spec.batch_seconds);
+
+  torch::optim::Adam opt(model->parameters(), torch::optim::AdamOptions(spec.lr));
+  Position pos;
+  std::mt19937_64 rng(spec.seed);
+  int64_t ckpt_step = 0;
+  std::string ckpt;
+  if (ctx.store && ctx.store->Latest(ctx.job_id, &ckpt_step, &ckpt).ok()) {
+    ASRF_RETURN_IF_ERROR(LoadCheckpoint(ckpt, model, opt, &pos, &rng));
+    LogInfo("train_resumed").Kv("job", ctx.job_id).Kv("step", pos.step).Kv("epoch", pos.epoch);
+  } else {
+    LogInfo("train_started")
+        .Kv("job", ctx.job_id)
+        .Kv("utterances", static_cast<uint64_t>(train.size()))
+        .Kv("hours", hours)
+        .Kv("batches_per_epoch", static_cast<uint64_t>(batches.size()));
+  }
+  const int64_t resumed_at = pos.step;
+  torch::nn::CTCLoss ctc(torch::nn::CTCLossOptions().blank(0).zero_infinity(true).reduction(torch::kMean));
+  model->train();
+  std::vector<size_t> order = EpochOrder(batches.size(), spec.seed, pos.epoch);
+  int64_t t_start = MonoMs();
+  double loss_avg = -1;
+  auto checkpoint = [&](const char* why) -> Status {
+    if (!ctx.store) return Status::Ok();
+    std::string bytes = SaveCheckpoint(model, opt, pos, rng, spec);
+    ASRF_RETURN_IF_ERROR(ctx.store->Put(ctx.job_id, pos.step, bytes, spec.keep));
+    LogInfo("checkpoint_saved").Kv("job", ctx.job_id).Kv("step", pos.step).Kv("why", why)
+        .Kv("bytes", static_cast<uint64_t>(bytes.size()));
+    return Status::Ok();
+  };
+  while (pos.step < spec.steps) {
+    if (ctx.cancelled && ctx.cancelled->load()) return Status::Unavailable("cancelled");
+    if (ctx.stopping && ctx.stopping->load()) {
+      ASRF_RETURN_IF_ERROR(checkpoint("worker stopping"));
+      return Status::Busy("interrupted at step " + std::to_string(pos.step) + "; resumes from this checkpoint");
+    }
+    if (pos.batch >= static_cast<int64_t>(order.size())) {
+      pos.epoch++;
+      pos.batch = 0;
+      order = EpochOrder(batches.size(), spec.seed, pos.epoch);
+    }
+    int64_t t0 = MonoMs();
+    const auto& idx = batches[order[pos.batch]];
+    torch::Tensor pcm, lengths, frames;
+    MakeBatchTensors(train, idx, &pcm, &lengths);
+    torch::Tensor feats = LogMel(pcm, lengths, &frames);
+    if (spec.spec_augment) SpecAugment(feats, frames, rng);
+    std::vector<int64_t> targets, target_lengths;
+    for (size_t i : idx) {
+      targets.insert(targets.end(), train[i].ids.begin(), train[i].ids.end());
+      target_lengths.push_back(static_cast<int64_t>(train[i].ids.size()));
+    }
+    auto [lp, out_frames] = model->forward(feats, frames);
+    torch::Tensor loss = ctc(lp.transpose(0, 1), torch::tensor(targets, torch::kInt64), out_frames,
+                             torch::tensor(target_lengths, torch::kInt64));
+    opt.zero_grad();
+    loss.backward();
+    torch::nn::utils::clip_grad_norm_(model->parameters(), spec.clip);
+    double lr = LearningRate(spec, pos.step);
+    for (auto& g : opt.param_groups()) static_cast<torch::optim::AdamOptions&>(g.options()).lr(lr);
+    opt.step();
+    pos.step++;
+    pos.batch++;
+    pos.train_seconds += (MonoMs() - t0) / 1000.0;
+    double l = loss.item<double>();
+    loss_avg = loss_avg < 0 ? l : 0.9 * loss_avg + 0.1 * l;
+
+    bool validate = pos.step % spec.valid_every == 0 || pos.step == spec.steps;
+    if (validate) {
+      Evaluation e = Evaluate(model, valid, static_cast<size_t>(spec.valid_max), spec.batch_seconds);
+      pos.last_cer = e.cer;
+      pos.best_cer = std::min(pos.best_cer, e.cer);
+      LogInfo("validation").Kv("job", ctx.job_id).Kv("step", pos.step).Kv("cer", e.cer).Kv("wer", e.wer);
+    }
+    if (ctx.progress && (pos.step % 5 == 0 || validate || pos.step == resumed_at + 1)) {
+      double per_step = (MonoMs() - t_start) / 1000.0 / std::max<int64_t>(1, pos.step - resumed_at);
+      json p = {{"step", pos.step},        {"steps", spec.steps},  {"loss", l},
+                {"loss_avg", loss_avg},    {"lr", lr},             {"epoch", pos.epoch},
+                {"eta_s", per_step * (spec.steps - pos.step)},     {"resumed_at", resumed_at}};
+      if (pos.last_cer >= 0) p["valid_cer"] = pos.last_cer;
+      ctx.progress(p.dump());
+    }
+    if (pos.step % spec.checkpoint_every == 0 && pos.step < spec.steps) ASRF_RETURN_IF_ERROR(checkpoint("interval"));
+  }
+
+  Evaluation final = Evaluate(model, valid, valid.size(), spec.batch_seconds);
+  std::error_code ec;
+  std::string kept = ctx.state_dir + "/models/" + spec.name + ".pt";
+  std::filesystem::create_directories(ctx.state_dir + "/models", ec);
+  ASRF_RETURN_IF_ERROR(SaveModel(model, kept));
+  if (!spec.out.empty()) {
+    std::filesystem::path out(spec.out);
+    if (out.has_parent_path()) std::filesystem::create_directories(out.parent_path(), ec);
+    ASRF_RETURN_IF_ERROR(SaveModel(model, spec.out));
+  }
+  json r = {{"name", spec.name},          {"steps", pos.step},
+            {"valid_cer", final.cer},     {"valid_wer", final.wer},
+            {"train_seconds", pos.train_seconds}, {"utterances", train.size()},
+            {"hours", hours},             {"final_loss", loss_avg},
+            {"model", kept},              {"out", spec.out},
+            {"resumed_at", resumed_at}};
+  *result = r.dump();
+  LogInfo("train_finished").Kv("job", ctx.job_id).Kv("cer", final.cer).Kv("wer", final.wer).Kv("steps", pos.step);
+  return Status::Ok();
+}
+
+}  // namespace asrf

@@ -1,0 +1,67 @@
+// The `train` job kind: trains the project's CTC model on a manifest, with periodic validation,
+// progress reports and checkpoints in the worker's RocksDB; a job that comes back after its worker
+// died (or was stopped) resumes from its newest checkpoint.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <string>
+
+#include "common/status.h"
+
+namespace asrf {
+
+class CheckpointStore;
+
+// What a train job asks for; the job payload is this as JSON (see TrainSpec::FromJson).
+struct TrainSpec {
+  std::string manifest;            // JSONL: {"audio": path, "text": ..., "duration": s}
+  std::string valid;               // same format; validated every valid_every steps
+  std::string name;                // model name
+  std::string out;                 // where the final model file goes (optional)
+  int64_t steps = 2000;
+  double batch_seconds = 64;       // audio seconds per batch (padded)
+  double lr = 1.5e-3;              // peak learning rate
+  int64_t warmup = 300;            // linear warm-up steps, then cosine decay to 5%
+  double clip = 5.0;               // gradient-norm clip
+  int64_t checkpoint_every = 100;
+  int keep = 3;                    // checkpoints kept
+  int64_t valid_every = 250;
+  int64_t valid_max = 500;         // utterances used for validation CER
+  uint64_t seed = 1;
+  int64_t channels = 256, hidden = 256, layers = 3;
+  double dropout = 0.1;
+  double max_seconds = 20;         // longer utterances are an error in the manifest
+  bool spec_augment = true;
+  std::string init;                // optional model file to start from (fine-tuning)
+
+  static Status FromJson(const std::string& json, TrainSpec* out);
+  std::string ToJson() const;
+};
+
+struct TrainContext {
+  uint64_t job_id = 0;
+  std::string state_dir;
+  CheckpointStore* store = nullptr;
+  const std::atomic<bool>* cancelled = nullptr;  // the job was cancelled: stop, no checkpoint
+  const std::atomic<bool>* stopping = nullptr;   // the worker drains: checkpoint, then give the job back
+  std::function<void(const std::string& json)> progress;
+  int threads = 0;                               // torch threads; 0 = leave as is
+};
+
+// Runs (or resumes) training. Returns ok with a JSON summary in *result; Busy when stopped by the
+// worker after a checkpoint (the job should be requeued); Invalid for bad manifests.
+Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* result);
+
+// Reads and checks a manifest: every audio file readable, 16 kHz, non-empty; every text non-empty
+// and inside the vocabulary. Errors list the first problems with their line numbers.
+struct ManifestItem {
+  std::string audio;
+  std::string text;
+  double duration = 0;
+};
+Status ReadManifest(const std::string& path, const std::string& vocabulary, double max_seconds,
+                    std::vector<ManifestItem>* items);
+
+}  // namespace asrf
