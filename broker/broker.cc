@@ -12,6 +12,8 @@
 #include <zmq.hpp>
 
 #include "broker/event_sink.h"
+#include "broker/fleet_snapshot.h"
+#include "broker/http_server.h"
 #include "broker/job_table.h"
 #include "broker/journal.h"
 #include "broker/records.h"
@@ -53,6 +55,7 @@ struct WorkerConn {
   std::unordered_set<uint64_t> leases;  // job ids
   int64_t last_seen = 0;
   int64_t gpu_mem_bytes = 0;
+  int64_t outbox_results = 0;
 };
 
 struct Watcher {
@@ -120,6 +123,16 @@ struct Broker::Impl {
 
   int64_t next_heartbeat = 0;
   int64_t next_housekeeping = 0;
+
+  // Observability: the poll thread publishes a snapshot every 500 ms; HTTP reads only that.
+  SnapshotHolder snapshots;
+  std::unique_ptr<HttpServer> http;
+  int64_t next_snapshot = 0, next_history = 0;
+  std::array<uint64_t, 6> finished_total{};
+  uint64_t submitted_total = 0;
+  std::deque<std::pair<int64_t, uint64_t>> rate_samples;  // (mono ms, finished so far)
+  std::deque<FleetSnapshot::Failure> recent_failures;
+  std::deque<FleetSnapshot::Point> history;
 
   // ---- sending --------------------------------------------------------------------------------
 
@@ -358,6 +371,11 @@ struct Broker::Impl {
     j->finished_ms = f.finished_ms;
     if (f.state == JobState::kDone) std::string().swap(j->payload);  // others keep it for RETRY
     table.SetState(*j, f.state);
+    finished_total[static_cast<int>(f.state)]++;
+    if (f.state == JobState::kFailed || f.state == JobState::kDead) {
+      recent_failures.push_front({j->id, j->kind, proto::StateName(f.state), j->error.substr(0, 300), j->finished_ms});
+      if (recent_failures.size() > 20) recent_failures.pop_back();
+    }
     if (!j->result.empty()) retention.push_back({j->finished_ms, j->id});
     if (f.state != JobState::kDone) {
       LogInfo("job_finished")
@@ -517,6 +535,7 @@ struct Broker::Impl {
       r.job_ids.push_back(j.id);
       table.Add(std::move(j));
     }
+    submitted_total += r.job_ids.size();
     if (!p.request_id.empty()) {
       requests[p.request_id] = rec::RequestRecord{p.batch, first, static_cast<uint32_t>(r.job_ids.size())};
     }
@@ -835,6 +854,7 @@ struct Broker::Impl {
     if (proto::DecodeBody(body, &m).ok()) {
       w->draining = m.draining;
       w->gpu_mem_bytes = m.gpu_mem_bytes;
+      w->outbox_results = m.outbox_results;
     }
   }
 
@@ -1024,6 +1044,10 @@ struct Broker::Impl {
       for (const auto& [id, w] : workers) Send(w.routing, Cmd::kHeartbeat, proto::Heartbeat{});
       next_heartbeat = now + opt.heartbeat_ms;
     }
+    if (now >= next_snapshot) {
+      next_snapshot = now + 500;
+      PublishSnapshot(now);
+    }
     if (now >= next_housekeeping) {
       next_housekeeping = now + 1000;
       for (auto it = watchers.begin(); it != watchers.end();) {
@@ -1034,6 +1058,68 @@ struct Broker::Impl {
       }
       DropExpiredResults();
     }
+  }
+
+  void PublishSnapshot(int64_t now) {
+    auto s = std::make_shared<FleetSnapshot>();
+    s->taken_ms = WallMs();
+    const auto& c = table.counts();
+    for (int i = 0; i < proto::kNumStates; ++i) s->counts[i] = c[i];
+    for (const auto& [kind, kc] : table.kind_counts()) {
+      auto& row = s->by_kind[kind];
+      for (int i = 0; i < proto::kNumStates; ++i) row[i] = kc[i];
+    }
+    s->finished_total = finished_total;
+    s->submitted_total = submitted_total;
+    if (uint64_t oldest = table.OldestQueued()) {
+      if (Job* j = table.Find(oldest)) s->oldest_queued_s = std::max<int64_t>(0, s->taken_ms - j->submitted_ms) / 1000.0;
+    }
+    s->leases = c[static_cast<int>(JobState::kLeased)];
+    uint64_t finished = 0;
+    for (int i = 2; i < proto::kNumStates; ++i) finished += finished_total[i];
+    rate_samples.push_back({now, finished});
+    while (rate_samples.size() > 2 && rate_samples.front().first < now - 10000) rate_samples.pop_front();
+    if (rate_samples.size() >= 2 && rate_samples.back().first > rate_samples.front().first) {
+      s->jobs_per_s = static_cast<double>(rate_samples.back().second - rate_samples.front().second) * 1000.0 /
+                      static_cast<double>(rate_samples.back().first - rate_samples.front().first);
+    }
+    for (const auto& [id, w] : workers) {
+      FleetSnapshot::Worker x;
+      x.id = id;
+      x.host = w.host;
+      x.device = w.device;
+      x.slots = w.slots;
+      x.running = static_cast<uint32_t>(w.leases.size());
+      x.draining = w.draining;
+      x.gpu_mem_bytes = w.gpu_mem_bytes;
+      x.outbox_results = w.outbox_results;
+      x.idle_ms = now - w.last_seen;
+      for (uint64_t l : w.leases) {
+        if (x.jobs.size() >= 8) break;
+        x.jobs.push_back(l);
+      }
+      std::sort(x.jobs.begin(), x.jobs.end());
+      s->workers.push_back(std::move(x));
+    }
+    std::sort(s->workers.begin(), s->workers.end(), [](const auto& a, const auto& b) { return a.id < b.id; });
+    s->recent_failures.assign(recent_failures.begin(), recent_failures.end());
+    if (now >= next_history) {
+      next_history = now + 2000;
+      history.push_back({s->taken_ms, c[static_cast<int>(JobState::kQueued)], s->leases, s->jobs_per_s});
+      if (history.size() > 300) history.pop_front();
+    }
+    s->history.assign(history.begin(), history.end());
+    JournalStats js = journal->Stats();
+    s->journal_ok = js.last_ok;
+    s->journal_syncs = js.syncs;
+    s->journal_errors = js.errors;
+    s->pg_configured = sink != nullptr;
+    if (sink) {
+      EventSinkStats es = sink->GetStats();
+      s->pg_up = es.pg_up;
+      s->event_backlog = es.records_behind;
+    }
+    snapshots.Set(std::move(s));
   }
 
   void DropExpiredResults() {
@@ -1161,6 +1247,7 @@ struct Broker::Impl {
 Broker::Broker(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Broker::~Broker() = default;
 std::string Broker::endpoint() const { return impl_->endpoint; }
+int Broker::http_port() const { return impl_->http ? impl_->http->port() : 0; }
 
 Status Broker::Open(const BrokerOptions& options, std::unique_ptr<Broker>* out) {
   auto impl = std::make_unique<Impl>();
@@ -1193,6 +1280,14 @@ Status Broker::Open(const BrokerOptions& options, std::unique_ptr<Broker>* out) 
     impl->endpoint = impl->sock.get(zmq::sockopt::last_endpoint);
   } catch (const zmq::error_t& e) {
     return Status::Unavailable("cannot listen on " + impl->opt.listen + ": " + e.what());
+  }
+  if (!impl->opt.http.empty()) {
+    impl->PublishSnapshot(MonoMs());
+    ASRF_RETURN_IF_ERROR(HttpServer::Start(impl->opt.http, &impl->snapshots, &impl->http));
+    std::ofstream f(impl->opt.state_dir + "/http.endpoint.tmp");
+    f << impl->opt.http.substr(0, impl->opt.http.rfind(':')) << ":" << impl->http->port() << "\n";
+    f.close();
+    std::filesystem::rename(impl->opt.state_dir + "/http.endpoint.tmp", impl->opt.state_dir + "/http.endpoint", ec);
   }
   {
     std::string tmp = impl->opt.endpoint_file + ".tmp";

@@ -33,6 +33,7 @@ struct BrokerOptions {
   int64_t watch_max_ms = 60000;         // longest WATCH subscription without renewal
   int max_messages_per_wake = 2000;     // fairness cap per poll wake-up
   std::string pg;                       // libpq conninfo for the job-history sink; empty: none
+  std::string http;                     // HOST:PORT for /metrics, /healthz, /readyz, /; empty: none
   rocksdb::Env* journal_env = nullptr;  // tests only
 
   // Clamps values into their sane ranges; returns an error for values that cannot be used.
@@ -47,6 +48,8 @@ class Broker {
 
   // The endpoint actually bound (a wildcard port resolved).
   std::string endpoint() const;
+  // The HTTP port bound, 0 without --http.
+  int http_port() const;
 
   // Serves until *stop becomes true; then writes what is pending and returns.
   Status Run(const std::atomic<bool>* stop);

@@ -13,7 +13,9 @@ Job& JobTable::Add(Job job) {
   // Counted in its state; enter the queues through SetState's path.
   counts_[static_cast<int>(s)]++;
   b.counts[static_cast<int>(s)]++;
+  kind_counts_[j.kind][static_cast<int>(s)]++;
   if (s == JobState::kQueued) {
+    queued_ids_.insert(id);
     if (nb > 0) {
       delayed_.insert({nb, id});
     } else {
@@ -43,6 +45,11 @@ void JobTable::SetState(Job& job, JobState s, int64_t not_before_mono) {
   Unqueue(job);
   counts_[static_cast<int>(job.state)]--;
   counts_[static_cast<int>(s)]++;
+  auto& kc = kind_counts_[job.kind];
+  kc[static_cast<int>(job.state)]--;
+  kc[static_cast<int>(s)]++;
+  if (job.state == JobState::kQueued) queued_ids_.erase(job.id);
+  if (s == JobState::kQueued) queued_ids_.insert(job.id);
   auto b = batches_.find(job.batch);
   if (b != batches_.end()) {
     b->second.counts[static_cast<int>(job.state)]--;

@@ -76,6 +76,9 @@ class JobTable {
   std::vector<std::string> ReadyKinds() const;
 
   const Counts& counts() const { return counts_; }
+  const std::unordered_map<std::string, Counts>& kind_counts() const { return kind_counts_; }
+  // The oldest queued job (lowest id, ids grow with time); 0 when none is queued.
+  uint64_t OldestQueued() const { return queued_ids_.empty() ? 0 : *queued_ids_.begin(); }
   Counts BatchCounts(const std::string& batch) const;
   const std::vector<uint64_t>* BatchJobs(const std::string& batch) const;
 
@@ -86,6 +89,8 @@ class JobTable {
   std::set<std::pair<int64_t, uint64_t>> delayed_;       // (not_before, id)
   size_t ready_count_ = 0;
   Counts counts_{};
+  std::unordered_map<std::string, Counts> kind_counts_;
+  std::set<uint64_t> queued_ids_;
   struct BatchInfo {
     std::vector<uint64_t> ids;
     Counts counts{};

@@ -109,6 +109,7 @@ struct Journal::Impl {
         if (sync) stats.syncs++;
         stats.batches += group.size();
         if (!st.ok()) stats.errors++;
+        stats.last_ok = st.ok();
         bool was_empty = completions.empty();  // else the poll thread is already due to wake
         for (const auto& p : group) {
           if (p.token != 0) {

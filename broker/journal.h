@@ -55,6 +55,7 @@ struct JournalStats {
   uint64_t syncs = 0;    // of which synced
   uint64_t batches = 0;  // JournalBatches written
   uint64_t errors = 0;
+  bool last_ok = true;   // the most recent write succeeded
 };
 
 class Journal {

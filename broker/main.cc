@@ -38,6 +38,9 @@ int main(int argc, char** argv) {
       ("pg", po::value(&o.pg)->default_value(""),
        "PostgreSQL conninfo (key=value or postgresql:// URI; PGHOST, PGPASSFILE... honoured; never a password "
        "here) for the job history; empty: the broker runs without it")
+      ("http", po::value(&o.http)->default_value("127.0.0.1:9100"),
+       "HOST:PORT for /healthz, /readyz, /metrics and the status page at /; localhost unless you mean it; "
+       "empty turns it off; port 0 picks one (written to STATE_DIR/http.endpoint)")
       ("migrate", po::bool_switch(), "apply the SQL migrations to --pg and exit")
       ("max-messages-per-wake", po::value(&o.max_messages_per_wake)->default_value(o.max_messages_per_wake),
        "messages handled per poll wake-up before timers and dispatch run");

@@ -260,7 +260,8 @@ struct Ready {
 struct Heartbeat {
   bool draining = false;
   int64_t gpu_mem_bytes = 0;
-  MSGPACK_DEFINE_MAP(draining, gpu_mem_bytes);
+  int64_t outbox_results = 0;  // results waiting in the worker's outbox for PostgreSQL
+  MSGPACK_DEFINE_MAP(draining, gpu_mem_bytes, outbox_results);
 };
 
 struct Assignment {

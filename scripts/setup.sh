@@ -17,10 +17,11 @@ PACKAGES=(
     build-essential cmake pkg-config ccache git
     libtorch-dev libgloo-dev
     cppzmq-dev libzmq3-dev libmsgpack-cxx-dev librocksdb-dev libpq-dev
-    libboost-program-options-dev nlohmann-json3-dev
+    libboost-program-options-dev nlohmann-json3-dev libcpp-httplib-dev
     libgtest-dev libgmock-dev
     libsndfile1-dev libsoxr-dev libespeak-ng-dev espeak-ng flite1-dev flite
     postgresql
+    chromium curl fortunes fortunes-min
     libopenblas0-openmp
 )
 # libopenblas0-pthread must never come in beside libopenblas0-openmp: its higher alternatives

@@ -165,7 +165,8 @@ BrokerProc StartBroker(const std::string& state_dir, const std::string& log, std
                        const std::string& listen) {
   std::filesystem::create_directories(state_dir);
   std::filesystem::remove(state_dir + "/broker.endpoint");
-  std::vector<std::string> argv = {ASRF_BROKER_BIN, "--listen", listen, "--state-dir", state_dir};
+  std::vector<std::string> argv = {ASRF_BROKER_BIN, "--listen", listen, "--state-dir", state_dir, "--http",
+                                   "127.0.0.1:0"};
   argv.insert(argv.end(), extra.begin(), extra.end());
   BrokerProc b;
   b.proc = Proc(argv, log);

@@ -380,7 +380,7 @@ Status Worker::Run(const std::atomic<bool>* stop) {
       s.draining = true;
       s.stopping = true;
       drain_started = now;
-      s.Send(Cmd::kHeartbeat, proto::Heartbeat{true, 0});
+      s.Send(Cmd::kHeartbeat, proto::Heartbeat{true, 0, 0});
       LogInfo("worker_draining").Kv("running", static_cast<uint64_t>(s.running.size()));
     }
     if (s.draining && s.running.empty() && (!s.sink || s.sink->Pending() == 0) &&
@@ -409,7 +409,9 @@ Status Worker::Run(const std::atomic<bool>* stop) {
       if (!durable.empty()) s.SendResults(std::move(durable));
     }
     if (now >= s.next_heartbeat) {
-      s.Send(Cmd::kHeartbeat, proto::Heartbeat{s.draining, 0});
+      proto::Heartbeat hb{s.draining, 0, 0};
+      if (s.sink) hb.outbox_results = static_cast<int64_t>(s.sink->GetStats().outbox_size);
+      s.Send(Cmd::kHeartbeat, hb);
       s.next_heartbeat = now + s.opt.heartbeat_ms;
     }
     if (now - s.last_broker_seen > s.opt.heartbeat_ms * s.opt.heartbeat_misses) {

@@ -1,0 +1,190 @@
+// Training on the fleet with the real binaries: a short run on tiny synthesised data lowers the
+// loss; a worker killed mid-run (SIGKILL) or stopped (SIGTERM) is replaced by one on the same state
+// dir that resumes from the newest checkpoint; bad manifests fail with clear errors.
+#include <gtest/gtest.h>
+#include <signal.h>
+
+#include <fstream>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include "tests/harness.h"
+
+namespace asrf::testing {
+namespace {
+
+using json = nlohmann::json;
+
+const std::vector<std::string> kFast = {"--heartbeat-ms", "200", "--heartbeat-misses", "3"};
+
+std::vector<std::string> With(std::vector<std::string> a, const std::vector<std::string>& b) {
+  a.insert(a.end(), b.begin(), b.end());
+  return a;
+}
+
+// Tiny data shared by the tests of this file (synthesised once).
+class TrainTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    data_ = new TempDir();
+    RunResult r = RunCommand({ASRF_SYNTH_BIN, "--out", data_->path(), "--utterances", "48", "--seed", "7",
+                              "--valid-fraction", "0.2", "--heldout-fraction", "0", "--max-words", "6"},
+                             120000);
+    ASSERT_EQ(r.code, 0) << r.err;
+  }
+  static void TearDownTestSuite() {
+    delete data_;
+    data_ = nullptr;
+  }
+  static std::string Train() { return *data_ / "train.jsonl"; }
+  static std::string Valid() { return *data_ / "valid.jsonl"; }
+
+  std::vector<std::string> TrainArgs(const std::string& name, int steps, int checkpoint_every) {
+    return {"train", "--manifest", Train(), "--valid", Valid(), "--name", name, "--steps", std::to_string(steps),
+            "--batch-seconds", "12", "--checkpoint-every", std::to_string(checkpoint_every), "--valid-every", "1000",
+            "--warmup", "5", "--lr", "2e-3", "--channels", "48", "--hidden", "48", "--layers", "1"};
+  }
+
+  static json JobStatus(const std::string& endpoint, int job) {
+    RunResult r = Submit(endpoint, {"status", std::to_string(job), "--json"});
+    auto j = json::parse(r.out, nullptr, false);
+    return j.is_discarded() ? json::object() : j;
+  }
+  static int64_t Step(const json& status) {
+    if (!status.contains("progress") || !status["progress"].is_object()) return -1;
+    return status["progress"].value("step", -1);
+  }
+
+  TempDir tmp_;
+  static TempDir* data_;
+};
+TempDir* TrainTest::data_ = nullptr;
+
+TEST_F(TrainTest, ShortRunLowersTheLossAndWritesTheModel) {
+  BrokerProc b = StartBroker(tmp_ / "broker", tmp_ / "broker.log");
+  Proc w = StartWorker(b.endpoint, tmp_ / "w", tmp_ / "w.log", {"--threads", "2"});
+  std::vector<std::string> args = TrainArgs("tiny", 60, 20);
+  args.insert(args.end(), {"--out", tmp_ / "out/tiny.pt", "--wait"});
+  RunResult r = Submit(b.endpoint, args, 240000);
+  ASSERT_EQ(r.code, 0) << r.err << ReadFile(tmp_ / "w.log");
+  // --wait prints progress lines, then the result.
+  double first_loss = -1;
+  json result;
+  std::istringstream in(r.out);
+  std::string line;
+  while (std::getline(in, line)) {
+    auto j = json::parse(line, nullptr, false);
+    if (j.is_discarded()) continue;
+    if (j.contains("progress") && first_loss < 0) first_loss = j["progress"]["loss"].get<double>();
+    if (j.value("state", "") == "done") result = j["result"];
+  }
+  ASSERT_GT(first_loss, 0) << r.out;
+  ASSERT_TRUE(result.is_object()) << r.out;
+  EXPECT_EQ(result["steps"].get<int>(), 60);
+  EXPECT_LT(result["final_loss"].get<double>(), 0.7 * first_loss) << "the loss did not go down";
+  EXPECT_GE(result["valid_cer"].get<double>(), 0.0);
+  EXPECT_FALSE(ReadFile(tmp_ / "out/tiny.pt").empty());
+  EXPECT_FALSE(ReadFile(tmp_ / "w/models/tiny.pt").empty());
+}
+
+TEST_F(TrainTest, KilledWorkerIsReplacedAndTrainingResumesFromTheCheckpoint) {
+  BrokerProc b = StartBroker(tmp_ / "broker", tmp_ / "broker.log", kFast);
+  Proc w1 = StartWorker(b.endpoint, tmp_ / "w", tmp_ / "w1.log", With(kFast, {"--threads", "2"}));
+  RunResult sub = Submit(b.endpoint, TrainArgs("resume", 400, 10));
+  ASSERT_EQ(sub.code, 0) << sub.err;
+  // Past the second checkpoint, then SIGKILL.
+  double loss_before = -1;
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        json s = JobStatus(b.endpoint, 1);
+        if (Step(s) >= 25) {
+          loss_before = s["progress"]["loss_avg"].get<double>();
+          return true;
+        }
+        return false;
+      },
+      120000))
+      << ReadFile(tmp_ / "w1.log");
+  w1.Signal(SIGKILL);
+  w1.Wait(5000);
+  int64_t killed_near = Step(JobStatus(b.endpoint, 1));
+  // A new worker on the same state dir picks the job up again once the broker notices the loss.
+  Proc w2 = StartWorker(b.endpoint, tmp_ / "w", tmp_ / "w2.log", With(kFast, {"--threads", "2"}));
+  ASSERT_TRUE(WaitFor([&] { return ReadFile(tmp_ / "w2.log").find("train_resumed") != std::string::npos; }, 60000))
+      << ReadFile(tmp_ / "w2.log");
+  std::string log = ReadFile(tmp_ / "w2.log");
+  size_t at = log.find("train_resumed");
+  auto resumed = json::parse(log.substr(log.rfind('\n', at) + 1, log.find('\n', at) - log.rfind('\n', at) - 1));
+  int64_t step = resumed["step"].get<int64_t>();
+  EXPECT_GE(step, 20);
+  EXPECT_LE(step, killed_near);
+  EXPECT_GT(killed_near - step, -1);
+  EXPECT_LE(killed_near - step, 10 + 5) << "resumed further back than one checkpoint interval";
+  // The loss continues where it was rather than starting over.
+  double loss_after = -1;
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        json s = JobStatus(b.endpoint, 1);
+        if (Step(s) >= step + 5 && s["progress"].value("resumed_at", -1) == step) {
+          loss_after = s["progress"]["loss"].get<double>();
+          return true;
+        }
+        return false;
+      },
+      60000));
+  EXPECT_LT(loss_after, loss_before * 1.5 + 0.5) << "loss jumped back up after resuming";
+  // Stop it: SIGTERM makes the worker checkpoint and give the job back without an attempt.
+  w2.Signal(SIGTERM);
+  EXPECT_EQ(w2.Wait(60000), 0);
+  EXPECT_NE(ReadFile(tmp_ / "w2.log").find("worker stopping"), std::string::npos);
+  json s = JobStatus(b.endpoint, 1);
+  EXPECT_EQ(s["state"], "queued") << s.dump();
+  EXPECT_EQ(s["attempts"].get<int>(), 1) << "only the SIGKILL counts an attempt";
+  RunResult cancel = Submit(b.endpoint, {"cancel", "1"});
+  EXPECT_EQ(cancel.code, 0);
+}
+
+TEST_F(TrainTest, BadManifestsFailWithClearErrorsBeforeTraining) {
+  BrokerProc b = StartBroker(tmp_ / "broker", tmp_ / "broker.log");
+  Proc w = StartWorker(b.endpoint, tmp_ / "w", tmp_ / "w.log");
+  // Missing file, empty text, text outside the vocabulary, not audio, wrong sample rate.
+  std::string first_wav;
+  {
+    std::ifstream in(Train());
+    std::string line;
+    std::getline(in, line);
+    first_wav = json::parse(line)["audio"];
+  }
+  {
+    std::ofstream f(tmp_ / "junk.wav");
+    f << "this is not audio";
+  }
+  std::ofstream bad(tmp_ / "bad.jsonl");
+  bad << json{{"audio", tmp_ / "missing.wav"}, {"text", "hello"}}.dump() << "\n";
+  bad << json{{"audio", first_wav}, {"text", "   "}}.dump() << "\n";
+  bad << json{{"audio", first_wav}, {"text", "caf\xc3\xa9 42"}}.dump() << "\n";
+  bad << json{{"audio", tmp_ / "junk.wav"}, {"text", "hello"}}.dump() << "\n";
+  bad << "{not json\n";
+  bad.close();
+  std::vector<std::string> args = TrainArgs("bad", 10, 5);
+  args[2] = tmp_ / "bad.jsonl";
+  args.push_back("--wait");
+  RunResult r = Submit(b.endpoint, args, 60000);
+  EXPECT_EQ(r.code, 1);
+  RunResult failed = Submit(b.endpoint, {"jobs", "--state", "failed", "--json"});
+  auto j = json::parse(failed.out.substr(0, failed.out.find('\n')));
+  std::string error = j["error"];
+  EXPECT_NE(error.find("5 bad line(s)"), std::string::npos) << error;
+  EXPECT_NE(error.find("line 1"), std::string::npos) << error;
+  EXPECT_NE(error.find("empty text"), std::string::npos) << error;
+  EXPECT_NE(error.find("not in the vocabulary"), std::string::npos) << error;
+  EXPECT_NE(error.find("not readable audio"), std::string::npos) << error;
+  // A missing manifest is refused by the client before anything is submitted.
+  std::vector<std::string> missing = TrainArgs("bad", 10, 5);
+  missing[2] = tmp_ / "nope.jsonl";
+  EXPECT_EQ(Submit(b.endpoint, missing).code, 2);
+}
+
+}  // namespace
+}  // namespace asrf::testing
