@@ -1283,7 +1283,10 @@ Status Broker::Open(const BrokerOptions& options, std::unique_ptr<Broker>* out) 
   }
   if (!impl->opt.http.empty()) {
     impl->PublishSnapshot(MonoMs());
-    ASRF_RETURN_IF_ERROR(HttpServer::Start(impl->opt.http, &impl->snapshots, &impl->http));
+    Journal* journal = impl->journal.get();
+    ASRF_RETURN_IF_ERROR(HttpServer::Start(
+        impl->opt.http, &impl->snapshots, [journal](const std::string& dir) { return journal->Checkpoint(dir); },
+        &impl->http));
     std::ofstream f(impl->opt.state_dir + "/http.endpoint.tmp");
     f << impl->opt.http.substr(0, impl->opt.http.rfind(':')) << ":" << impl->http->port() << "\n";
     f.close();

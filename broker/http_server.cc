@@ -13,7 +13,8 @@ struct HttpServer::Impl {
   std::thread thread;
 };
 
-Status HttpServer::Start(const std::string& listen, const SnapshotHolder* snapshots, std::unique_ptr<HttpServer>* out) {
+Status HttpServer::Start(const std::string& listen, const SnapshotHolder* snapshots,
+                         std::function<Status(const std::string&)> checkpoint, std::unique_ptr<HttpServer>* out) {
   auto colon = listen.rfind(':');
   if (colon == std::string::npos) return Status::Invalid("--http must be HOST:PORT, not \"" + listen + "\"");
   std::string host = listen.substr(0, colon);
@@ -42,6 +43,25 @@ Status HttpServer::Start(const std::string& listen, const SnapshotHolder* snapsh
   srv.Get("/api/status", [snapshots](const httplib::Request&, httplib::Response& res) {
     res.set_content(RenderStatusJson(*snapshots->Get()), "application/json");
   });
+  if (checkpoint) {
+    srv.Post("/admin/journal-checkpoint", [checkpoint](const httplib::Request& req, httplib::Response& res) {
+      if (req.remote_addr != "127.0.0.1" && req.remote_addr != "::1") {
+        res.status = 403;
+        res.set_content("only from this host\n", "text/plain");
+        return;
+      }
+      std::string dir = req.get_param_value("dir");
+      if (dir.empty() || dir[0] != '/') {
+        res.status = 400;
+        res.set_content("dir must be an absolute path that does not exist yet\n", "text/plain");
+        return;
+      }
+      Status st = checkpoint(dir);
+      res.status = st.ok() ? 200 : 500;
+      res.set_content(st.ok() ? "ok\n" : st.ToString() + "\n", "text/plain");
+      LogInfo("journal_checkpoint").Kv("dir", dir).Kv("ok", st.ok()).Kv("error", st.message());
+    });
+  }
   srv.Get("/", [](const httplib::Request&, httplib::Response& res) {
     res.set_content(kStatusPageHtml, "text/html; charset=utf-8");
   });

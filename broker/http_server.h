@@ -4,6 +4,7 @@
 // embedded in the binary).
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -15,7 +16,9 @@ namespace asrf {
 class HttpServer {
  public:
   // listen: "HOST:PORT" (port 0 picks a free one). `snapshots` must outlive the server.
-  static Status Start(const std::string& listen, const SnapshotHolder* snapshots, std::unique_ptr<HttpServer>* out);
+  // `checkpoint`, when set, serves POST /admin/journal-checkpoint?dir=DIR (loopback clients only).
+  static Status Start(const std::string& listen, const SnapshotHolder* snapshots,
+                      std::function<Status(const std::string&)> checkpoint, std::unique_ptr<HttpServer>* out);
   ~HttpServer();
   int port() const { return port_; }
 

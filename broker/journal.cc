@@ -10,6 +10,7 @@
 
 #include <rocksdb/db.h>
 #include <rocksdb/options.h>
+#include <rocksdb/utilities/checkpoint.h>
 #include <rocksdb/write_batch.h>
 
 #include "common/log.h"
@@ -234,6 +235,16 @@ void Journal::Flush() {
   std::unique_lock<std::mutex> lock(impl_->mu);
   uint64_t target = impl_->queued_seq;
   impl_->idle_cv.wait(lock, [&] { return impl_->written_seq >= target; });
+}
+
+Status Journal::Checkpoint(const std::string& dir) {
+  std::lock_guard<std::mutex> lock(impl_->db_mu);
+  if (!impl_->db) return Status::IOError("journal is closed after an error");
+  rocksdb::Checkpoint* raw = nullptr;
+  rocksdb::Status s = rocksdb::Checkpoint::Create(impl_->db.get(), &raw);
+  std::unique_ptr<rocksdb::Checkpoint> cp(raw);
+  if (s.ok()) s = cp->CreateCheckpoint(dir);
+  return FromRocks(s, "journal checkpoint to " + dir);
 }
 
 JournalStats Journal::Stats() const {

@@ -97,6 +97,10 @@ class Journal {
 
   JournalStats Stats() const;
 
+  // Writes a consistent copy of the database to `dir` (which must not exist), using hard links
+  // where it can. Safe from any thread while the broker runs.
+  Status Checkpoint(const std::string& dir);
+
  private:
   struct Impl;
   explicit Journal(std::unique_ptr<Impl> impl);
