@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
+#include <thread>
 #include <regex>
 
 #include "tests/harness.h"
@@ -72,7 +73,8 @@ TEST(Http, StatusPageShowsWhatMetricsSay) {
   ASSERT_EQ(Submit(b.endpoint, {"submit", "--kind", "echo", "--count", "25", "--wait"}).code, 0);
   ASSERT_EQ(Submit(b.endpoint, {"submit", "--kind", "fail", "--payload", "{\"message\":\"bad input 7\"}", "--wait"}).code,
             1);
-  ASSERT_EQ(Submit(b.endpoint, {"submit", "--kind", "crash"}).code, 0);  // kills the worker: leased, then requeued
+  // One job stays leased and one queued behind it while the page is looked at (steady numbers).
+  ASSERT_EQ(Submit(b.endpoint, {"submit", "--kind", "sleep", "--payload", "{\"ms\":60000}", "--count", "3"}).code, 0);
   std::this_thread::sleep_for(std::chrono::milliseconds(1200));
   std::string shot = std::string(ASRF_TEST_OUTPUT_DIR) + "/status_page.png";
   std::vector<std::string> flags = {chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -101,6 +103,8 @@ TEST(Http, StatusPageShowsWhatMetricsSay) {
   }
   EXPECT_EQ(shown("count-done"), "25");
   EXPECT_EQ(shown("count-failed"), "1");
+  EXPECT_EQ(shown("count-leased"), "2");
+  EXPECT_EQ(shown("count-queued"), "1");
   EXPECT_NE(dom.out.find("bad input 7"), std::string::npos) << "recent failures do not show the reason";
 }
 

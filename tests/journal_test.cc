@@ -81,7 +81,7 @@ TEST(Journal, EveryAcknowledgedWriteSurvivesAPowerCut) {
     o.dir = tmp / "journal";
     o.env = fs.env();
     ASSERT_TRUE(Journal::Open(o, &j).ok());
-    Writer w{j.get(), /*sync=*/true};
+    Writer w{j.get(), /*sync=*/true, {}, {}, {}};
     w.Start();
     acked = RunUntilCrash(j.get(), &fs, 400);
     w.Join();
@@ -105,7 +105,7 @@ TEST(Journal, UnsyncedWritesAreLostByTheSimulatedPowerCut) {
     o.dir = tmp / "journal";
     o.env = fs.env();
     ASSERT_TRUE(Journal::Open(o, &j).ok());
-    Writer w{j.get(), /*sync=*/false};
+    Writer w{j.get(), /*sync=*/false, {}, {}, {}};
     w.Start();
     acked = RunUntilCrash(j.get(), &fs, 400);
     w.Join();

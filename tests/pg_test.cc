@@ -20,14 +20,6 @@ std::vector<std::string> With(std::vector<std::string> a, const std::vector<std:
   return a;
 }
 
-long Num(const std::string& s) {
-  try {
-    return std::stol(s);
-  } catch (...) {
-    return -1;
-  }
-}
-
 class PgTest : public ::testing::Test {
  protected:
   void SetUp() override {

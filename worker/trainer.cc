@@ -324,6 +324,7 @@ Status LoadCheckpoint(const std::string& bytes, CtcModel& model, torch::optim::A
 
 Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* result) {
   if (ctx.threads > 0) torch::set_num_threads(ctx.threads);
+  torch::manual_seed(spec.seed);  // the initial weights, reproducibly
   CtcModelConfig config;
   config.channels = spec.channels;
   config.hidden = spec.hidden;
@@ -367,6 +368,7 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
   std::vector<size_t> order = EpochOrder(batches.size(), spec.seed, pos.epoch);
   int64_t t_start = MonoMs();
   double loss_avg = -1;
+  int64_t skipped = 0;
   auto checkpoint = [&](const char* why) -> Status {
     if (!ctx.store) return Status::Ok();
     std::string bytes = SaveCheckpoint(model, opt, pos, rng, spec);
@@ -401,16 +403,28 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
     torch::Tensor loss = ctc(lp.transpose(0, 1), torch::tensor(targets, torch::kInt64), out_frames,
                              torch::tensor(target_lengths, torch::kInt64));
     opt.zero_grad();
-    loss.backward();
-    torch::nn::utils::clip_grad_norm_(model->parameters(), spec.clip);
+    double l = loss.item<double>();
     double lr = LearningRate(spec, pos.step);
-    for (auto& g : opt.param_groups()) static_cast<torch::optim::AdamOptions&>(g.options()).lr(lr);
-    opt.step();
+    bool applied = false;
+    if (std::isfinite(l)) {
+      loss.backward();
+      double norm = torch::nn::utils::clip_grad_norm_(model->parameters(), spec.clip);
+      if (std::isfinite(norm)) {
+        for (auto& g : opt.param_groups()) static_cast<torch::optim::AdamOptions&>(g.options()).lr(lr);
+        opt.step();
+        applied = true;
+      }
+    }
+    if (!applied) {
+      // One bad batch must not poison the weights: skip it, keep count.
+      opt.zero_grad();
+      skipped++;
+      LogWarn("train_step_skipped").Kv("job", ctx.job_id).Kv("step", pos.step).Kv("loss", l);
+    }
     pos.step++;
     pos.batch++;
     pos.train_seconds += (MonoMs() - t0) / 1000.0;
-    double l = loss.item<double>();
-    loss_avg = loss_avg < 0 ? l : 0.9 * loss_avg + 0.1 * l;
+    if (std::isfinite(l)) loss_avg = loss_avg < 0 ? l : 0.9 * loss_avg + 0.1 * l;
 
     bool validate = pos.step % spec.valid_every == 0 || pos.step == spec.steps;
     if (validate) {
@@ -421,7 +435,8 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
     }
     if (ctx.progress && (pos.step % 5 == 0 || validate || pos.step == resumed_at + 1)) {
       double per_step = (MonoMs() - t_start) / 1000.0 / std::max<int64_t>(1, pos.step - resumed_at);
-      json p = {{"step", pos.step},        {"steps", spec.steps},  {"loss", l},
+      json p = {{"step", pos.step},        {"steps", spec.steps},  {"loss", std::isfinite(l) ? l : -1.0},
+                {"skipped_steps", skipped},
                 {"loss_avg", loss_avg},    {"lr", lr},             {"epoch", pos.epoch},
                 {"eta_s", per_step * (spec.steps - pos.step)},     {"resumed_at", resumed_at}};
       if (pos.last_cer >= 0) p["valid_cer"] = pos.last_cer;
@@ -445,7 +460,7 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
             {"train_seconds", pos.train_seconds}, {"utterances", train.size()},
             {"hours", hours},             {"final_loss", loss_avg},
             {"model", kept},              {"out", spec.out},
-            {"resumed_at", resumed_at}};
+            {"resumed_at", resumed_at}, {"skipped_steps", skipped}};
   *result = r.dump();
   LogInfo("train_finished").Kv("job", ctx.job_id).Kv("cer", final.cer).Kv("wer", final.wer).Kv("steps", pos.step);
   return Status::Ok();
