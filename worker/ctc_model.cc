@@ -47,7 +47,7 @@ std::string NormalizeText(const std::string& text) {
 std::string CtcModelConfig::ToJson() const {
   nlohmann::json j = {{"features", features}, {"mels", mels},       {"channels", channels},
                       {"hidden", hidden},     {"layers", layers},   {"dropout", dropout},
-                      {"vocabulary", vocab.chars}, {"architecture", "conv2x-bigru-ctc-v1"}};
+                      {"vocabulary", vocab.chars}, {"architecture", "conv-s2-relu-bigru-ctc-v1"}};
   return j.dump();
 }
 
@@ -63,7 +63,7 @@ Status CtcModelConfig::FromJson(const std::string& text, CtcModelConfig* out) {
     c.layers = j.value("layers", c.layers);
     c.dropout = j.value("dropout", c.dropout);
     c.vocab.chars = j.value("vocabulary", c.vocab.chars);
-    if (j.value("architecture", std::string("conv2x-bigru-ctc-v1")) != "conv2x-bigru-ctc-v1") {
+    if (j.value("architecture", std::string()) != "conv-s2-relu-bigru-ctc-v1") {
       return Status::Invalid("model architecture " + j.value("architecture", std::string()) + " is not supported");
     }
     if (c.mels <= 0 || c.channels <= 0 || c.hidden <= 0 || c.layers <= 0 || c.vocab.chars.empty()) {
@@ -80,7 +80,7 @@ CtcModelImpl::CtcModelImpl(CtcModelConfig config) : config_(std::move(config)) {
   using namespace torch::nn;
   conv1_ = register_module("conv1", Conv1d(Conv1dOptions(config_.mels, config_.channels, 5).stride(2).padding(2)));
   conv2_ =
-      register_module("conv2", Conv1d(Conv1dOptions(config_.channels, config_.channels, 5).stride(2).padding(2)));
+      register_module("conv2", Conv1d(Conv1dOptions(config_.channels, config_.channels, 5).stride(1).padding(2)));
   norm_ = register_module("norm", LayerNorm(LayerNormOptions({config_.channels})));
   gru_ = register_module("gru", GRU(GRUOptions(config_.channels, config_.hidden)
                                         .num_layers(config_.layers)
@@ -92,25 +92,32 @@ CtcModelImpl::CtcModelImpl(CtcModelConfig config) : config_(std::move(config)) {
 }
 
 torch::Tensor CtcModelImpl::OutputFrames(const torch::Tensor& frames) {
-  // Each conv: kernel 5, stride 2, padding 2 -> ceil(L / 2).
-  torch::Tensor l = frames.to(torch::kInt64);
-  l = torch::floor_divide(l + 1, 2);
-  l = torch::floor_divide(l + 1, 2);
-  return l;
+  // conv1: kernel 5, stride 2, padding 2 -> ceil(L / 2); conv2 keeps the length.
+  return torch::floor_divide(frames.to(torch::kInt64) + 1, 2);
+}
+
+torch::Tensor CtcModelImpl::ForCtc(const torch::Tensor& log_probs, const torch::Tensor& out_frames) {
+  torch::Tensor pad = (torch::arange(log_probs.size(1), out_frames.options()).unsqueeze(0) >= out_frames.unsqueeze(1))
+                          .to(log_probs.device())
+                          .unsqueeze(2);
+  return log_probs.masked_fill(pad, 0.0).transpose(0, 1).contiguous();
 }
 
 std::pair<torch::Tensor, torch::Tensor> CtcModelImpl::forward(torch::Tensor features, torch::Tensor frames) {
-  torch::Tensor x = features.transpose(1, 2);  // [B, mels, T]
-  x = torch::gelu(conv1_->forward(x));
-  x = torch::gelu(conv2_->forward(x));
-  x = norm_->forward(x.transpose(1, 2));  // [B, T', C]
+  torch::Tensor x = features.transpose(1, 2).contiguous();  // [B, mels, T]
+  // ReLU, not GELU: with Debian's libtorch 1.13 (oneDNN on), GELU's backward after these
+  // convolutions returned garbage gradients (1e25-1e37, or inf) that made training stall.
+  x = torch::relu(conv1_->forward(x));
+  x = torch::relu(conv2_->forward(x));
+  x = norm_->forward(x.transpose(1, 2).contiguous());  // [B, T', C]
   torch::Tensor out_frames = OutputFrames(frames).clamp_max(x.size(1)).clamp_min(1);
-  auto packed = torch::nn::utils::rnn::pack_padded_sequence(x, out_frames.to(torch::kCPU), /*batch_first=*/true,
-                                                            /*enforce_sorted=*/false);
-  auto [y_packed, h] = gru_->forward_with_packed_input(packed);
-  auto [y, lens] = torch::nn::utils::rnn::pad_packed_sequence(y_packed, /*batch_first=*/true, 0.0, x.size(1));
-  (void)h;
-  (void)lens;
+  // Padding is zeroed rather than packed (simpler, and batches are length-bucketed, so the padding
+  // a backward pass starts from is short).
+  torch::Tensor mask = (torch::arange(x.size(1), out_frames.options()).unsqueeze(0) < out_frames.unsqueeze(1))
+                           .to(x.device())
+                           .to(x.dtype())
+                           .unsqueeze(2);
+  torch::Tensor y = std::get<0>(gru_->forward(x * mask));
   torch::Tensor logits = out_->forward(drop_->forward(y));
   return {torch::log_softmax(logits, -1), out_frames};
 }

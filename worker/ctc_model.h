@@ -1,5 +1,7 @@
-// The project's own CTC acoustic model: log-mel features -> two strided 1-D convolutions (4x fewer
-// frames) -> bidirectional GRU -> per-frame log-probabilities over blank + characters.
+// The project's own CTC acoustic model: log-mel features -> two 1-D convolutions (the first with
+// stride 2: 50 output frames per second) -> bidirectional GRU -> per-frame log-probabilities over
+// blank + characters. (A 4x time reduction leaves fast synthetic speech with barely enough
+// frames for its characters.)
 // A model file holds its config (JSON, including the vocabulary and the front end's name) and its
 // weights; the same definition is loaded for training and for inference.
 #pragma once
@@ -44,6 +46,9 @@ class CtcModelImpl : public torch::nn::Module {
   std::pair<torch::Tensor, torch::Tensor> forward(torch::Tensor features, torch::Tensor frames);
   const CtcModelConfig& config() const { return config_; }
   static torch::Tensor OutputFrames(const torch::Tensor& frames);
+  // log_probs as ctc_loss wants them: [T, B, V], contiguous, padded frames (t >= out_frames) set
+  // to 0 so nothing non-finite can come back from them.
+  static torch::Tensor ForCtc(const torch::Tensor& log_probs, const torch::Tensor& out_frames);
 
  private:
   CtcModelConfig config_;

@@ -401,9 +401,7 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
       target_lengths.push_back(static_cast<int64_t>(train[i].ids.size()));
     }
     auto [lp, out_frames] = model->forward(feats, frames);
-    // contiguous(): Debian's libtorch 1.13 CPU ctc_loss returns non-finite gradients for a
-    // transposed (strided) log_probs, while the loss itself looks fine.
-    torch::Tensor loss = ctc(lp.transpose(0, 1).contiguous(), torch::tensor(targets, torch::kInt64), out_frames,
+    torch::Tensor loss = ctc(CtcModelImpl::ForCtc(lp, out_frames), torch::tensor(targets, torch::kInt64), out_frames,
                              torch::tensor(target_lengths, torch::kInt64));
     opt.zero_grad();
     double l = loss.item<double>();
