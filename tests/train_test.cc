@@ -150,6 +150,19 @@ TEST_F(TrainTest, KilledWorkerIsReplacedAndTrainingResumesFromTheCheckpoint) {
   EXPECT_EQ(cancel.code, 0);
 }
 
+TEST_F(TrainTest, CheckpointsAreIndexedInPostgres) {
+  PgCluster pg(tmp_.path());
+  ASSERT_TRUE(pg.Start());
+  BrokerProc b = StartBroker(tmp_ / "broker", tmp_ / "broker.log", {"--pg", pg.url()});
+  Proc w = StartWorker(b.endpoint, tmp_ / "w", tmp_ / "w.log", {"--threads", "2", "--pg", pg.url()});
+  std::vector<std::string> args = TrainArgs("indexed", 30, 10);
+  args.push_back("--wait");
+  RunResult r = Submit(b.endpoint, args, 240000);
+  ASSERT_EQ(r.code, 0) << r.err << ReadFile(tmp_ / "w.log");
+  EXPECT_EQ(pg.Query("SELECT string_agg(step::text, ',' ORDER BY step) FROM checkpoints WHERE job_id = 1"), "10,20");
+  EXPECT_EQ(pg.Query("SELECT count(*) FROM checkpoints WHERE loss > 0 AND worker <> ''"), "2");
+}
+
 TEST_F(TrainTest, BadManifestsFailWithClearErrorsBeforeTraining) {
   BrokerProc b = StartBroker(tmp_ / "broker", tmp_ / "broker.log");
   Proc w = StartWorker(b.endpoint, tmp_ / "w", tmp_ / "w.log");

@@ -58,9 +58,15 @@ int main(int argc, char** argv) {
   std::signal(SIGPIPE, SIG_IGN);
   JobRegistry registry;
   RegisterDiagnosticKinds(&registry);
+  if (Status st = o.Sanitize(); !st.ok()) {
+    std::cerr << "asr-worker: " << st.message() << "\n";
+    return 2;
+  }
   TrainKindOptions tk;
   tk.state_dir = o.state_dir;
   tk.threads = vm["threads"].as<int>();
+  tk.pg = o.pg;
+  tk.worker_id = o.worker_id;
   if (Status st = RegisterTrainKind(&registry, tk); !st.ok()) {
     std::cerr << "asr-worker: " << st.message() << "\n";
     return 1;

@@ -2,6 +2,8 @@
 
 #include <memory>
 
+#include "common/log.h"
+#include "common/pg.h"
 #include "worker/checkpoint_store.h"
 #include "worker/trainer.h"
 
@@ -22,6 +24,27 @@ Status RegisterTrainKind(JobRegistry* registry, const TrainKindOptions& options)
     tc.stopping = ctx.stopping;
     tc.progress = ctx.progress;
     tc.threads = options.threads;
+    std::unique_ptr<PgConn> pg;
+    if (!options.pg.empty()) {
+      // Best effort: the checkpoint itself is in RocksDB already; PostgreSQL only indexes it.
+      tc.checkpoint_saved = [&pg, &options, id = ctx.id](int64_t step, double loss, double cer) {
+        if (!pg || !pg->healthy()) {
+          pg.reset();
+          if (!PgConn::Connect(options.pg, &pg, 2).ok()) {
+            pg.reset();
+            LogWarn("checkpoint_index_unavailable").Kv("job", id).Kv("step", step);
+            return;
+          }
+        }
+        Status st = pg->Query(
+            "INSERT INTO checkpoints (job_id, step, worker, loss, valid_cer) VALUES ($1, $2, $3, $4, $5) "
+            "ON CONFLICT (job_id, step) DO UPDATE SET worker = EXCLUDED.worker, loss = EXCLUDED.loss, "
+            "valid_cer = EXCLUDED.valid_cer, created_at = now()",
+            {std::to_string(id), std::to_string(step), ValidUtf8(options.worker_id), std::to_string(loss),
+             cer >= 0 ? std::optional<std::string>(std::to_string(cer)) : std::nullopt});
+        if (!st.ok()) LogWarn("checkpoint_index_failed").Kv("job", id).Kv("error", st.message());
+      };
+    }
     return RunTraining(spec, tc, result);
   });
   return Status::Ok();

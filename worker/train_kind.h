@@ -11,6 +11,8 @@ namespace asrf {
 struct TrainKindOptions {
   std::string state_dir;  // checkpoints go to STATE_DIR/checkpoints, models to STATE_DIR/models
   int threads = 0;        // torch threads for training; 0 = torch's default
+  std::string pg;         // with a conninfo, each checkpoint is indexed in the checkpoints table
+  std::string worker_id;
 };
 
 Status RegisterTrainKind(JobRegistry* registry, const TrainKindOptions& options);

@@ -374,6 +374,7 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
     if (!ctx.store) return Status::Ok();
     std::string bytes = SaveCheckpoint(model, opt, pos, rng, spec);
     ASRF_RETURN_IF_ERROR(ctx.store->Put(ctx.job_id, pos.step, bytes, spec.keep));
+    if (ctx.checkpoint_saved) ctx.checkpoint_saved(pos.step, loss_avg, pos.last_cer);
     LogInfo("checkpoint_saved").Kv("job", ctx.job_id).Kv("step", pos.step).Kv("why", why)
         .Kv("bytes", static_cast<uint64_t>(bytes.size()));
     return Status::Ok();

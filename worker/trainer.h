@@ -47,6 +47,8 @@ struct TrainContext {
   const std::atomic<bool>* cancelled = nullptr;  // the job was cancelled: stop, no checkpoint
   const std::atomic<bool>* stopping = nullptr;   // the worker drains: checkpoint, then give the job back
   std::function<void(const std::string& json)> progress;
+  // Called after each checkpoint is stored (e.g. to index it in PostgreSQL); may be empty.
+  std::function<void(int64_t step, double loss, double valid_cer)> checkpoint_saved;
   int threads = 0;                               // torch threads; 0 = leave as is
 };
 
