@@ -372,6 +372,7 @@ int RunTrain(const GlobalOptions& g, const std::vector<std::string>& args) {
       ("layers", po::value(&layers)->default_value(layers), "GRU layers")
       ("init", po::value(&init)->default_value(""), "start from this model file (fine-tuning)")
       ("priority", po::value(&priority)->default_value(0), "job priority")
+      ("evaluate-only", po::bool_switch(), "no training: measure the --init model's CER/WER on --valid")
       ("wait", po::bool_switch(), "follow the job (progress lines) until it ends");
   po::variables_map vm;
   int rc = ParseSub(args, desc, nullptr,
@@ -394,7 +395,11 @@ int RunTrain(const GlobalOptions& g, const std::vector<std::string>& args) {
                   {"out", absolute(out)}, {"steps", steps}, {"batch_seconds", batch_seconds}, {"lr", lr},
                   {"warmup", warmup}, {"checkpoint_every", checkpoint_every}, {"valid_every", valid_every},
                   {"seed", seed}, {"channels", channels}, {"hidden", hidden}, {"layers", layers},
-                  {"init", absolute(init)}};
+                  {"init", absolute(init)}, {"evaluate_only", vm["evaluate-only"].as<bool>()}};
+  if (vm["evaluate-only"].as<bool>() && init.empty()) {
+    std::cerr << "asr-submit: --evaluate-only needs --init MODEL\n";
+    return kExitUsage;
+  }
   BrokerClient client(g.broker);
   proto::Submit s;
   s.batch = "train-" + name + "-" + RandomHex(4);

@@ -91,6 +91,19 @@ TEST_F(TrainTest, ShortRunLowersTheLossAndWritesTheModel) {
   EXPECT_GE(result["valid_cer"].get<double>(), 0.0);
   EXPECT_FALSE(ReadFile(tmp_ / "out/tiny.pt").empty());
   EXPECT_FALSE(ReadFile(tmp_ / "w/models/tiny.pt").empty());
+  // Evaluating the saved model alone gives the same CER the run reported (file round trip).
+  RunResult ev = Submit(b.endpoint, {"train", "--manifest", Train(), "--valid", Valid(), "--name", "eval",
+                                     "--init", tmp_ / "out/tiny.pt", "--evaluate-only", "--wait"},
+                        120000);
+  ASSERT_EQ(ev.code, 0) << ev.err;
+  json evr;
+  std::istringstream ein(ev.out);
+  while (std::getline(ein, line)) {
+    auto j = json::parse(line, nullptr, false);
+    if (!j.is_discarded() && j.value("state", "") == "done") evr = j["result"];
+  }
+  ASSERT_TRUE(evr.is_object()) << ev.out;
+  EXPECT_NEAR(evr["valid_cer"].get<double>(), result["valid_cer"].get<double>(), 1e-6);
 }
 
 TEST_F(TrainTest, KilledWorkerIsReplacedAndTrainingResumesFromTheCheckpoint) {

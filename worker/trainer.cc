@@ -50,10 +50,14 @@ Status TrainSpec::FromJson(const std::string& text, TrainSpec* out) {
     s.max_seconds = j.value("max_seconds", s.max_seconds);
     s.spec_augment = j.value("spec_augment", s.spec_augment);
     s.init = j.value("init", "");
+    s.evaluate_only = j.value("evaluate_only", false);
   } catch (const std::exception& e) {
     return Status::Invalid(std::string("malformed payload: ") + e.what());
   }
-  if (s.manifest.empty() || s.valid.empty() || s.name.empty()) {
+  if (s.evaluate_only && (s.init.empty() || s.valid.empty())) {
+    return Status::Invalid("malformed payload: evaluate_only needs init (a model file) and valid");
+  }
+  if (!s.evaluate_only && (s.manifest.empty() || s.valid.empty() || s.name.empty())) {
     return Status::Invalid("malformed payload: a train job needs manifest, valid and name");
   }
   if (s.steps < 1 || s.batch_seconds <= 0 || s.lr <= 0 || s.checkpoint_every < 1 || s.valid_every < 1 ||
@@ -70,7 +74,7 @@ std::string TrainSpec::ToJson() const {
             {"checkpoint_every", checkpoint_every}, {"keep", keep}, {"valid_every", valid_every},
             {"valid_max", valid_max}, {"seed", seed}, {"channels", channels}, {"hidden", hidden},
             {"layers", layers}, {"dropout", dropout}, {"max_seconds", max_seconds},
-            {"spec_augment", spec_augment}, {"init", init}};
+            {"spec_augment", spec_augment}, {"init", init}, {"evaluate_only", evaluate_only}};
   return j.dump();
 }
 
@@ -336,6 +340,20 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
     ASRF_RETURN_IF_ERROR(LoadModel(spec.init, &model));
   }
   const Vocabulary& vocab = model->config().vocab;
+
+  if (spec.evaluate_only) {
+    std::vector<ManifestItem> items;
+    ASRF_RETURN_IF_ERROR(ReadManifest(spec.valid, vocab.chars, spec.max_seconds, &items));
+    std::vector<Utterance> data;
+    ASRF_RETURN_IF_ERROR(LoadAll(items, vocab, &data));
+    double hours = 0;
+    for (const auto& u : data) hours += u.pcm.size() / static_cast<double>(kSampleRate) / 3600.0;
+    Evaluation e = Evaluate(model, data, data.size(), spec.batch_seconds);
+    json r = {{"model", spec.init}, {"valid", spec.valid}, {"utterances", data.size()}, {"hours", hours},
+              {"valid_cer", e.cer}, {"valid_wer", e.wer}};
+    *result = r.dump();
+    return Status::Ok();
+  }
 
   // Check both manifests completely before any training.
   std::vector<ManifestItem> train_items, valid_items;

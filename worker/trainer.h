@@ -35,6 +35,7 @@ struct TrainSpec {
   double max_seconds = 20;         // longer utterances are an error in the manifest
   bool spec_augment = true;
   std::string init;                // optional model file to start from (fine-tuning)
+  bool evaluate_only = false;      // with init: only measure CER/WER of that model on `valid`
 
   static Status FromJson(const std::string& json, TrainSpec* out);
   std::string ToJson() const;
