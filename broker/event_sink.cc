@@ -190,13 +190,13 @@ struct EventSink::Impl {
   }
 
   void AnswerLookups() {
-    std::deque<ResultLookup> todo;
+    std::deque<ResultLookup> batch;
     {
       std::lock_guard<std::mutex> lock(mu);
-      todo.swap(lookups);
+      batch.swap(lookups);
     }
-    if (todo.empty()) return;
-    for (auto& l : todo) {
+    if (batch.empty()) return;
+    for (auto& l : batch) {
       if (!Connect()) {
         l.error = "PostgreSQL is unreachable";
       } else {
@@ -217,7 +217,7 @@ struct EventSink::Impl {
     {
       std::lock_guard<std::mutex> lock(mu);
       wake = answered.empty();
-      for (auto& l : todo) answered.push_back(std::move(l));
+      for (auto& l : batch) answered.push_back(std::move(l));
     }
     if (wake) {
       uint64_t one = 1;

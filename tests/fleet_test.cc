@@ -17,13 +17,6 @@ namespace {
 
 using json = nlohmann::json;
 
-const std::vector<std::string> kFastHeartbeats = {"--heartbeat-ms", "200", "--heartbeat-misses", "3"};
-
-std::vector<std::string> With(std::vector<std::string> a, const std::vector<std::string>& b) {
-  a.insert(a.end(), b.begin(), b.end());
-  return a;
-}
-
 std::string LastLine(const std::string& s) {
   std::string t = s;
   while (!t.empty() && t.back() == '\n') t.pop_back();

@@ -57,6 +57,15 @@ struct RunResult {
 // Runs argv to completion (killing it after timeout_ms) and captures its output.
 RunResult RunCommand(const std::vector<std::string>& argv, int timeout_ms = 60000);
 
+// Heartbeats every 200 ms, 3 missed: lost workers are noticed in 0.6 s instead of 3 s.
+inline const std::vector<std::string> kFastHeartbeats = {"--heartbeat-ms", "200", "--heartbeat-misses", "3"};
+
+// a followed by b.
+inline std::vector<std::string> With(std::vector<std::string> a, const std::vector<std::string>& b) {
+  a.insert(a.end(), b.begin(), b.end());
+  return a;
+}
+
 // Calls pred every 20 ms until it returns true or timeout_ms passes.
 bool WaitFor(const std::function<bool()>& pred, int timeout_ms);
 

@@ -13,13 +13,6 @@ namespace {
 
 using json = nlohmann::json;
 
-const std::vector<std::string> kFast = {"--heartbeat-ms", "200", "--heartbeat-misses", "3"};
-
-std::vector<std::string> With(std::vector<std::string> a, const std::vector<std::string>& b) {
-  a.insert(a.end(), b.begin(), b.end());
-  return a;
-}
-
 class PgTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -53,10 +46,10 @@ TEST_F(PgTest, EveryJobHasExactlyOneResultRowAndTheHistoryAgrees) {
 }
 
 TEST_F(PgTest, PostgresDownForTenSecondsLosesNothingAndJobsKeepCompleting) {
-  BrokerProc b = StartBroker(tmp_ / "broker", tmp_ / "broker.log", With(kFast, {"--pg", pg_->url()}));
+  BrokerProc b = StartBroker(tmp_ / "broker", tmp_ / "broker.log", With(kFastHeartbeats, {"--pg", pg_->url()}));
   ASSERT_FALSE(b.endpoint.empty());
-  Proc w1 = StartWorker(b.endpoint, tmp_ / "w1", tmp_ / "w1.log", With(kFast, {"--pg", pg_->url(), "--slots", "4"}));
-  Proc w2 = StartWorker(b.endpoint, tmp_ / "w2", tmp_ / "w2.log", With(kFast, {"--pg", pg_->url(), "--slots", "4"}));
+  Proc w1 = StartWorker(b.endpoint, tmp_ / "w1", tmp_ / "w1.log", With(kFastHeartbeats, {"--pg", pg_->url(), "--slots", "4"}));
+  Proc w2 = StartWorker(b.endpoint, tmp_ / "w2", tmp_ / "w2.log", With(kFastHeartbeats, {"--pg", pg_->url(), "--slots", "4"}));
   RunResult sub = Submit(b.endpoint, {"submit", "--kind", "sleep", "--payload", "{\"ms\":4}", "--count", "5000"});
   ASSERT_EQ(sub.code, 0) << sub.err;
   ASSERT_TRUE(WaitFor([&] { return StatusCounts(b.endpoint).done >= 500; }, 30000));
@@ -78,10 +71,10 @@ TEST_F(PgTest, PostgresDownForTenSecondsLosesNothingAndJobsKeepCompleting) {
 }
 
 TEST_F(PgTest, OutboxSurvivesAWorkerRestart) {
-  BrokerProc b = StartBroker(tmp_ / "broker", tmp_ / "broker.log", kFast);
+  BrokerProc b = StartBroker(tmp_ / "broker", tmp_ / "broker.log", kFastHeartbeats);
   ASSERT_TRUE(pg_->Stop());
   {
-    Proc w = StartWorker(b.endpoint, tmp_ / "w", tmp_ / "w.log", With(kFast, {"--pg", pg_->url(), "--slots", "4"}));
+    Proc w = StartWorker(b.endpoint, tmp_ / "w", tmp_ / "w.log", With(kFastHeartbeats, {"--pg", pg_->url(), "--slots", "4"}));
     RunResult r = Submit(b.endpoint, {"submit", "--kind", "echo", "--count", "50", "--wait"}, 60000);
     ASSERT_EQ(r.code, 0) << r.err << ReadFile(tmp_ / "w.log");
     w.Signal(SIGKILL);
@@ -90,7 +83,7 @@ TEST_F(PgTest, OutboxSurvivesAWorkerRestart) {
   ASSERT_TRUE(pg_->Start());
   // Run the migrations (the broker here has no --pg), then restart the worker on the same state dir.
   ASSERT_EQ(RunCommand({ASRF_BROKER_BIN, "--migrate", "--pg", pg_->url()}).code, 0);
-  Proc w = StartWorker(b.endpoint, tmp_ / "w", tmp_ / "w2.log", With(kFast, {"--pg", pg_->url()}));
+  Proc w = StartWorker(b.endpoint, tmp_ / "w", tmp_ / "w2.log", With(kFastHeartbeats, {"--pg", pg_->url()}));
   EXPECT_TRUE(WaitFor([&] { return pg_->Query("SELECT count(*) FROM results") == "50"; }, 20000))
       << pg_->Query("SELECT count(*) FROM results") << ReadFile(tmp_ / "w2.log");
   EXPECT_NE(ReadFile(tmp_ / "w2.log").find("result_outbox_found"), std::string::npos);

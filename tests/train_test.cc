@@ -16,13 +16,6 @@ namespace {
 
 using json = nlohmann::json;
 
-const std::vector<std::string> kFast = {"--heartbeat-ms", "200", "--heartbeat-misses", "3"};
-
-std::vector<std::string> With(std::vector<std::string> a, const std::vector<std::string>& b) {
-  a.insert(a.end(), b.begin(), b.end());
-  return a;
-}
-
 // Tiny data shared by the tests of this file (synthesised once).
 class TrainTest : public ::testing::Test {
  protected:
@@ -107,8 +100,8 @@ TEST_F(TrainTest, ShortRunLowersTheLossAndWritesTheModel) {
 }
 
 TEST_F(TrainTest, KilledWorkerIsReplacedAndTrainingResumesFromTheCheckpoint) {
-  BrokerProc b = StartBroker(tmp_ / "broker", tmp_ / "broker.log", kFast);
-  Proc w1 = StartWorker(b.endpoint, tmp_ / "w", tmp_ / "w1.log", With(kFast, {"--threads", "2"}));
+  BrokerProc b = StartBroker(tmp_ / "broker", tmp_ / "broker.log", kFastHeartbeats);
+  Proc w1 = StartWorker(b.endpoint, tmp_ / "w", tmp_ / "w1.log", With(kFastHeartbeats, {"--threads", "2"}));
   RunResult sub = Submit(b.endpoint, TrainArgs("resume", 400, 10));
   ASSERT_EQ(sub.code, 0) << sub.err;
   // Past the second checkpoint, then SIGKILL.
@@ -128,7 +121,7 @@ TEST_F(TrainTest, KilledWorkerIsReplacedAndTrainingResumesFromTheCheckpoint) {
   w1.Wait(5000);
   int64_t killed_near = Step(JobStatus(b.endpoint, 1));
   // A new worker on the same state dir picks the job up again once the broker notices the loss.
-  Proc w2 = StartWorker(b.endpoint, tmp_ / "w", tmp_ / "w2.log", With(kFast, {"--threads", "2"}));
+  Proc w2 = StartWorker(b.endpoint, tmp_ / "w", tmp_ / "w2.log", With(kFastHeartbeats, {"--threads", "2"}));
   ASSERT_TRUE(WaitFor([&] { return ReadFile(tmp_ / "w2.log").find("train_resumed") != std::string::npos; }, 60000))
       << ReadFile(tmp_ / "w2.log");
   std::string log = ReadFile(tmp_ / "w2.log");
