@@ -50,15 +50,9 @@ struct EventSink::Impl {
     next_connect = now + opt.retry_ms;
     pg.reset();
     std::unique_ptr<PgConn> c;
-    Status st = PgConn::Connect(opt.conninfo, &c, 2);
-    if (st.ok() && !migrated) {
-      int applied = 0;
-      st = Migrate(c.get(), &applied);
-      if (st.ok()) {
-        migrated = true;
-        LogInfo("pg_migrated").Kv("applied", applied);
-      }
-    }
+    int applied = 0;
+    Status st = ConnectAndMigrate(opt.conninfo, &migrated, &c, &applied);
+    if (applied > 0) LogInfo("pg_migrated").Kv("applied", applied);
     bool was_up;
     {
       std::lock_guard<std::mutex> lock(mu);

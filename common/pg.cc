@@ -139,6 +139,19 @@ Status Migrate(PgConn* conn, int* applied) {
   return conn->Exec("COMMIT");
 }
 
+Status ConnectAndMigrate(const std::string& conninfo, bool* migrated, std::unique_ptr<PgConn>* out, int* applied) {
+  std::unique_ptr<PgConn> c;
+  ASRF_RETURN_IF_ERROR(PgConn::Connect(conninfo, &c, 2));
+  int n = 0;
+  if (!*migrated) {
+    ASRF_RETURN_IF_ERROR(Migrate(c.get(), &n));
+    *migrated = true;
+  }
+  if (applied) *applied = n;
+  *out = std::move(c);
+  return Status::Ok();
+}
+
 std::string ValidUtf8(const std::string& s) {
   std::string out;
   out.reserve(s.size());

@@ -70,6 +70,12 @@ extern const int kNumMigrations;
 // transaction under an advisory lock. Returns how many were applied.
 Status Migrate(PgConn* conn, int* applied);
 
+// Connects (bounded wait) and, unless *migrated is already true, applies the migrations and sets
+// *migrated: a sink may come up before anyone migrated the database. *applied, when given, gets
+// how many migrations ran.
+Status ConnectAndMigrate(const std::string& conninfo, bool* migrated, std::unique_ptr<PgConn>* out,
+                         int* applied = nullptr);
+
 // Text for a text column: invalid UTF-8 sequences become '?' (PostgreSQL rejects them).
 std::string ValidUtf8(const std::string& s);
 

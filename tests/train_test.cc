@@ -130,7 +130,6 @@ TEST_F(TrainTest, KilledWorkerIsReplacedAndTrainingResumesFromTheCheckpoint) {
   int64_t step = resumed["step"].get<int64_t>();
   EXPECT_GE(step, 20);
   EXPECT_LE(step, killed_near);
-  EXPECT_GT(killed_near - step, -1);
   EXPECT_LE(killed_near - step, 10 + 5) << "resumed further back than one checkpoint interval";
   // The loss continues where it was rather than starting over.
   double loss_after = -1;

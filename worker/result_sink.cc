@@ -54,13 +54,7 @@ struct ResultSink::Impl {
     next_connect = now + opt.retry_ms;
     pg.reset();
     std::unique_ptr<PgConn> c;
-    Status st = PgConn::Connect(opt.conninfo, &c, 2);
-    if (st.ok() && !migrated) {
-      // The worker may come up before any broker has migrated the database.
-      int applied = 0;
-      st = Migrate(c.get(), &applied);
-      migrated = st.ok();
-    }
+    Status st = ConnectAndMigrate(opt.conninfo, &migrated, &c);
     if (st.ok()) {
       st = c->Query(
           "INSERT INTO workers (id, host, device) VALUES ($1, $2, $3) "
