@@ -38,6 +38,9 @@ Status BrokerOptions::Sanitize() {
   backoff_max_ms = std::max(backoff_max_ms, backoff_ms);
   result_retention_s = std::max<int64_t>(result_retention_s, 0);
   watch_max_ms = std::clamp<int64_t>(watch_max_ms, 1000, 3600000);
+  batch_budget_s = std::clamp(batch_budget_s, 1.0, 1000.0);  // 1,000 s of PCM is 32 MB: one message
+  batch_max_items = std::clamp(batch_max_items, 1, 1000);
+  batch_max_delay_ms = std::clamp<int64_t>(batch_max_delay_ms, 0, 600000);
   max_messages_per_wake = std::clamp(max_messages_per_wake, 1, 100000);
   return Status::Ok();
 }
@@ -52,7 +55,17 @@ struct WorkerConn {
   uint32_t slots = 1;
   bool draining = false;
   std::unordered_set<std::string> kinds;
+  std::vector<std::string> models;      // models it holds; the first is its default
   std::unordered_set<uint64_t> leases;  // job ids
+  // Batches (ASSIGN groups) it runs: group -> leases left. A batch takes one slot.
+  std::unordered_map<uint64_t, uint32_t> groups;
+  size_t grouped_leases = 0;
+  size_t UsedSlots() const { return leases.size() - grouped_leases + groups.size(); }
+  bool HasModel(const std::string& m) const {
+    if (!kinds.empty() && !kinds.count(proto::kTranscribeKind)) return false;
+    if (m == proto::kDefaultModel) return !models.empty();
+    return std::find(models.begin(), models.end(), m) != models.end();
+  }
   int64_t last_seen = 0;
   int64_t gpu_mem_bytes = 0;
   int64_t outbox_results = 0;
@@ -107,6 +120,7 @@ struct Broker::Impl {
   uint64_t next_job_id = 1;
   uint64_t next_epoch = 0;
   uint64_t next_token = 1;
+  uint64_t next_group = 1;
 
   std::unordered_map<std::string, WorkerConn> workers;          // by worker id
   std::unordered_map<std::string, std::string> worker_by_routing;
@@ -133,6 +147,10 @@ struct Broker::Impl {
   std::deque<std::pair<int64_t, uint64_t>> rate_samples;  // (mono ms, finished so far)
   std::deque<FleetSnapshot::Failure> recent_failures;
   std::deque<FleetSnapshot::Point> history;
+  // Batching figures: exponentially weighted over recent batches; audio seconds done.
+  double batch_fill = 0, batch_padding = 0, audio_ms_done = 0;
+  std::deque<std::pair<int64_t, double>> audio_samples;  // (mono ms, audio ms done so far)
+  std::map<std::string, std::pair<double, double>> model_time;  // model -> (audio ms, run ms), recent
 
   // ---- sending --------------------------------------------------------------------------------
 
@@ -194,6 +212,8 @@ struct Broker::Impl {
       j.priority = r.priority;
       j.timeout_ms = r.timeout_ms;
       j.submitted_ms = r.submitted_ms;
+      j.model = std::move(r.model);
+      j.audio_ms = r.audio_ms;
       pending_replay_.emplace(id, std::move(j));
       next_job_id = std::max(next_job_id, id + 1);
       return Status::Ok();
@@ -294,7 +314,14 @@ struct Broker::Impl {
   void DropLease(Job& j) {
     if (j.state != JobState::kLeased) return;
     auto w = workers.find(j.worker);
-    if (w != workers.end()) w->second.leases.erase(j.id);
+    if (w != workers.end() && w->second.leases.erase(j.id) && j.group) {
+      auto g = w->second.groups.find(j.group);
+      if (g != w->second.groups.end()) {
+        w->second.grouped_leases--;
+        if (--g->second == 0) w->second.groups.erase(g);
+      }
+    }
+    j.group = 0;
     if (j.deadline_mono) deadlines.erase({j.deadline_mono, j.id});
     j.deadline_mono = 0;
     j.started = false;
@@ -317,6 +344,8 @@ struct Broker::Impl {
       jr.priority = j.priority;
       jr.timeout_ms = j.timeout_ms;
       jr.submitted_ms = j.submitted_ms;
+      jr.model = j.model;
+      jr.audio_ms = j.audio_ms;
       g->batch.Put(rec::JobKey(j.id), proto::EncodeBody(jr));
     }
     rec::StateRecord r;
@@ -370,6 +399,12 @@ struct Broker::Impl {
     j->run_ms = f.run_ms;
     j->finished_ms = f.finished_ms;
     if (f.state == JobState::kDone) std::string().swap(j->payload);  // others keep it for RETRY
+    if (f.state == JobState::kDone && j->audio_ms > 0) {
+      audio_ms_done += j->audio_ms;
+      auto& mt = model_time[j->model.empty() ? proto::kDefaultModel : j->model];
+      mt.first = 0.999 * mt.first + j->audio_ms;  // recent audio over recent compute
+      mt.second = 0.999 * mt.second + std::max<int64_t>(f.run_ms, 1);
+    }
     table.SetState(*j, f.state);
     finished_total[static_cast<int>(f.state)]++;
     if (f.state == JobState::kFailed || f.state == JobState::kDead) {
@@ -491,6 +526,8 @@ struct Broker::Impl {
       r.priority = m.jobs[i].priority;
       r.timeout_ms = m.jobs[i].timeout_ms;
       r.submitted_ms = now_wall;
+      r.model = std::move(m.jobs[i].model);
+      r.audio_ms = std::max<int64_t>(m.jobs[i].audio_ms, 0);
       b.Put(rec::JobKey(first + i), proto::EncodeBody(r));
       Job j;
       j.id = first + i;
@@ -500,6 +537,8 @@ struct Broker::Impl {
       j.priority = r.priority;
       j.timeout_ms = r.timeout_ms;
       j.submitted_ms = now_wall;
+      j.model = r.model;
+      j.audio_ms = r.audio_ms;
       p.jobs.push_back(std::move(j));
     }
     if (sink) {
@@ -567,12 +606,16 @@ struct Broker::Impl {
     i.worker = j.worker;
     i.progress = j.progress;
     if (j.state == JobState::kQueued) {
-      bool runnable = false;
+      bool runnable = false, has_model = false;
+      std::string model = j.model.empty() ? proto::kDefaultModel : j.model;
       for (const auto& [id, w] : workers) {
         if (w.kinds.empty() || w.kinds.count(j.kind)) runnable = true;
+        if (w.HasModel(model)) has_model = true;
       }
       if (workers.empty()) i.why = "no worker is connected";
       else if (!runnable) i.why = "no connected worker runs kind " + j.kind;
+      else if (IsBatched(j) && !has_model) i.why = "no worker has model " + model;
+      else if (IsBatched(j) && j.not_before_mono == 0) i.why = "waiting for a batch to fill or a free worker slot";
       else if (j.not_before_mono > 0) i.why = "waiting to retry after a lost attempt";
       else i.why = "waiting for a free worker slot";
     } else if (j.result_dropped) {
@@ -822,6 +865,10 @@ struct Broker::Impl {
     w.slots = std::clamp<uint32_t>(m.slots, 0, 4096);
     w.draining = m.draining;
     w.kinds = std::unordered_set<std::string>(m.kinds.begin(), m.kinds.end());
+    w.models.clear();
+    for (auto& name : m.models) {
+      if (!name.empty() && name.size() <= 256 && w.models.size() < 64) w.models.push_back(std::move(name));
+    }
     w.last_seen = now;
     worker_by_routing[routing] = m.worker_id;
     // Leases the worker reports that this broker does not know (e.g. from before a restart) are
@@ -968,43 +1015,81 @@ struct Broker::Impl {
 
   // ---- dispatch and timers --------------------------------------------------------------------
 
+  // Leases a job to a worker; returns the assignment to send.
+  proto::Assignment LeaseTo(Job& j, WorkerConn& w, uint64_t group, const std::string& model) {
+    table.SetState(j, JobState::kLeased);
+    j.epoch = ++next_epoch;
+    j.worker = w.id;
+    j.started = false;
+    j.group = group;
+    w.leases.insert(j.id);
+    proto::Assignment a;
+    a.id = j.id;
+    a.epoch = j.epoch;
+    a.kind = j.kind;
+    a.payload.data = j.payload;
+    a.timeout_ms = j.timeout_ms;
+    a.attempt = j.attempts;
+    a.group = group;
+    a.model = model;
+    return a;
+  }
+
   void Dispatch() {
     if (!table.HasReady()) return;
     std::vector<WorkerConn*> order;
     for (auto& [id, w] : workers) {
-      if (!w.draining && w.leases.size() < w.slots) order.push_back(&w);
+      if (!w.draining && w.UsedSlots() < w.slots) order.push_back(&w);
     }
-    // Round-robin one job at a time so work spreads over workers, then send one ASSIGN each.
-    std::unordered_map<WorkerConn*, std::vector<proto::Assign>> out;  // split at ~32 MiB
+    // Round-robin one job (or one batch) at a time so work spreads over workers, then send the
+    // ASSIGNs, split at ~32 MiB / 1,000 jobs (a batch is never split).
+    std::unordered_map<WorkerConn*, std::vector<proto::Assign>> out;
     std::unordered_map<WorkerConn*, size_t> bytes;
+    auto add = [&](WorkerConn* w, proto::Assignment a, bool new_message_ok) {
+      auto& msgs = out[w];
+      size_t size = a.payload.data.size() + 128;
+      if (msgs.empty() || (new_message_ok && (bytes[w] + size > (32u << 20) || msgs.back().jobs.size() >= 1000))) {
+        msgs.emplace_back();
+        bytes[w] = 0;
+      }
+      bytes[w] += size;
+      msgs.back().jobs.push_back(std::move(a));
+    };
     bool progress = true;
     while (progress && table.HasReady()) {
       progress = false;
       for (WorkerConn* w : order) {
-        if (w->leases.size() >= w->slots) continue;
+        if (w->UsedSlots() >= w->slots) continue;
+        TakenBatch tb;
+        if (!w->models.empty() &&
+            table.TakeBatch([w](const std::string& m) { return w->HasModel(m); }, &tb)) {
+          uint64_t group = next_group++;
+          std::string model = tb.model == proto::kDefaultModel ? w->models.front() : tb.model;
+          for (size_t i = 0; i < tb.ids.size(); ++i) {
+            Job* j = table.Find(tb.ids[i]);
+            add(w, LeaseTo(*j, *w, group, model), i == 0);
+          }
+          w->groups[group] = static_cast<uint32_t>(tb.ids.size());
+          w->grouped_leases += tb.ids.size();
+          double budget_ms = opt.batch_budget_s * 1000;
+          double fill = std::min(1.0, tb.padded_ms / budget_ms);
+          double pad = tb.padded_ms > 0 ? 1.0 - static_cast<double>(tb.audio_ms) / tb.padded_ms : 0;
+          batch_fill = batch_fill == 0 ? fill : 0.9 * batch_fill + 0.1 * fill;
+          batch_padding = batch_padding == 0 ? pad : 0.9 * batch_padding + 0.1 * pad;
+          LogInfo("batch_assigned")
+              .Kv("worker", w->id)
+              .Kv("model", model)
+              .Kv("group", group)
+              .Kv("segments", static_cast<uint64_t>(tb.ids.size()))
+              .Kv("audio_s", tb.audio_ms / 1000.0)
+              .Kv("padding", pad)
+              .Kv("full", tb.full);
+          progress = true;
+          continue;
+        }
         uint64_t id = table.PopReady(w->kinds);
         if (id == 0) continue;
-        Job* j = table.Find(id);
-        table.SetState(*j, JobState::kLeased);
-        j->epoch = ++next_epoch;
-        j->worker = w->id;
-        j->started = false;
-        w->leases.insert(id);
-        proto::Assignment a;
-        a.id = id;
-        a.epoch = j->epoch;
-        a.kind = j->kind;
-        a.payload.data = j->payload;
-        a.timeout_ms = j->timeout_ms;
-        a.attempt = j->attempts;
-        auto& msgs = out[w];
-        size_t size = a.payload.data.size() + 128;
-        if (msgs.empty() || bytes[w] + size > (32u << 20) || msgs.back().jobs.size() >= 1000) {
-          msgs.emplace_back();
-          bytes[w] = 0;
-        }
-        bytes[w] += size;
-        msgs.back().jobs.push_back(std::move(a));
+        add(w, LeaseTo(*table.Find(id), *w, 0, ""), true);
         progress = true;
       }
     }
@@ -1083,6 +1168,16 @@ struct Broker::Impl {
       s->jobs_per_s = static_cast<double>(rate_samples.back().second - rate_samples.front().second) * 1000.0 /
                       static_cast<double>(rate_samples.back().first - rate_samples.front().first);
     }
+    s->batch_fill_ratio = batch_fill;
+    s->padding_ratio = batch_padding;
+    s->audio_seconds_total = audio_ms_done / 1000.0;
+    audio_samples.push_back({now, audio_ms_done});
+    while (audio_samples.size() > 2 && audio_samples.front().first < now - 10000) audio_samples.pop_front();
+    if (audio_samples.size() >= 2 && audio_samples.back().first > audio_samples.front().first) {
+      s->audio_seconds_per_s = (audio_samples.back().second - audio_samples.front().second) /
+                               static_cast<double>(audio_samples.back().first - audio_samples.front().first);
+    }
+    for (const auto& [m, mt] : model_time) s->rtfx_by_model[m] = mt.second > 0 ? mt.first / mt.second : 0;
     for (const auto& [id, w] : workers) {
       FleetSnapshot::Worker x;
       x.id = id;
@@ -1253,6 +1348,12 @@ Status Broker::Open(const BrokerOptions& options, std::unique_ptr<Broker>* out) 
   auto impl = std::make_unique<Impl>();
   impl->opt = options;
   ASRF_RETURN_IF_ERROR(impl->opt.Sanitize());
+  BatcherOptions bo;
+  bo.budget_s = impl->opt.batch_budget_s;
+  bo.max_items = impl->opt.batch_max_items;
+  bo.max_delay_ms = impl->opt.batch_max_delay_ms;
+  impl->table.SetBatching(bo);
+  impl->table.SetNow(MonoMs());
   std::error_code ec;
   std::filesystem::create_directories(impl->opt.state_dir, ec);
   if (ec) return Status::IOError("cannot create state dir " + impl->opt.state_dir + ": " + ec.message());
@@ -1317,6 +1418,7 @@ Status Broker::Run(const std::atomic<bool>* stop) {
       if (e.num() != EINTR) return Status::IOError(std::string("poll: ") + e.what());
     }
     int64_t now = MonoMs();
+    s.table.SetNow(now);
     for (int n = 0; n < s.opt.max_messages_per_wake; ++n) {
       frames.clear();
       try {

@@ -34,6 +34,11 @@ struct BrokerOptions {
   int max_messages_per_wake = 2000;     // fairness cap per poll wake-up
   std::string pg;                       // libpq conninfo for the job-history sink; empty: none
   std::string http;                     // HOST:PORT for /metrics, /healthz, /readyz, /; empty: none
+  // Transcription batching (see broker/batcher.h): padded audio seconds and segments per batch,
+  // and how long a partial batch waits for more.
+  double batch_budget_s = 160;
+  int batch_max_items = 64;
+  int64_t batch_max_delay_ms = 200;
   rocksdb::Env* journal_env = nullptr;  // tests only
 
   // Clamps values into their sane ranges; returns an error for values that cannot be used.

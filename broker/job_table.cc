@@ -19,11 +19,19 @@ Job& JobTable::Add(Job job) {
     if (nb > 0) {
       delayed_.insert({nb, id});
     } else {
-      ready_[j.kind].insert({-static_cast<int64_t>(j.priority), id});
-      ready_count_++;
+      MakeReady(j);
     }
   }
   return j;
+}
+
+void JobTable::MakeReady(Job& j) {
+  if (IsBatched(j)) {
+    batcher_.Add(j.id, j.model.empty() ? proto::kDefaultModel : j.model, j.audio_ms, now_mono_);
+    return;
+  }
+  ready_[j.kind].insert({-static_cast<int64_t>(j.priority), j.id});
+  ready_count_++;
 }
 
 Job* JobTable::Find(uint64_t id) {
@@ -33,6 +41,7 @@ Job* JobTable::Find(uint64_t id) {
 
 void JobTable::Unqueue(Job& job) {
   if (job.state != JobState::kQueued) return;
+  if (IsBatched(job) && batcher_.Remove(job.id)) return;
   auto r = ready_.find(job.kind);
   if (r != ready_.end() && r->second.erase({-static_cast<int64_t>(job.priority), job.id}) > 0) {
     ready_count_--;
@@ -62,8 +71,7 @@ void JobTable::SetState(Job& job, JobState s, int64_t not_before_mono) {
       job.not_before_mono = not_before_mono;
       delayed_.insert({not_before_mono, job.id});
     } else {
-      ready_[job.kind].insert({-static_cast<int64_t>(job.priority), job.id});
-      ready_count_++;
+      MakeReady(job);
     }
   }
 }
@@ -75,8 +83,7 @@ int64_t JobTable::Promote(int64_t now_mono) {
     Job* j = Find(id);
     if (!j) continue;
     j->not_before_mono = 0;
-    ready_[j->kind].insert({-static_cast<int64_t>(j->priority), id});
-    ready_count_++;
+    MakeReady(*j);
   }
   return delayed_.empty() ? 0 : delayed_.begin()->first;
 }

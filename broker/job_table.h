@@ -15,6 +15,7 @@
 #include <utility>
 #include <vector>
 
+#include "broker/batcher.h"
 #include "schema/protocol.h"
 
 namespace asrf {
@@ -45,10 +46,25 @@ struct Job {
   bool finishing = false;    // a terminal record is being journaled
   int64_t deadline_mono = 0; // per-job timeout deadline once started; 0 = none
   int64_t not_before_mono = 0;
+  // Batched kinds (transcription segments): the model asked for, the audio length, and the
+  // batch (ASSIGN group) of the current lease.
+  std::string model;
+  int64_t audio_ms = 0;
+  uint64_t group = 0;
 };
+
+// Jobs of this kind are queued in the Batcher (per model, by audio length), not in the ready
+// queues, and leave in batches.
+inline bool IsBatched(const Job& j) { return j.kind == proto::kTranscribeKind; }
 
 class JobTable {
  public:
+  explicit JobTable(BatcherOptions batching = {}) : batcher_(batching) {}
+  // REQUIRES: nothing queued yet.
+  void SetBatching(BatcherOptions batching) { batcher_ = Batcher(batching); }
+  // The poll loop's current monotonic time: when batched jobs became runnable.
+  void SetNow(int64_t now_mono) { now_mono_ = now_mono; }
+
   using Counts = std::array<int64_t, proto::kNumStates>;
 
   // Adds a job in its current state; queued jobs go to the ready (or delayed) queue.
@@ -71,7 +87,12 @@ class JobTable {
 
   // Takes the best runnable job among `kinds` (any kind when kinds is empty); 0 when none.
   uint64_t PopReady(const std::unordered_set<std::string>& kinds);
-  bool HasReady() const { return ready_count_ > 0; }
+  bool HasReady() const { return ready_count_ > 0 || batcher_.size() > 0; }
+  // Takes a batch of batched jobs that may leave now (see Batcher::Take).
+  bool TakeBatch(const std::function<bool(const std::string&)>& model_ok, TakenBatch* out) {
+    return batcher_.Take(model_ok, now_mono_, out);
+  }
+  const Batcher& batcher() const { return batcher_; }
   // Kinds with runnable jobs.
   std::vector<std::string> ReadyKinds() const;
 
@@ -85,6 +106,11 @@ class JobTable {
  private:
   using Key = std::pair<int64_t, uint64_t>;  // (-priority, id)
   std::map<uint64_t, Job> jobs_;
+  // Puts a queued, runnable job in its ready queue (or the batcher).
+  void MakeReady(Job& j);
+
+  Batcher batcher_;
+  int64_t now_mono_ = 0;
   std::unordered_map<std::string, std::set<Key>> ready_;  // per kind
   std::set<std::pair<int64_t, uint64_t>> delayed_;       // (not_before, id)
   size_t ready_count_ = 0;

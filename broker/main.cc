@@ -41,6 +41,12 @@ int main(int argc, char** argv) {
       ("http", po::value(&o.http)->default_value("127.0.0.1:9100"),
        "HOST:PORT for /healthz, /readyz, /metrics and the status page at /; localhost unless you mean it; "
        "empty turns it off; port 0 picks one (written to STATE_DIR/http.endpoint)")
+      ("batch-budget-s", po::value(&o.batch_budget_s)->default_value(o.batch_budget_s),
+       "transcription batches: padded audio seconds per batch (segments x the longest one), 1..1000")
+      ("batch-max-items", po::value(&o.batch_max_items)->default_value(o.batch_max_items),
+       "transcription batches: most segments per batch (1 turns batching off)")
+      ("batch-max-delay-ms", po::value(&o.batch_max_delay_ms)->default_value(o.batch_max_delay_ms),
+       "transcription batches: a partial batch leaves once its oldest segment has waited this long")
       ("migrate", po::bool_switch(), "apply the SQL migrations to --pg and exit")
       ("max-messages-per-wake", po::value(&o.max_messages_per_wake)->default_value(o.max_messages_per_wake),
        "messages handled per poll wake-up before timers and dispatch run");

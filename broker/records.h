@@ -18,7 +18,9 @@ struct JobRecord {
   int32_t priority = 0;
   int64_t timeout_ms = 0;
   int64_t submitted_ms = 0;
-  MSGPACK_DEFINE_MAP(batch, kind, payload, priority, timeout_ms, submitted_ms);
+  std::string model;     // batched kinds
+  int64_t audio_ms = 0;
+  MSGPACK_DEFINE_MAP(batch, kind, payload, priority, timeout_ms, submitted_ms, model, audio_ms);
 };
 
 // "s/<id>": where the job stands. Written unsynced when attempts change, synced when terminal.

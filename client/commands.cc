@@ -18,7 +18,7 @@ namespace po = boost::program_options;
 using proto::Cmd;
 using json = nlohmann::json;
 
-namespace {
+namespace cli {
 
 int ExitFor(const Status& st) {
   if (st.ok()) return kExitOk;
@@ -60,6 +60,15 @@ std::string RandomHex(int bytes) {
   }
   return s;
 }
+
+}  // namespace cli
+
+namespace {
+
+using cli::ExitFor;
+using cli::ParseSub;
+using cli::RandomHex;
+using cli::RequestTimeoutMs;
 
 std::string SafeText(const std::string& bytes) {
   return json(bytes).dump(-1, ' ', false, json::error_handler_t::replace);
@@ -610,6 +619,8 @@ const std::vector<Command>& Commands() {
       {"jobs", "list jobs, e.g. the dead-letter list with --state dead", RunJobs},
       {"retry", "requeue a dead or failed job, or every dead job", RunRetry},
       {"workers", "list connected workers", RunWorkers},
+      {"transcribe", "transcribe audio files or folders on the fleet and write transcripts", RunTranscribe},
+      {"collect", "write the transcripts of a transcription batch submitted without --wait", RunCollect},
   };
   return kCommands;
 }

@@ -5,6 +5,8 @@
 #include <string>
 #include <vector>
 
+#include <boost/program_options.hpp>
+
 #include "client/broker_client.h"
 
 namespace asrf {
@@ -29,5 +31,21 @@ struct Command {
 };
 
 const std::vector<Command>& Commands();
+
+// Transcription subcommands (client/transcribe_cmd.cc).
+int RunTranscribe(const GlobalOptions& g, const std::vector<std::string>& args);
+int RunCollect(const GlobalOptions& g, const std::vector<std::string>& args);
+
+// Helpers shared by the subcommands.
+namespace cli {
+// Prints the error and maps it to an exit code.
+int ExitFor(const Status& st);
+int64_t RequestTimeoutMs(const GlobalOptions& g);
+// Parses a subcommand's words; prints help or a usage error. Returns -1 to proceed.
+int ParseSub(const std::vector<std::string>& args, boost::program_options::options_description& desc,
+             boost::program_options::positional_options_description* pos, const std::string& usage,
+             boost::program_options::variables_map* vm);
+std::string RandomHex(int bytes);
+}  // namespace cli
 
 }  // namespace asrf

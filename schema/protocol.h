@@ -108,8 +108,25 @@ struct SubmitJob {
   Blob payload;
   int32_t priority = 0;     // higher runs first; FIFO within a priority
   int64_t timeout_ms = 0;   // per-attempt run time limit; 0 = none
-  MSGPACK_DEFINE_MAP(kind, payload, priority, timeout_ms);
+  // Batched kinds ("transcribe"): the model the job needs ("default" or empty: any worker's
+  // default model) and its audio length; the broker batches such jobs by audio seconds.
+  std::string model;
+  int64_t audio_ms = 0;
+  std::string parent;       // the file a segment belongs to (shown in listings and history)
+  MSGPACK_DEFINE_MAP(kind, payload, priority, timeout_ms, model, audio_ms, parent);
 };
+
+// The payload of a "transcribe" job: one segment of one file, as 16 kHz mono PCM.
+struct TranscribeSegment {
+  std::string file;      // the input path as the client saw it (for reassembly)
+  uint32_t index = 0;    // segment number within the file
+  uint32_t count = 1;    // segments in the file
+  double offset_s = 0;   // where the segment starts in the file
+  Blob pcm;              // int16 little-endian samples at 16 kHz
+  MSGPACK_DEFINE_MAP(file, index, count, offset_s, pcm);
+};
+inline constexpr const char* kTranscribeKind = "transcribe";
+inline constexpr const char* kDefaultModel = "default";
 
 struct Submit {
   uint64_t req = 0;
@@ -271,7 +288,9 @@ struct Assignment {
   Blob payload;
   int64_t timeout_ms = 0;
   uint32_t attempt = 0;  // attempts already counted before this one
-  MSGPACK_DEFINE_MAP(id, epoch, kind, payload, timeout_ms, attempt);
+  uint64_t group = 0;    // jobs of one ASSIGN with the same non-zero group form one batch
+  std::string model;     // batched kinds: the model to run
+  MSGPACK_DEFINE_MAP(id, epoch, kind, payload, timeout_ms, attempt, group, model);
 };
 
 struct Assign {

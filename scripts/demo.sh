@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Runs a small fleet on this machine: installs and builds (scripts/setup.sh), starts the embedded
-# default (a private PostgreSQL cluster under the state dir via scripts/pg-local.sh, a broker and
-# two CPU workers with 2 slots each), submits 1,000 echo jobs, waits for them, prints the queue
-# counts, the workers and what reached PostgreSQL, then stops the fleet (workers first, so they
-# drain; then the broker; then PostgreSQL).
+# The main job on one machine: installs and builds (scripts/setup.sh), starts the embedded default
+# (a private PostgreSQL cluster under the state dir via scripts/pg-local.sh, a broker, and workers
+# via scripts/launch-workers.sh: one per GPU, or 2 CPU workers), makes sample speech with
+# espeak-ng/flite, transcribes it with `asr-submit transcribe --wait` using the shipped English
+# model (models/en-small.pt: a first, small model; see bench/RESULTS.md for its error rates),
+# prints the transcripts beside the reference text and where the results live, then stops the
+# fleet (workers first, so they drain; then the broker; then PostgreSQL).
 #
 #   scripts/demo.sh          run the demo and stop everything at the end
 #   scripts/demo.sh --keep   leave the fleet running afterwards (PIDs in STATE/pids)
@@ -13,12 +15,14 @@
 #   ASRF_STATE_DIR     state root (default: REPO/asrf-state): broker/, worker-N/, pg/, logs/, pids
 #   ASRF_PORT          broker TCP port on 127.0.0.1 (default 5555)
 #   ASRF_DEMO_TIMEOUT  seconds the submission may take before giving up (default 300)
+#   ASRF_CPU_WORKERS   CPU workers when no GPU is visible (default 2)
+#   ASRF_MODEL_FILE    acoustic model the workers load (default REPO/models/en-small.pt)
 #
-# Exits with asr-submit's status: 0 all jobs done, 1 a job failed, 3 broker unreachable or timeout.
+# Exits with asr-submit's status: 0 all files transcribed, 1 a file failed, 3 broker unreachable or timeout.
 set -euo pipefail
 
 usage() {
-    sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 keep=0
@@ -37,6 +41,8 @@ STATE="${ASRF_STATE_DIR:-$REPO/asrf-state}"
 [[ "$STATE" == /* ]] || STATE="$PWD/$STATE"
 PORT="${ASRF_PORT:-5555}"
 DEMO_TIMEOUT="${ASRF_DEMO_TIMEOUT:-300}"
+CPU_WORKERS="${ASRF_CPU_WORKERS:-2}"
+MODEL="${ASRF_MODEL_FILE:-$REPO/models/en-small.pt}"
 PIDS_FILE="$STATE/pids"
 LOGS="$STATE/logs"
 BROKER_BIN="build/broker/asr-broker"
@@ -197,46 +203,55 @@ done
 ENDPOINT="$(<"$endpoint_file")"
 say "broker is listening on $ENDPOINT"
 
-for n in 1 2; do
-    say "starting worker-$n (2 slots, state $STATE/worker-$n, log $LOGS/worker-$n.log)"
-    start_process "worker-$n" "$WORKER_BIN" --broker "$ENDPOINT" --state-dir "$STATE/worker-$n" --slots 2 \
-        --pg "$PG_URL"
-    WORKER_PIDS+=("$STARTED_PID")
-done
+say "starting workers: scripts/launch-workers.sh (one per GPU, or $CPU_WORKERS CPU workers; model $MODEL)"
+mapfile -t WORKER_PIDS < <(scripts/launch-workers.sh --broker "$ENDPOINT" --state-dir "$STATE" --log-dir "$LOGS" \
+    --cpu-workers "$CPU_WORKERS" --model-file "$MODEL" -- --pg "$PG_URL")
+((${#WORKER_PIDS[@]})) || die "no worker started (see $LOGS)"
 # Workers first, broker last: `kill $(cat pids)` then signals the workers before the broker.
 printf '%s\n' "${WORKER_PIDS[@]}" "$BROKER_PID" >"$PIDS_FILE"
 if ((keep)); then leave_running=1; fi
 
 client() { "$CLIENT_BIN" --broker "$ENDPOINT" "$@"; }
 
-say "waiting for both workers to connect"
+say "waiting for the workers to connect"
 connected=0
-for ((i = 0; i < 100; i++)); do
+for ((i = 0; i < 300; i++)); do
     for pid in "${WORKER_PIDS[@]}"; do
         alive "$pid" || { show_logs; die "worker PID $pid exited during start-up (see $LOGS)"; }
     done
     connected=$(client workers 2>/dev/null | grep -c . || true)
-    ((connected >= 2)) && break
+    ((connected >= ${#WORKER_PIDS[@]})) && break
     sleep 0.1
 done
-if ((connected < 2)); then say "warning: only $connected worker(s) connected after 10 s; submitting anyway"; fi
+if ((connected < ${#WORKER_PIDS[@]})); then say "warning: only $connected worker(s) connected after 30 s; submitting anyway"; fi
 
-say "submitting 1000 echo jobs and waiting for them (asr-submit submit --kind echo --count 1000 --wait)"
+SAMPLES="$STATE/samples"
+if [[ ! -s "$SAMPLES/train.jsonl" ]]; then
+    say "making sample audio with espeak-ng and flite (build/scripts/synth/asr-synth, sentences it never trained on)"
+    build/scripts/synth/asr-synth --out "$SAMPLES" --utterances 6 --seed 90210 --valid-fraction 0 \
+        --heldout-fraction 0 --noise-fraction 0 --max-words 10 >/dev/null
+fi
+OUT="$STATE/transcripts"
+say "transcribing $SAMPLES/wav into $OUT (asr-submit transcribe ... --format txt,json,srt --wait)"
 # In the background so that a SIGTERM or Ctrl-C reaches the trap at once, not after asr-submit.
-client --timeout "$DEMO_TIMEOUT" submit --kind echo --count 1000 --payload '{"hello":"fleet"}' --wait &
+client --timeout "$DEMO_TIMEOUT" transcribe "$SAMPLES/wav" --out "$OUT" --format txt,json,srt --overwrite --wait &
 SUBMIT_PID=$!
 rc=0
 wait "$SUBMIT_PID" || rc=$?
 SUBMIT_PID=""
 say "asr-submit exited with $rc"
 
-say "queue counts (asr-submit status --json; every job in the journal, earlier runs included):"
-client status --json || { s=$?; ((rc)) || rc=$s; }
-say "workers (asr-submit workers):"
-client workers || { s=$?; ((rc)) || rc=$s; }
-say "in PostgreSQL ($PG_URL): result rows, and job history by state (it catches up asynchronously):"
+say "transcripts (model $(basename "$MODEL"); reference text in brackets):"
+while IFS=$'\t' read -r wav text; do
+    txt="$OUT/$(basename "${wav%.*}").txt"
+    printf '  %s: %s\n      [%s]\n' "$(basename "$wav")" "$(tr '\n' ' ' <"$txt" 2>/dev/null || echo '(missing)')" "$text"
+done < <(python3 -c 'import json,sys
+for l in open(sys.argv[1]):
+    j=json.loads(l); print(j["audio"]+"\t"+j["text"])' "$SAMPLES/train.jsonl")
+say "results live in: $OUT (txt, json with word timings, srt) and PostgreSQL ($PG_URL, table results)"
 sleep 1
-psql "$PG_URL" -Atc "SELECT 'results', count(*) FROM results" -c "SELECT state, count(*) FROM jobs GROUP BY state" || true
+psql "$PG_URL" -Atc "SELECT 'result rows with a transcript', count(*) FROM results WHERE transcript IS NOT NULL" \
+    -c "SELECT state, count(*) FROM jobs GROUP BY state" || true
 
 if ((rc != 0)); then show_logs; fi
 

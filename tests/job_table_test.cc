@@ -46,11 +46,37 @@ TEST(JobTable, BackedOffJobWaitsForItsTime) {
 
 TEST(JobTable, OnlyKindsTheWorkerRuns) {
   JobTable t;
-  t.Add(MakeJob(1, 9, "transcribe"));
+  t.Add(MakeJob(1, 9, "train"));
   t.Add(MakeJob(2, 0, "echo"));
   EXPECT_EQ(t.PopReady({"echo"}), 2u);
   EXPECT_EQ(t.PopReady({"echo"}), 0u);
-  EXPECT_EQ(t.PopReady({"echo", "transcribe"}), 1u);
+  EXPECT_EQ(t.PopReady({"echo", "train"}), 1u);
+}
+
+TEST(JobTable, TranscriptionSegmentsLeaveInBatchesNotOneByOne) {
+  JobTable t;
+  t.SetNow(1000);
+  for (uint64_t id = 1; id <= 3; ++id) {
+    Job j = MakeJob(id, 0, "transcribe");
+    j.model = "en";
+    j.audio_ms = 2000;
+    t.Add(std::move(j));
+  }
+  EXPECT_TRUE(t.HasReady());
+  EXPECT_EQ(t.PopReady({}), 0u);
+  TakenBatch b;
+  auto any = [](const std::string&) { return true; };
+  EXPECT_FALSE(t.TakeBatch(any, &b));  // partial, not yet due
+  t.SetState(*t.Find(2), JobState::kCancelled);  // leaves the batcher
+  t.SetNow(1000 + BatcherOptions{}.max_delay_ms);
+  ASSERT_TRUE(t.TakeBatch(any, &b));
+  EXPECT_EQ(b.ids, (std::vector<uint64_t>{1, 3}));
+  EXPECT_EQ(b.model, "en");
+  EXPECT_FALSE(t.HasReady());
+  // A requeued segment goes back to the batcher.
+  t.SetState(*t.Find(1), JobState::kLeased);
+  t.SetState(*t.Find(1), JobState::kQueued);
+  EXPECT_TRUE(t.HasReady());
 }
 
 TEST(JobTable, CancelledQueuedJobLeavesTheQueueAndCountsMove) {

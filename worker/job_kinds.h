@@ -30,12 +30,35 @@ struct JobContext {
 // Returns ok with *result filled, or an error whose message becomes the job's error.
 using JobFn = std::function<Status(std::string_view payload, const JobContext& ctx, std::string* result)>;
 
+// A batched kind runs many jobs in one call (transcription: one device batch). `payloads[i]` is
+// job i's payload; the function fills (*statuses)[i] and (*results)[i] for every job (both
+// vectors are pre-sized). `model` is the model the broker chose for the batch.
+struct BatchContext {
+  std::string model;
+  // True when every job of the batch was cancelled.
+  std::function<bool()> all_cancelled;
+};
+using BatchFn = std::function<void(const std::vector<std::string_view>& payloads, const BatchContext& ctx,
+                                   std::vector<Status>* statuses, std::vector<std::string>* results)>;
+
 class JobRegistry {
  public:
   void Register(std::string kind, JobFn fn) { kinds_[std::move(kind)] = std::move(fn); }
+  // A batched kind; jobs of it may still arrive one at a time (a group of one).
+  void RegisterBatch(std::string kind, BatchFn fn) {
+    kinds_[kind] = nullptr;
+    batch_kinds_[std::move(kind)] = std::move(fn);
+  }
+  const BatchFn* FindBatch(const std::string& kind) const {
+    auto it = batch_kinds_.find(kind);
+    return it == batch_kinds_.end() ? nullptr : &it->second;
+  }
+  // Models this worker holds (advertised to the broker); the first is its default.
+  void AddModel(std::string name) { models_.push_back(std::move(name)); }
+  const std::vector<std::string>& models() const { return models_; }
   const JobFn* Find(const std::string& kind) const {
     auto it = kinds_.find(kind);
-    return it == kinds_.end() ? nullptr : &it->second;
+    return it == kinds_.end() || !it->second ? nullptr : &it->second;
   }
   std::vector<std::string> Kinds() const {
     std::vector<std::string> out;
@@ -45,6 +68,8 @@ class JobRegistry {
 
  private:
   std::map<std::string, JobFn> kinds_;
+  std::map<std::string, BatchFn> batch_kinds_;
+  std::vector<std::string> models_;
 };
 
 // The diagnostic kinds used by tests and benchmarks; every payload must be JSON text:

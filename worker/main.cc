@@ -1,11 +1,13 @@
 // asr-worker: runs jobs for the broker on one device. See `asr-worker --help`.
 #include <csignal>
+#include <filesystem>
 #include <iostream>
 
 #include "common/log.h"
 #include "common/options.h"
 #include "cuda/device_info.h"
 #include "worker/train_kind.h"
+#include "worker/transcribe_kind.h"
 #include "worker/worker.h"
 
 namespace {
@@ -28,7 +30,16 @@ int main(int argc, char** argv) {
       ("pg", po::value(&o.pg)->default_value(""),
        "PostgreSQL conninfo (key=value or postgresql:// URI; PGHOST, PGPASSFILE... honoured; never a password "
        "here) for the result sink; empty: results go only to the broker")
-      ("threads", po::value<int>()->default_value(0), "threads for model work (training); 0 = all cores")
+      ("threads", po::value<int>()->default_value(0), "threads for model work (training, inference); 0 = all cores")
+      ("model-file", po::value<std::string>()->default_value(""),
+       "acoustic model to load at start and keep resident for transcription: a project model file (config + "
+       "weights) or a TorchScript CTC model (then --vocabulary); empty: this worker does not transcribe")
+      ("model-name", po::value<std::string>()->default_value(""),
+       "name the model is advertised and asked for by (default: the file name without its extension)")
+      ("vocabulary", po::value<std::string>()->default_value(""),
+       "vocabulary file of a TorchScript model: one token per line, line 1 the CTC blank")
+      ("max-batch-frames", po::value<int64_t>()->default_value(48000),
+       "feature frames (10 ms each, padding included) per device micro-batch; lower it when memory is short")
       ("heartbeat-ms", po::value(&o.heartbeat_ms)->default_value(o.heartbeat_ms), "heartbeat interval")
       ("heartbeat-misses", po::value(&o.heartbeat_misses)->default_value(o.heartbeat_misses),
        "missed broker heartbeats after which the worker reconnects");
@@ -70,6 +81,24 @@ int main(int argc, char** argv) {
   if (Status st = RegisterTrainKind(&registry, tk); !st.ok()) {
     std::cerr << "asr-worker: " << st.message() << "\n";
     return 1;
+  }
+  if (std::string path = vm["model-file"].as<std::string>(); !path.empty()) {
+    AcousticModelOptions mo;
+    mo.device = o.device;
+    mo.vocabulary = vm["vocabulary"].as<std::string>();
+    mo.max_batch_frames = vm["max-batch-frames"].as<int64_t>();
+    mo.threads = vm["threads"].as<int>();
+    std::string name = vm["model-name"].as<std::string>();
+    if (name.empty()) name = std::filesystem::path(path).stem().string();
+    std::unique_ptr<AcousticModel> model;
+    if (Status st = LoadAcousticModel(path, name, mo, &model); !st.ok()) {
+      std::cerr << "asr-worker: cannot load --model-file " << path << ": " << st.message() << "\n";
+      return 2;
+    }
+    LogInfo("model_loaded").Kv("model", name).Kv("file", path).Kv("device", model->device());
+    RegisterTranscribeKind(std::shared_ptr<AcousticModel>(std::move(model)), &registry);
+  } else {
+    LogInfo("no_model").Kv("detail", "no --model-file: this worker does not take transcription jobs");
   }
   Worker worker(o, std::move(registry));
   Status st = worker.Run(&g_stop);

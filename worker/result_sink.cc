@@ -1,5 +1,7 @@
 #include "worker/result_sink.h"
 
+#include <nlohmann/json.hpp>
+
 #include <sys/eventfd.h>
 #include <unistd.h>
 
@@ -82,6 +84,14 @@ struct ResultSink::Impl {
     stats.pg_up = false;
   }
 
+  // The text of a transcription result (JSON with a "text" string), for the transcript column.
+  static std::optional<std::string> TranscriptOf(const proto::JobResult& r) {
+    if (!r.ok || r.result.data.find("\"text\":") == std::string::npos) return std::nullopt;
+    auto j = nlohmann::json::parse(r.result.data, nullptr, false);
+    if (j.is_discarded() || !j.is_object() || !j.contains("text") || !j["text"].is_string()) return std::nullopt;
+    return ValidUtf8(j["text"].get<std::string>());
+  }
+
   // One multi-row upsert in one statement. Within a batch a job keeps only its newest epoch.
   Status Upsert(const std::vector<proto::JobResult>& rows) {
     std::unordered_map<uint64_t, size_t> newest;
@@ -90,19 +100,19 @@ struct ResultSink::Impl {
       if (!fresh && rows[it->second].epoch < rows[i].epoch) it->second = i;
     }
     std::string sql =
-        "INSERT INTO results (job_id, lease_epoch, worker, ok, payload, error, run_ms) VALUES ";
+        "INSERT INTO results (job_id, lease_epoch, worker, ok, payload, error, run_ms, transcript) VALUES ";
     std::vector<std::optional<std::string>> params;
     std::vector<bool> binary;
-    params.reserve(newest.size() * 7);
+    params.reserve(newest.size() * 8);
     int n = 0;
     for (size_t i = 0; i < rows.size(); ++i) {
       if (newest[rows[i].id] != i) continue;
       const auto& r = rows[i];
       if (n) sql += ',';
-      int b = n * 7;
+      int b = n * 8;
       sql += "($" + std::to_string(b + 1) + ",$" + std::to_string(b + 2) + ",$" + std::to_string(b + 3) + ",$" +
              std::to_string(b + 4) + ",$" + std::to_string(b + 5) + ",$" + std::to_string(b + 6) + ",$" +
-             std::to_string(b + 7) + ")";
+             std::to_string(b + 7) + ",$" + std::to_string(b + 8) + ")";
       params.push_back(std::to_string(r.id));
       params.push_back(std::to_string(r.epoch));
       params.push_back(ValidUtf8(opt.worker_id));
@@ -110,13 +120,14 @@ struct ResultSink::Impl {
       params.push_back(r.result.data);
       params.push_back(r.error.empty() ? std::nullopt : std::optional<std::string>(ValidUtf8(r.error)));
       params.push_back(std::to_string(std::min<int64_t>(r.run_ms, INT32_MAX)));
-      binary.insert(binary.end(), {false, false, false, false, true, false, false});
+      params.push_back(TranscriptOf(r));
+      binary.insert(binary.end(), {false, false, false, false, true, false, false, false});
       ++n;
     }
     sql +=
         " ON CONFLICT (job_id) DO UPDATE SET lease_epoch = EXCLUDED.lease_epoch, worker = EXCLUDED.worker, "
         "ok = EXCLUDED.ok, payload = EXCLUDED.payload, error = EXCLUDED.error, run_ms = EXCLUDED.run_ms, "
-        "created_at = now() WHERE results.lease_epoch < EXCLUDED.lease_epoch";
+        "transcript = EXCLUDED.transcript, created_at = now() WHERE results.lease_epoch < EXCLUDED.lease_epoch";
     return pg->Query(sql, params, nullptr, binary);
   }
 

@@ -45,6 +45,11 @@ struct Task {
   std::shared_ptr<std::atomic<bool>> cancelled;
 };
 
+// What an executor runs: one job, or the jobs of one batch (ASSIGN group).
+struct Work {
+  std::vector<Task> tasks;
+};
+
 struct Done {
   proto::Lease lease;
   proto::JobResult result;
@@ -62,7 +67,7 @@ struct Worker::Impl {
 
   std::mutex mu;
   std::condition_variable cv;
-  std::deque<Task> tasks;   // GUARDED_BY(mu)
+  std::deque<Work> tasks;   // GUARDED_BY(mu)
   std::vector<Done> done;   // GUARDED_BY(mu)
   std::unordered_map<uint64_t, proto::Progress> progress;  // latest per job; GUARDED_BY(mu)
   std::atomic<bool> stopping{false};  // draining: long jobs checkpoint and give their job back
@@ -72,6 +77,7 @@ struct Worker::Impl {
   // Poll-thread state.
   std::unordered_map<uint64_t, std::pair<uint64_t, std::shared_ptr<std::atomic<bool>>>> running;  // id -> epoch
   std::unordered_map<uint64_t, Task> awaiting_start;  // assigned, STARTED sent, not yet confirmed
+  std::unordered_map<uint64_t, std::vector<Task>> confirmed_groups;  // batch members confirmed so far
   std::unordered_map<uint64_t, uint64_t> unacked;  // id -> epoch, results sent but not acknowledged
   int64_t last_broker_seen = 0;
   int64_t next_heartbeat = 0;
@@ -92,6 +98,7 @@ struct Worker::Impl {
     r.device = opt.device;
     r.slots = static_cast<uint32_t>(opt.slots);
     r.kinds = registry.Kinds();
+    r.models = registry.models();
     r.draining = draining;
     for (const auto& [id, e] : running) r.running.push_back({id, e.first});
     Send(Cmd::kReady, r);
@@ -124,65 +131,123 @@ struct Worker::Impl {
 
   void ExecutorLoop() {
     for (;;) {
-      Task t;
+      Work w;
       {
         std::unique_lock<std::mutex> lock(mu);
         cv.wait(lock, [&] { return stopping_threads || !tasks.empty(); });
         if (tasks.empty()) return;
-        t = std::move(tasks.front());
+        w = std::move(tasks.front());
         tasks.pop_front();
       }
-      Done d;
-      d.lease = {t.a.id, t.a.epoch};
-      d.result.id = t.a.id;
-      d.result.epoch = t.a.epoch;
-      int64_t t0 = MonoUs();
-      const JobFn* fn = registry.Find(t.a.kind);
-      Status st;
-      std::string result;
-      if (!fn) {
-        st = Status::Invalid("this worker has no job kind \"" + t.a.kind + "\"");
-      } else if (t.cancelled->load()) {
-        st = Status::Unavailable("cancelled");
-      } else {
-        JobContext ctx;
-        ctx.id = t.a.id;
-        ctx.attempt = t.a.attempt;
-        ctx.cancelled = t.cancelled.get();
-        ctx.stopping = &stopping;
-        ctx.progress = [this, id = t.a.id, epoch = t.a.epoch](const std::string& info) {
-          bool first;
-          {
-            std::lock_guard<std::mutex> lock(mu);
-            first = progress.empty() && done.empty();
-            progress[id] = proto::Progress{id, epoch, info};
-          }
-          if (first) Wake();
-        };
-        try {
-          st = (*fn)(t.a.payload.data, ctx, &result);
-        } catch (const std::exception& e) {
-          st = Status::Invalid(std::string("job threw: ") + e.what());
+      std::vector<Done> out;
+      const BatchFn* bfn = w.tasks.empty() ? nullptr : registry.FindBatch(w.tasks.front().a.kind);
+      if (bfn) out = RunBatch(*bfn, w);
+      else for (auto& t : w.tasks) out.push_back(RunOne(t));
+      for (auto& d : out) {
+        if (d.result.ok && d.result.result.data.size() > proto::kMaxResultBytes) {
+          d.result.ok = false;
+          d.result.error = "result of " + std::to_string(d.result.result.data.size()) + " bytes is over the " +
+                           std::to_string(proto::kMaxResultBytes) + "-byte limit";
+          d.result.result.data.clear();
         }
       }
-      d.result.run_ms = (MonoUs() - t0) / 1000;
-      if (st.ok() && result.size() > proto::kMaxResultBytes) {
-        st = Status::Invalid("result of " + std::to_string(result.size()) + " bytes is over the " +
-                             std::to_string(proto::kMaxResultBytes) + "-byte limit");
-        result.clear();
-      }
-      d.result.requeue = st.code() == Status::Code::kBusy && stopping.load();
-      d.result.ok = st.ok();
-      if (st.ok()) d.result.result.data = std::move(result);
-      else d.result.error = st.message().substr(0, proto::kMaxStringBytes);
       bool first;
       {
         std::lock_guard<std::mutex> lock(mu);
         first = done.empty();
-        done.push_back(std::move(d));
+        for (auto& d : out) done.push_back(std::move(d));
       }
       if (first) Wake();  // the poll thread takes everything queued at once
     }
+  }
+
+  Done RunOne(Task& t) {
+    Done d;
+    d.lease = {t.a.id, t.a.epoch};
+    d.result.id = t.a.id;
+    d.result.epoch = t.a.epoch;
+    int64_t t0 = MonoUs();
+    const JobFn* fn = registry.Find(t.a.kind);
+    Status st;
+    std::string result;
+    if (!fn) {
+      st = Status::Invalid("this worker has no job kind \"" + t.a.kind + "\"");
+    } else if (t.cancelled->load()) {
+      st = Status::Unavailable("cancelled");
+    } else {
+      JobContext ctx;
+      ctx.id = t.a.id;
+      ctx.attempt = t.a.attempt;
+      ctx.cancelled = t.cancelled.get();
+      ctx.stopping = &stopping;
+      ctx.progress = [this, id = t.a.id, epoch = t.a.epoch](const std::string& info) {
+        bool first;
+        {
+          std::lock_guard<std::mutex> lock(mu);
+          first = progress.empty() && done.empty();
+          progress[id] = proto::Progress{id, epoch, info};
+        }
+        if (first) Wake();
+      };
+      try {
+        st = (*fn)(t.a.payload.data, ctx, &result);
+      } catch (const std::exception& e) {
+        st = Status::Invalid(std::string("job threw: ") + e.what());
+      }
+    }
+    d.result.run_ms = (MonoUs() - t0) / 1000;
+    d.result.requeue = st.code() == Status::Code::kBusy && stopping.load();
+    d.result.ok = st.ok();
+    if (st.ok()) d.result.result.data = std::move(result);
+    else d.result.error = st.message().substr(0, proto::kMaxStringBytes);
+    return d;
+  }
+
+  // One call for the whole batch; each job's run time is its share (by payload size) of the
+  // batch's, so summed run times stay the real compute time.
+  std::vector<Done> RunBatch(const BatchFn& fn, Work& w) {
+    size_t n = w.tasks.size();
+    std::vector<std::string_view> payloads;
+    size_t total_bytes = 0;
+    for (auto& t : w.tasks) {
+      payloads.push_back(t.a.payload.data);
+      total_bytes += t.a.payload.data.size();
+    }
+    std::vector<Status> statuses(n);
+    std::vector<std::string> results(n);
+    BatchContext ctx;
+    ctx.model = w.tasks.front().a.model;
+    ctx.all_cancelled = [&w] {
+      for (auto& t : w.tasks) if (!t.cancelled->load()) return false;
+      return true;
+    };
+    int64_t t0 = MonoUs();
+    try {
+      fn(payloads, ctx, &statuses, &results);
+    } catch (const std::exception& e) {
+      for (auto& st : statuses) st = Status::Invalid(std::string("batch threw: ") + e.what());
+    }
+    int64_t run_us = MonoUs() - t0;
+    std::vector<Done> out(n);
+    for (size_t i = 0; i < n; ++i) {
+      Done& d = out[i];
+      const proto::Assignment& a = w.tasks[i].a;
+      d.lease = {a.id, a.epoch};
+      d.result.id = a.id;
+      d.result.epoch = a.epoch;
+      double share = total_bytes ? static_cast<double>(a.payload.data.size()) / total_bytes : 1.0 / n;
+      d.result.run_ms = static_cast<int64_t>(run_us * share / 1000);
+      Status st = w.tasks[i].cancelled->load() ? Status::Unavailable("cancelled") : statuses[i];
+      d.result.ok = st.ok();
+      if (st.ok()) d.result.result.data = std::move(results[i]);
+      else d.result.error = st.message().substr(0, proto::kMaxStringBytes);
+    }
+    LogInfo("batch_done")
+        .Kv("jobs", static_cast<uint64_t>(n))
+        .Kv("first_job", w.tasks.front().a.id)
+        .Kv("model", ctx.model)
+        .Kv("ms", run_us / 1000);
+    return out;
   }
 
   // A job runs only after the broker confirmed its STARTED: then a job that kills this process
@@ -208,14 +273,32 @@ struct Worker::Impl {
   void OnStartConfirmed(std::string_view body) {
     proto::Started m;
     if (!proto::DecodeBody(body, &m).ok()) return;
+    std::vector<uint64_t> groups;
     std::lock_guard<std::mutex> lock(mu);
     for (const auto& l : m.leases) {
       auto it = awaiting_start.find(l.id);
       if (it == awaiting_start.end() || it->second.a.epoch != l.epoch) continue;
-      tasks.push_back(std::move(it->second));
+      if (uint64_t g = it->second.a.group) {
+        confirmed_groups[g].push_back(std::move(it->second));
+        groups.push_back(g);
+      } else {
+        tasks.push_back(Work{{std::move(it->second)}});
+        cv.notify_one();
+      }
       awaiting_start.erase(it);
-      cv.notify_one();
     }
+    for (uint64_t g : groups) ReleaseGroupIfComplete(g);
+  }
+
+  // A batch runs once every member is confirmed (or was cancelled before it started).
+  // REQUIRES: mu held.
+  void ReleaseGroupIfComplete(uint64_t g) {
+    auto it = confirmed_groups.find(g);
+    if (it == confirmed_groups.end()) return;
+    for (const auto& [id, t] : awaiting_start) if (t.a.group == g) return;
+    tasks.push_back(Work{std::move(it->second)});
+    confirmed_groups.erase(it);
+    cv.notify_one();
   }
 
   void OnCancelJobs(std::string_view body) {
@@ -229,8 +312,13 @@ struct Worker::Impl {
         auto waiting = awaiting_start.find(l.id);
         if (waiting != awaiting_start.end() && waiting->second.a.epoch == l.epoch) {
           // Never started here: nothing to report.
+          uint64_t g = waiting->second.a.group;
           awaiting_start.erase(waiting);
           running.erase(it);
+          if (g) {
+            std::lock_guard<std::mutex> lock(mu);
+            ReleaseGroupIfComplete(g);
+          }
         }
       }
     }

@@ -1,0 +1,27 @@
+// Reading the user's audio: whatever libsndfile decodes (WAV, FLAC, OGG/Vorbis, Opus, MP3 where
+// the library has it), any sample rate and channel count, to 16 kHz mono 16-bit PCM (libsoxr).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "common/status.h"
+
+namespace asrf {
+
+inline constexpr int kTargetRate = 16000;
+
+struct DecodedAudio {
+  std::vector<int16_t> pcm;  // 16 kHz mono
+  int source_rate = 0;
+  int source_channels = 0;
+  double duration_s() const { return static_cast<double>(pcm.size()) / kTargetRate; }
+};
+
+// Decodes `path`. Errors (Invalid) name the file and say why: not readable, not audio, empty
+// (no samples), or a decode failure part-way. Channels are averaged; the resampler is libsoxr's
+// high quality setting. Thread-safe (no shared state).
+Status DecodeAudio16k(const std::string& path, DecodedAudio* out);
+
+}  // namespace asrf

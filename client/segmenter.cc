@@ -1,0 +1,81 @@
+#include "client/segmenter.h"
+
+#include <algorithm>
+#include <cmath>
+
+namespace asrf {
+namespace {
+
+constexpr int kSmoothFrames = 10;  // 10 frames of 10 ms: the ~100 ms smoothing window
+
+// Prefix sums of per-frame mean energy (mean square), frames of `frame` samples; a trailing
+// partial frame is averaged over the samples it has.
+std::vector<double> FrameEnergyPrefix(const int16_t* pcm, int64_t n, int64_t frame) {
+  int64_t frames = (n + frame - 1) / frame;
+  std::vector<double> prefix(static_cast<size_t>(frames) + 1, 0.0);
+  for (int64_t f = 0; f < frames; ++f) {
+    int64_t b = f * frame, e = std::min(n, b + frame);
+    double sum = 0;
+    for (int64_t i = b; i < e; ++i) sum += static_cast<double>(pcm[i]) * pcm[i];
+    prefix[f + 1] = prefix[f] + sum / static_cast<double>(e - b);
+  }
+  return prefix;
+}
+
+// Mean frame energy over the ~100 ms centred on frame f (clipped at the file's ends).
+double Smoothed(const std::vector<double>& prefix, int64_t f) {
+  int64_t frames = static_cast<int64_t>(prefix.size()) - 1;
+  int64_t b = std::max<int64_t>(0, f - kSmoothFrames / 2);
+  int64_t e = std::min<int64_t>(frames, f + kSmoothFrames - kSmoothFrames / 2);
+  return (prefix[e] - prefix[b]) / static_cast<double>(e - b);
+}
+
+}  // namespace
+
+std::vector<SegmentBounds> SplitAtQuietPoints(const int16_t* pcm, int64_t n, const SegmenterOptions& opt) {
+  std::vector<SegmentBounds> out;
+  if (n <= 0 || pcm == nullptr) return out;
+  // Sanitised options: positive rate, max of at least one sample, 0 <= min <= max.
+  const int rate = opt.sample_rate > 0 ? opt.sample_rate : 16000;
+  const double max_s_raw = std::isfinite(opt.max_s) ? opt.max_s : 30.0;
+  const int64_t max_len = std::max<int64_t>(1, static_cast<int64_t>(std::floor(max_s_raw * rate)));
+  const double min_s_raw = std::isfinite(opt.min_s) ? opt.min_s : 0.0;
+  const int64_t min_len = std::clamp<int64_t>(static_cast<int64_t>(std::ceil(min_s_raw * rate)), 0, max_len);
+  if (n <= max_len) {
+    out.push_back({0, n});
+    return out;
+  }
+
+  const int64_t frame = std::max(1, rate / 100);
+  const std::vector<double> prefix = FrameEnergyPrefix(pcm, n, frame);
+
+  int64_t start = 0;
+  while (n - start > max_len) {
+    const int64_t lo = start + min_len, hi = start + max_len;
+    // Candidate frames lie wholly inside [lo, hi]; a cut goes at a frame's middle.
+    const int64_t f_lo = (lo + frame - 1) / frame, f_hi = hi / frame - 1;
+    int64_t cut = hi;
+    if (f_lo <= f_hi) {
+      int64_t best = f_lo;
+      double best_e = Smoothed(prefix, f_lo);
+      for (int64_t f = f_lo + 1; f <= f_hi; ++f) {
+        double e = Smoothed(prefix, f);
+        if (e < best_e) best_e = e, best = f;
+      }
+      // In a pause longer than the smoothing window many frames are about as quiet as the
+      // quietest: cut in the middle of that quiet run rather than at its first frame.
+      const double tol = best_e * 1.1 + 1.0;
+      int64_t run_b = best, run_e = best;
+      while (run_b > f_lo && Smoothed(prefix, run_b - 1) <= tol) --run_b;
+      while (run_e < f_hi && Smoothed(prefix, run_e + 1) <= tol) ++run_e;
+      const int64_t mid = (run_b + run_e) / 2;
+      cut = std::clamp(mid * frame + frame / 2, std::max<int64_t>(lo, start + 1), hi);
+    }
+    out.push_back({start, cut});
+    start = cut;
+  }
+  out.push_back({start, n});
+  return out;
+}
+
+}  // namespace asrf

@@ -1,0 +1,555 @@
+// asr-submit transcribe / collect: audio files in, transcripts out, through the fleet.
+//
+// transcribe: walks the inputs, decodes each picked file to 16 kHz mono, splits it at quiet points,
+// submits the segments (kind "transcribe", PCM inside the SUBMIT) while keeping the audio
+// outstanding below --max-inflight-s, follows the batch (WATCH events carry each segment's result),
+// reassembles every file in segment order and writes one output per format. Files that cannot be
+// read are reported in the summary and make the exit non-zero; every other file still goes through.
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+#include <iostream>
+#include <map>
+#include <set>
+
+#include <nlohmann/json.hpp>
+
+#include "client/audio_in.h"
+#include "client/commands.h"
+#include "client/segmenter.h"
+#include "client/transcript.h"
+#include "common/clock.h"
+
+namespace asrf {
+
+namespace po = boost::program_options;
+namespace fs = std::filesystem;
+using proto::Cmd;
+using json = nlohmann::json;
+
+namespace {
+
+struct FileJob {
+  std::string path;      // as found
+  std::string rel;       // relative to its input root: the name the segments carry
+  std::string base;      // output path without extension
+  double duration_s = 0;
+  int segments = 0;
+  int received = 0;
+  bool submitted = false;
+  bool written = false;
+  std::string error;
+  Transcript transcript;
+  std::map<int, SegmentOut> parts;
+  double compute_s = 0;
+  int64_t submitted_ms = 0;
+};
+
+std::vector<std::string> SplitList(const std::string& s) {
+  std::vector<std::string> out;
+  std::string cur;
+  for (char c : s + ",") {
+    if (c == ',') {
+      if (!cur.empty()) out.push_back(cur);
+      cur.clear();
+    } else if (c != ' ') {
+      cur.push_back(static_cast<char>(std::tolower(static_cast<unsigned char>(c))));
+    }
+  }
+  return out;
+}
+
+std::string Lower(std::string s) {
+  for (auto& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return s;
+}
+
+std::string Clock(double s) {
+  if (s < 0 || s > 1e7) return "--:--";
+  int t = static_cast<int>(s + 0.5);
+  char buf[32];
+  if (t >= 3600) std::snprintf(buf, sizeof(buf), "%d:%02d:%02d", t / 3600, t / 60 % 60, t % 60);
+  else std::snprintf(buf, sizeof(buf), "%d:%02d", t / 60, t % 60);
+  return buf;
+}
+
+// Progress on stderr: a live bar on a terminal, a plain line every 5 s otherwise.
+class ProgressLine {
+ public:
+  explicit ProgressLine(int64_t start_ms) : start_(start_ms), tty_(isatty(STDERR_FILENO) == 1) {}
+  void Show(size_t files_done, size_t files_total, double audio_done, double audio_total, bool final) {
+    int64_t now = MonoMs();
+    if (!final && now < next_) return;
+    next_ = now + (tty_ ? 250 : 5000);
+    double secs = std::max(0.001, (now - start_) / 1000.0);
+    double rate = audio_done / secs;
+    double eta = rate > 0 ? (audio_total - audio_done) / rate : -1;
+    char line[256];
+    int width = 24;
+    int fill = audio_total > 0 ? static_cast<int>(width * std::min(1.0, audio_done / audio_total)) : 0;
+    std::string bar = "[" + std::string(fill, '#') + std::string(width - fill, '.') + "]";
+    std::snprintf(line, sizeof(line), "%s %zu/%zu files, %.0f/%.0f audio s, %.1f audio s/s, ETA %s",
+                  tty_ ? bar.c_str() : "progress:", files_done, files_total, audio_done, audio_total, rate,
+                  Clock(eta).c_str());
+    if (tty_) std::cerr << "\r" << line << "\033[K" << (final ? "\n" : "") << std::flush;
+    else std::cerr << line << "\n";
+  }
+
+ private:
+  int64_t start_;
+  bool tty_;
+  int64_t next_ = 0;
+};
+
+// Adds one segment result to its file; writes the outputs when the file is complete.
+void AcceptResult(FileJob& f, const proto::JobEvent& e, const std::vector<std::string>& formats, double run_s) {
+  if (f.written || !f.error.empty()) return;
+  if (e.state != "done") {
+    f.error = "segment failed (" + e.state + "): " + (e.error.empty() ? "no message" : e.error);
+    return;
+  }
+  SegmentOut seg;
+  std::string file, model;
+  int index = 0, count = 0;
+  double offset = 0;
+  Status st = ParseSegmentResult(e.result.data, &seg, &file, &index, &count, &offset, &model);
+  if (!st.ok()) {
+    f.error = "unreadable segment result: " + st.message();
+    return;
+  }
+  if (f.parts.emplace(index, std::move(seg)).second) f.received++;
+  f.compute_s += run_s;
+  if (f.transcript.model.empty()) f.transcript.model = model;
+}
+
+Status WriteFile(FileJob& f, const std::vector<std::string>& formats) {
+  f.transcript.source = f.path;
+  f.transcript.duration_s = f.duration_s;
+  f.transcript.compute_s = f.compute_s;
+  f.transcript.wall_s = f.submitted_ms ? (MonoMs() - f.submitted_ms) / 1000.0 : 0;
+  f.transcript.segments.clear();
+  for (auto& [i, s] : f.parts) f.transcript.segments.push_back(s);
+  f.written = true;
+  return WriteOutputs(f.transcript, f.base, formats);
+}
+
+struct Walk {
+  std::vector<FileJob> files;
+  size_t skipped_ext = 0;
+  size_t skipped_existing = 0;
+  std::vector<std::string> errors;  // inputs that do not exist
+};
+
+Walk FindFiles(const std::vector<std::string>& inputs, const std::set<std::string>& exts, const std::string& out_dir,
+               const std::vector<std::string>& formats, bool overwrite) {
+  Walk w;
+  struct Found {
+    std::string path, root;
+  };
+  std::vector<Found> found;
+  auto picked = [&](const fs::path& p) {
+    std::string e = Lower(p.extension().string());
+    return !e.empty() && exts.count(e.substr(1));
+  };
+  for (const auto& in : inputs) {
+    std::error_code ec;
+    fs::path p(in);
+    if (fs::is_directory(p, ec)) {
+      std::vector<std::string> here;
+      for (auto it = fs::recursive_directory_iterator(p, fs::directory_options::skip_permission_denied, ec);
+           !ec && it != fs::recursive_directory_iterator(); it.increment(ec)) {
+        if (!it->is_regular_file(ec)) continue;
+        if (picked(it->path())) here.push_back(it->path().string());
+        else w.skipped_ext++;
+      }
+      std::sort(here.begin(), here.end());
+      for (auto& h : here) found.push_back({h, p.string()});
+    } else if (fs::exists(p, ec)) {
+      if (picked(p)) found.push_back({p.string(), p.has_parent_path() ? p.parent_path().string() : "."});
+      else w.skipped_ext++;
+    } else {
+      w.errors.push_back(in + ": no such file or directory");
+    }
+  }
+  // Inputs that would share an output name keep their source extension.
+  std::map<std::string, int> stems;
+  for (const auto& f : found) stems[OutputBase(f.path, f.root, out_dir, false)]++;
+  std::set<std::string> bases;
+  for (const auto& f : found) {
+    FileJob j;
+    j.path = f.path;
+    j.rel = fs::path(f.path).lexically_relative(f.root).string();
+    if (j.rel.empty() || j.rel.rfind("..", 0) == 0) j.rel = fs::path(f.path).filename().string();
+    bool keep = stems[OutputBase(f.path, f.root, out_dir, false)] > 1;
+    j.base = OutputBase(f.path, f.root, out_dir, keep);
+    if (!bases.insert(j.base).second) continue;  // the same file named twice
+    if (!overwrite) {
+      bool all = true;
+      for (const auto& fmt : formats) all = all && fs::exists(j.base + "." + fmt);
+      if (all) {
+        w.skipped_existing++;
+        continue;
+      }
+    }
+    w.files.push_back(std::move(j));
+  }
+  return w;
+}
+
+const char* kTranscribeUsage =
+    "usage: asr-submit transcribe PATH... --out DIR [--format txt,json,srt,vtt,tsv] [--model NAME] [--wait]\n"
+    "Transcribes every audio file under each PATH (files or folders, searched recursively). IN/x/a.wav becomes\n"
+    "DIR/x/a.<format>; files whose outputs all exist are skipped unless --overwrite. Without --wait the batch\n"
+    "name is printed and `asr-submit collect BATCH --out DIR` writes the outputs later.\n"
+    "Exit: 0 all transcribed, 1 some file failed (see the summary), 2 usage, 3 broker unreachable or --timeout.";
+
+}  // namespace
+
+int RunTranscribe(const GlobalOptions& g, const std::vector<std::string>& args) {
+  std::vector<std::string> inputs;
+  std::string out_dir, format_list, model, ext_list, batch;
+  double max_segment_s = 30, max_inflight_s = 1800;
+  int priority = 0;
+  po::options_description desc("transcribe options");
+  desc.add_options()
+      ("input", po::value(&inputs)->multitoken(), "audio files or folders")
+      ("out", po::value(&out_dir)->required(), "output folder (mirrors the input folders)")
+      ("format", po::value(&format_list)->default_value("txt,json"), "comma list of txt, json, srt, vtt, tsv")
+      ("model", po::value(&model)->default_value(proto::kDefaultModel),
+       "model name as workers advertise it; `default` takes each worker's own")
+      ("ext", po::value(&ext_list)->default_value("wav,flac,ogg,opus,mp3"),
+       "file extensions picked in folders (others are skipped and counted)")
+      ("max-segment-s", po::value(&max_segment_s)->default_value(max_segment_s),
+       "longest segment: longer files are split at quiet points (5..240)")
+      ("max-inflight-s", po::value(&max_inflight_s)->default_value(max_inflight_s),
+       "audio seconds submitted but not yet transcribed, at most (bounds the memory the batch holds)")
+      ("priority", po::value(&priority)->default_value(0), "higher runs first")
+      ("batch", po::value(&batch)->default_value(""), "batch name (default: a new one)")
+      ("overwrite", po::bool_switch(), "transcribe files whose outputs already exist")
+      ("wait", po::bool_switch(), "wait for the transcripts and write them (otherwise use `collect` later)");
+  po::positional_options_description pos;
+  pos.add("input", -1);
+  po::variables_map vm;
+  int rc = cli::ParseSub(args, desc, &pos, kTranscribeUsage, &vm);
+  if (rc >= 0) return rc;
+  if (inputs.empty()) {
+    std::cerr << "asr-submit: transcribe needs at least one file or folder\n" << kTranscribeUsage << "\n";
+    return kExitUsage;
+  }
+  std::vector<std::string> formats = SplitList(format_list);
+  for (const auto& f : formats) {
+    std::string unused;
+    if (!FormatByName(f, Transcript{}, &unused).ok()) {
+      std::cerr << "asr-submit: unknown --format " << f << " (txt, json, srt, vtt, tsv)\n";
+      return kExitUsage;
+    }
+  }
+  if (formats.empty()) formats = {"txt"};
+  std::set<std::string> exts;
+  for (auto& e : SplitList(ext_list)) exts.insert(e[0] == '.' ? e.substr(1) : e);
+  max_segment_s = std::clamp(max_segment_s, 5.0, 240.0);
+  max_inflight_s = std::max(max_inflight_s, max_segment_s);
+  bool wait = vm["wait"].as<bool>();
+
+  Walk walk = FindFiles(inputs, exts, out_dir, formats, vm["overwrite"].as<bool>());
+  std::vector<FileJob>& files = walk.files;
+  if (batch.empty()) batch = "tx-" + cli::RandomHex(6);
+  int64_t start = MonoMs();
+  BrokerClient client(g.broker);
+  ProgressLine progress(start);
+  int64_t deadline = g.timeout_s > 0 ? start + static_cast<int64_t>(g.timeout_s * 1000) : INT64_MAX;
+
+  std::map<uint64_t, std::pair<size_t, double>> job_file;  // job id -> (file index, audio seconds)
+  std::set<uint64_t> finished_jobs;
+  double inflight_s = 0, audio_total = 0, audio_done = 0;
+  size_t files_done = 0, files_failed = 0;
+  uint64_t watch_req = 0;
+  int64_t next_watch = 0, last_answer = MonoMs(), last_event = MonoMs();
+  int64_t broker_terminal = 0;
+  int submit_seq = 0;
+
+  auto finish_file = [&](FileJob& f) {
+    if (!f.error.empty()) {
+      files_failed++;
+      return;
+    }
+    Status st = WriteFile(f, formats);
+    if (!st.ok()) {
+      f.error = st.message();
+      files_failed++;
+      return;
+    }
+    files_done++;
+  };
+  auto on_event = [&](const proto::JobEvent& e) {
+    if (e.state != "done" && e.state != "failed" && e.state != "dead" && e.state != "cancelled") return;
+    auto it = job_file.find(e.id);
+    if (it == job_file.end() || !finished_jobs.insert(e.id).second) return;
+    FileJob& f = files[it->second.first];
+    inflight_s -= it->second.second;
+    audio_done += it->second.second;
+    bool had_error = !f.error.empty();
+    AcceptResult(f, e, formats, e.run_ms / 1000.0);
+    bool complete = f.received == f.segments;
+    if (!f.written && ((!had_error && !f.error.empty()) || complete)) {
+      if (f.error.empty()) finish_file(f);
+      else files_failed++;
+      f.written = true;
+    }
+  };
+  // Reads what the broker sent for up to `ms`: WATCH replies, events.
+  auto pump = [&](int64_t ms) -> int {
+    int64_t now = MonoMs();
+    if (now >= deadline) return kExitUnreachable;
+    if (now - last_answer > cli::RequestTimeoutMs(g) + 2000) {
+      std::cerr << "\nasr-submit: the broker at " << client.endpoint() << " stopped answering (batch " << batch
+                << " is safe in its journal; `asr-submit collect " << batch << " --out " << out_dir
+                << "` writes the outputs later)\n";
+      return kExitUnreachable;
+    }
+    if (now >= next_watch && !job_file.empty()) {
+      proto::WatchReq w;
+      w.req = watch_req = client.NextReq();
+      w.batch = batch;
+      w.watch_ms = 10000;
+      w.results = true;
+      client.Send(Cmd::kWatch, w);
+      next_watch = now + 1000;
+    }
+    while (!client.pending_events().empty()) {
+      for (const auto& e : client.pending_events().front().jobs) on_event(e);
+      client.pending_events().pop_front();
+    }
+    Incoming in;
+    if (client.Receive(ms, &in).ok()) {
+      last_answer = MonoMs();
+      if (in.cmd == Cmd::kReply && in.reply.req == watch_req) {
+        broker_terminal = 0;
+        for (const char* k : {"done", "failed", "dead", "cancelled"}) {
+          auto c = in.reply.counts.find(k);
+          if (c != in.reply.counts.end()) broker_terminal += c->second;
+        }
+      } else if (in.cmd == Cmd::kEvent) {
+        last_event = MonoMs();
+        for (const auto& e : in.event.jobs) on_event(e);
+      }
+    }
+    // Jobs that finished before the WATCH started (or whose event was lost): ask for them.
+    if (broker_terminal > static_cast<int64_t>(finished_jobs.size()) && MonoMs() - last_event > 1500) {
+      for (const auto& [id, fi] : job_file) {
+        if (finished_jobs.count(id)) continue;
+        proto::StatusReq q;
+        q.job = id;
+        proto::Reply r;
+        if (client.Call(Cmd::kStatus, q, &r, cli::RequestTimeoutMs(g)).ok() && !r.jobs.empty()) {
+          const auto& i = r.jobs.front();
+          proto::JobEvent e;
+          e.id = i.id;
+          e.state = i.state;
+          e.error = i.error;
+          e.result = i.result;
+          on_event(e);
+        }
+      }
+      last_event = MonoMs();
+    }
+    progress.Show(files_done + files_failed, files.size(), audio_done, audio_total, false);
+    return -1;
+  };
+
+  // Submit file by file, keeping the audio in flight bounded.
+  for (size_t fi = 0; fi < files.size(); ++fi) {
+    FileJob& f = files[fi];
+    DecodedAudio audio;
+    Status st = DecodeAudio16k(f.path, &audio);
+    if (!st.ok()) {
+      f.error = st.message();
+      f.written = true;
+      files_failed++;
+      continue;
+    }
+    f.duration_s = audio.duration_s();
+    SegmenterOptions so;
+    so.max_s = max_segment_s;
+    so.min_s = std::min(5.0, max_segment_s / 2);
+    std::vector<SegmentBounds> segs = SplitAtQuietPoints(audio.pcm.data(), static_cast<int64_t>(audio.pcm.size()), so);
+    f.segments = static_cast<int>(segs.size());
+    while (wait && inflight_s > 0 && inflight_s + f.duration_s > max_inflight_s) {
+      if (int r = pump(100); r >= 0) return r;
+    }
+    // One SUBMIT per ~8 MiB of audio; each with its own request id, so a resend is harmless.
+    proto::Submit s;
+    s.batch = batch;
+    size_t bytes = 0;
+    std::vector<double> lens;
+    auto flush = [&]() -> Status {
+      if (s.jobs.empty()) return Status::Ok();
+      s.request_id = batch + "/" + std::to_string(submit_seq++);
+      proto::Reply r;
+      Status cst = client.Call(Cmd::kSubmit, s, &r, cli::RequestTimeoutMs(g));
+      if (!cst.ok()) return cst;
+      last_answer = MonoMs();
+      for (size_t k = 0; k < r.job_ids.size() && k < lens.size(); ++k) job_file[r.job_ids[k]] = {fi, lens[k]};
+      s.jobs.clear();
+      lens.clear();
+      bytes = 0;
+      return Status::Ok();
+    };
+    for (size_t k = 0; k < segs.size(); ++k) {
+      proto::TranscribeSegment seg;
+      seg.file = f.rel;
+      seg.index = static_cast<uint32_t>(k);
+      seg.count = static_cast<uint32_t>(segs.size());
+      seg.offset_s = static_cast<double>(segs[k].begin) / kTargetRate;
+      seg.pcm.data.assign(reinterpret_cast<const char*>(audio.pcm.data() + segs[k].begin),
+                          static_cast<size_t>(segs[k].end - segs[k].begin) * 2);
+      double len_s = static_cast<double>(segs[k].end - segs[k].begin) / kTargetRate;
+      proto::SubmitJob job;
+      job.kind = proto::kTranscribeKind;
+      job.payload.data = proto::EncodeBody(seg);
+      job.priority = priority;
+      job.model = model;
+      job.audio_ms = static_cast<int64_t>(len_s * 1000);
+      job.parent = f.rel;
+      bytes += job.payload.data.size();
+      s.jobs.push_back(std::move(job));
+      lens.push_back(len_s);
+      if (bytes > (8u << 20)) {
+        if (Status fst = flush(); !fst.ok()) return cli::ExitFor(fst);
+      }
+    }
+    if (Status fst = flush(); !fst.ok()) return cli::ExitFor(fst);
+    f.submitted = true;
+    f.submitted_ms = MonoMs();
+    inflight_s += f.duration_s;
+    audio_total += f.duration_s;
+    if (wait) {
+      if (int r = pump(0); r >= 0) return r;
+    }
+  }
+
+  auto summary = [&](bool waited) {
+    size_t errors = files_failed + walk.errors.size();
+    std::cerr << "summary: " << files.size() << " file(s) picked, " << (waited ? files_done : 0) << " transcribed, "
+              << errors << " failed, " << walk.skipped_existing << " skipped (outputs exist), " << walk.skipped_ext
+              << " skipped (extension not in --ext)\n";
+    for (const auto& e : walk.errors) std::cerr << "  error: " << e << "\n";
+    for (const auto& f : files) {
+      if (!f.error.empty()) std::cerr << "  error: " << f.path << ": " << f.error << "\n";
+    }
+    return errors;
+  };
+
+  if (!wait) {
+    std::cout << "batch " << batch << ": " << job_file.size() << " segment(s) of "
+              << std::count_if(files.begin(), files.end(), [](const FileJob& f) { return f.submitted; })
+              << " file(s) submitted; `asr-submit collect " << batch << " --out " << out_dir
+              << "` writes the transcripts\n";
+    return summary(false) ? kExitJobsFailed : kExitOk;
+  }
+  while (finished_jobs.size() < job_file.size()) {
+    if (int r = pump(200); r >= 0) {
+      if (r == kExitUnreachable && MonoMs() >= deadline) {
+        std::cerr << "\nasr-submit: --timeout passed with " << job_file.size() - finished_jobs.size()
+                  << " segment(s) unfinished (batch " << batch << ")\n";
+      }
+      return r;
+    }
+  }
+  progress.Show(files_done + files_failed, files.size(), audio_done, audio_total, true);
+  double secs = (MonoMs() - start) / 1000.0;
+  std::cerr << "transcribed " << audio_done << " audio s in " << secs << " s (" << (secs > 0 ? audio_done / secs : 0)
+            << " audio s/s); outputs in " << out_dir << "\n";
+  return summary(true) ? kExitJobsFailed : kExitOk;
+}
+
+int RunCollect(const GlobalOptions& g, const std::vector<std::string>& args) {
+  std::string batch, out_dir, format_list;
+  po::options_description desc("collect options");
+  desc.add_options()
+      ("batch", po::value(&batch)->required(), "the batch name `transcribe` printed")
+      ("out", po::value(&out_dir)->required(), "output folder")
+      ("format", po::value(&format_list)->default_value("txt,json"), "comma list of txt, json, srt, vtt, tsv");
+  po::positional_options_description pos;
+  pos.add("batch", 1);
+  po::variables_map vm;
+  int rc = cli::ParseSub(args, desc, &pos,
+                         "usage: asr-submit collect BATCH --out DIR [--format ...]  (writes the transcripts of a "
+                         "finished transcription batch; exit 1 while segments are unfinished or failed)",
+                         &vm);
+  if (rc >= 0) return rc;
+  std::vector<std::string> formats = SplitList(format_list);
+  BrokerClient client(g.broker);
+  proto::StatusReq sq;
+  sq.batch = batch;
+  proto::Reply counts;
+  if (Status st = client.Call(Cmd::kStatus, sq, &counts, cli::RequestTimeoutMs(g)); !st.ok()) return cli::ExitFor(st);
+  int64_t unfinished = counts.counts["queued"] + counts.counts["leased"];
+  if (unfinished > 0) {
+    std::cerr << "asr-submit: batch " << batch << " has " << unfinished
+              << " unfinished segment(s); run `asr-submit watch " << batch << "` and collect when it is done\n";
+    return kExitJobsFailed;
+  }
+  // Every job of the batch, then each one's result.
+  std::map<std::string, FileJob> by_file;
+  size_t failed_segments = 0;
+  for (const char* state : {"done", "failed", "dead", "cancelled"}) {
+    proto::JobsReq jq;
+    jq.state = state;
+    jq.batch = batch;
+    jq.limit = 10000;
+    proto::Reply jr;
+    if (Status st = client.Call(Cmd::kJobs, jq, &jr, cli::RequestTimeoutMs(g)); !st.ok()) return cli::ExitFor(st);
+    for (const auto& info : jr.jobs) {
+      if (info.kind != proto::kTranscribeKind) continue;
+      proto::StatusReq q;
+      q.job = info.id;
+      proto::Reply r;
+      if (Status st = client.Call(Cmd::kStatus, q, &r, cli::RequestTimeoutMs(g)); !st.ok()) return cli::ExitFor(st);
+      if (r.jobs.empty()) continue;
+      const auto& i = r.jobs.front();
+      SegmentOut seg;
+      std::string file, model;
+      int index = 0, count = 0;
+      double offset = 0;
+      if (i.state != "done") {
+        failed_segments++;
+        std::cerr << "  error: job " << i.id << " is " << i.state << ": " << i.error << "\n";
+        continue;
+      }
+      if (Status st = ParseSegmentResult(i.result.data, &seg, &file, &index, &count, &offset, &model); !st.ok()) {
+        failed_segments++;
+        std::cerr << "  error: job " << i.id << ": " << (i.why.empty() ? st.message() : i.why) << "\n";
+        continue;
+      }
+      FileJob& f = by_file[file];
+      f.path = file;
+      f.segments = count;
+      f.transcript.model = model;
+      f.duration_s = std::max(f.duration_s, seg.end);
+      if (f.parts.emplace(index, std::move(seg)).second) f.received++;
+    }
+  }
+  size_t written = 0, incomplete = 0;
+  for (auto& [file, f] : by_file) {
+    f.base = OutputBase(file, ".", out_dir, false);
+    if (f.received != f.segments) {
+      incomplete++;
+      std::cerr << "  error: " << file << ": " << f.received << " of " << f.segments << " segments\n";
+      continue;
+    }
+    if (Status st = WriteFile(f, formats); !st.ok()) {
+      std::cerr << "  error: " << st.message() << "\n";
+      incomplete++;
+      continue;
+    }
+    written++;
+  }
+  std::cerr << "collect: " << written << " file(s) written to " << out_dir << ", " << incomplete
+            << " incomplete, " << failed_segments << " failed segment(s)\n";
+  return incomplete || failed_segments ? kExitJobsFailed : kExitOk;
+}
+
+}  // namespace asrf

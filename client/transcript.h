@@ -1,0 +1,66 @@
+// Transcripts of whole files, reassembled from segment results, and the output formats
+// (txt, json, srt, vtt, tsv). Pure functions; no I/O except WriteOutputs.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "common/status.h"
+
+namespace asrf {
+
+struct WordOut {
+  std::string text;
+  double start = 0, end = 0;  // seconds on the file's timeline
+  double confidence = 0;      // 0..1
+};
+
+struct SegmentOut {
+  double start = 0, end = 0;  // seconds on the file's timeline
+  std::string text;
+  std::vector<WordOut> words;
+};
+
+struct Transcript {
+  std::string source;         // input path as the user gave it
+  std::string model;
+  double duration_s = 0;
+  double wall_s = 0;          // submit to last result
+  double compute_s = 0;       // sum of worker run times
+  std::vector<SegmentOut> segments;
+};
+
+// A segment result as the worker returns it (JSON, schema/protocol.md "transcribe"):
+//   {"file": str, "index": int, "count": int, "offset_s": num, "duration_s": num, "model": str,
+//    "text": str, "words": [{"w": str, "s": num, "e": num, "c": num}], "infer_ms": int}
+// Word times are relative to the segment. On success *out spans [offset_s, offset_s + duration_s]
+// on the file's timeline, its words shifted by offset_s and clamped into that span (confidence
+// into [0, 1]). "words" and "infer_ms" may be absent (none; 0). Returns Invalid for JSON that does
+// not follow the schema (missing or mistyped field, index outside [0, count), negative times),
+// leaving the outputs untouched. Any of the pointers after `out` may be null.
+Status ParseSegmentResult(const std::string& json, SegmentOut* out, std::string* file, int* index, int* count,
+                          double* offset_s, std::string* model, int64_t* infer_ms = nullptr);
+
+// Segments whose text is empty (after trimming whitespace) are left out of txt, srt, vtt and tsv;
+// json keeps every segment. Times in json are rounded to milliseconds.
+std::string FormatTxt(const Transcript& t);   // one line per segment, text only
+std::string FormatJson(const Transcript& t);  // segments, words (start/end/confidence), model, timings
+std::string FormatSrt(const Transcript& t);   // one numbered cue per segment, HH:MM:SS,mmm
+std::string FormatVtt(const Transcript& t);   // WEBVTT, HH:MM:SS.mmm
+std::string FormatTsv(const Transcript& t);   // start_ms<TAB>end_ms<TAB>text, with a header line
+
+// Formats by name: txt, json, srt, vtt, tsv. Invalid for an unknown name.
+Status FormatByName(const std::string& format, const Transcript& t, std::string* out);
+
+// The output path (without extension) for `input` found under `root`: OUT/<relative dir>/<stem>;
+// with keep_ext the source extension stays in the name (a.wav -> a.wav.txt) for inputs that
+// share a stem with another input. A file given directly (root empty or equal to input), or one
+// not under root, has no relative dir. Pure path arithmetic: nothing on disk is read.
+std::string OutputBase(const std::string& input, const std::string& root, const std::string& out_dir, bool keep_ext);
+
+// Writes base + "." + format for each format, creating directories, through a temporary file and
+// rename (a crash never leaves a half-written output).
+Status WriteOutputs(const Transcript& t, const std::string& base, const std::vector<std::string>& formats);
+
+}  // namespace asrf

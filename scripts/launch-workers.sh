@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Starts the workers of one machine: one asr-worker per visible GPU (CUDA_VISIBLE_DEVICES set to
+# that GPU, --device cuda:0), or N CPU workers when there is no GPU. Each runs in the background
+# with its own state dir and log; their PIDs are printed on stdout, one per line.
+#
+#   scripts/launch-workers.sh --broker ENDPOINT [--state-dir DIR] [--log-dir DIR] [--cpu-workers N]
+#                             [--model-file FILE] [--gpus LIST] [-- EXTRA WORKER OPTIONS]
+#
+#   --state-dir    root of the workers' state (worker-gpuN/ or worker-cpuN/ under it; default asrf-state)
+#   --log-dir      where worker logs go (default STATE/logs)
+#   --cpu-workers  CPU workers when no GPU is visible (default 2); each gets nproc/N threads
+#   --model-file   acoustic model every worker loads (default models/en-small.pt)
+#   --gpus         GPU indices to use (default: every GPU nvidia-smi lists, or CUDA_VISIBLE_DEVICES)
+#   --same-gpu N   start N workers on GPU 0 instead (tests several processes on a one-GPU host)
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+broker="" state="asrf-state" logs="" cpu_workers=2 model="$REPO/models/en-small.pt" gpus="" same_gpu=0
+extra=()
+while (($#)); do
+    case "$1" in
+        --broker) broker="$2"; shift 2 ;;
+        --state-dir) state="$2"; shift 2 ;;
+        --log-dir) logs="$2"; shift 2 ;;
+        --cpu-workers) cpu_workers="$2"; shift 2 ;;
+        --model-file) model="$2"; shift 2 ;;
+        --gpus) gpus="$2"; shift 2 ;;
+        --same-gpu) same_gpu="$2"; shift 2 ;;
+        --) shift; extra=("$@"); break ;;
+        -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "launch-workers: unknown option $1 (see --help)" >&2; exit 2 ;;
+    esac
+done
+[[ -n "$broker" ]] || { echo "launch-workers: --broker ENDPOINT is required" >&2; exit 2; }
+[[ "$cpu_workers" =~ ^[1-9][0-9]*$ ]] || { echo "launch-workers: --cpu-workers must be a positive number" >&2; exit 2; }
+[[ -r "$model" ]] || { echo "launch-workers: cannot read model file $model" >&2; exit 2; }
+worker_bin="${ASRF_WORKER_BIN:-$REPO/build/worker/asr-worker}"
+[[ -x "$worker_bin" ]] || { echo "launch-workers: $worker_bin is not built (scripts/setup.sh)" >&2; exit 1; }
+[[ -n "$logs" ]] || logs="$state/logs"
+mkdir -p "$state" "$logs"
+
+if [[ -z "$gpus" ]]; then
+    if [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then
+        gpus="$CUDA_VISIBLE_DEVICES"
+    elif command -v nvidia-smi >/dev/null 2>&1; then
+        gpus="$(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | paste -sd, - || true)"
+    fi
+fi
+
+start() {  # name, then the environment assignments and command
+    local name="$1"; shift
+    setsid env "$@" </dev/null >"$logs/$name.log" 2>&1 &
+    echo "$!"
+    echo "launch-workers: $name PID $! (log $logs/$name.log)" >&2
+}
+
+if ((same_gpu > 0)); then
+    for ((i = 0; i < same_gpu; i++)); do
+        start "worker-gpu0-$i" CUDA_VISIBLE_DEVICES="${gpus%%,*}" "$worker_bin" --broker "$broker" --device cuda:0 \
+            --state-dir "$state/worker-gpu0-$i" --model-file "$model" "${extra[@]}"
+    done
+elif [[ -n "$gpus" ]]; then
+    IFS=, read -ra list <<<"$gpus"
+    for g in "${list[@]}"; do
+        start "worker-gpu$g" CUDA_VISIBLE_DEVICES="$g" "$worker_bin" --broker "$broker" --device cuda:0 \
+            --state-dir "$state/worker-gpu$g" --model-file "$model" "${extra[@]}"
+    done
+else
+    threads=$(( $(nproc) / cpu_workers ))
+    ((threads >= 1)) || threads=1
+    for ((i = 1; i <= cpu_workers; i++)); do
+        start "worker-cpu$i" CUDA_VISIBLE_DEVICES= "$worker_bin" --broker "$broker" --device cpu \
+            --threads "$threads" --state-dir "$state/worker-cpu$i" --model-file "$model" "${extra[@]}"
+    done
+fi

@@ -1,0 +1,378 @@
+// Inference (worker/acoustic_model.h) with the committed fixture model tests/fixtures/digits.pt on
+// spoken numbers from asr-synth: it recognises them, its text is GreedyDecode's, results do not
+// depend on micro-batching, word times and confidences are sane, short utterances give empty
+// hypotheses, and bad files and devices fail with the documented codes. A TorchScript model built
+// here (a fixed log-probability pattern) checks the TorchScript path and the timestamps exactly.
+#include <gtest/gtest.h>
+#include <torch/script.h>
+#include <torch/torch.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <fstream>
+#include <iostream>
+#include <span>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "tests/harness.h"
+#include "worker/acoustic_model.h"
+#include "worker/audio.h"
+#include "worker/ctc_model.h"
+#include "worker/features.h"
+
+namespace asrf::testing {
+namespace {
+
+using json = nlohmann::json;
+
+const std::string kModel = ASRF_SOURCE_DIR "/tests/fixtures/digits.pt";
+constexpr double kOutputFrame = 0.02;  // the project model's output frame: 2 feature frames of 10 ms
+
+struct Utterance {
+  std::string text;
+  std::vector<int16_t> pcm;
+  double duration() const { return static_cast<double>(pcm.size()) / kSampleRate; }
+};
+
+std::unique_ptr<AcousticModel> Load(int64_t max_batch_frames, const std::string& name = "") {
+  AcousticModelOptions o;
+  o.max_batch_frames = max_batch_frames;
+  std::unique_ptr<AcousticModel> m;
+  Status st = LoadAcousticModel(kModel, name, o, &m);
+  EXPECT_TRUE(st.ok()) << st.ToString();
+  return m;
+}
+
+std::vector<Hypothesis> TranscribeAll(AcousticModel& m, const std::vector<std::span<const int16_t>>& u) {
+  std::vector<Hypothesis> out;
+  Status st = m.Transcribe(u, &out);
+  EXPECT_TRUE(st.ok()) << st.ToString();
+  EXPECT_EQ(out.size(), u.size());
+  return out;
+}
+
+// Same texts and words; times within one output frame, confidences close.
+void ExpectSame(const std::vector<Hypothesis>& a, const std::vector<Hypothesis>& b, const std::string& what) {
+  ASSERT_EQ(a.size(), b.size()) << what;
+  for (size_t i = 0; i < a.size(); ++i) {
+    EXPECT_EQ(a[i].text, b[i].text) << what << ", utterance " << i;
+    ASSERT_EQ(a[i].words.size(), b[i].words.size()) << what << ", utterance " << i;
+    for (size_t w = 0; w < a[i].words.size(); ++w) {
+      const DecodedWord &x = a[i].words[w], &y = b[i].words[w];
+      EXPECT_EQ(x.text, y.text) << what << ", utterance " << i << " word " << w;
+      EXPECT_NEAR(x.start, y.start, 1e-12) << what << ", utterance " << i << " word " << w;
+      EXPECT_NEAR(x.end, y.end, 1e-12) << what << ", utterance " << i << " word " << w;
+      EXPECT_NEAR(x.confidence, y.confidence, 1e-6) << what << ", utterance " << i << " word " << w;
+    }
+  }
+}
+
+class InferTest : public ::testing::Test {
+ protected:
+  // A dozen spoken number strings (the fixture model's domain), synthesised once.
+  static void SetUpTestSuite() {
+    dir_ = new TempDir();
+    data_ = new std::vector<Utterance>();
+    RunResult r = RunCommand({ASRF_SYNTH_BIN, "--out", dir_->path(), "--utterances", "12", "--seed", "29",
+                              "--numbers-fraction", "1", "--valid-fraction", "0", "--heldout-fraction", "0"},
+                             120000);
+    ASSERT_EQ(r.code, 0) << r.err;
+    std::ifstream in(*dir_ / "train.jsonl");
+    std::string line;
+    while (std::getline(in, line)) {
+      if (line.empty()) continue;
+      json j = json::parse(line);
+      std::string audio = j["audio"].get<std::string>();
+      if (!audio.empty() && audio[0] != '/') audio = *dir_ / audio;
+      Utterance u;
+      u.text = j["text"].get<std::string>();
+      AudioInfo info;
+      Status st = ReadAudio(audio, &u.pcm, &info);
+      ASSERT_TRUE(st.ok()) << st.ToString();
+      ASSERT_EQ(info.sample_rate, kSampleRate);
+      data_->push_back(std::move(u));
+    }
+    ASSERT_EQ(data_->size(), 12u);
+  }
+  static void TearDownTestSuite() {
+    delete data_;
+    delete dir_;
+    data_ = nullptr;
+    dir_ = nullptr;
+  }
+
+  static std::vector<std::span<const int16_t>> Spans() {
+    std::vector<std::span<const int16_t>> s;
+    for (const auto& u : *data_) s.emplace_back(u.pcm);
+    return s;
+  }
+  static std::vector<std::string> Refs() {
+    std::vector<std::string> r;
+    for (const auto& u : *data_) r.push_back(u.text);
+    return r;
+  }
+
+  static TempDir* dir_;
+  static std::vector<Utterance>* data_;
+};
+
+TempDir* InferTest::dir_ = nullptr;
+std::vector<Utterance>* InferTest::data_ = nullptr;
+
+TEST_F(InferTest, RecognisesSpokenNumbers) {
+  auto m = Load(48000);
+  ASSERT_TRUE(m);
+  EXPECT_EQ(m->name(), "digits");
+  EXPECT_EQ(m->device(), "cpu");
+  auto t0 = std::chrono::steady_clock::now();
+  auto hyps = TranscribeAll(*m, Spans());
+  double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  double audio = 0;
+  for (const auto& u : *data_) audio += u.duration();
+  std::vector<std::string> texts;
+  for (size_t i = 0; i < hyps.size(); ++i) {
+    texts.push_back(hyps[i].text);
+    std::cout << "  ref: " << (*data_)[i].text << "\n  hyp: " << hyps[i].text << "\n";
+  }
+  double cer = CharErrorRate(Refs(), texts);
+  std::cout << "CER " << cer << ", WER " << WordErrorRate(Refs(), texts) << "; " << secs / hyps.size()
+            << " s per utterance, real-time factor " << secs / audio << "\n";
+  RecordProperty("cer", std::to_string(cer));
+  EXPECT_LE(cer, 0.15);
+}
+
+// The text is what GreedyDecode gives for the model's own forward pass on each utterance alone.
+TEST_F(InferTest, TextIsGreedyDecodeOfTheModel) {
+  CtcModel model(nullptr);
+  Status st = LoadModel(kModel, &model);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  model->eval();
+  torch::NoGradGuard no_grad;
+  std::vector<std::string> expected;
+  for (const auto& u : *data_) {
+    torch::Tensor pcm = torch::empty({1, static_cast<int64_t>(u.pcm.size())}, torch::kFloat32);
+    for (size_t k = 0; k < u.pcm.size(); ++k) pcm[0][k] = u.pcm[k] / 32768.0f;
+    torch::Tensor frames;
+    torch::Tensor feats = LogMel(pcm, torch::tensor({static_cast<int64_t>(u.pcm.size())}), &frames);
+    auto [lp, out_frames] = model->forward(feats, frames);
+    expected.push_back(GreedyDecode(lp, out_frames, model->config().vocab)[0]);
+  }
+  auto m = Load(1 << 30);  // all twelve in one micro-batch: padding does not change the text
+  ASSERT_TRUE(m);
+  auto hyps = TranscribeAll(*m, Spans());
+  for (size_t i = 0; i < hyps.size(); ++i) EXPECT_EQ(hyps[i].text, expected[i]) << "utterance " << i;
+}
+
+TEST_F(InferTest, ResultsDoNotDependOnBatching) {
+  auto all = Load(1 << 30);
+  auto tiny = Load(1);  // one utterance per micro-batch
+  int64_t median = NumFrames(static_cast<int64_t>((*data_)[data_->size() / 2].pcm.size()));
+  auto some = Load(3 * median);  // micro-batches of two or three
+  ASSERT_TRUE(all && tiny && some);
+  auto together = TranscribeAll(*all, Spans());
+  std::vector<Hypothesis> alone;
+  for (const auto& s : Spans()) alone.push_back(TranscribeAll(*all, {s})[0]);
+  ExpectSame(together, alone, "one call vs one call per utterance");
+  ExpectSame(together, TranscribeAll(*tiny, Spans()), "one micro-batch vs max_batch_frames 1");
+  ExpectSame(together, TranscribeAll(*some, Spans()), "one micro-batch vs small micro-batches");
+  // Input order holds whatever order the lengths sort into.
+  auto spans = Spans();
+  std::vector<std::span<const int16_t>> reversed(spans.rbegin(), spans.rend());
+  auto back = TranscribeAll(*some, reversed);
+  std::vector<Hypothesis> unreversed(back.rbegin(), back.rend());
+  ExpectSame(together, unreversed, "reversed input");
+}
+
+TEST_F(InferTest, WordTimesAndConfidences) {
+  auto m = Load(48000);
+  ASSERT_TRUE(m);
+  auto hyps = TranscribeAll(*m, Spans());
+  for (size_t i = 0; i < hyps.size(); ++i) {
+    const Hypothesis& h = hyps[i];
+    const double duration = (*data_)[i].duration();
+    std::string joined;
+    double prev_end = 0;
+    for (const DecodedWord& w : h.words) {
+      joined += (joined.empty() ? "" : " ") + w.text;
+      EXPECT_FALSE(w.text.empty());
+      EXPECT_GE(w.start, 0.0) << "utterance " << i << " word " << w.text;
+      EXPECT_LT(w.start, w.end) << "utterance " << i << " word " << w.text;
+      EXPECT_LE(w.end, duration) << "utterance " << i << " word " << w.text;
+      EXPECT_GE(w.start, prev_end) << "utterance " << i << " word " << w.text;
+      EXPECT_GT(w.confidence, 0.0);
+      EXPECT_LE(w.confidence, 1.0);
+      prev_end = w.end;
+    }
+    EXPECT_EQ(joined, h.text) << "utterance " << i;
+    // Speech spans most of the utterance (the synthesiser pads 50-300 ms of silence each side;
+    // CTC emits a token in a frame or two, so a word's end is early): times are on its scale.
+    if (!h.words.empty()) {
+      EXPECT_LT(h.words.front().start, 0.8) << "utterance " << i;
+      EXPECT_GT(h.words.back().end, duration - 0.8) << "utterance " << i;
+    }
+  }
+}
+
+TEST_F(InferTest, EmptyAndShortUtterancesGiveEmptyHypotheses) {
+  auto m = Load(48000);
+  ASSERT_TRUE(m);
+  std::vector<int16_t> short_pcm((*data_)[0].pcm.begin(), (*data_)[0].pcm.begin() + 100);
+  std::vector<int16_t> empty;
+  auto s = Spans();
+  auto hyps = TranscribeAll(*m, {s[0], empty, s[1], short_pcm, s[2]});
+  ASSERT_EQ(hyps.size(), 5u);
+  EXPECT_EQ(hyps[1].text, "");
+  EXPECT_TRUE(hyps[1].words.empty());
+  EXPECT_EQ(hyps[3].text, "");
+  EXPECT_TRUE(hyps[3].words.empty());
+  ExpectSame({hyps[0], hyps[2], hyps[4]}, TranscribeAll(*m, {s[0], s[1], s[2]}), "with and without empty utterances");
+  EXPECT_FALSE(hyps[0].text.empty());
+
+  auto none = TranscribeAll(*m, {empty});
+  ASSERT_EQ(none.size(), 1u);
+  EXPECT_EQ(none[0].text, "");
+  EXPECT_TRUE(TranscribeAll(*m, {}).empty());
+}
+
+TEST(InferLoadTest, NameDefaultsToTheFileStem) {
+  auto named = Load(48000, "en-digits");
+  ASSERT_TRUE(named);
+  EXPECT_EQ(named->name(), "en-digits");
+  EXPECT_EQ(Load(48000)->name(), "digits");
+}
+
+TEST(InferLoadTest, BadFilesAndDevices) {
+  TempDir dir;
+  AcousticModelOptions o;
+  std::unique_ptr<AcousticModel> m;
+
+  Status st = LoadAcousticModel(dir / "missing.pt", "", o, &m);
+  EXPECT_EQ(st.code(), Status::Code::kNotFound) << st.ToString();
+
+  { std::ofstream(dir / "garbage.pt") << "this is not a model\n"; }
+  st = LoadAcousticModel(dir / "garbage.pt", "", o, &m);
+  EXPECT_EQ(st.code(), Status::Code::kInvalid) << st.ToString();
+  EXPECT_NE(st.message().find("neither"), std::string::npos) << st.ToString();
+
+  // A torch archive that is neither: no config, and as TorchScript no forward method.
+  {
+    torch::serialize::OutputArchive ar;
+    ar.write("weights", torch::ones({3}));
+    ar.save_to(dir / "archive.pt");
+  }
+  st = LoadAcousticModel(dir / "archive.pt", "", o, &m);
+  EXPECT_EQ(st.code(), Status::Code::kInvalid) << st.ToString();
+  EXPECT_NE(st.message().find("forward"), std::string::npos) << st.ToString();
+
+  o.device = "gpu";
+  st = LoadAcousticModel(kModel, "", o, &m);
+  EXPECT_EQ(st.code(), Status::Code::kInvalid) << st.ToString();
+  o.device = "cuda:";
+  st = LoadAcousticModel(kModel, "", o, &m);
+  EXPECT_EQ(st.code(), Status::Code::kInvalid) << st.ToString();
+  EXPECT_FALSE(m);
+}
+
+TEST(InferLoadTest, CudaWithoutCudaIsUnavailable) {
+  if (torch::cuda::is_available()) GTEST_SKIP() << "this machine has CUDA";
+  AcousticModelOptions o;
+  o.device = "cuda:0";
+  std::unique_ptr<AcousticModel> m;
+  Status st = LoadAcousticModel(kModel, "", o, &m);
+  EXPECT_EQ(st.code(), Status::Code::kUnavailable) << st.ToString();
+  EXPECT_NE(st.message().find("cuda:0"), std::string::npos) << st.ToString();
+  EXPECT_FALSE(m);
+}
+
+// A real TorchScript module, compiled here from TorchScript source: whatever the features, it
+// returns a fixed sequence of log-probabilities at 2 feature frames per output frame.
+class ScriptTest : public ::testing::Test {
+ protected:
+  // Best id per output frame over vocabulary {blank, |, a, b, c}: "ab cca", then blanks.
+  static constexpr int64_t kIds[] = {0, 2, 2, 0, 3, 1, 1, 4, 0, 4, 2, 0};
+  static constexpr int64_t kV = 5;
+
+  void SetUp() override {
+    const int64_t P = std::size(kIds);
+    torch::Tensor logits = torch::zeros({P, kV});
+    for (int64_t t = 0; t < P; ++t) logits[t][kIds[t]] = 2.0 + 0.25 * t;  // a different probability per frame
+    pattern_ = torch::log_softmax(logits, 1);
+    torch::jit::Module m("__torch__.PatternCtc");
+    m.register_buffer("pattern", pattern_);
+    m.define(R"JIT(
+def forward(self, features: Tensor, lengths: Tensor) -> Tuple[Tensor, Tensor]:
+    t_out = (features.size(1) + 1) // 2
+    idx = torch.clamp(torch.arange(t_out, device=features.device), max=self.pattern.size(0) - 1)
+    lp = self.pattern.index_select(0, idx)
+    return lp.unsqueeze(0).expand(features.size(0), t_out, lp.size(1)), (lengths + 1) // 2
+)JIT");
+    m.save(model_path());
+    std::ofstream(dir_ / "vocab.txt") << "<blank>\n|\na\nb\nc\n";
+  }
+  std::string model_path() const { return dir_ / "pattern.pt"; }
+  double Prob(int64_t t) const { return std::exp(pattern_[t][kIds[t]].item<double>()); }
+
+  TempDir dir_;
+  torch::Tensor pattern_;
+};
+
+TEST_F(ScriptTest, NeedsAVocabulary) {
+  AcousticModelOptions o;
+  std::unique_ptr<AcousticModel> m;
+  Status st = LoadAcousticModel(model_path(), "", o, &m);
+  EXPECT_EQ(st.code(), Status::Code::kInvalid) << st.ToString();
+  EXPECT_NE(st.message().find("vocabulary"), std::string::npos) << st.ToString();
+
+  o.vocabulary = dir_ / "missing.txt";
+  st = LoadAcousticModel(model_path(), "", o, &m);
+  EXPECT_EQ(st.code(), Status::Code::kNotFound) << st.ToString();
+
+  std::ofstream(dir_ / "short.txt") << "<blank>\n|\na\nb\n";  // 4 tokens for 5 classes
+  o.vocabulary = dir_ / "short.txt";
+  st = LoadAcousticModel(model_path(), "", o, &m);
+  EXPECT_EQ(st.code(), Status::Code::kInvalid) << st.ToString();
+  EXPECT_FALSE(m);
+}
+
+TEST_F(ScriptTest, DecodesWithTimestamps) {
+  AcousticModelOptions o;
+  o.vocabulary = dir_ / "vocab.txt";
+  std::unique_ptr<AcousticModel> m;
+  Status st = LoadAcousticModel(model_path(), "", o, &m);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  EXPECT_EQ(m->name(), "pattern");
+  // 40 feature frames -> 20 output frames (stride 2, 20 ms); 10 -> 5 (only "ab" fits).
+  std::vector<int16_t> long_pcm(400 + 39 * kHop, 100), short_pcm(400 + 9 * kHop, 100);
+  std::vector<Hypothesis> out;
+  st = m->Transcribe({short_pcm, long_pcm}, &out);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  ASSERT_EQ(out.size(), 2u);
+  EXPECT_EQ(out[0].text, "ab");
+  EXPECT_EQ(out[1].text, "ab cca");
+  ASSERT_EQ(out[1].words.size(), 2u);
+  const DecodedWord &ab = out[1].words[0], &cca = out[1].words[1];
+  EXPECT_EQ(ab.text, "ab");
+  EXPECT_NEAR(ab.start, 0.02, 1e-9);  // "a" starts at output frame 1
+  EXPECT_NEAR(ab.end, 0.10, 1e-9);    // "b" is frame 4; the word ends where frame 5 starts
+  EXPECT_NEAR(ab.confidence, (std::max(Prob(1), Prob(2)) + Prob(4)) / 2, 1e-5);
+  EXPECT_EQ(cca.text, "cca");
+  EXPECT_NEAR(cca.start, 0.14, 1e-9);
+  EXPECT_NEAR(cca.end, 0.22, 1e-9);
+  EXPECT_NEAR(cca.confidence, (Prob(7) + Prob(9) + Prob(10)) / 3, 1e-5);
+  ASSERT_EQ(out[0].words.size(), 1u);
+  EXPECT_NEAR(out[0].words[0].end, 0.10, 1e-9);
+  EXPECT_LE(out[0].words[0].end, short_pcm.size() / static_cast<double>(kSampleRate));
+
+  // The same one at a time.
+  std::vector<Hypothesis> alone;
+  st = m->Transcribe({short_pcm}, &alone);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  EXPECT_EQ(alone[0].text, "ab");
+}
+
+}  // namespace
+}  // namespace asrf::testing

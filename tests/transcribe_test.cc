@@ -1,0 +1,257 @@
+// Transcription end to end: real broker and worker processes with the committed fixture model,
+// audio made by the project's synthesiser (voices and number strings the fixture never heard as
+// such: another seed), `asr-submit transcribe` over a folder with good, long, resampled and bad
+// files. Checks content (CER), reassembly of a split file, the output formats, per-file errors,
+// skipping on re-run, PostgreSQL rows, and `collect`.
+#include <gtest/gtest.h>
+
+#include <sndfile.h>
+
+#include <filesystem>
+#include <fstream>
+#include <regex>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include "tests/harness.h"
+
+namespace asrf::testing {
+namespace {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+const std::string kModel = std::string(ASRF_SOURCE_DIR) + "/tests/fixtures/digits.pt";
+
+struct Utt {
+  std::string wav, text;
+};
+
+std::vector<Utt> ReadManifest(const std::string& path) {
+  std::vector<Utt> out;
+  std::ifstream in(path);
+  std::string line;
+  while (std::getline(in, line)) {
+    auto j = json::parse(line, nullptr, false);
+    if (j.is_discarded()) continue;
+    out.push_back({j.value("audio", j.value("path", std::string())), j.value("text", std::string())});
+  }
+  return out;
+}
+
+std::vector<int16_t> ReadPcm(const std::string& path, int* rate) {
+  SF_INFO info{};
+  SNDFILE* f = sf_open(path.c_str(), SFM_READ, &info);
+  std::vector<int16_t> pcm;
+  if (!f) return pcm;
+  pcm.resize(info.frames * info.channels);
+  sf_readf_short(f, pcm.data(), info.frames);
+  sf_close(f);
+  *rate = info.samplerate;
+  return pcm;
+}
+
+void WritePcm(const std::string& path, const std::vector<int16_t>& pcm, int rate, int channels, int format) {
+  SF_INFO info{};
+  info.samplerate = rate;
+  info.channels = channels;
+  info.format = format;
+  SNDFILE* f = sf_open(path.c_str(), SFM_WRITE, &info);
+  ASSERT_NE(f, nullptr) << sf_strerror(nullptr);
+  sf_writef_short(f, pcm.data(), static_cast<sf_count_t>(pcm.size() / channels));
+  sf_close(f);
+}
+
+size_t Edit(const std::string& a, const std::string& b) {
+  std::vector<size_t> prev(b.size() + 1), cur(b.size() + 1);
+  for (size_t j = 0; j <= b.size(); ++j) prev[j] = j;
+  for (size_t i = 1; i <= a.size(); ++i) {
+    cur[0] = i;
+    for (size_t j = 1; j <= b.size(); ++j) cur[j] = std::min({prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a[i - 1] != b[j - 1])});
+    std::swap(prev, cur);
+  }
+  return prev[b.size()];
+}
+
+std::string Trim(std::string s) {
+  while (!s.empty() && (s.back() == '\n' || s.back() == ' ')) s.pop_back();
+  return s;
+}
+
+class TranscribeTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    data_ = new TempDir();
+    // Number strings, a seed the fixture was not trained on.
+    RunResult r = RunCommand({ASRF_SYNTH_BIN, "--out", data_->path(), "--utterances", "14", "--seed", "4242",
+                              "--numbers-fraction", "1", "--valid-fraction", "0", "--heldout-fraction", "0",
+                              "--noise-fraction", "0"},
+                             120000);
+    ASSERT_EQ(r.code, 0) << r.err;
+    utts_ = new std::vector<Utt>(ReadManifest(*data_ / "train.jsonl"));
+    ASSERT_GE(utts_->size(), 12u);
+    for (auto& u : *utts_) {
+      if (!u.wav.empty() && u.wav[0] != '/') u.wav = *data_ / u.wav;
+    }
+  }
+  static void TearDownTestSuite() {
+    delete utts_;
+    delete data_;
+  }
+  static TempDir* data_;
+  static std::vector<Utt>* utts_;
+};
+TempDir* TranscribeTest::data_ = nullptr;
+std::vector<Utt>* TranscribeTest::utts_ = nullptr;
+
+TEST_F(TranscribeTest, FolderToTranscriptsWithBadFilesLongFilesAndPostgres) {
+  TempDir t;
+  PgCluster pg(t.path());
+  ASSERT_TRUE(pg.Start());
+  std::string in = t / "in";
+  fs::create_directories(in + "/calls/a");
+  // 8 short files as they are (16 kHz WAV) in a nested folder.
+  std::map<std::string, std::string> expected;  // relative stem -> text
+  for (int i = 0; i < 8; ++i) {
+    std::string rel = "calls/a/u" + std::to_string(i);
+    fs::copy_file((*utts_)[i].wav, in + "/" + rel + ".wav");
+    expected[rel] = (*utts_)[i].text;
+  }
+  // One utterance as 44.1 kHz stereo FLAC (resampled and mixed down by the client).
+  {
+    int rate = 0;
+    std::vector<int16_t> pcm = ReadPcm((*utts_)[8].wav, &rate);
+    std::vector<int16_t> up;
+    size_t n = pcm.size() * 44100 / rate;
+    for (size_t k = 0; k < n; ++k) {
+      int16_t v = pcm[std::min(pcm.size() - 1, k * rate / 44100)];
+      up.push_back(v);
+      up.push_back(v);
+    }
+    WritePcm(in + "/calls/stereo.flac", up, 44100, 2, SF_FORMAT_FLAC | SF_FORMAT_PCM_16);
+    expected["calls/stereo"] = (*utts_)[8].text;
+  }
+  // A long file: utterances 9..13 with 2 s of quiet between, split with --max-segment-s 6.
+  std::string long_text;
+  {
+    std::vector<int16_t> all;
+    for (int i = 9; i < static_cast<int>(utts_->size()); ++i) {
+      int rate = 0;
+      std::vector<int16_t> pcm = ReadPcm((*utts_)[i].wav, &rate);
+      all.insert(all.end(), pcm.begin(), pcm.end());
+      all.insert(all.end(), 32000, 0);
+      long_text += (long_text.empty() ? "" : " ") + (*utts_)[i].text;
+    }
+    WritePcm(in + "/long.wav", all, 16000, 1, SF_FORMAT_WAV | SF_FORMAT_PCM_16);
+  }
+  // Bad inputs: an empty WAV, text named .wav, and a file of another extension (skipped).
+  WritePcm(in + "/calls/empty.wav", {}, 16000, 1, SF_FORMAT_WAV | SF_FORMAT_PCM_16);
+  { std::ofstream(in + "/calls/notes.wav") << "this is not audio\n"; }
+  { std::ofstream(in + "/calls/README.txt") << "ignored\n"; }
+
+  BrokerProc b = StartBroker(t / "broker", t / "broker.log", {"--pg", pg.url()});
+  ASSERT_FALSE(b.endpoint.empty());
+  Proc w = StartWorker(b.endpoint, t / "worker", t / "worker.log",
+                       {"--model-file", kModel, "--pg", pg.url(), "--threads", "2"});
+  std::string out = t / "out";
+  RunResult r = Submit(b.endpoint, {"transcribe", in, "--out", out, "--format", "txt,json,srt,vtt,tsv",
+                                    "--max-segment-s", "6", "--wait"},
+                       180000);
+  // Two bad files: exit 1, both named in the summary, everything else written.
+  EXPECT_EQ(r.code, 1) << r.err << ReadFile(t / "worker.log");
+  EXPECT_NE(r.err.find("empty.wav"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("notes.wav"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("1 skipped (extension"), std::string::npos) << r.err;
+  EXPECT_FALSE(fs::exists(out + "/calls/empty.txt"));
+
+  // Content: character error rate over the short files.
+  size_t errors = 0, chars = 0;
+  for (const auto& [rel, text] : expected) {
+    std::string hyp = Trim(ReadFile(out + "/" + rel + ".txt"));
+    errors += Edit(text, hyp);
+    chars += text.size();
+    EXPECT_FALSE(hyp.empty()) << rel;
+  }
+  double cer = static_cast<double>(errors) / chars;
+  std::cout << "short files CER " << cer << "\n";
+  EXPECT_LE(cer, 0.15);
+
+  // The long file: several segments, reassembled in order on the file's timeline.
+  json j = json::parse(ReadFile(out + "/long.json"), nullptr, false);
+  ASSERT_FALSE(j.is_discarded());
+  ASSERT_GE(j["segments"].size(), 3u);
+  double prev_end = 0, prev_word = 0;
+  std::string joined;
+  for (const auto& seg : j["segments"]) {
+    EXPECT_GE(seg["start"].get<double>(), prev_end - 1e-6);
+    EXPECT_LE(seg["end"].get<double>() - seg["start"].get<double>(), 6.0 + 1e-6);
+    prev_end = seg["end"].get<double>();
+    for (const auto& wd : seg["words"]) {
+      EXPECT_GE(wd["start"].get<double>(), prev_word - 1e-6);
+      EXPECT_GE(wd["start"].get<double>(), seg["start"].get<double>() - 1e-6);
+      EXPECT_LE(wd["end"].get<double>(), seg["end"].get<double>() + 1e-6);
+      EXPECT_GT(wd["confidence"].get<double>(), 0.0);
+      prev_word = wd["start"].get<double>();
+    }
+    std::string text = seg["text"].get<std::string>();
+    if (!text.empty()) joined += (joined.empty() ? "" : " ") + text;
+  }
+  EXPECT_NEAR(j["duration_s"].get<double>(), prev_end, 0.01);
+  double long_cer = static_cast<double>(Edit(long_text, joined)) / long_text.size();
+  std::cout << "long file CER " << long_cer << " over " << j["segments"].size() << " segments\n";
+  EXPECT_LE(long_cer, 0.2) << joined << " vs " << long_text;
+
+  // Formats.
+  std::regex srt_time(R"(^\d\d:\d\d:\d\d,\d\d\d --> \d\d:\d\d:\d\d,\d\d\d$)");
+  std::regex vtt_time(R"(^\d\d:\d\d:\d\d\.\d\d\d --> \d\d:\d\d:\d\d\.\d\d\d$)");
+  std::istringstream srt(ReadFile(out + "/long.srt")), vtt(ReadFile(out + "/long.vtt"));
+  std::string line;
+  int srt_cues = 0, vtt_cues = 0;
+  while (std::getline(srt, line)) if (line.find("-->") != std::string::npos) srt_cues += std::regex_match(line, srt_time) ? 1 : -100;
+  std::getline(vtt, line);
+  EXPECT_EQ(line, "WEBVTT");
+  while (std::getline(vtt, line)) if (line.find("-->") != std::string::npos) vtt_cues += std::regex_match(line, vtt_time) ? 1 : -100;
+  EXPECT_GE(srt_cues, 3);
+  EXPECT_EQ(srt_cues, vtt_cues);
+  std::string tsv = ReadFile(out + "/calls/a/u0.tsv");
+  EXPECT_EQ(tsv.rfind("start\tend\ttext\n", 0), 0u) << tsv;
+
+  // PostgreSQL holds every segment's result with its transcript.
+  std::string rows = pg.Query("SELECT count(*) FROM results WHERE ok AND transcript IS NOT NULL");
+  EXPECT_GE(std::stol(rows), 9 + 3) << rows;
+
+  // Re-running skips what is done; --overwrite redoes it.
+  RunResult again = Submit(b.endpoint, {"transcribe", in + "/calls/a", "--out", out + "/calls/a",
+                                        "--format", "txt,json,srt,vtt,tsv", "--wait"}, 60000);
+  EXPECT_EQ(again.code, 0) << again.err;
+  EXPECT_NE(again.err.find("8 skipped (outputs exist)"), std::string::npos) << again.err;
+
+  // Submitted without --wait, written later by `collect`.
+  RunResult nowait = Submit(b.endpoint, {"transcribe", in + "/calls/a/u1.wav", "--out", t / "later",
+                                         "--batch", "later-1"}, 60000);
+  ASSERT_EQ(nowait.code, 0) << nowait.err;
+  ASSERT_TRUE(WaitFor([&] { return StatusCounts(b.endpoint, "later-1").done == 1; }, 60000));
+  RunResult col = Submit(b.endpoint, {"collect", "later-1", "--out", t / "later"}, 60000);
+  EXPECT_EQ(col.code, 0) << col.err;
+  EXPECT_EQ(Trim(ReadFile(t / "later/u1.txt")), Trim(ReadFile(out + "/calls/a/u1.txt")));
+}
+
+TEST_F(TranscribeTest, AJobForAModelNoWorkerHasWaitsAndSaysWhy) {
+  TempDir t;
+  BrokerProc b = StartBroker(t / "broker", t / "broker.log");
+  Proc w = StartWorker(b.endpoint, t / "worker", t / "worker.log", {"--model-file", kModel});
+  std::string in = t / "in";
+  fs::create_directories(in);
+  fs::copy_file((*utts_)[0].wav, in + "/a.wav");
+  RunResult r = Submit(b.endpoint, {"transcribe", in, "--out", t / "out", "--model", "klingon", "--batch", "k1"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  // The job is still queued after the worker had every chance to take it.
+  usleep(500000);
+  RunResult one = Submit(b.endpoint, {"status", "--job", "1", "--json"});
+  EXPECT_NE(one.out.find("no worker has model klingon"), std::string::npos) << one.out << one.err;
+  EXPECT_EQ(StatusCounts(b.endpoint, "k1").queued, 1);
+}
+
+}  // namespace
+}  // namespace asrf::testing

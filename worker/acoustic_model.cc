@@ -1,0 +1,416 @@
+// Inference behind worker/acoustic_model.h: the project's CTC model or a TorchScript CTC model,
+// the front end of schema/features.md, and CTC greedy decoding with word timestamps.
+#include "worker/acoustic_model.h"
+
+#include <torch/script.h>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <cctype>
+#include <filesystem>
+#include <fstream>
+#include <type_traits>
+#include <utility>
+
+#include "worker/ctc_model.h"
+#include "worker/features.h"
+
+namespace asrf {
+namespace {
+
+namespace fs = std::filesystem;
+
+constexpr double kFrameSeconds = static_cast<double>(kHop) / kSampleRate;  // one feature frame: 10 ms
+
+// The one wrapper for libtorch's exceptions in this file: runs fn, turning what it throws into
+// make(context + ": " + message).
+template <typename Fn>
+Status CatchTorch(Status (*make)(std::string), const std::string& context, Fn&& fn) {
+  try {
+    return fn();
+  } catch (const c10::Error& e) {
+    return make(context + ": " + e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    return make(context + ": " + e.what());
+  }
+}
+
+// What each output id of a model means. Id 0 is the blank; ids past the end emit nothing.
+struct TokenTable {
+  std::vector<std::string> text;
+  std::vector<bool> separator;  // the word separator: decodes to a space
+  size_t size() const { return text.size(); }
+};
+
+TokenTable TokensOf(const Vocabulary& vocab) {
+  TokenTable t;
+  t.text.push_back("");
+  t.separator.push_back(false);
+  for (char c : vocab.chars) {
+    bool space = std::isspace(static_cast<unsigned char>(c)) != 0;
+    t.text.push_back(space ? " " : std::string(1, c));
+    t.separator.push_back(space);
+  }
+  return t;
+}
+
+// A vocabulary file: one token per line, line 1 the blank; " ", "|" or "<space>" is the separator.
+Status ReadVocabulary(const std::string& path, TokenTable* out) {
+  std::error_code ec;
+  if (!fs::exists(path, ec)) return Status::NotFound("vocabulary " + path + " does not exist");
+  std::ifstream in(path);
+  if (!in) return Status::IOError("vocabulary " + path + " cannot be read");
+  TokenTable t;
+  std::string line;
+  while (std::getline(in, line)) {
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    bool sep = line == " " || line == "|" || line == "<space>";
+    t.text.push_back(sep ? " " : line);
+    t.separator.push_back(sep);
+  }
+  while (!t.text.empty() && t.text.back().empty()) {  // trailing empty lines are not tokens
+    t.text.pop_back();
+    t.separator.pop_back();
+  }
+  if (t.size() < 2) return Status::Invalid("vocabulary " + path + " needs a blank and at least one token");
+  t.text[0].clear();  // the blank emits nothing, whatever its line says
+  t.separator[0] = false;
+  *out = std::move(t);
+  return Status::Ok();
+}
+
+Status ParseDevice(const std::string& spec, torch::Device* out) {
+  if (spec == "cpu") {
+    *out = torch::Device(torch::kCPU);
+    return Status::Ok();
+  }
+  const std::string prefix = "cuda:";
+  if (spec.rfind(prefix, 0) != 0 || spec.size() == prefix.size() || spec.size() > prefix.size() + 4 ||
+      !std::all_of(spec.begin() + prefix.size(), spec.end(), [](char c) { return c >= '0' && c <= '9'; })) {
+    return Status::Invalid("device \"" + spec + "\" is neither cpu nor cuda:N");
+  }
+  int index = std::stoi(spec.substr(prefix.size()));
+  if (!torch::cuda::is_available()) {
+    return Status::Unavailable("device " + spec + ": this libtorch has no CUDA or sees no CUDA device");
+  }
+  int64_t count = static_cast<int64_t>(torch::cuda::device_count());
+  if (index >= count) {
+    return Status::Unavailable("device " + spec + ": libtorch sees " + std::to_string(count) + " CUDA device(s)");
+  }
+  *out = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(index));
+  return Status::Ok();
+}
+
+// One emitted token: its id, the output frames of its run (first..last) and the highest
+// probability of its id over the run.
+struct Emission {
+  int64_t id;
+  int64_t first, last;
+  float prob;
+};
+
+// Greedy CTC over one utterance's n output frames (best id and its probability per frame):
+// repeats collapsed, blanks dropped; the text as GreedyDecode makes it, words with times.
+// `stride` is feature frames per output frame; `duration` bounds the times.
+Hypothesis DecodeOne(const int64_t* best, const float* prob, int64_t n, double stride, double duration,
+                     const TokenTable& tokens) {
+  std::vector<Emission> em;
+  int64_t prev = -1;
+  for (int64_t t = 0; t < n; ++t) {
+    int64_t id = best[t];
+    if (id == prev) {
+      if (id != 0 && !em.empty()) {
+        em.back().last = t;
+        em.back().prob = std::max(em.back().prob, prob[t]);
+      }
+    } else if (id != 0) {
+      em.push_back({id, t, t, prob[t]});
+    }
+    prev = id;
+  }
+  auto emits = [&](int64_t id) { return id > 0 && id < static_cast<int64_t>(tokens.size()); };
+  Hypothesis h;
+  std::string raw;
+  for (const Emission& e : em)
+    if (emits(e.id)) raw += tokens.text[e.id];
+  h.text = NormalizeText(raw);
+
+  auto time = [&](int64_t frame) { return std::min(frame * stride * kFrameSeconds, duration); };
+  std::vector<const Emission*> word;
+  auto flush = [&] {
+    std::string w;
+    double conf = 0;
+    for (const Emission* e : word) {
+      w += tokens.text[e->id];
+      conf += e->prob;
+    }
+    w = NormalizeText(w);
+    if (!w.empty()) {
+      h.words.push_back({w, time(word.front()->first), time(word.back()->last + 1),
+                         conf / static_cast<double>(word.size())});
+    }
+    word.clear();
+  };
+  for (const Emission& e : em) {
+    if (!emits(e.id)) continue;
+    if (tokens.separator[e.id]) {
+      flush();
+    } else {
+      word.push_back(&e);
+    }
+  }
+  flush();
+  return h;
+}
+
+// The per-call work shared by both kinds of model; subclasses only run the network.
+class CtcAcousticModel : public AcousticModel {
+ public:
+  CtcAcousticModel(std::string name, torch::Device device, const AcousticModelOptions& options, TokenTable tokens)
+      : name_(std::move(name)), device_(device), options_(options), tokens_(std::move(tokens)) {}
+
+  Status Transcribe(const std::vector<std::span<const int16_t>>& utterances, std::vector<Hypothesis>* out) override;
+  const std::string& name() const override { return name_; }
+  std::string device() const override { return device_.str(); }
+
+ protected:
+  // features [B, T, 80] and frames [B] (int64), both on the model's device, -> log_probs
+  // [B, T', V] and out_frames [B]. Called under NoGradGuard and InferenceMode.
+  virtual std::pair<torch::Tensor, torch::Tensor> Forward(const torch::Tensor& features,
+                                                          const torch::Tensor& frames) = 0;
+
+  const std::string name_;
+  const torch::Device device_;
+  const AcousticModelOptions options_;
+  const TokenTable tokens_;
+
+ private:
+  // Runs one micro-batch (indices into utterances) and fills (*out)[i] for each.
+  void RunBatch(const std::vector<std::span<const int16_t>>& utterances, const std::vector<size_t>& batch,
+                std::vector<Hypothesis>* out);
+};
+
+Status CtcAcousticModel::Transcribe(const std::vector<std::span<const int16_t>>& utterances,
+                                    std::vector<Hypothesis>* out) {
+  std::vector<Hypothesis> result(utterances.size());
+  // Utterances shorter than one frame give empty hypotheses without reaching the model.
+  std::vector<size_t> order;
+  for (size_t i = 0; i < utterances.size(); ++i)
+    if (NumFrames(static_cast<int64_t>(utterances[i].size())) > 0) order.push_back(i);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](size_t a, size_t b) { return utterances[a].size() > utterances[b].size(); });
+  Status st = CatchTorch(&Status::IOError, "transcription on " + device(), [&] {
+    torch::NoGradGuard no_grad;
+    for (size_t i = 0; i < order.size();) {
+      // Longest first, so the padded size of a micro-batch is its size times its first length.
+      const int64_t longest = NumFrames(static_cast<int64_t>(utterances[order[i]].size()));
+      size_t j = i + 1;
+      while (j < order.size() && static_cast<int64_t>(j - i + 1) * longest <= options_.max_batch_frames) ++j;
+      RunBatch(utterances, std::vector<size_t>(order.begin() + i, order.begin() + j), &result);
+      i = j;
+    }
+    return Status::Ok();
+  });
+  if (!st.ok()) return st;
+  *out = std::move(result);
+  return Status::Ok();
+}
+
+void CtcAcousticModel::RunBatch(const std::vector<std::span<const int16_t>>& utterances,
+                                const std::vector<size_t>& batch, std::vector<Hypothesis>* out) {
+  const int64_t B = static_cast<int64_t>(batch.size());
+  const int64_t samples = static_cast<int64_t>(utterances[batch.front()].size());
+  torch::Tensor pcm = torch::zeros({B, samples}, torch::kFloat32);
+  std::vector<int64_t> lengths(B);
+  float* p = pcm.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    std::span<const int16_t> u = utterances[batch[b]];
+    for (size_t k = 0; k < u.size(); ++k) p[b * samples + static_cast<int64_t>(k)] = u[k] / 32768.0f;
+    lengths[b] = static_cast<int64_t>(u.size());
+  }
+  // The front end outside InferenceMode: LogMel keeps static tensors that training uses too.
+  torch::Tensor frames;
+  torch::Tensor features = LogMel(pcm.to(device_), torch::tensor(lengths, torch::kInt64), &frames);
+
+  torch::Tensor best, prob, out_frames;
+  {
+    c10::InferenceMode inference;
+    auto [log_probs, of] = Forward(features, frames.to(device_));
+    torch::Tensor lp = log_probs.to(torch::kFloat32);
+    best = lp.argmax(-1);  // as GreedyDecode picks it
+    // The frame's probability, normalised here in case a TorchScript model returns logits.
+    prob = (lp.gather(-1, best.unsqueeze(-1)).squeeze(-1) - lp.logsumexp(-1)).exp();
+    best = best.to(torch::kCPU).to(torch::kInt64).contiguous();
+    prob = prob.to(torch::kCPU).contiguous();
+    out_frames = of.to(torch::kCPU).to(torch::kInt64).contiguous();
+  }
+  TORCH_CHECK(best.dim() == 2 && best.size(0) == B && out_frames.numel() == B,
+              "the model returned log_probs for ", best.size(0), " utterances and ", out_frames.numel(),
+              " output lengths for a batch of ", B);
+  const int64_t T = best.size(1);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t in = frames[b].item<int64_t>();
+    const int64_t n = std::min(out_frames[b].item<int64_t>(), T);
+    if (n <= 0) continue;
+    const double stride = static_cast<double>(in) / static_cast<double>(n);
+    const double duration = static_cast<double>(lengths[b]) / kSampleRate;
+    (*out)[batch[b]] =
+        DecodeOne(best[b].data_ptr<int64_t>(), prob[b].data_ptr<float>(), n, stride, duration, tokens_);
+  }
+}
+
+// The project's model (CtcModelImpl, architecture conv-s2-relu-bigru-ctc-v1), run so that no
+// padded frame reaches a valid one. CtcModelImpl::forward zeroes the GRU's padded inputs, but that
+// is not enough for inference: conv2 still reads conv1's outputs on the first padded frames (which
+// see the utterance's last frames, so are not zero), and the backward GRU runs through the
+// padding before it reaches the last valid frame. Both changed words of the fixture model between
+// a batch and the same utterance alone. Here conv1's padded outputs are zeroed (what conv2's own
+// zero padding gives an utterance alone) and the GRU runs on a packed sequence, so each utterance
+// gets what CtcModelImpl::forward gives it alone (tests/infer_test.cc checks the text against it).
+class NativeModel : public CtcAcousticModel {
+ public:
+  NativeModel(std::string name, torch::Device device, const AcousticModelOptions& options, CtcModel model)
+      : CtcAcousticModel(std::move(name), device, options, TokensOf(model->config().vocab)),
+        model_(std::move(model)) {}
+
+  // Finds the layers by their registered names; Invalid if the model is not built as expected.
+  Status Bind() {
+    auto children = model_->named_children();
+    auto get = [&](const char* key, auto* out) {
+      using Impl = typename std::remove_pointer_t<decltype(out)>::element_type;
+      const auto* m = children.find(key);
+      *out = m ? std::dynamic_pointer_cast<Impl>(*m) : nullptr;
+      return *out != nullptr;
+    };
+    if (!get("conv1", &conv1_) || !get("conv2", &conv2_) || !get("norm", &norm_) || !get("gru", &gru_) ||
+        !get("drop", &drop_) || !get("out", &out_)) {
+      return Status::Invalid("the model does not have the layers of conv-s2-relu-bigru-ctc-v1");
+    }
+    return Status::Ok();
+  }
+
+ protected:
+  std::pair<torch::Tensor, torch::Tensor> Forward(const torch::Tensor& features,
+                                                  const torch::Tensor& frames) override {
+    torch::Tensor x = torch::relu(conv1_->forward(features.transpose(1, 2).contiguous()));  // [B, C, T']
+    torch::Tensor out_frames =
+        CtcModelImpl::OutputFrames(frames.to(torch::kCPU)).clamp_max(x.size(2)).clamp_min(1);
+    torch::Tensor valid = (torch::arange(x.size(2), out_frames.options()).unsqueeze(0) < out_frames.unsqueeze(1))
+                              .to(x.device())
+                              .to(x.dtype())
+                              .unsqueeze(1);  // [B, 1, T']
+    x = torch::relu(conv2_->forward(x * valid));
+    x = norm_->forward(x.transpose(1, 2).contiguous());  // [B, T', C]
+    auto packed = torch::nn::utils::rnn::pack_padded_sequence(x, out_frames, /*batch_first=*/true,
+                                                              /*enforce_sorted=*/false);
+    auto y = torch::nn::utils::rnn::pad_packed_sequence(std::get<0>(gru_->forward_with_packed_input(packed)),
+                                                        /*batch_first=*/true, 0.0, x.size(1));
+    torch::Tensor logits = out_->forward(drop_->forward(std::get<0>(y)));
+    return {torch::log_softmax(logits, -1), out_frames};
+  }
+
+ private:
+  CtcModel model_;  // owns the layers below
+  std::shared_ptr<torch::nn::Conv1dImpl> conv1_, conv2_;
+  std::shared_ptr<torch::nn::LayerNormImpl> norm_;
+  std::shared_ptr<torch::nn::GRUImpl> gru_;
+  std::shared_ptr<torch::nn::DropoutImpl> drop_;
+  std::shared_ptr<torch::nn::LinearImpl> out_;
+};
+
+class ScriptModel : public CtcAcousticModel {
+ public:
+  ScriptModel(std::string name, torch::Device device, const AcousticModelOptions& options, TokenTable tokens,
+              torch::jit::Module module)
+      : CtcAcousticModel(std::move(name), device, options, std::move(tokens)), module_(std::move(module)) {}
+
+  // Runs the module once on silence: its output must be (log_probs [1, T', V], out_lengths [1])
+  // with V the vocabulary's size.
+  Status Probe() {
+    return CatchTorch(&Status::Invalid, "TorchScript model " + name_ + " on " + device(), [&] {
+      torch::NoGradGuard no_grad;
+      c10::InferenceMode inference;
+      const int64_t frames = 200;
+      auto [lp, lens] = Forward(torch::zeros({1, frames, kMels}, torch::TensorOptions().device(device_)),
+                                torch::full({1}, frames, torch::TensorOptions().dtype(torch::kInt64).device(device_)));
+      if (lp.dim() != 3 || lp.size(0) != 1 || lens.numel() != 1) {
+        return Status::Invalid("forward(features [1, 200, 80], lengths [1]) returned log_probs of shape " +
+                               c10::str(lp.sizes()) + " and " + std::to_string(lens.numel()) +
+                               " output lengths; expected [1, T', V] and 1");
+      }
+      if (lp.size(2) != static_cast<int64_t>(tokens_.size())) {
+        return Status::Invalid("the model emits " + std::to_string(lp.size(2)) + " classes but the vocabulary " +
+                               options_.vocabulary + " has " + std::to_string(tokens_.size()) + " tokens");
+      }
+      return Status::Ok();
+    });
+  }
+
+ protected:
+  std::pair<torch::Tensor, torch::Tensor> Forward(const torch::Tensor& features,
+                                                  const torch::Tensor& frames) override {
+    c10::IValue r = module_.forward({features, frames});
+    TORCH_CHECK(r.isTuple() && r.toTupleRef().elements().size() >= 2,
+                "forward must return a tuple (log_probs, out_lengths)");
+    const auto& e = r.toTupleRef().elements();
+    TORCH_CHECK(e[0].isTensor() && e[1].isTensor(), "forward must return two tensors (log_probs, out_lengths)");
+    return {e[0].toTensor(), e[1].toTensor()};
+  }
+
+ private:
+  torch::jit::Module module_;
+};
+
+}  // namespace
+
+Status LoadAcousticModel(const std::string& path, const std::string& name, const AcousticModelOptions& options,
+                         std::unique_ptr<AcousticModel>* out) {
+  std::error_code ec;
+  if (!fs::exists(path, ec)) return Status::NotFound("model " + path + " does not exist");
+  if (fs::is_directory(path, ec)) return Status::Invalid("model " + path + " is a directory");
+  torch::Device device(torch::kCPU);
+  ASRF_RETURN_IF_ERROR(ParseDevice(options.device, &device));
+  AcousticModelOptions opts = options;
+  opts.device = device.str();
+  opts.max_batch_frames = std::max<int64_t>(opts.max_batch_frames, 1);  // one utterance per batch at least
+  if (opts.threads > 0) at::set_num_threads(opts.threads);
+  const std::string model_name = name.empty() ? fs::path(path).stem().string() : name;
+
+  // The project's format first: config + weights.
+  CtcModel native(nullptr);
+  Status native_st = LoadModel(path, &native);
+  if (native_st.ok()) {
+    return CatchTorch(&Status::IOError, "cannot place model " + path + " on " + opts.device, [&] {
+      native->to(device);
+      native->eval();
+      auto model = std::make_unique<NativeModel>(model_name, device, opts, native);
+      ASRF_RETURN_IF_ERROR(model->Bind().WithContext("model " + path));
+      *out = std::move(model);
+      return Status::Ok();
+    });
+  }
+
+  // Then TorchScript.
+  torch::jit::Module module;
+  Status script_st = CatchTorch(&Status::Invalid, "not a TorchScript module", [&] {
+    module = torch::jit::load(path, device);
+    if (!module.find_method("forward")) return Status::Invalid("a TorchScript module without a forward method");
+    return Status::Ok();
+  });
+  if (!script_st.ok()) {
+    return Status::Invalid("model " + path + " is neither a project model (" + native_st.message() +
+                           ") nor a TorchScript CTC model (" + script_st.message() + ")");
+  }
+  if (opts.vocabulary.empty()) {
+    return Status::Invalid("model " + path + " is a TorchScript module; it needs a vocabulary file");
+  }
+  TokenTable tokens;
+  ASRF_RETURN_IF_ERROR(ReadVocabulary(opts.vocabulary, &tokens));
+  module.eval();
+  auto model = std::make_unique<ScriptModel>(model_name, device, opts, std::move(tokens), std::move(module));
+  ASRF_RETURN_IF_ERROR(model->Probe().WithContext("model " + path));
+  *out = std::move(model);
+  return Status::Ok();
+}
+
+}  // namespace asrf

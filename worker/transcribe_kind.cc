@@ -1,0 +1,78 @@
+#include "worker/transcribe_kind.h"
+
+#include <cstring>
+#include <mutex>
+
+#include <nlohmann/json.hpp>
+
+#include "common/clock.h"
+#include "schema/protocol.h"
+
+namespace asrf {
+
+namespace {
+
+double Ms(double s) { return std::round(s * 1000.0) / 1000.0; }
+
+}  // namespace
+
+void RegisterTranscribeKind(std::shared_ptr<AcousticModel> model, JobRegistry* registry) {
+  registry->AddModel(model->name());
+  auto mu = std::make_shared<std::mutex>();
+  registry->RegisterBatch(proto::kTranscribeKind, [model, mu](const std::vector<std::string_view>& payloads,
+                                                              const BatchContext& ctx, std::vector<Status>* statuses,
+                                                              std::vector<std::string>* results) {
+    size_t n = payloads.size();
+    std::vector<proto::TranscribeSegment> segs(n);
+    std::vector<std::vector<int16_t>> pcm(n);
+    std::vector<size_t> runnable;
+    std::vector<std::span<const int16_t>> spans;
+    for (size_t i = 0; i < n; ++i) {
+      Status st = proto::DecodeBody(payloads[i], &segs[i]);
+      if (st.ok() && segs[i].pcm.data.size() % 2 != 0) st = Status::Invalid("pcm has an odd number of bytes");
+      if (st.ok() && segs[i].file.size() > 4096) st = Status::Invalid("file name over 4096 bytes");
+      if (!st.ok()) {
+        (*statuses)[i] = Status::Invalid("bad transcribe payload: " + st.message());
+        continue;
+      }
+      pcm[i].resize(segs[i].pcm.data.size() / 2);
+      std::memcpy(pcm[i].data(), segs[i].pcm.data.data(), pcm[i].size() * 2);  // little-endian hosts
+      std::string().swap(segs[i].pcm.data);
+      runnable.push_back(i);
+      spans.emplace_back(pcm[i].data(), pcm[i].size());
+    }
+    if (runnable.empty() || (ctx.all_cancelled && ctx.all_cancelled())) return;
+    std::vector<Hypothesis> hyps;
+    int64_t t0 = MonoUs();
+    Status st;
+    {
+      std::lock_guard<std::mutex> lock(*mu);
+      st = model->Transcribe(spans, &hyps);
+    }
+    int64_t infer_ms = (MonoUs() - t0) / 1000;
+    for (size_t k = 0; k < runnable.size(); ++k) {
+      size_t i = runnable[k];
+      if (!st.ok()) {
+        (*statuses)[i] = st;
+        continue;
+      }
+      const Hypothesis& h = hyps[k];
+      nlohmann::json words = nlohmann::json::array();
+      for (const auto& w : h.words) {
+        words.push_back({{"w", w.text}, {"s", Ms(w.start)}, {"e", Ms(w.end)}, {"c", Ms(w.confidence)}});
+      }
+      nlohmann::json j = {{"file", segs[i].file},
+                          {"index", segs[i].index},
+                          {"count", segs[i].count},
+                          {"offset_s", segs[i].offset_s},
+                          {"duration_s", Ms(static_cast<double>(pcm[i].size()) / 16000.0)},
+                          {"model", model->name()},
+                          {"text", h.text},
+                          {"words", std::move(words)},
+                          {"infer_ms", infer_ms}};
+      (*results)[i] = j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+    }
+  });
+}
+
+}  // namespace asrf
