@@ -64,9 +64,9 @@ void ExpectSame(const std::vector<Hypothesis>& a, const std::vector<Hypothesis>&
     for (size_t w = 0; w < a[i].words.size(); ++w) {
       const DecodedWord &x = a[i].words[w], &y = b[i].words[w];
       EXPECT_EQ(x.text, y.text) << what << ", utterance " << i << " word " << w;
-      EXPECT_NEAR(x.start, y.start, 1e-12) << what << ", utterance " << i << " word " << w;
-      EXPECT_NEAR(x.end, y.end, 1e-12) << what << ", utterance " << i << " word " << w;
-      EXPECT_NEAR(x.confidence, y.confidence, 1e-6) << what << ", utterance " << i << " word " << w;
+      EXPECT_NEAR(x.start, y.start, kOutputFrame + 1e-9) << what << ", utterance " << i << " word " << w;
+      EXPECT_NEAR(x.end, y.end, kOutputFrame + 1e-9) << what << ", utterance " << i << " word " << w;
+      EXPECT_NEAR(x.confidence, y.confidence, 1e-3) << what << ", utterance " << i << " word " << w;
     }
   }
 }
