@@ -8,7 +8,7 @@
 #   bench/transcribe_throughput.sh [--model FILE] [--short N] [--long N] [--workers N]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-model="models/en-small.pt" short=60 long=4 workers=1
+model="models/en-small.pt" short=200 long=6 workers=1
 while (($#)); do
     case "$1" in
         --model) model="$2"; shift 2 ;;
