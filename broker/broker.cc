@@ -1007,6 +1007,27 @@ struct Broker::Impl {
     }
   }
 
+  // MODELS: answered by the sink thread from PostgreSQL (never on this thread).
+  void OnModels(const std::string& routing, std::string_view body) {
+    proto::ModelsReq m;
+    Status st = proto::DecodeBody(body, &m);
+    if (st.ok() && m.op != "list" && m.op != "export" && m.op != "import") {
+      st = Status::Invalid("op must be list, export or import, not \"" + m.op.substr(0, 64) + "\"");
+    }
+    if (st.ok() && m.op != "list" && (m.name.empty() || m.name.size() > 256)) st = Status::Invalid("name must be 1 to 256 bytes");
+    if (st.ok() && m.op == "import" && m.bytes.data.empty()) st = Status::Invalid("import needs the model's bytes");
+    if (!st.ok()) return SendError(routing, PeekReq(body), "bad_request", st.message());
+    if (!sink) {
+      return SendError(routing, m.req, "no_registry",
+                       "this broker runs without --pg; the model registry lives in PostgreSQL");
+    }
+    ResultLookup l;
+    l.routing = routing;
+    l.req = m.req;
+    l.models = std::move(m);
+    sink->Lookup(std::move(l));
+  }
+
   void OnDisconnect(const std::string& routing, int64_t now) {
     auto it = worker_by_routing.find(routing);
     if (it == worker_by_routing.end()) return;
@@ -1259,6 +1280,15 @@ struct Broker::Impl {
   void HandleLookups() {
     if (!sink) return;
     for (auto& l : sink->TakeLookups()) {
+      if (!l.models.op.empty()) {
+        if (!l.error.empty()) {
+          SendError(l.routing, l.req, l.error_code.empty() ? "pg_unavailable" : l.error_code, l.error);
+        } else {
+          l.reply.req = l.req;
+          Send(l.routing, Cmd::kReply, l.reply);
+        }
+        continue;
+      }
       proto::Reply r;
       r.req = l.req;
       if (l.found) l.info.why.clear();
@@ -1326,6 +1356,7 @@ struct Broker::Impl {
       case Cmd::kWorkers: return OnWorkers(routing, body, now);
       case Cmd::kJobs: return OnJobs(routing, body);
       case Cmd::kRetry: return OnRetry(routing, body);
+      case Cmd::kModels: return OnModels(routing, body);
       case Cmd::kReady: return OnReady(routing, body, now);
       case Cmd::kHeartbeat: return OnHeartbeat(routing, body, now);
       case Cmd::kStarted: return OnStarted(routing, body, now);

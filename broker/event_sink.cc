@@ -191,6 +191,15 @@ struct EventSink::Impl {
     }
     if (batch.empty()) return;
     for (auto& l : batch) {
+      if (!l.models.op.empty()) {
+        if (!Connect()) {
+          l.error_code = "pg_unavailable";
+          l.error = "PostgreSQL is unreachable; the model registry lives there";
+        } else {
+          Registry(l);
+        }
+        continue;
+      }
       if (!Connect()) {
         l.error = "PostgreSQL is unreachable";
       } else {
@@ -217,6 +226,61 @@ struct EventSink::Impl {
       uint64_t one = 1;
       ssize_t unused = ::write(wake_fd, &one, sizeof(one));
       (void)unused;
+    }
+  }
+
+  static proto::ModelInfo InfoFromRow(const PgResult& r, int row) {
+    proto::ModelInfo m;
+    m.name = r.get(row, 0);
+    m.version = std::atoi(r.get(row, 1).c_str());
+    m.sha256 = r.get(row, 2);
+    m.size = std::atoll(r.get(row, 3).c_str());
+    m.valid_cer = r.is_null(row, 4) ? -1 : std::atof(r.get(row, 4).c_str());
+    m.train_seconds = r.is_null(row, 5) ? 0 : std::atof(r.get(row, 5).c_str());
+    m.created = r.get(row, 6);
+    m.config = r.get(row, 7);
+    return m;
+  }
+
+  // The model registry: list, export, import (schema/protocol.md, MODELS).
+  void Registry(ResultLookup& l) {
+    static const std::string kCols =
+        "name, version, sha256, octet_length(bytes), valid_cer, train_seconds, "
+        "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), config::text";
+    const proto::ModelsReq& m = l.models;
+    PgResult r;
+    Status st;
+    if (m.op == "list") {
+      st = pg->Query("SELECT " + kCols + " FROM models ORDER BY name, version", {}, &r);
+      if (st.ok()) for (int i = 0; i < r.rows(); ++i) l.reply.models.push_back(InfoFromRow(r, i));
+    } else if (m.op == "export") {
+      st = pg->Query("SELECT " + kCols + ", bytes FROM models WHERE name = $1 AND ($2 = 0 OR version = $2) "
+                     "ORDER BY version DESC LIMIT 1",
+                     {m.name, std::to_string(m.version)}, &r);
+      if (st.ok() && r.rows() == 0) {
+        l.error_code = "not_found";
+        l.error = "no model " + m.name + (m.version ? " version " + std::to_string(m.version) : "") + " in the registry";
+        return;
+      }
+      if (st.ok()) {
+        l.reply.models.push_back(InfoFromRow(r, 0));
+        l.reply.blob.data = DecodeByteaHex(r.get(0, 8));
+      }
+    } else if (m.op == "import") {
+      st = pg->Query(
+          "INSERT INTO models (name, version, bytes, sha256, config, vocabulary, valid_cer, data_summary, "
+          "train_seconds) SELECT $1, coalesce(max(version), 0) + 1, $2::bytea, encode(sha256($2::bytea), 'hex'), "
+          "$3::jsonb, $4, $5, $6::jsonb, $7 FROM models WHERE name = $1 RETURNING " + kCols,
+          {m.name, m.bytes.data, m.config.empty() ? "{}" : m.config, m.vocabulary,
+           m.valid_cer < 0 ? std::nullopt : std::optional<std::string>(std::to_string(m.valid_cer)),
+           m.data_summary.empty() ? "{}" : m.data_summary, std::to_string(m.train_seconds)},
+          &r, {false, true, false, false, false, false, false});
+      if (st.ok() && r.rows() > 0) l.reply.models.push_back(InfoFromRow(r, 0));
+    }
+    if (!st.ok()) {
+      l.error_code = pg->healthy() ? "bad_request" : "pg_unavailable";
+      l.error = "model registry: " + st.message();
+      if (!pg->healthy()) Down(st);
     }
   }
 

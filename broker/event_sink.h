@@ -38,6 +38,11 @@ struct ResultLookup {
   proto::JobInfo info;  // filled in: result and error from the results table when found
   bool found = false;
   std::string error;    // why the lookup failed
+  // A MODELS request (registry) instead of a result lookup when models.op is set; answered in
+  // `reply` (or `error`, with error_code).
+  proto::ModelsReq models;
+  proto::Reply reply;
+  std::string error_code;
 };
 
 class EventSink {

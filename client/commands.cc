@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <fstream>
 #include <iostream>
 #include <map>
 #include <random>
@@ -606,6 +607,107 @@ int RunWorkers(const GlobalOptions& g, const std::vector<std::string>& args) {
   return kExitOk;
 }
 
+// ---- models -------------------------------------------------------------------------------------
+
+int RunModels(const GlobalOptions& g, const std::vector<std::string>& args) {
+  std::string op, target, out, name, config;
+  int version = 0;
+  double valid_cer = -1;
+  po::options_description desc("models options");
+  desc.add_options()
+      ("op", po::value(&op)->required(), "list, export or import")
+      ("target", po::value(&target)->default_value(""), "export: the model name; import: the model file")
+      ("out", po::value(&out)->default_value(""), "export: the file to write")
+      ("version", po::value(&version)->default_value(0), "export: the version (0 = the newest)")
+      ("name", po::value(&name)->default_value(""), "import: the name to store it under (a new version)")
+      ("valid-cer", po::value(&valid_cer)->default_value(-1), "import: the model's validation CER, if known")
+      ("json", po::bool_switch(), "list: one JSON object per line");
+  po::positional_options_description pos;
+  pos.add("op", 1).add("target", 1);
+  po::variables_map vm;
+  const char* usage =
+      "usage: asr-submit models list [--json]\n"
+      "       asr-submit models export NAME --out FILE [--version N]\n"
+      "       asr-submit models import FILE --name NAME [--valid-cer X]\n"
+      "The registry lives in PostgreSQL; the broker must run with --pg. Workers load a registry model with "
+      "`asr-worker --model NAME`.";
+  int rc = ParseSub(args, desc, &pos, usage, &vm);
+  if (rc >= 0) return rc;
+  proto::ModelsReq m;
+  m.op = op;
+  if (op == "export") {
+    if (target.empty() || out.empty()) {
+      std::cerr << "asr-submit: models export needs NAME and --out FILE\n" << usage << "\n";
+      return kExitUsage;
+    }
+    m.name = target;
+    m.version = version;
+  } else if (op == "import") {
+    if (target.empty() || name.empty()) {
+      std::cerr << "asr-submit: models import needs FILE and --name NAME\n" << usage << "\n";
+      return kExitUsage;
+    }
+    std::ifstream in(target, std::ios::binary);
+    if (!in) {
+      std::cerr << "asr-submit: cannot read " << target << "\n";
+      return kExitUsage;
+    }
+    m.bytes.data.assign(std::istreambuf_iterator<char>(in), {});
+    if (m.bytes.data.empty() || m.bytes.data.size() > proto::kMaxModelBytes) {
+      std::cerr << "asr-submit: " << target << " is empty or over " << (proto::kMaxModelBytes >> 20) << " MiB\n";
+      return kExitUsage;
+    }
+    m.name = name;
+    m.valid_cer = valid_cer;
+  } else if (op != "list") {
+    std::cerr << "asr-submit: unknown models operation " << op << "\n" << usage << "\n";
+    return kExitUsage;
+  }
+  BrokerClient client(g.broker);
+  proto::Reply r;
+  Status st = client.Call(Cmd::kModels, m, &r, std::max<int64_t>(RequestTimeoutMs(g), 30000));
+  if (!st.ok()) return ExitFor(st);
+  auto line = [](const proto::ModelInfo& i) {
+    json j = {{"name", i.name}, {"version", i.version}, {"sha256", i.sha256}, {"bytes", i.size},
+              {"created", i.created}};
+    if (i.valid_cer >= 0) j["valid_cer"] = i.valid_cer;
+    return j;
+  };
+  if (op == "list") {
+    for (const auto& i : r.models) {
+      if (vm["json"].as<bool>()) {
+        std::cout << line(i).dump() << "\n";
+      } else {
+        std::printf("%-24s v%-4d %10lld bytes  %s  %s%s\n", i.name.c_str(), i.version, static_cast<long long>(i.size),
+                    i.sha256.substr(0, 16).c_str(), i.created.c_str(),
+                    i.valid_cer >= 0 ? ("  CER " + std::to_string(i.valid_cer)).c_str() : "");
+      }
+    }
+    if (r.models.empty()) std::cerr << "the registry is empty\n";
+    return kExitOk;
+  }
+  if (r.models.empty()) return ExitFor(Status::Invalid("empty answer from the broker"));
+  if (op == "import") {
+    std::cout << "stored " << r.models[0].name << " version " << r.models[0].version << " (" << r.models[0].size
+              << " bytes, sha256 " << r.models[0].sha256 << ")\n";
+    return kExitOk;
+  }
+  if (static_cast<int64_t>(r.blob.data.size()) != r.models[0].size) {
+    return ExitFor(Status::Corruption("the registry sent " + std::to_string(r.blob.data.size()) + " bytes, expected " +
+                                      std::to_string(r.models[0].size)));
+  }
+  std::string tmp = out + ".tmp";
+  {
+    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
+    f.write(r.blob.data.data(), static_cast<std::streamsize>(r.blob.data.size()));
+    if (!f) return ExitFor(Status::IOError("cannot write " + tmp));
+  }
+  if (std::rename(tmp.c_str(), out.c_str()) != 0) return ExitFor(Status::IOError("cannot rename to " + out));
+  std::cout << "wrote " << r.models[0].name << " version " << r.models[0].version << " to " << out << " ("
+            << r.blob.data.size() << " bytes, sha256 " << r.models[0].sha256 << ")\n";
+  return kExitOk;
+}
+
 }  // namespace
 
 const std::vector<Command>& Commands() {
@@ -620,6 +722,7 @@ const std::vector<Command>& Commands() {
       {"retry", "requeue a dead or failed job, or every dead job", RunRetry},
       {"workers", "list connected workers", RunWorkers},
       {"transcribe", "transcribe audio files or folders on the fleet and write transcripts", RunTranscribe},
+      {"models", "the model registry: list, export NAME --out FILE, import FILE --name NAME", RunModels},
       {"collect", "write the transcripts of a transcription batch submitted without --wait", RunCollect},
   };
   return kCommands;

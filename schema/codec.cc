@@ -7,7 +7,7 @@ namespace asrf::proto {
 bool IsKnownCmd(uint8_t c) {
   switch (static_cast<Cmd>(c)) {
     case Cmd::kSubmit: case Cmd::kStatus: case Cmd::kCancel: case Cmd::kWatch: case Cmd::kWorkers:
-    case Cmd::kJobs: case Cmd::kRetry: case Cmd::kReady: case Cmd::kHeartbeat: case Cmd::kStarted:
+    case Cmd::kJobs: case Cmd::kRetry: case Cmd::kModels: case Cmd::kReady: case Cmd::kHeartbeat: case Cmd::kStarted:
     case Cmd::kResult: case Cmd::kProgress: case Cmd::kDisconnect: case Cmd::kAssign: case Cmd::kCancelJobs:
     case Cmd::kResultAck: case Cmd::kReply: case Cmd::kEvent: case Cmd::kError:
       return true;
@@ -24,6 +24,7 @@ const char* CmdName(Cmd c) {
     case Cmd::kWorkers: return "WORKERS";
     case Cmd::kJobs: return "JOBS";
     case Cmd::kRetry: return "RETRY";
+    case Cmd::kModels: return "MODELS";
     case Cmd::kReady: return "READY";
     case Cmd::kHeartbeat: return "HEARTBEAT";
     case Cmd::kStarted: return "STARTED";
@@ -80,7 +81,7 @@ Status DecodeRaw(std::string_view body, msgpack::object_handle* out) {
   if (body.size() > static_cast<size_t>(kMaxMessageBytes)) return Status::Invalid("oversized body");
   // Bounds on every container so a hostile 10-byte body cannot ask for a 4-billion-entry array.
   msgpack::unpack_limit limit(/*array=*/kMaxJobsPerMessage * 2, /*map=*/256, /*str=*/kMaxPayloadBytes,
-                              /*bin=*/kMaxPayloadBytes, /*ext=*/1024, /*depth=*/16);
+                              /*bin=*/kMaxModelBytes, /*ext=*/1024, /*depth=*/16);
   try {
     std::size_t off = 0;
     *out = msgpack::unpack(body.data(), body.size(), off, nullptr, nullptr, limit);

@@ -38,6 +38,7 @@ enum class Cmd : uint8_t {
   kWorkers = 0x05,
   kJobs = 0x06,
   kRetry = 0x07,
+  kModels = 0x08,
   // worker -> broker
   kReady = 0x10,
   kHeartbeat = 0x11,  // both ways
@@ -183,7 +184,37 @@ struct RetryReq {
   MSGPACK_DEFINE_MAP(req, job, all_dead);
 };
 
+// MODELS: the model registry in PostgreSQL (the broker needs --pg). op is "list" (every name and
+// version), "export" (one model's bytes: `name`, `version` 0 = the newest) or "import" (store
+// `bytes` as the next version of `name`).
+struct ModelsReq {
+  uint64_t req = 0;
+  std::string op;
+  std::string name;
+  int32_t version = 0;
+  Blob bytes;
+  std::string config;        // JSON text; import only
+  std::string vocabulary;
+  double valid_cer = -1;     // < 0: unknown
+  std::string data_summary;  // JSON text
+  double train_seconds = 0;
+  MSGPACK_DEFINE_MAP(req, op, name, version, bytes, config, vocabulary, valid_cer, data_summary, train_seconds);
+};
+inline constexpr size_t kMaxModelBytes = 60u << 20;
+
 // ---- broker -> client ----------------------------------------------------------------------
+
+struct ModelInfo {
+  std::string name;
+  int32_t version = 0;
+  std::string sha256;  // hex of the bytes
+  int64_t size = 0;
+  double valid_cer = -1;
+  double train_seconds = 0;
+  std::string created;  // ISO 8601
+  std::string config;   // JSON text
+  MSGPACK_DEFINE_MAP(name, version, sha256, size, valid_cer, train_seconds, created, config);
+};
 
 struct JobInfo {
   uint64_t id = 0;
@@ -225,7 +256,9 @@ struct Reply {
   std::vector<JobInfo> jobs;               // STATUS of a job (one entry), JOBS
   std::vector<WorkerInfo> workers;         // WORKERS
   uint64_t affected = 0;                   // CANCEL, RETRY
-  MSGPACK_DEFINE_MAP(req, batch, job_ids, duplicate, counts, jobs, workers, affected);
+  std::vector<ModelInfo> models;           // MODELS list, export and import (the model concerned)
+  Blob blob;                               // MODELS export: the model's bytes
+  MSGPACK_DEFINE_MAP(req, batch, job_ids, duplicate, counts, jobs, workers, affected, models, blob);
 };
 
 struct JobEvent {

@@ -6,6 +6,7 @@
 #include "common/log.h"
 #include "common/options.h"
 #include "cuda/device_info.h"
+#include "worker/model_cache.h"
 #include "worker/train_kind.h"
 #include "worker/transcribe_kind.h"
 #include "worker/worker.h"
@@ -34,6 +35,9 @@ int main(int argc, char** argv) {
       ("model-file", po::value<std::string>()->default_value(""),
        "acoustic model to load at start and keep resident for transcription: a project model file (config + "
        "weights) or a TorchScript CTC model (then --vocabulary); empty: this worker does not transcribe")
+      ("model", po::value<std::string>()->default_value(""),
+       "model NAME from the registry (needs --pg): the newest version, cached in STATE_DIR/models and verified "
+       "by its sha256; used instead of --model-file")
       ("model-name", po::value<std::string>()->default_value(""),
        "name the model is advertised and asked for by (default: the file name without its extension)")
       ("vocabulary", po::value<std::string>()->default_value(""),
@@ -82,14 +86,26 @@ int main(int argc, char** argv) {
     std::cerr << "asr-worker: " << st.message() << "\n";
     return 1;
   }
-  if (std::string path = vm["model-file"].as<std::string>(); !path.empty()) {
+  std::string path = vm["model-file"].as<std::string>();
+  std::string registry_name = vm["model"].as<std::string>();
+  if (!registry_name.empty()) {
+    if (!path.empty()) {
+      std::cerr << "asr-worker: give --model NAME or --model-file PATH, not both\n";
+      return 2;
+    }
+    if (Status st = FetchRegistryModel(o.pg, registry_name, o.state_dir + "/models", &path); !st.ok()) {
+      std::cerr << "asr-worker: --model " << registry_name << ": " << st.message() << "\n";
+      return st.code() == Status::Code::kNotFound ? 2 : 1;
+    }
+  }
+  if (!path.empty()) {
     AcousticModelOptions mo;
     mo.device = o.device;
     mo.vocabulary = vm["vocabulary"].as<std::string>();
     mo.max_batch_frames = vm["max-batch-frames"].as<int64_t>();
     mo.threads = vm["threads"].as<int>();
     std::string name = vm["model-name"].as<std::string>();
-    if (name.empty()) name = std::filesystem::path(path).stem().string();
+    if (name.empty()) name = registry_name.empty() ? std::filesystem::path(path).stem().string() : registry_name;
     std::unique_ptr<AcousticModel> model;
     if (Status st = LoadAcousticModel(path, name, mo, &model); !st.ok()) {
       std::cerr << "asr-worker: cannot load --model-file " << path << ": " << st.message() << "\n";

@@ -1,0 +1,87 @@
+// The model registry: SHA-256 against known vectors and PostgreSQL's own, import/export through
+// the broker round-trips byte for byte, versions grow, and a worker loads a model by name from
+// the registry (cached and verified) and transcribes with it.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "common/sha256.h"
+#include "tests/harness.h"
+
+namespace asrf::testing {
+namespace {
+
+namespace fs = std::filesystem;
+const std::string kModel = std::string(ASRF_SOURCE_DIR) + "/tests/fixtures/digits.pt";
+
+TEST(Sha256, KnownVectors) {
+  EXPECT_EQ(Sha256Hex(""), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+  EXPECT_EQ(Sha256Hex("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+  EXPECT_EQ(Sha256Hex("abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq"),
+            "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1");
+  EXPECT_EQ(Sha256Hex(std::string(1000000, 'a')), "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0");
+}
+
+TEST(Registry, ImportExportRoundTripAndAWorkerLoadsByName) {
+  TempDir t;
+  PgCluster pg(t.path());
+  ASSERT_TRUE(pg.Start());
+  BrokerProc b = StartBroker(t / "broker", t / "broker.log", {"--pg", pg.url()});
+  ASSERT_FALSE(b.endpoint.empty());
+
+  RunResult imp = Submit(b.endpoint, {"models", "import", kModel, "--name", "digits"});
+  ASSERT_EQ(imp.code, 0) << imp.err;
+  std::string original = ReadFile(kModel);
+  std::string sha = Sha256Hex(original);
+  EXPECT_NE(imp.out.find("version 1"), std::string::npos) << imp.out;
+  EXPECT_NE(imp.out.find(sha), std::string::npos) << "our sha256 differs from PostgreSQL's: " << imp.out;
+
+  RunResult exp = Submit(b.endpoint, {"models", "export", "digits", "--out", t / "back.pt"});
+  ASSERT_EQ(exp.code, 0) << exp.err;
+  EXPECT_TRUE(ReadFile(t / "back.pt") == original) << "export is not byte for byte the import";
+
+  RunResult again = Submit(b.endpoint, {"models", "import", t / "back.pt", "--name", "digits", "--valid-cer", "0.031"});
+  ASSERT_EQ(again.code, 0) << again.err;
+  EXPECT_NE(again.out.find("version 2"), std::string::npos) << again.out;
+  RunResult list = Submit(b.endpoint, {"models", "list", "--json"});
+  ASSERT_EQ(list.code, 0) << list.err;
+  EXPECT_NE(list.out.find("\"version\":1"), std::string::npos) << list.out;
+  EXPECT_NE(list.out.find("\"version\":2"), std::string::npos) << list.out;
+  EXPECT_NE(list.out.find("\"valid_cer\":0.031"), std::string::npos) << list.out;
+  RunResult missing = Submit(b.endpoint, {"models", "export", "nope", "--out", t / "x.pt"});
+  EXPECT_NE(missing.code, 0);
+  EXPECT_NE(missing.err.find("no model nope"), std::string::npos) << missing.err;
+
+  // A worker loads "digits" by name: fetched, cached, verified, advertised, and it transcribes.
+  Proc w = StartWorker(b.endpoint, t / "worker", t / "worker.log", {"--model", "digits", "--pg", pg.url()});
+  RunResult synth = RunCommand({ASRF_SYNTH_BIN, "--out", t / "audio", "--utterances", "2", "--seed", "5",
+                                "--numbers-fraction", "1", "--valid-fraction", "0", "--heldout-fraction", "0"});
+  ASSERT_EQ(synth.code, 0) << synth.err;
+  RunResult tx = Submit(b.endpoint, {"transcribe", t / "audio/wav", "--out", t / "out", "--model", "digits", "--wait"},
+                        120000);
+  EXPECT_EQ(tx.code, 0) << tx.err << ReadFile(t / "worker.log");
+  EXPECT_TRUE(fs::exists(t / "worker/models/digits.v2.pt")) << ReadFile(t / "worker.log");
+  EXPECT_EQ(ReadFile(t / "worker/models/digits.v2.pt"), original);
+  w.Signal(SIGTERM);
+  EXPECT_EQ(w.Wait(30000), 0);
+
+  // A tampered cache is not used: it is fetched again and verified.
+  { std::ofstream(t / "worker/models/digits.v2.pt", std::ios::trunc) << "garbage"; }
+  Proc w2 = StartWorker(b.endpoint, t / "worker", t / "worker2.log", {"--model", "digits", "--pg", pg.url()});
+  ASSERT_TRUE(WaitFor([&] { return ReadFile(t / "worker2.log").find("model_loaded") != std::string::npos; }, 30000))
+      << ReadFile(t / "worker2.log");
+  EXPECT_NE(ReadFile(t / "worker2.log").find("model_fetched"), std::string::npos);
+  EXPECT_EQ(ReadFile(t / "worker/models/digits.v2.pt"), original);
+}
+
+TEST(Registry, ABrokerWithoutPostgresSaysSo) {
+  TempDir t;
+  BrokerProc b = StartBroker(t / "broker", t / "broker.log");
+  RunResult r = Submit(b.endpoint, {"models", "list"});
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.err.find("without --pg"), std::string::npos) << r.err;
+}
+
+}  // namespace
+}  // namespace asrf::testing

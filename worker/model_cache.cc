@@ -1,0 +1,101 @@
+#include "worker/model_cache.h"
+
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <regex>
+
+#include "common/log.h"
+#include "common/pg.h"
+#include "common/sha256.h"
+
+namespace asrf {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+std::string ReadAll(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+bool Verified(const std::string& file, const std::string& sha) {
+  std::error_code ec;
+  return fs::exists(file, ec) && !sha.empty() && Sha256Hex(ReadAll(file)) == sha;
+}
+
+Status WriteAtomically(const std::string& path, const std::string& bytes) {
+  std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+    if (!out) return Status::IOError("cannot write " + tmp);
+  }
+  std::error_code ec;
+  fs::rename(tmp, path, ec);
+  return ec ? Status::IOError("cannot rename " + tmp + ": " + ec.message()) : Status::Ok();
+}
+
+}  // namespace
+
+Status FetchRegistryModel(const std::string& conninfo, const std::string& name, const std::string& cache_dir,
+                          std::string* path) {
+  std::error_code ec;
+  fs::create_directories(cache_dir, ec);
+  if (ec) return Status::IOError("cannot create " + cache_dir + ": " + ec.message());
+  std::unique_ptr<PgConn> pg;
+  bool migrated = false;
+  Status st = conninfo.empty() ? Status::Unavailable("no --pg") : ConnectAndMigrate(conninfo, &migrated, &pg);
+  if (st.ok()) {
+    PgResult r;
+    st = pg->Query("SELECT version, sha256 FROM models WHERE name = $1 ORDER BY version DESC LIMIT 1", {name}, &r);
+    if (st.ok() && r.rows() == 0) return Status::NotFound("no model " + name + " in the registry");
+    if (st.ok()) {
+      std::string version = r.get(0, 0), sha = r.get(0, 1);
+      std::string base = cache_dir + "/" + name + ".v" + version;
+      if (Verified(base + ".pt", sha)) {
+        *path = base + ".pt";
+        LogInfo("model_cached").Kv("model", name).Kv("version", version).Kv("file", *path);
+        return Status::Ok();
+      }
+      PgResult b;
+      st = pg->Query("SELECT bytes FROM models WHERE name = $1 AND version = $2", {name, version}, &b);
+      if (st.ok() && b.rows() == 1) {
+        std::string bytes = DecodeByteaHex(b.get(0, 0));
+        if (Sha256Hex(bytes) != sha) {
+          return Status::Corruption("model " + name + " version " + version + " does not match its sha256 " + sha);
+        }
+        ASRF_RETURN_IF_ERROR(WriteAtomically(base + ".sha256", sha + "\n"));
+        ASRF_RETURN_IF_ERROR(WriteAtomically(base + ".pt", bytes));
+        *path = base + ".pt";
+        LogInfo("model_fetched").Kv("model", name).Kv("version", version).Kv("bytes", static_cast<uint64_t>(bytes.size()));
+        return Status::Ok();
+      }
+    }
+  }
+  // PostgreSQL unreachable: the newest verified cached copy.
+  std::regex re(std::regex_replace(name, std::regex(R"([.^$|()\[\]{}*+?\\])"), R"(\$&)") + R"(\.v(\d+)\.pt)");
+  int best = -1;
+  for (const auto& e : fs::directory_iterator(cache_dir, ec)) {
+    std::smatch m;
+    std::string fname = e.path().filename().string();
+    if (!std::regex_match(fname, m, re)) continue;
+    int v = std::stoi(m[1].str());
+    std::string base = cache_dir + "/" + name + ".v" + m[1].str();
+    std::string sha = ReadAll(base + ".sha256");
+    while (!sha.empty() && (sha.back() == '\n' || sha.back() == ' ')) sha.pop_back();
+    if (v > best && Verified(base + ".pt", sha)) {
+      best = v;
+      *path = base + ".pt";
+    }
+  }
+  if (best >= 0) {
+    LogWarn("model_from_cache").Kv("model", name).Kv("version", best).Kv("why", st.message());
+    return Status::Ok();
+  }
+  return Status::Unavailable("cannot fetch model " + name + " from the registry (" + st.message() +
+                             ") and no verified copy is cached in " + cache_dir);
+}
+
+}  // namespace asrf
