@@ -61,6 +61,7 @@ bool Batcher::Take(const std::function<bool(const std::string&)>& model_ok, int6
   TakenBatch best_plan;
   uint64_t best_oldest = 0;
   int64_t best_since = 0;
+  bool best_full = false;
   for (const auto& [key, ids] : buckets_) {
     if (ids.empty() || !model_ok(key.first)) continue;
     bool full = false;
@@ -69,11 +70,15 @@ bool Batcher::Take(const std::function<bool(const std::string&)>& model_ok, int6
     bool due = full || now_ms - first.since_ms >= opt_.max_delay_ms;
     if (!due) continue;
     // Full batches first; among equals, the one holding the oldest segment.
-    bool better = !best || (full && !best_plan.full) ||
-                  (full == best_plan.full && (first.since_ms < best_since ||
-                                              (first.since_ms == best_since && *ids.begin() < best_oldest)));
+    // A partial batch that has waited 5x max_delay counts as full, so the tails of files in
+    // sparse buckets are not starved by a backlog that keeps other buckets full.
+    full = full || now_ms - first.since_ms >= 5 * std::max<int64_t>(opt_.max_delay_ms, 1);
+    bool better = !best || (full && !best_full) ||
+                  (full == best_full && (first.since_ms < best_since ||
+                                         (first.since_ms == best_since && *ids.begin() < best_oldest)));
     if (better) {
       best = &key;
+      best_full = full;
       best_plan = std::move(plan);
       best_oldest = *ids.begin();
       best_since = first.since_ms;

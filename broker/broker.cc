@@ -528,6 +528,11 @@ struct Broker::Impl {
       r.submitted_ms = now_wall;
       r.model = std::move(m.jobs[i].model);
       r.audio_ms = std::max<int64_t>(m.jobs[i].audio_ms, 0);
+      // Batches are sized by audio length: never trust a length shorter than the payload holds
+      // (16 kHz 16-bit PCM is 32 bytes per ms), or a batch could outgrow a message.
+      if (r.kind == proto::kTranscribeKind) {
+        r.audio_ms = std::max<int64_t>(r.audio_ms, static_cast<int64_t>(r.payload.data.size() / 32));
+      }
       b.Put(rec::JobKey(first + i), proto::EncodeBody(r));
       Job j;
       j.id = first + i;

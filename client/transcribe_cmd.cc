@@ -177,6 +177,7 @@ Walk FindFiles(const std::vector<std::string>& inputs, const std::set<std::strin
   std::map<std::string, int> stems;
   for (const auto& f : found) stems[OutputBase(f.path, f.root, out_dir, false)]++;
   std::set<std::string> bases;
+  std::map<std::string, std::string> first_path;
   for (const auto& f : found) {
     FileJob j;
     j.path = f.path;
@@ -184,7 +185,15 @@ Walk FindFiles(const std::vector<std::string>& inputs, const std::set<std::strin
     if (j.rel.empty() || j.rel.rfind("..", 0) == 0) j.rel = fs::path(f.path).filename().string();
     bool keep = stems[OutputBase(f.path, f.root, out_dir, false)] > 1;
     j.base = OutputBase(f.path, f.root, out_dir, keep);
-    if (!bases.insert(j.base).second) continue;  // the same file named twice
+    if (!bases.insert(j.base).second) {
+      // The same file named twice, or two input folders holding the same relative name.
+      if (fs::weakly_canonical(f.path) != fs::weakly_canonical(first_path[j.base])) {
+        w.errors.push_back(f.path + ": its output " + j.base + ".* is already taken by another input; "
+                           "transcribe the folders separately or with different --out");
+      }
+      continue;
+    }
+    first_path[j.base] = f.path;
     if (!overwrite) {
       bool all = true;
       for (const auto& fmt : formats) all = all && fs::exists(j.base + "." + fmt);
@@ -269,6 +278,8 @@ int RunTranscribe(const GlobalOptions& g, const std::vector<std::string>& args) 
   int64_t next_watch = 0, last_answer = MonoMs(), last_event = MonoMs();
   int64_t broker_terminal = 0;
   int submit_seq = 0;
+  size_t seen_finished = 0;
+  int64_t last_progress = MonoMs(), next_why = 0;
 
   auto finish_file = [&](FileJob& f) {
     if (!f.error.empty()) {
@@ -344,6 +355,7 @@ int RunTranscribe(const GlobalOptions& g, const std::vector<std::string>& args) 
         q.job = id;
         proto::Reply r;
         if (client.Call(Cmd::kStatus, q, &r, cli::RequestTimeoutMs(g)).ok() && !r.jobs.empty()) {
+          last_answer = MonoMs();
           const auto& i = r.jobs.front();
           proto::JobEvent e;
           e.id = i.id;
@@ -354,6 +366,28 @@ int RunTranscribe(const GlobalOptions& g, const std::vector<std::string>& args) 
         }
       }
       last_event = MonoMs();
+    }
+    // No progress for a while: say why the broker is holding the segments (e.g. no worker has
+    // the model), once every 30 s.
+    if (finished_jobs.size() != seen_finished) {
+      seen_finished = finished_jobs.size();
+      last_progress = MonoMs();
+    } else if (MonoMs() - last_progress > 10000 && MonoMs() >= next_why) {
+      next_why = MonoMs() + 30000;
+      for (const auto& [id, fi] : job_file) {
+        if (finished_jobs.count(id)) continue;
+        proto::StatusReq q;
+        q.job = id;
+        proto::Reply r;
+        if (client.Call(Cmd::kStatus, q, &r, cli::RequestTimeoutMs(g)).ok() && !r.jobs.empty()) {
+          last_answer = MonoMs();
+          if (!r.jobs.front().why.empty()) {
+            std::cerr << "\nasr-submit: waiting: segment " << id << " is " << r.jobs.front().state << ": "
+                      << r.jobs.front().why << "\n";
+          }
+        }
+        break;
+      }
     }
     progress.Show(files_done + files_failed, files.size(), audio_done, audio_total, false);
     return -1;
@@ -376,7 +410,7 @@ int RunTranscribe(const GlobalOptions& g, const std::vector<std::string>& args) 
     so.min_s = std::min(5.0, max_segment_s / 2);
     std::vector<SegmentBounds> segs = SplitAtQuietPoints(audio.pcm.data(), static_cast<int64_t>(audio.pcm.size()), so);
     f.segments = static_cast<int>(segs.size());
-    while (wait && inflight_s > 0 && inflight_s + f.duration_s > max_inflight_s) {
+    while (wait && finished_jobs.size() < job_file.size() && inflight_s + f.duration_s > max_inflight_s) {
       if (int r = pump(100); r >= 0) return r;
     }
     // One SUBMIT per ~8 MiB of audio; each with its own request id, so a resend is harmless.

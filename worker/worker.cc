@@ -393,7 +393,9 @@ struct Worker::Impl {
     if (batch.empty()) return;
     std::vector<proto::JobResult> results;
     for (auto& d : batch) {
-      running.erase(d.lease.id);
+      // Only this lease: the job may have been leased again (new epoch) meanwhile.
+      auto it = running.find(d.lease.id);
+      if (it != running.end() && it->second.first == d.lease.epoch) running.erase(it);
       unacked[d.lease.id] = d.lease.epoch;
       if (!d.result.ok) LogInfo("job_failed").Kv("job", d.lease.id).Kv("error", d.result.error);
       results.push_back(std::move(d.result));
