@@ -1015,7 +1015,7 @@ struct Broker::Impl {
   // MODELS: answered by the sink thread from PostgreSQL (never on this thread).
   void OnModels(const std::string& routing, std::string_view body) {
     proto::ModelsReq m;
-    Status st = proto::DecodeBody(body, &m);
+    Status st = proto::DecodeBody(body, &m, proto::kMaxModelBytes);
     if (st.ok() && m.op != "list" && m.op != "export" && m.op != "import") {
       st = Status::Invalid("op must be list, export or import, not \"" + m.op.substr(0, 64) + "\"");
     }

@@ -37,7 +37,7 @@ Status BrokerClient::Decode(std::vector<zmq::message_t>& frames, Incoming* out) 
   out->cmd = cmd;
   std::string_view body = frames[2].to_string_view();
   switch (cmd) {
-    case Cmd::kReply: return proto::DecodeBody(body, &out->reply);
+    case Cmd::kReply: return proto::DecodeBody(body, &out->reply, proto::kMaxModelBytes);  // MODELS export
     case Cmd::kError: return proto::DecodeBody(body, &out->error);
     case Cmd::kEvent: return proto::DecodeBody(body, &out->event);
     default: return Status::Invalid(std::string("unexpected ") + proto::CmdName(cmd) + " from broker");

@@ -76,12 +76,12 @@ Status ParseCmd(std::string_view frame, Cmd* out) {
   return Status::Ok();
 }
 
-Status DecodeRaw(std::string_view body, msgpack::object_handle* out) {
+Status DecodeRaw(std::string_view body, msgpack::object_handle* out, size_t max_bin) {
   if (body.empty()) return Status::Invalid("malformed body: empty");
   if (body.size() > static_cast<size_t>(kMaxMessageBytes)) return Status::Invalid("oversized body");
   // Bounds on every container so a hostile 10-byte body cannot ask for a 4-billion-entry array.
-  msgpack::unpack_limit limit(/*array=*/kMaxJobsPerMessage * 2, /*map=*/256, /*str=*/kMaxPayloadBytes,
-                              /*bin=*/kMaxModelBytes, /*ext=*/1024, /*depth=*/16);
+  msgpack::unpack_limit limit(/*array=*/kMaxJobsPerMessage * 2, /*map=*/256, /*str=*/max_bin,
+                              /*bin=*/max_bin, /*ext=*/1024, /*depth=*/16);
   try {
     std::size_t off = 0;
     *out = msgpack::unpack(body.data(), body.size(), off, nullptr, nullptr, limit);

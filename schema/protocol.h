@@ -396,12 +396,13 @@ Status CheckTag(std::string_view tag);
 Status ParseCmd(std::string_view frame, Cmd* out);
 
 // Decodes a MessagePack body with bounded container and string sizes. Never throws.
-Status DecodeRaw(std::string_view body, msgpack::object_handle* out);
+// `max_bin` bounds each BIN/STR value: one job's payload, except for MODELS bodies (a model file).
+Status DecodeRaw(std::string_view body, msgpack::object_handle* out, size_t max_bin = kMaxPayloadBytes);
 
 template <typename T>
-Status DecodeBody(std::string_view body, T* out) {
+Status DecodeBody(std::string_view body, T* out, size_t max_bin = kMaxPayloadBytes) {
   msgpack::object_handle oh;
-  ASRF_RETURN_IF_ERROR(DecodeRaw(body, &oh));
+  ASRF_RETURN_IF_ERROR(DecodeRaw(body, &oh, max_bin));
   try {
     oh.get().convert(*out);
   } catch (const std::exception& e) {
