@@ -41,6 +41,7 @@ Status BrokerOptions::Sanitize() {
   batch_budget_s = std::clamp(batch_budget_s, 1.0, 1000.0);  // 1,000 s of PCM is 32 MB: one message
   batch_max_items = std::clamp(batch_max_items, 1, 1000);
   batch_max_delay_ms = std::clamp<int64_t>(batch_max_delay_ms, 0, 600000);
+  gang_port_base = std::clamp(gang_port_base, 1024, 64000);
   max_messages_per_wake = std::clamp(max_messages_per_wake, 1, 100000);
   return Status::Ok();
 }
@@ -121,6 +122,8 @@ struct Broker::Impl {
   uint64_t next_epoch = 0;
   uint64_t next_token = 1;
   uint64_t next_group = 1;
+  uint64_t next_gang_port = 0;
+  std::set<std::string> pending_gangs;  // gangs whose SUBMIT is being journaled
 
   std::unordered_map<std::string, WorkerConn> workers;          // by worker id
   std::unordered_map<std::string, std::string> worker_by_routing;
@@ -214,6 +217,9 @@ struct Broker::Impl {
       j.submitted_ms = r.submitted_ms;
       j.model = std::move(r.model);
       j.audio_ms = r.audio_ms;
+      j.gang = std::move(r.gang);
+      j.rank = r.rank;
+      j.world_size = std::max<uint32_t>(r.world_size, 1);
       pending_replay_.emplace(id, std::move(j));
       next_job_id = std::max(next_job_id, id + 1);
       return Status::Ok();
@@ -332,6 +338,7 @@ struct Broker::Impl {
   // nothing reassigns it.
   void Finish(Job& j, JobState state, std::string error, std::string result, int64_t run_ms,
               const std::string& ack_routing, FinishGroup* g) {
+    if (state != JobState::kDone) AbortGang(j, std::string(proto::StateName(state)) + ": " + error, true);
     DropLease(j);
     if (j.state == JobState::kQueued) table.Unqueue(j);
     j.finishing = true;
@@ -346,6 +353,9 @@ struct Broker::Impl {
       jr.submitted_ms = j.submitted_ms;
       jr.model = j.model;
       jr.audio_ms = j.audio_ms;
+      jr.gang = j.gang;
+      jr.rank = j.rank;
+      jr.world_size = j.world_size;
       g->batch.Put(rec::JobKey(j.id), proto::EncodeBody(jr));
     }
     rec::StateRecord r;
@@ -438,12 +448,40 @@ struct Broker::Impl {
 
   // A leased job that was lost (worker gone, timed out, worker reconnected without it).
   // Counts an attempt only if the worker had reported it started.
+  // A gang runs whole or not at all: when one member's lease ends early, the others stop too.
+  // `ended`: the member ended for good (failed, dead, cancelled), so the others are cancelled;
+  // otherwise they go back to the queue without an attempt and the gang is placed again.
+  void AbortGang(const Job& j, const std::string& why, bool ended) {
+    if (!IsGangMember(j) || aborting_gang) return;
+    aborting_gang = true;
+    for (uint64_t id : table.GangMembers(j.gang)) {
+      Job* m = table.Find(id);
+      if (!m || m->id == j.id || m->finishing || proto::IsTerminal(m->state)) continue;
+      if (m->state == JobState::kLeased) {
+        auto w = workers.find(m->worker);
+        if (w != workers.end()) {
+          proto::CancelJobs c;
+          c.leases.push_back({m->id, m->epoch});
+          c.reason = "gang aborted: " + why;
+          Send(w->second.routing, Cmd::kCancelJobs, c);
+        }
+        DropLease(*m);
+        table.SetState(*m, JobState::kQueued);
+      }
+      if (ended) FinishOne(*m, JobState::kCancelled, "gang member " + std::to_string(j.id) + " ended: " + why);
+    }
+    LogWarn("gang_aborted").Kv("gang", j.gang).Kv("job", j.id).Kv("why", why).Kv("ended", ended);
+    aborting_gang = false;
+  }
+  bool aborting_gang = false;
+
   void LoseLease(Job& j, const std::string& why, int64_t now) {
     if (j.state != JobState::kLeased || j.finishing) return;
     bool counted = j.started;
     DropLease(j);
     if (!counted) {
       table.SetState(j, JobState::kQueued);
+      AbortGang(j, why, false);
       return;
     }
     j.attempts++;
@@ -454,6 +492,7 @@ struct Broker::Impl {
                 why + " (attempt " + std::to_string(j.attempts) + " of " + std::to_string(opt.max_attempts) + ")");
       return;
     }
+    AbortGang(j, why, false);
     int64_t backoff = opt.backoff_ms;
     for (uint32_t i = 1; i < j.attempts && backoff < opt.backoff_max_ms; ++i) backoff *= 2;
     backoff = std::min(backoff, opt.backoff_max_ms);
@@ -479,6 +518,33 @@ struct Broker::Impl {
 
   // ---- client handlers ------------------------------------------------------------------------
 
+  // A gang arrives whole in one SUBMIT: ranks 0..K-1 once each, one world size, a new name.
+  Status CheckGangs(const proto::Submit& m) {
+    std::map<std::string, std::vector<const proto::SubmitJob*>> gangs;
+    for (const auto& j : m.jobs) {
+      if (j.world_size > 1 || !j.gang.empty()) gangs[j.gang].push_back(&j);
+    }
+    for (const auto& [name, members] : gangs) {
+      if (name.empty() || name.size() > 256) return Status::Invalid("a gang needs a name of 1 to 256 bytes");
+      uint32_t k = members.front()->world_size;
+      if (k < 2 || k > 1024) return Status::Invalid("gang " + name + ": world_size must be 2 to 1024");
+      if (members.size() != k) {
+        return Status::Invalid("gang " + name + ": " + std::to_string(members.size()) + " jobs for world_size " +
+                               std::to_string(k) + " (a gang is submitted whole)");
+      }
+      std::set<uint32_t> ranks;
+      for (const auto* j : members) {
+        if (j->world_size != k || j->rank >= k || !ranks.insert(j->rank).second) {
+          return Status::Invalid("gang " + name + ": ranks must be 0.." + std::to_string(k - 1) + " once each");
+        }
+      }
+      if (!table.GangMembers(name).empty() || pending_gangs.count(name)) {
+        return Status::Invalid("gang " + name + " exists already");
+      }
+    }
+    return Status::Ok();
+  }
+
   void OnSubmit(const std::string& routing, std::string_view body) {
     proto::Submit m;
     Status st = proto::DecodeBody(body, &m);
@@ -486,6 +552,12 @@ struct Broker::Impl {
     if (!st.ok()) {
       SendError(routing, PeekReq(body), "bad_request", st.message());
       return;
+    }
+    if (Status gs = CheckGangs(m); !gs.ok()) {
+      if (m.request_id.empty() || !requests.count(m.request_id)) {
+        SendError(routing, m.req, "bad_request", gs.message());
+        return;
+      }
     }
     if (!m.request_id.empty()) {
       auto done = requests.find(m.request_id);
@@ -526,6 +598,9 @@ struct Broker::Impl {
       r.priority = m.jobs[i].priority;
       r.timeout_ms = m.jobs[i].timeout_ms;
       r.submitted_ms = now_wall;
+      r.gang = m.jobs[i].gang;
+      r.rank = m.jobs[i].rank;
+      r.world_size = std::max<uint32_t>(m.jobs[i].world_size, 1);
       r.model = std::move(m.jobs[i].model);
       r.audio_ms = std::max<int64_t>(m.jobs[i].audio_ms, 0);
       // Batches are sized by audio length: never trust a length shorter than the payload holds
@@ -544,6 +619,9 @@ struct Broker::Impl {
       j.submitted_ms = now_wall;
       j.model = r.model;
       j.audio_ms = r.audio_ms;
+      j.gang = r.gang;
+      j.rank = r.rank;
+      j.world_size = r.world_size;
       p.jobs.push_back(std::move(j));
     }
     if (sink) {
@@ -558,11 +636,13 @@ struct Broker::Impl {
     }
     uint64_t token = next_token++;
     if (!m.request_id.empty()) inflight_requests[m.request_id] = token;
+    for (const auto& j : p.jobs) if (IsGangMember(j)) pending_gangs.insert(j.gang);
     pending_submits.emplace(token, std::move(p));
     journal->Write(std::move(b), /*sync=*/true, token);
   }
 
   void OnSubmitWritten(PendingSubmit& p, const Status& st) {
+    for (const auto& j : p.jobs) if (IsGangMember(j)) pending_gangs.erase(j.gang);
     if (!p.request_id.empty()) inflight_requests.erase(p.request_id);
     if (!st.ok()) {
       for (size_t i = 0; i < p.routings.size(); ++i) {
@@ -620,6 +700,12 @@ struct Broker::Impl {
       if (workers.empty()) i.why = "no worker is connected";
       else if (!runnable) i.why = "no connected worker runs kind " + j.kind;
       else if (IsBatched(j) && !has_model) i.why = "no worker has model " + model;
+      else if (IsGangMember(j)) {
+        size_t able = 0;
+        for (const auto& [id, w] : workers) if (w.kinds.empty() || w.kinds.count(j.kind)) able++;
+        i.why = "gang " + j.gang + " waits for " + std::to_string(j.world_size) + " idle workers at once (" +
+                std::to_string(able) + " connected run " + j.kind + ")";
+      }
       else if (IsBatched(j) && j.not_before_mono == 0) i.why = "waiting for a batch to fill or a free worker slot";
       else if (j.not_before_mono > 0) i.why = "waiting to retry after a lost attempt";
       else i.why = "waiting for a free worker slot";
@@ -971,6 +1057,7 @@ struct Broker::Impl {
         LogInfo("job_given_back").Kv("job", j->id).Kv("worker", w->id).Kv("reason", r.error);
         DropLease(*j);
         table.SetState(*j, JobState::kQueued);
+        AbortGang(*j, "member " + std::to_string(j->id) + " given back by its worker", false);
         JournalBatch b;
         AddEvent(&b, {RowOf(*j, JobState::kQueued)});
         if (!b.empty()) journal->Write(std::move(b), /*sync=*/false, 0);
@@ -1081,6 +1168,31 @@ struct Broker::Impl {
       bytes[w] += size;
       msgs.back().jobs.push_back(std::move(a));
     };
+    // Gangs first: every member at once on idle workers, or none (two gangs never hold parts
+    // of the fleet waiting for each other).
+    for (const auto& members : table.ReadyGangs()) {
+      Job* first = table.Find(members.front());
+      std::vector<WorkerConn*> idle;
+      for (auto& [id, w] : workers) {
+        if (!w.draining && w.slots > 0 && w.UsedSlots() == 0 && (w.kinds.empty() || w.kinds.count(first->kind))) {
+          idle.push_back(&w);
+        }
+      }
+      if (idle.size() < members.size()) continue;
+      std::sort(idle.begin(), idle.end(), [](const WorkerConn* a, const WorkerConn* b) { return a->id < b->id; });
+      std::string rendezvous = (idle[0]->host.empty() ? std::string("127.0.0.1") : idle[0]->host) + ":" +
+                               std::to_string(opt.gang_port_base + static_cast<int>(next_gang_port++ % 1000));
+      for (size_t i = 0; i < members.size(); ++i) {
+        Job* m = table.Find(members[i]);
+        proto::Assignment a = LeaseTo(*m, *idle[i], 0, "");
+        a.rank = m->rank;
+        a.world_size = m->world_size;
+        a.rendezvous = rendezvous;
+        add(idle[i], std::move(a), true);
+      }
+      LogInfo("gang_placed").Kv("gang", first->gang).Kv("ranks", static_cast<uint64_t>(members.size()))
+          .Kv("rendezvous", rendezvous).Kv("rank0_worker", idle[0]->id);
+    }
     bool progress = true;
     while (progress && table.HasReady()) {
       progress = false;

@@ -39,6 +39,8 @@ struct BrokerOptions {
   double batch_budget_s = 160;
   int batch_max_items = 64;
   int64_t batch_max_delay_ms = 200;
+  // Gangs: rank 0 of a gang serves its rendezvous on gang_port_base + (a counter mod 1000).
+  int gang_port_base = 29500;
   rocksdb::Env* journal_env = nullptr;  // tests only
 
   // Clamps values into their sane ranges; returns an error for values that cannot be used.

@@ -1,5 +1,7 @@
 #include "broker/job_table.h"
 
+#include <algorithm>
+
 namespace asrf {
 
 Job& JobTable::Add(Job job) {
@@ -8,6 +10,11 @@ Job& JobTable::Add(Job job) {
   int64_t nb = job.not_before_mono;
   auto [it, inserted] = jobs_.emplace(id, std::move(job));
   Job& j = it->second;
+  if (IsGangMember(j)) {
+    GangInfo& g = gangs_[j.gang];
+    g.world_size = j.world_size;
+    g.members[j.rank] = id;
+  }
   BatchInfo& b = batches_[j.batch];
   b.ids.push_back(id);
   // Counted in its state; enter the queues through SetState's path.
@@ -26,6 +33,10 @@ Job& JobTable::Add(Job job) {
 }
 
 void JobTable::MakeReady(Job& j) {
+  if (IsGangMember(j)) {
+    gang_ready_[j.gang].insert(j.id);
+    return;
+  }
   if (IsBatched(j)) {
     batcher_.Add(j.id, j.model.empty() ? proto::kDefaultModel : j.model, j.audio_ms, now_mono_);
     return;
@@ -42,6 +53,13 @@ Job* JobTable::Find(uint64_t id) {
 void JobTable::Unqueue(Job& job) {
   if (job.state != JobState::kQueued) return;
   if (IsBatched(job) && batcher_.Remove(job.id)) return;
+  if (IsGangMember(job)) {
+    auto g = gang_ready_.find(job.gang);
+    if (g != gang_ready_.end() && g->second.erase(job.id)) {
+      if (g->second.empty()) gang_ready_.erase(g);
+      return;
+    }
+  }
   auto r = ready_.find(job.kind);
   if (r != ready_.end() && r->second.erase({-static_cast<int64_t>(job.priority), job.id}) > 0) {
     ready_count_--;
@@ -106,6 +124,30 @@ std::vector<std::string> JobTable::ReadyKinds() const {
   std::vector<std::string> out;
   for (const auto& [kind, set] : ready_) if (!set.empty()) out.push_back(kind);
   return out;
+}
+
+std::vector<std::vector<uint64_t>> JobTable::ReadyGangs() const {
+  std::vector<std::vector<uint64_t>> out;
+  for (const auto& [name, ready] : gang_ready_) {
+    auto g = gangs_.find(name);
+    if (g == gangs_.end() || ready.size() < g->second.world_size || g->second.members.size() < g->second.world_size) {
+      continue;
+    }
+    std::vector<uint64_t> ids;
+    for (const auto& [rank, id] : g->second.members) ids.push_back(id);
+    out.push_back(std::move(ids));
+  }
+  std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) {
+    return *std::min_element(a.begin(), a.end()) < *std::min_element(b.begin(), b.end());
+  });
+  return out;
+}
+
+std::vector<uint64_t> JobTable::GangMembers(const std::string& gang) const {
+  std::vector<uint64_t> ids;
+  auto g = gangs_.find(gang);
+  if (g != gangs_.end()) for (const auto& [rank, id] : g->second.members) ids.push_back(id);
+  return ids;
 }
 
 JobTable::Counts JobTable::BatchCounts(const std::string& batch) const {

@@ -51,7 +51,13 @@ struct Job {
   std::string model;
   int64_t audio_ms = 0;
   uint64_t group = 0;
+  // Gang members (world_size > 1): queued in their gang, placed all at once.
+  std::string gang;
+  uint32_t rank = 0;
+  uint32_t world_size = 1;
 };
+
+inline bool IsGangMember(const Job& j) { return j.world_size > 1 && !j.gang.empty(); }
 
 // Jobs of this kind are queued in the Batcher (per model, by audio length), not in the ready
 // queues, and leave in batches.
@@ -87,12 +93,16 @@ class JobTable {
 
   // Takes the best runnable job among `kinds` (any kind when kinds is empty); 0 when none.
   uint64_t PopReady(const std::unordered_set<std::string>& kinds);
-  bool HasReady() const { return ready_count_ > 0 || batcher_.size() > 0; }
+  bool HasReady() const { return ready_count_ > 0 || batcher_.size() > 0 || !gang_ready_.empty(); }
   // Takes a batch of batched jobs that may leave now (see Batcher::Take).
   bool TakeBatch(const std::function<bool(const std::string&)>& model_ok, TakenBatch* out) {
     return batcher_.Take(model_ok, now_mono_, out);
   }
   const Batcher& batcher() const { return batcher_; }
+  // Gangs whose every member is queued and runnable, oldest first, with their members by rank.
+  std::vector<std::vector<uint64_t>> ReadyGangs() const;
+  // Every member of a gang (any state), by rank.
+  std::vector<uint64_t> GangMembers(const std::string& gang) const;
   // Kinds with runnable jobs.
   std::vector<std::string> ReadyKinds() const;
 
@@ -111,6 +121,12 @@ class JobTable {
 
   Batcher batcher_;
   int64_t now_mono_ = 0;
+  struct GangInfo {
+    uint32_t world_size = 0;
+    std::map<uint32_t, uint64_t> members;  // rank -> job id
+  };
+  std::map<std::string, GangInfo> gangs_;
+  std::map<std::string, std::set<uint64_t>> gang_ready_;  // runnable queued members per gang
   std::unordered_map<std::string, std::set<Key>> ready_;  // per kind
   std::set<std::pair<int64_t, uint64_t>> delayed_;       // (not_before, id)
   size_t ready_count_ = 0;

@@ -47,6 +47,9 @@ int main(int argc, char** argv) {
        "transcription batches: most segments per batch (1 turns batching off)")
       ("batch-max-delay-ms", po::value(&o.batch_max_delay_ms)->default_value(o.batch_max_delay_ms),
        "transcription batches: a partial batch leaves once its oldest segment has waited this long")
+      ("gang-port-base", po::value(&o.gang_port_base)->default_value(o.gang_port_base),
+       "gangs (data-parallel training): rank 0 serves the rendezvous on this port + (a counter mod 1000) on its "
+       "worker's advertised host")
       ("migrate", po::bool_switch(), "apply the SQL migrations to --pg and exit")
       ("max-messages-per-wake", po::value(&o.max_messages_per_wake)->default_value(o.max_messages_per_wake),
        "messages handled per poll wake-up before timers and dispatch run");

@@ -20,7 +20,11 @@ struct JobRecord {
   int64_t submitted_ms = 0;
   std::string model;     // batched kinds
   int64_t audio_ms = 0;
-  MSGPACK_DEFINE_MAP(batch, kind, payload, priority, timeout_ms, submitted_ms, model, audio_ms);
+  std::string gang;      // gang members
+  uint32_t rank = 0;
+  uint32_t world_size = 1;
+  MSGPACK_DEFINE_MAP(batch, kind, payload, priority, timeout_ms, submitted_ms, model, audio_ms, gang, rank,
+                     world_size);
 };
 
 // "s/<id>": where the job stands. Written unsynced when attempts change, synced when terminal.

@@ -195,13 +195,23 @@ int RunSubmit(const GlobalOptions& g, const std::vector<std::string>& args) {
       ("priority", po::value(&priority)->default_value(0), "higher runs first")
       ("job-timeout", po::value(&job_timeout)->default_value(0), "seconds one attempt may run; 0 = no limit")
       ("batch", po::value(&batch)->default_value(""), "batch name (default: a new random one)")
+      ("world-size", po::value<uint32_t>()->default_value(1),
+       "K > 1: one gang of K jobs (ranks 0..K-1) placed on K idle workers at once, or not at all")
       ("wait", po::bool_switch(), "wait for every job and print a JSON summary line");
   po::variables_map vm;
   int rc = ParseSub(args, desc, nullptr,
                     "usage: asr-submit [--broker URL] submit --kind K [--count N] [--payload JSON] [--priority P] "
-                    "[--job-timeout S] [--wait]",
+                    "[--job-timeout S] [--world-size K] [--wait]",
                     &vm);
   if (rc >= 0) return rc;
+  const uint32_t world = vm["world-size"].as<uint32_t>();
+  if (world > 1) {
+    if (count != 1 || world > 1000) {
+      std::cerr << "asr-submit: --world-size K (2..1000) submits one gang of K jobs; leave --count at 1\n";
+      return kExitUsage;
+    }
+    count = world;
+  }
   if (count < 1 || count > 100000000) {
     std::cerr << "asr-submit: --count must be between 1 and 100000000\n";
     return kExitUsage;
@@ -221,7 +231,8 @@ int RunSubmit(const GlobalOptions& g, const std::vector<std::string>& args) {
 
   // Chunks of at most 1,000 jobs or ~4 MiB, up to 8 in flight; each chunk's request id makes a
   // resend after a timeout or a broker restart return the original ids instead of duplicates.
-  const int64_t per_chunk = std::max<int64_t>(1, std::min<int64_t>(1000, (4 << 20) / (payload.size() + 64)));
+  const int64_t per_chunk = world > 1 ? world  // a gang goes in one SUBMIT
+                                      : std::max<int64_t>(1, std::min<int64_t>(1000, (4 << 20) / (payload.size() + 64)));
   const int64_t chunks = (count + per_chunk - 1) / per_chunk;
   struct Chunk {
     std::string body;
@@ -243,11 +254,17 @@ int RunSubmit(const GlobalOptions& g, const std::vector<std::string>& args) {
       s.batch = batch;
       int64_t n = std::min(per_chunk, count - next * per_chunk);
       s.jobs.resize(n);
-      for (auto& j : s.jobs) {
+      for (size_t r = 0; r < s.jobs.size(); ++r) {
+        auto& j = s.jobs[r];
         j.kind = kind;
         j.payload.data = payload;
         j.priority = priority;
         j.timeout_ms = static_cast<int64_t>(job_timeout * 1000);
+        if (world > 1) {
+          j.gang = batch + "/gang";
+          j.rank = static_cast<uint32_t>(r);
+          j.world_size = world;
+        }
       }
       out[next] = {proto::EncodeBody(s), s.req, now, false};
       by_req[s.req] = next;
@@ -383,6 +400,17 @@ int RunTrain(const GlobalOptions& g, const std::vector<std::string>& args) {
       ("init", po::value(&init)->default_value(""), "start from this model file (fine-tuning)")
       ("priority", po::value(&priority)->default_value(0), "job priority")
       ("evaluate-only", po::bool_switch(), "no training: measure the --init model's CER/WER on --valid")
+      ("world-size", po::value<uint32_t>()->default_value(1),
+       "data-parallel ranks: K > 1 gang-schedules K ranks on K idle workers at once (Gloo on CPU); each step "
+       "takes K batches, one per rank")
+      ("combine", po::value<int>()->default_value(1),
+       "batches per rank per step (a single process with --combine K takes the steps K ranks would)")
+      ("publish-every", po::value<int>()->default_value(5),
+       "every Nth checkpoint is also published to PostgreSQL (workers with --pg), so a gang placed on other "
+       "machines can resume from it; 0 = never")
+      ("dropout", po::value<double>()->default_value(0.1), "dropout inside the model while training")
+      ("adam-eps", po::value<double>()->default_value(1e-8), "Adam's epsilon")
+      ("no-spec-augment", po::bool_switch(), "train without SpecAugment masking")
       ("wait", po::bool_switch(), "follow the job (progress lines) until it ends");
   po::variables_map vm;
   int rc = ParseSub(args, desc, nullptr,
@@ -405,7 +433,9 @@ int RunTrain(const GlobalOptions& g, const std::vector<std::string>& args) {
                   {"out", absolute(out)}, {"steps", steps}, {"batch_seconds", batch_seconds}, {"lr", lr},
                   {"warmup", warmup}, {"checkpoint_every", checkpoint_every}, {"valid_every", valid_every},
                   {"seed", seed}, {"channels", channels}, {"hidden", hidden}, {"layers", layers},
-                  {"init", absolute(init)}, {"evaluate_only", vm["evaluate-only"].as<bool>()}};
+                  {"init", absolute(init)}, {"evaluate_only", vm["evaluate-only"].as<bool>()},
+                  {"combine", vm["combine"].as<int>()}, {"publish_every", vm["publish-every"].as<int>()},
+                  {"dropout", vm["dropout"].as<double>()}, {"adam_eps", vm["adam-eps"].as<double>()}, {"spec_augment", !vm["no-spec-augment"].as<bool>()}};
   if (vm["evaluate-only"].as<bool>() && init.empty()) {
     std::cerr << "asr-submit: --evaluate-only needs --init MODEL\n";
     return kExitUsage;
@@ -414,14 +444,26 @@ int RunTrain(const GlobalOptions& g, const std::vector<std::string>& args) {
   proto::Submit s;
   s.batch = "train-" + name + "-" + RandomHex(4);
   s.request_id = s.batch;
-  s.jobs.push_back({"train", proto::Blob{payload.dump()}, priority, 0});
+  const uint32_t world = vm["world-size"].as<uint32_t>();
+  for (uint32_t r = 0; r < std::max<uint32_t>(world, 1); ++r) {
+    proto::SubmitJob j;
+    j.kind = "train";
+    j.payload.data = payload.dump();
+    j.priority = priority;
+    if (world > 1) {
+      j.gang = s.batch;
+      j.rank = r;
+      j.world_size = world;
+    }
+    s.jobs.push_back(std::move(j));
+  }
   proto::Reply r;
   Status st = client.Call(Cmd::kSubmit, s, &r, RequestTimeoutMs(g));
   if (!st.ok()) return ExitFor(st);
   std::cout << "job " << r.job_ids.at(0) << " batch " << r.batch << std::endl;
   if (!vm["wait"].as<bool>()) return kExitOk;
   std::map<std::string, int64_t> counts;
-  return WaitBatch(g, client, r.batch, 1, MonoMs(), true, &counts);
+  return WaitBatch(g, client, r.batch, static_cast<int64_t>(r.job_ids.size()), MonoMs(), true, &counts);
 }
 
 // ---- results ------------------------------------------------------------------------------------

@@ -25,6 +25,10 @@ struct JobContext {
   const std::atomic<bool>* stopping = nullptr;
   // Reports progress (JSON text) to the broker; the latest report wins. May be empty.
   std::function<void(const std::string&)> progress;
+  // Gang members: this job's rank, the gang's size and rank 0's rendezvous "host:port".
+  uint32_t rank = 0;
+  uint32_t world_size = 1;
+  std::string rendezvous;
 };
 
 // Returns ok with *result filled, or an error whose message becomes the job's error.

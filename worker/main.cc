@@ -44,6 +44,9 @@ int main(int argc, char** argv) {
        "vocabulary file of a TorchScript model: one token per line, line 1 the CTC blank")
       ("max-batch-frames", po::value<int64_t>()->default_value(48000),
        "feature frames (10 ms each, padding included) per device micro-batch; lower it when memory is short")
+      ("advertise-host", po::value(&o.advertise_host)->default_value(""),
+       "host name or address other workers use to reach this one when it is rank 0 of a training gang "
+       "(default: the host name)")
       ("heartbeat-ms", po::value(&o.heartbeat_ms)->default_value(o.heartbeat_ms), "heartbeat interval")
       ("heartbeat-misses", po::value(&o.heartbeat_misses)->default_value(o.heartbeat_misses),
        "missed broker heartbeats after which the worker reconnects");

@@ -1,6 +1,9 @@
 #include "worker/train_kind.h"
 
+#include <fstream>
 #include <memory>
+
+#include <nlohmann/json.hpp>
 
 #include "common/log.h"
 #include "common/pg.h"
@@ -24,25 +27,75 @@ Status RegisterTrainKind(JobRegistry* registry, const TrainKindOptions& options)
     tc.stopping = ctx.stopping;
     tc.progress = ctx.progress;
     tc.threads = options.threads;
+    tc.rank = static_cast<int>(ctx.rank);
+    tc.world_size = static_cast<int>(ctx.world_size);
+    tc.rendezvous = ctx.rendezvous;
     std::unique_ptr<PgConn> pg;
+    // Best effort: a connection for the checkpoint index, published checkpoints and the registry.
+    auto connect = [&pg, &options]() -> bool {
+      if (pg && pg->healthy()) return true;
+      pg.reset();
+      bool migrated = false;
+      if (!ConnectAndMigrate(options.pg, &migrated, &pg).ok()) {
+        pg.reset();
+        return false;
+      }
+      return true;
+    };
     if (!options.pg.empty()) {
-      // Best effort: the checkpoint itself is in RocksDB already; PostgreSQL only indexes it.
-      tc.checkpoint_saved = [&pg, &options, id = ctx.id](int64_t step, double loss, double cer) {
-        if (!pg || !pg->healthy()) {
-          pg.reset();
-          if (!PgConn::Connect(options.pg, &pg, 2).ok()) {
-            pg.reset();
-            LogWarn("checkpoint_index_unavailable").Kv("job", id).Kv("step", step);
-            return;
-          }
+      // The checkpoint itself is in RocksDB already; PostgreSQL indexes it, and keeps the bytes of
+      // published ones so a gang placed on other machines can resume.
+      tc.checkpoint_saved = [&, id = ctx.id](int64_t step, double loss, double cer, const std::string& bytes,
+                                             bool publish) {
+        if (!connect()) {
+          LogWarn("checkpoint_index_unavailable").Kv("job", id).Kv("step", step);
+          return;
         }
         Status st = pg->Query(
-            "INSERT INTO checkpoints (job_id, step, worker, loss, valid_cer) VALUES ($1, $2, $3, $4, $5) "
+            "INSERT INTO checkpoints (job_id, step, worker, loss, valid_cer, published, bytes) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7) "
             "ON CONFLICT (job_id, step) DO UPDATE SET worker = EXCLUDED.worker, loss = EXCLUDED.loss, "
-            "valid_cer = EXCLUDED.valid_cer, created_at = now()",
+            "valid_cer = EXCLUDED.valid_cer, published = EXCLUDED.published, bytes = EXCLUDED.bytes, "
+            "created_at = now()",
             {std::to_string(id), std::to_string(step), ValidUtf8(options.worker_id), std::to_string(loss),
-             cer >= 0 ? std::optional<std::string>(std::to_string(cer)) : std::nullopt});
+             cer >= 0 ? std::optional<std::string>(std::to_string(cer)) : std::nullopt, publish ? "t" : "f",
+             publish ? std::optional<std::string>(bytes) : std::nullopt},
+            nullptr, {false, false, false, false, false, false, true});
         if (!st.ok()) LogWarn("checkpoint_index_failed").Kv("job", id).Kv("error", st.message());
+        else if (publish) LogInfo("checkpoint_published").Kv("job", id).Kv("step", step);
+      };
+      tc.fetch_published = [&, id = ctx.id](std::string* bytes) -> bool {
+        if (!connect()) return false;
+        PgResult r;
+        Status st = pg->Query(
+            "SELECT bytes FROM checkpoints WHERE job_id = $1 AND published AND bytes IS NOT NULL "
+            "ORDER BY step DESC LIMIT 1",
+            {std::to_string(id)}, &r);
+        if (!st.ok() || r.rows() == 0) return false;
+        *bytes = DecodeByteaHex(r.get(0, 0));
+        return true;
+      };
+      tc.model_finished = [&, id = ctx.id](const std::string& path, const std::string& summary) {
+        // The finished model goes into the registry as the next version of its name.
+        std::ifstream in(path, std::ios::binary);
+        std::string bytes((std::istreambuf_iterator<char>(in)), {});
+        auto j = nlohmann::json::parse(summary, nullptr, false);
+        if (bytes.empty() || j.is_discarded() || !connect()) {
+          LogWarn("model_not_registered").Kv("job", id).Kv("model", path);
+          return;
+        }
+        nlohmann::json data = {{"utterances", j.value("utterances", 0)}, {"hours", j.value("hours", 0.0)},
+                               {"steps", j.value("steps", 0)}, {"manifest", spec.manifest}, {"job", id}};
+        PgResult r;
+        Status st = pg->Query(
+            "INSERT INTO models (name, version, bytes, sha256, config, valid_cer, data_summary, train_seconds) "
+            "SELECT $1, coalesce(max(version), 0) + 1, $2::bytea, encode(sha256($2::bytea), 'hex'), $3::jsonb, $4, "
+            "$5::jsonb, $6 FROM models WHERE name = $1 RETURNING version",
+            {spec.name, bytes, spec.ToJson(), std::to_string(j.value("valid_cer", 1.0)), data.dump(),
+             std::to_string(j.value("train_seconds", 0.0))},
+            &r, {false, true, false, false, false, false});
+        if (!st.ok()) LogWarn("model_not_registered").Kv("job", id).Kv("error", st.message());
+        else LogInfo("model_registered").Kv("job", id).Kv("name", spec.name).Kv("version", r.get(0, 0));
       };
     }
     return RunTraining(spec, tc, result);

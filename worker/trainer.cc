@@ -10,6 +10,8 @@
 #include <sstream>
 
 #include <nlohmann/json.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
 #include "common/clock.h"
 #include "common/log.h"
@@ -51,6 +53,9 @@ Status TrainSpec::FromJson(const std::string& text, TrainSpec* out) {
     s.spec_augment = j.value("spec_augment", s.spec_augment);
     s.init = j.value("init", "");
     s.evaluate_only = j.value("evaluate_only", false);
+    s.combine = j.value("combine", s.combine);
+    s.adam_eps = j.value("adam_eps", s.adam_eps);
+    s.publish_every = j.value("publish_every", s.publish_every);
   } catch (const std::exception& e) {
     return Status::Invalid(std::string("malformed payload: ") + e.what());
   }
@@ -61,7 +66,8 @@ Status TrainSpec::FromJson(const std::string& text, TrainSpec* out) {
     return Status::Invalid("malformed payload: a train job needs manifest, valid and name");
   }
   if (s.steps < 1 || s.batch_seconds <= 0 || s.lr <= 0 || s.checkpoint_every < 1 || s.valid_every < 1 ||
-      s.channels < 1 || s.hidden < 1 || s.layers < 1 || s.keep < 1) {
+      s.channels < 1 || s.hidden < 1 || s.layers < 1 || s.keep < 1 || s.combine < 1 || s.combine > 64 ||
+      s.publish_every < 0 || !(s.adam_eps > 0)) {
     return Status::Invalid("malformed payload: steps, batch_seconds, lr, sizes and intervals must be positive");
   }
   *out = s;
@@ -74,7 +80,8 @@ std::string TrainSpec::ToJson() const {
             {"checkpoint_every", checkpoint_every}, {"keep", keep}, {"valid_every", valid_every},
             {"valid_max", valid_max}, {"seed", seed}, {"channels", channels}, {"hidden", hidden},
             {"layers", layers}, {"dropout", dropout}, {"max_seconds", max_seconds},
-            {"spec_augment", spec_augment}, {"init", init}, {"evaluate_only", evaluate_only}};
+            {"spec_augment", spec_augment}, {"init", init}, {"evaluate_only", evaluate_only},
+            {"combine", combine}, {"publish_every", publish_every}, {"adam_eps", adam_eps}};
   return j.dump();
 }
 
@@ -325,6 +332,66 @@ Status LoadCheckpoint(const std::string& bytes, CtcModel& model, torch::optim::A
   return Status::Ok();
 }
 
+// The ranks of a data-parallel gang: a TCPStore served by rank 0 at the rendezvous address and a
+// Gloo process group over it. libtorch errors (a rank that died, a timeout) become Unavailable.
+class Gang {
+ public:
+  static Status Join(const std::string& rendezvous, int rank, int world, std::unique_ptr<Gang>* out) {
+    size_t colon = rendezvous.rfind(':');
+    if (colon == std::string::npos) return Status::Invalid("bad rendezvous \"" + rendezvous + "\"");
+    auto g = std::make_unique<Gang>();
+    g->rank_ = rank;
+    g->world_ = world;
+    try {
+      std::string host = rendezvous.substr(0, colon);
+      c10d::TCPStoreOptions o;
+      o.port = static_cast<uint16_t>(std::stoi(rendezvous.substr(colon + 1)));
+      o.isServer = rank == 0;
+      o.numWorkers = world;
+      o.waitWorkers = false;
+      o.timeout = std::chrono::seconds(10);  // ranks are placed together; a missing rank 0 is gone
+      g->store_ = c10::make_intrusive<c10d::TCPStore>(host, o);
+      auto po = c10d::ProcessGroupGloo::Options::create();
+      po->timeout = std::chrono::seconds(30);
+      po->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(host));
+      g->pg_ = c10::make_intrusive<c10d::ProcessGroupGloo>(g->store_, rank, world, po);
+    } catch (const std::exception& e) {
+      return Status::Unavailable(std::string("gang rendezvous at ") + rendezvous + " failed: " + e.what());
+    }
+    *out = std::move(g);
+    return Status::Ok();
+  }
+  // Sums `t` over the ranks, in place.
+  Status AllReduceSum(torch::Tensor& t) {
+    try {
+      std::vector<at::Tensor> v = {t};
+      pg_->allreduce(v)->wait();
+    } catch (const std::exception& e) {
+      return Status::Unavailable(std::string("gang member lost: ") + e.what());
+    }
+    return Status::Ok();
+  }
+  // Rank 0 hands `bytes` to every rank (the training state all ranks start from).
+  Status Share(const std::string& key, std::string* bytes) {
+    try {
+      if (rank_ == 0) {
+        store_->set(key, std::vector<uint8_t>(bytes->begin(), bytes->end()));
+      } else {
+        std::vector<uint8_t> v = store_->get(key);
+        bytes->assign(v.begin(), v.end());
+      }
+    } catch (const std::exception& e) {
+      return Status::Unavailable(std::string("gang state exchange failed: ") + e.what());
+    }
+    return Status::Ok();
+  }
+
+ private:
+  int rank_ = 0, world_ = 1;
+  c10::intrusive_ptr<c10d::TCPStore> store_;
+  c10::intrusive_ptr<c10d::ProcessGroupGloo> pg_;
+};
+
 }  // namespace
 
 Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* result) {
@@ -366,14 +433,36 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
   for (const auto& u : train) hours += u.pcm.size() / static_cast<double>(kSampleRate) / 3600.0;
   std::vector<std::vector<size_t>> batches = MakeBatches(train, spec.batch_seconds);
 
-  torch::optim::Adam opt(model->parameters(), torch::optim::AdamOptions(spec.lr));
+  torch::optim::Adam opt(model->parameters(), torch::optim::AdamOptions(spec.lr).eps(spec.adam_eps));
   Position pos;
   std::mt19937_64 rng(spec.seed);
+  const int world = std::max(1, ctx.world_size), rank = ctx.rank;
+  std::unique_ptr<Gang> gang;
+  if (world > 1) {
+    ASRF_RETURN_IF_ERROR(Gang::Join(ctx.rendezvous, rank, world, &gang));
+    LogInfo("gang_joined").Kv("job", ctx.job_id).Kv("rank", rank).Kv("world", world).Kv("rendezvous", ctx.rendezvous);
+  }
   int64_t ckpt_step = 0;
   std::string ckpt;
-  if (ctx.store && ctx.store->Latest(ctx.job_id, &ckpt_step, &ckpt).ok()) {
-    ASRF_RETURN_IF_ERROR(LoadCheckpoint(ckpt, model, opt, &pos, &rng));
-    LogInfo("train_resumed").Kv("job", ctx.job_id).Kv("step", pos.step).Kv("epoch", pos.epoch);
+  bool resumed = false;
+  if (rank == 0) {
+    if (ctx.store && ctx.store->Latest(ctx.job_id, &ckpt_step, &ckpt).ok()) {
+      resumed = true;
+    } else if (ctx.fetch_published && ctx.fetch_published(&ckpt)) {
+      resumed = true;
+      LogInfo("train_resuming_from_published").Kv("job", ctx.job_id).Kv("bytes", static_cast<uint64_t>(ckpt.size()));
+    }
+    if (resumed) ASRF_RETURN_IF_ERROR(LoadCheckpoint(ckpt, model, opt, &pos, &rng));
+  }
+  if (gang) {
+    // Every rank starts from rank 0's state: weights, optimizer, position, random generator.
+    std::string state = rank == 0 ? SaveCheckpoint(model, opt, pos, rng, spec) : std::string();
+    ASRF_RETURN_IF_ERROR(gang->Share("state/" + ctx.rendezvous, &state));
+    if (rank != 0) ASRF_RETURN_IF_ERROR(LoadCheckpoint(state, model, opt, &pos, &rng));
+    resumed = pos.step > 0;
+  }
+  if (resumed) {
+    LogInfo("train_resumed").Kv("job", ctx.job_id).Kv("step", pos.step).Kv("epoch", pos.epoch).Kv("rank", rank);
   } else {
     LogInfo("train_started")
         .Kv("job", ctx.job_id)
@@ -382,17 +471,22 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
         .Kv("batches_per_epoch", static_cast<uint64_t>(batches.size()));
   }
   const int64_t resumed_at = pos.step;
-  torch::nn::CTCLoss ctc(torch::nn::CTCLossOptions().blank(0).zero_infinity(true).reduction(torch::kMean));
+  // Per-utterance losses; each step's loss is their mean over every rank's utterances (summed
+  // here, divided by the gang's count after the all-reduce).
+  torch::nn::CTCLoss ctc(torch::nn::CTCLossOptions().blank(0).zero_infinity(true).reduction(torch::kNone));
+  int ckpt_count = 0;
   model->train();
   std::vector<size_t> order = EpochOrder(batches.size(), spec.seed, pos.epoch);
   int64_t t_start = MonoMs();
   double loss_avg = -1;
   int64_t skipped = 0;
   auto checkpoint = [&](const char* why) -> Status {
-    if (!ctx.store) return Status::Ok();
+    if (!ctx.store || rank != 0) return Status::Ok();
     std::string bytes = SaveCheckpoint(model, opt, pos, rng, spec);
     ASRF_RETURN_IF_ERROR(ctx.store->Put(ctx.job_id, pos.step, bytes, spec.keep));
-    if (ctx.checkpoint_saved) ctx.checkpoint_saved(pos.step, loss_avg, pos.last_cer);
+    ++ckpt_count;
+    bool publish = spec.publish_every > 0 && ckpt_count % spec.publish_every == 0;
+    if (ctx.checkpoint_saved) ctx.checkpoint_saved(pos.step, loss_avg, pos.last_cer, bytes, publish);
     LogInfo("checkpoint_saved").Kv("job", ctx.job_id).Kv("step", pos.step).Kv("why", why)
         .Kv("bytes", static_cast<uint64_t>(bytes.size()));
     return Status::Ok();
@@ -409,7 +503,13 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
       order = EpochOrder(batches.size(), spec.seed, pos.epoch);
     }
     int64_t t0 = MonoMs();
-    const auto& idx = batches[order[pos.batch]];
+    // This rank's share of the step: `combine` batches, disjoint from the other ranks'.
+    std::vector<size_t> idx;
+    for (int c = 0; c < spec.combine; ++c) {
+      size_t k = static_cast<size_t>(pos.batch + rank * spec.combine + c) % order.size();
+      const auto& b = batches[order[k]];
+      idx.insert(idx.end(), b.begin(), b.end());
+    }
     torch::Tensor pcm, lengths, frames;
     MakeBatchTensors(train, idx, &pcm, &lengths);
     torch::Tensor feats = LogMel(pcm, lengths, &frames);
@@ -420,14 +520,48 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
       target_lengths.push_back(static_cast<int64_t>(train[i].ids.size()));
     }
     auto [lp, out_frames] = model->forward(feats, frames);
-    torch::Tensor loss = ctc(CtcModelImpl::ForCtc(lp, out_frames), torch::tensor(targets, torch::kInt64), out_frames,
-                             torch::tensor(target_lengths, torch::kInt64));
+    torch::Tensor tl = torch::tensor(target_lengths, torch::kInt64);
+    torch::Tensor per = ctc(CtcModelImpl::ForCtc(lp, out_frames), torch::tensor(targets, torch::kInt64), out_frames, tl);
+    torch::Tensor loss_sum = (per / tl.to(per.dtype())).sum();
     opt.zero_grad();
-    double l = loss.item<double>();
+    double local_sum = loss_sum.item<double>();
+    bool local_finite = std::isfinite(local_sum);
+    if (local_finite) loss_sum.backward();
+    // One all-reduce per step: every gradient, then [non-finite ranks, loss sum, utterances].
+    std::vector<torch::Tensor> params = model->parameters();
+    std::vector<torch::Tensor> parts;
+    for (auto& p : params) {
+      if (!p.grad().defined()) p.mutable_grad() = torch::zeros_like(p);
+      parts.push_back(p.grad().reshape({-1}));
+    }
+    parts.push_back(torch::tensor({local_finite ? 0.0f : 1.0f, local_finite ? static_cast<float>(local_sum) : 0.0f,
+                                   static_cast<float>(idx.size())}));
+    torch::Tensor flat = torch::cat(parts);
+    if (gang) {
+      Status gst = gang->AllReduceSum(flat);
+      if (!gst.ok()) {
+        // Another rank is gone: this rank gives its job back (no attempt); the broker requeues the
+        // gang and it resumes from the newest checkpoint.
+        LogWarn("gang_step_failed").Kv("job", ctx.job_id).Kv("rank", rank).Kv("step", pos.step).Kv("error", gst.message());
+        if (ctx.cancelled && ctx.cancelled->load()) return Status::Unavailable("cancelled");
+        return Status::Busy("gang member lost at step " + std::to_string(pos.step) + ": " + gst.message());
+      }
+    }
+    int64_t n_flat = flat.size(0);
+    double bad_ranks = flat[n_flat - 3].item<double>(), total = flat[n_flat - 1].item<double>();
+    double l = bad_ranks > 0 ? std::nan("") : flat[n_flat - 2].item<double>() / std::max(total, 1.0);
+    {
+      torch::NoGradGuard ng;
+      int64_t off = 0;
+      for (auto& p : params) {
+        int64_t n = p.numel();
+        p.mutable_grad().copy_(flat.narrow(0, off, n).view_as(p) / std::max(total, 1.0));
+        off += n;
+      }
+    }
     double lr = LearningRate(spec, pos.step);
     bool applied = false;
     if (std::isfinite(l)) {
-      loss.backward();
       double norm = torch::nn::utils::clip_grad_norm_(model->parameters(), spec.clip);
       if (std::isfinite(norm)) {
         for (auto& g : opt.param_groups()) static_cast<torch::optim::AdamOptions&>(g.options()).lr(lr);
@@ -442,11 +576,11 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
       LogWarn("train_step_skipped").Kv("job", ctx.job_id).Kv("step", pos.step).Kv("loss", l);
     }
     pos.step++;
-    pos.batch++;
+    pos.batch += static_cast<int64_t>(world) * spec.combine;
     pos.train_seconds += (MonoMs() - t0) / 1000.0;
     if (std::isfinite(l)) loss_avg = loss_avg < 0 ? l : 0.9 * loss_avg + 0.1 * l;
 
-    bool validate = pos.step % spec.valid_every == 0 || pos.step == spec.steps;
+    bool validate = rank == 0 && (pos.step % spec.valid_every == 0 || pos.step == spec.steps);
     if (validate) {
       Evaluation e = Evaluate(model, valid, static_cast<size_t>(spec.valid_max), spec.batch_seconds);
       pos.last_cer = e.cer;
@@ -465,12 +599,13 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
     if (pos.step % spec.checkpoint_every == 0 && pos.step < spec.steps) ASRF_RETURN_IF_ERROR(checkpoint("interval"));
   }
 
-  Evaluation final = Evaluate(model, valid, valid.size(), spec.batch_seconds);
+  Evaluation final;
+  if (rank == 0) final = Evaluate(model, valid, valid.size(), spec.batch_seconds);
   std::error_code ec;
   std::string kept = ctx.state_dir + "/models/" + spec.name + ".pt";
   std::filesystem::create_directories(ctx.state_dir + "/models", ec);
   ASRF_RETURN_IF_ERROR(SaveModel(model, kept));
-  if (!spec.out.empty()) {
+  if (!spec.out.empty() && rank == 0) {
     std::filesystem::path out(spec.out);
     if (out.has_parent_path()) std::filesystem::create_directories(out.parent_path(), ec);
     ASRF_RETURN_IF_ERROR(SaveModel(model, spec.out));
@@ -480,8 +615,14 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
             {"train_seconds", pos.train_seconds}, {"utterances", train.size()},
             {"hours", hours},             {"final_loss", loss_avg},
             {"model", kept},              {"out", spec.out},
-            {"resumed_at", resumed_at}, {"skipped_steps", skipped}};
+            {"resumed_at", resumed_at}, {"skipped_steps", skipped},
+            {"rank", rank}, {"world_size", world}};
+  if (rank != 0) {
+    r.erase("valid_cer");
+    r.erase("valid_wer");
+  }
   *result = r.dump();
+  if (rank == 0 && ctx.model_finished) ctx.model_finished(kept, result->c_str());
   LogInfo("train_finished").Kv("job", ctx.job_id).Kv("cer", final.cer).Kv("wer", final.wer).Kv("steps", pos.step);
   return Status::Ok();
 }

@@ -36,6 +36,9 @@ struct TrainSpec {
   bool spec_augment = true;
   std::string init;                // optional model file to start from (fine-tuning)
   bool evaluate_only = false;      // with init: only measure CER/WER of that model on `valid`
+  int combine = 1;                 // batches per rank per step
+  double adam_eps = 1e-8;          // Adam's epsilon
+  int publish_every = 5;           // every Nth checkpoint goes to PostgreSQL too; 0 = never
 
   static Status FromJson(const std::string& json, TrainSpec* out);
   std::string ToJson() const;
@@ -48,9 +51,19 @@ struct TrainContext {
   const std::atomic<bool>* cancelled = nullptr;  // the job was cancelled: stop, no checkpoint
   const std::atomic<bool>* stopping = nullptr;   // the worker drains: checkpoint, then give the job back
   std::function<void(const std::string& json)> progress;
-  // Called after each checkpoint is stored (e.g. to index it in PostgreSQL); may be empty.
-  std::function<void(int64_t step, double loss, double valid_cer)> checkpoint_saved;
+  // Called after each checkpoint is stored (e.g. to index it in PostgreSQL); `publish` asks for
+  // the bytes to be published too. May be empty.
+  std::function<void(int64_t step, double loss, double valid_cer, const std::string& bytes, bool publish)>
+      checkpoint_saved;
+  // The newest published checkpoint of this job (when nothing is stored locally); may be empty.
+  std::function<bool(std::string* bytes)> fetch_published;
+  // Called by rank 0 with the finished model file and its summary (JSON), e.g. for the registry.
+  std::function<void(const std::string& model_path, const std::string& summary_json)> model_finished;
   int threads = 0;                               // torch threads; 0 = leave as is
+  // Data-parallel gang: this rank, the gang's size and rank 0's "host:port" (rank 0 serves it).
+  int rank = 0;
+  int world_size = 1;
+  std::string rendezvous;
 };
 
 // Runs (or resumes) training. Returns ok with a JSON summary in *result; Busy when stopped by the

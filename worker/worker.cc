@@ -94,7 +94,7 @@ struct Worker::Impl {
     r.worker_id = opt.worker_id;
     char host[256] = {0};
     gethostname(host, sizeof(host) - 1);
-    r.host = host;
+    r.host = opt.advertise_host.empty() ? std::string(host) : opt.advertise_host;
     r.device = opt.device;
     r.slots = static_cast<uint32_t>(opt.slots);
     r.kinds = registry.Kinds();
@@ -178,6 +178,9 @@ struct Worker::Impl {
       JobContext ctx;
       ctx.id = t.a.id;
       ctx.attempt = t.a.attempt;
+      ctx.rank = t.a.rank;
+      ctx.world_size = std::max<uint32_t>(t.a.world_size, 1);
+      ctx.rendezvous = t.a.rendezvous;
       ctx.cancelled = t.cancelled.get();
       ctx.stopping = &stopping;
       ctx.progress = [this, id = t.a.id, epoch = t.a.epoch](const std::string& info) {
@@ -196,7 +199,9 @@ struct Worker::Impl {
       }
     }
     d.result.run_ms = (MonoUs() - t0) / 1000;
-    d.result.requeue = st.code() == Status::Code::kBusy && stopping.load();
+    // Busy: the job stopped on purpose after saving its state (the worker drains, or a training
+    // gang lost a member) and goes back to the queue without an attempt.
+    d.result.requeue = st.code() == Status::Code::kBusy;
     d.result.ok = st.ok();
     if (st.ok()) d.result.result.data = std::move(result);
     else d.result.error = st.message().substr(0, proto::kMaxStringBytes);

@@ -27,6 +27,7 @@ struct WorkerOptions {
   int heartbeat_misses = 3;
   int64_t drain_ack_wait_ms = 3000;    // on stop, how long to wait for the last RESULT_ACKs
   std::string pg;                      // libpq conninfo; empty: results go only to the broker
+  std::string advertise_host;          // how other workers reach this one (gang rendezvous); default hostname
 
   Status Sanitize();
 };

@@ -1,0 +1,237 @@
+// Gangs: data-parallel jobs placed on K idle workers at once or not at all; one rank lost aborts
+// and requeues the gang; two data-parallel ranks train exactly what one process trains on the
+// combined batches.
+#include <gtest/gtest.h>
+#include <sndfile.h>
+#include <torch/torch.h>
+
+#include <csignal>
+#include <fstream>
+
+#include <nlohmann/json.hpp>
+
+#include "tests/harness.h"
+#include "worker/ctc_model.h"
+
+namespace asrf::testing {
+namespace {
+
+using json = nlohmann::json;
+
+TEST(Gang, NeverStartsPartiallyAndTwoGangsDoNotDeadlock) {
+  TempDir t;
+  BrokerProc b = StartBroker(t / "broker", t / "broker.log", kFastHeartbeats);
+  Proc w1 = StartWorker(b.endpoint, t / "w1", t / "w1.log", kFastHeartbeats);
+  RunResult r = Submit(b.endpoint, {"submit", "--kind", "sleep", "--payload", R"({"ms":800})", "--world-size", "2",
+                                    "--batch", "g1"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  // One idle worker is not enough: nothing starts.
+  usleep(1000000);
+  Counts c = StatusCounts(b.endpoint, "g1");
+  EXPECT_EQ(c.queued, 2);
+  EXPECT_EQ(c.leased, 0);
+  RunResult why = Submit(b.endpoint, {"status", "1", "--json"});
+  EXPECT_NE(why.out.find("waits for 2 idle workers"), std::string::npos) << why.out;
+  // A second worker: both ranks start together and finish.
+  Proc w2 = StartWorker(b.endpoint, t / "w2", t / "w2.log", kFastHeartbeats);
+  bool both = WaitFor([&] { return StatusCounts(b.endpoint, "g1").leased == 2; }, 10000);
+  EXPECT_TRUE(both);
+  ASSERT_TRUE(WaitFor([&] { return StatusCounts(b.endpoint, "g1").done == 2; }, 20000));
+
+  // Two gangs of 2 over 3 workers: never more than one gang (2 leases) at a time, both finish.
+  Proc w3 = StartWorker(b.endpoint, t / "w3", t / "w3.log", kFastHeartbeats);
+  ASSERT_TRUE(WaitFor([&] {
+    std::string out = Submit(b.endpoint, {"workers"}).out;
+    return std::count(out.begin(), out.end(), '\n') >= 3;
+  }, 10000));
+  ASSERT_EQ(Submit(b.endpoint, {"submit", "--kind", "sleep", "--payload", R"({"ms":700})", "--world-size", "2",
+                                "--batch", "g2"}).code, 0);
+  ASSERT_EQ(Submit(b.endpoint, {"submit", "--kind", "sleep", "--payload", R"({"ms":700})", "--world-size", "2",
+                                "--batch", "g3"}).code, 0);
+  long most = 0;
+  bool finished = WaitFor([&] {
+    Counts a = StatusCounts(b.endpoint, "g2"), d = StatusCounts(b.endpoint, "g3");
+    most = std::max(most, a.leased + d.leased);
+    EXPECT_TRUE(a.leased == 0 || a.leased == 2) << "gang g2 partially placed";
+    EXPECT_TRUE(d.leased == 0 || d.leased == 2) << "gang g3 partially placed";
+    return a.done == 2 && d.done == 2;
+  }, 30000);
+  EXPECT_TRUE(finished);
+  EXPECT_EQ(most, 2);
+  // A gang submitted in pieces is refused.
+  RunResult bad = Submit(b.endpoint, {"submit", "--kind", "sleep", "--world-size", "2", "--count", "3"});
+  EXPECT_EQ(bad.code, 2);
+}
+
+TEST(Gang, ALostRankAbortsAndRequeuesTheWholeGang) {
+  TempDir t;
+  BrokerProc b = StartBroker(t / "broker", t / "broker.log", kFastHeartbeats);
+  Proc w1 = StartWorker(b.endpoint, t / "w1", t / "w1.log", kFastHeartbeats);
+  Proc w2 = StartWorker(b.endpoint, t / "w2", t / "w2.log", kFastHeartbeats);
+  ASSERT_EQ(Submit(b.endpoint, {"submit", "--kind", "sleep", "--payload", R"({"ms":3000})", "--world-size", "2",
+                                "--batch", "g"}).code, 0);
+  ASSERT_TRUE(WaitFor([&] { return StatusCounts(b.endpoint, "g").leased == 2; }, 10000));
+  usleep(300000);  // both started
+  w2.Signal(SIGKILL);
+  w2.Wait(5000);
+  // The survivor's rank is cancelled and both go back to the queue.
+  ASSERT_TRUE(WaitFor([&] { return StatusCounts(b.endpoint, "g").queued == 2; }, 10000))
+      << ReadFile(t / "broker.log");
+  EXPECT_NE(ReadFile(t / "broker.log").find("gang_aborted"), std::string::npos);
+  // Placed again once two workers are idle; the lost rank counts one attempt, the other none.
+  Proc w3 = StartWorker(b.endpoint, t / "w3", t / "w3.log", kFastHeartbeats);
+  ASSERT_TRUE(WaitFor([&] { return StatusCounts(b.endpoint, "g").done == 2; }, 30000)) << ReadFile(t / "broker.log");
+  json j1 = json::parse(Submit(b.endpoint, {"status", "1", "--json"}).out, nullptr, false);
+  json j2 = json::parse(Submit(b.endpoint, {"status", "2", "--json"}).out, nullptr, false);
+  EXPECT_EQ(j1.value("attempts", -1) + j2.value("attempts", -1), 1);
+}
+
+// Writes `pcm` trimmed or zero-padded to exactly n samples.
+void WriteFixed(const std::string& in, const std::string& out, size_t n) {
+  SF_INFO info{};
+  SNDFILE* f = sf_open(in.c_str(), SFM_READ, &info);
+  ASSERT_NE(f, nullptr);
+  std::vector<int16_t> pcm(info.frames);
+  sf_readf_short(f, pcm.data(), info.frames);
+  sf_close(f);
+  pcm.resize(n, 0);
+  SF_INFO o{};
+  o.samplerate = 16000;
+  o.channels = 1;
+  o.format = SF_FORMAT_WAV | SF_FORMAT_PCM_16;
+  SNDFILE* g = sf_open(out.c_str(), SFM_WRITE, &o);
+  ASSERT_NE(g, nullptr);
+  sf_writef_short(g, pcm.data(), static_cast<sf_count_t>(n));
+  sf_close(g);
+}
+
+TEST(Gang, TwoRanksTrainWhatOneProcessTrainsOnTheCombinedBatches) {
+  TempDir t;
+  RunResult synth = RunCommand({ASRF_SYNTH_BIN, "--out", t / "raw", "--utterances", "24", "--seed", "9",
+                                "--valid-fraction", "0", "--heldout-fraction", "0", "--max-words", "3"});
+  ASSERT_EQ(synth.code, 0) << synth.err;
+  // Every utterance exactly 1.5 s: no padding, so batch composition cannot change the numbers.
+  std::ifstream in(t / "raw/train.jsonl");
+  std::ofstream man(t / "train.jsonl");
+  std::string line;
+  int k = 0;
+  std::filesystem::create_directories(t / "fixed");
+  while (std::getline(in, line)) {
+    json j = json::parse(line);
+    std::string out = t / ("fixed/" + std::to_string(k++) + ".wav");
+    WriteFixed(j["audio"], out, 24000);
+    man << json{{"audio", out}, {"text", j["text"]}, {"duration", 1.5}}.dump() << "\n";
+  }
+  man.close();
+  std::vector<std::string> common = {"--manifest", t / "train.jsonl", "--valid", t / "train.jsonl", "--name", "dp",
+                                     "--steps", "3", "--batch-seconds", "6", "--warmup", "1", "--lr", "1e-3",
+                                     "--channels", "32", "--hidden", "32", "--layers", "1", "--dropout", "0",
+                                     "--no-spec-augment", "--adam-eps", "1e-3", "--valid-every", "1000", "--checkpoint-every", "1000",
+                                     "--wait"};
+  // Adam divides by sqrt(v) + eps: with the default 1e-8 a gradient that is float noise (a few
+  // weights here) moves by a full learning rate in either direction, so a summation order
+  // difference flips it. A larger eps keeps the update proportional to the gradient.
+  // One process, two batches per step.
+  {
+    BrokerProc b = StartBroker(t / "b1", t / "b1.log");
+    Proc w = StartWorker(b.endpoint, t / "single", t / "single.log", {"--threads", "1"});
+    std::vector<std::string> args = {"train", "--combine", "2"};
+    args.insert(args.end(), common.begin(), common.end());
+    RunResult r = Submit(b.endpoint, args, 120000);
+    ASSERT_EQ(r.code, 0) << r.err << ReadFile(t / "single.log");
+  }
+  // Two ranks, one batch each per step.
+  {
+    BrokerProc b = StartBroker(t / "b2", t / "b2.log", {"--gang-port-base", std::to_string(30000 + getpid() % 20000)});
+    Proc w1 = StartWorker(b.endpoint, t / "r1", t / "r1.log", {"--threads", "1", "--advertise-host", "127.0.0.1"});
+    Proc w2 = StartWorker(b.endpoint, t / "r2", t / "r2.log", {"--threads", "1", "--advertise-host", "127.0.0.1"});
+    ASSERT_TRUE(WaitFor([&] {
+      std::string out = Submit(b.endpoint, {"workers"}).out;
+      return std::count(out.begin(), out.end(), '\n') >= 2;
+    }, 10000));
+    std::vector<std::string> args = {"train", "--world-size", "2"};
+    args.insert(args.end(), common.begin(), common.end());
+    RunResult r = Submit(b.endpoint, args, 120000);
+    ASSERT_EQ(r.code, 0) << r.err << ReadFile(t / "r1.log") << ReadFile(t / "r2.log");
+  }
+  CtcModel single(CtcModelConfig{}), r1(CtcModelConfig{}), r2(CtcModelConfig{});
+  ASSERT_TRUE(LoadModel(t / "single/models/dp.pt", &single).ok());
+  ASSERT_TRUE(LoadModel(t / "r1/models/dp.pt", &r1).ok());
+  ASSERT_TRUE(LoadModel(t / "r2/models/dp.pt", &r2).ok());
+  auto ps = single->parameters(), p1 = r1->parameters(), p2 = r2->parameters();
+  ASSERT_EQ(ps.size(), p1.size());
+  double d_ranks = 0, d_single = 0, moved = 0;
+  for (size_t i = 0; i < ps.size(); ++i) {
+    d_ranks = std::max(d_ranks, (p1[i] - p2[i]).abs().max().item<double>());
+    double di = (p1[i] - ps[i]).abs().max().item<double>();
+    d_single = std::max(d_single, di);
+  }
+  // Training really moved the weights away from a fresh model with the same seed.
+  torch::manual_seed(1);
+  CtcModelConfig c = single->config();
+  CtcModel fresh(c);
+  auto pf = fresh->parameters();
+  for (size_t i = 0; i < ps.size(); ++i) moved = std::max(moved, (ps[i] - pf[i]).abs().max().item<double>());
+  std::cout << "max |rank0 - rank1| " << d_ranks << ", max |rank0 - single| " << d_single << ", moved " << moved
+            << "\n";
+  EXPECT_LE(d_ranks, 1e-5);
+  EXPECT_LE(d_single, 1e-5);
+  EXPECT_GT(moved, 1e-4);
+}
+
+TEST(Gang, AKilledRankRequeuesTheGangWhichResumesFromAPublishedCheckpoint) {
+  TempDir t;
+  PgCluster pg(t.path());
+  ASSERT_TRUE(pg.Start());
+  RunResult synth = RunCommand({ASRF_SYNTH_BIN, "--out", t / "data", "--utterances", "40", "--seed", "3",
+                                "--valid-fraction", "0.1", "--heldout-fraction", "0", "--max-words", "4"});
+  ASSERT_EQ(synth.code, 0) << synth.err;
+  BrokerProc b = StartBroker(t / "broker", t / "broker.log",
+                             With(kFastHeartbeats, {"--pg", pg.url(), "--gang-port-base",
+                                                    std::to_string(30000 + (getpid() * 7) % 20000)}));
+  std::vector<std::string> wargs = With(kFastHeartbeats, {"--threads", "1", "--advertise-host", "127.0.0.1",
+                                                          "--pg", pg.url()});
+  Proc w1 = StartWorker(b.endpoint, t / "w1", t / "w1.log", wargs);
+  Proc w2 = StartWorker(b.endpoint, t / "w2", t / "w2.log", wargs);
+  ASSERT_TRUE(WaitFor([&] {
+    std::string out = Submit(b.endpoint, {"workers"}).out;
+    return std::count(out.begin(), out.end(), '\n') >= 2;
+  }, 10000));
+  RunResult r = Submit(b.endpoint, {"train", "--manifest", t / "data/train.jsonl", "--valid", t / "data/valid.jsonl",
+                                    "--name", "gangmodel", "--world-size", "2", "--steps", "200", "--batch-seconds",
+                                    "8", "--checkpoint-every", "5", "--publish-every", "1", "--valid-every", "1000",
+                                    "--channels", "32", "--hidden", "32", "--layers", "1"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  std::string gt = r.out.substr(r.out.find(" batch ") + 7);
+  while (!gt.empty() && (gt.back() == '\n' || gt.back() == ' ')) gt.pop_back();
+  // Rank 0 is job 1. Wait until it has published a checkpoint, then kill the worker running it:
+  // its local checkpoints go with it.
+  auto published = [&] {
+    std::string n = pg.Query("SELECT count(*) FROM checkpoints WHERE job_id = 1 AND published");
+    return !n.empty() && std::stol(n) >= 2;
+  };
+  ASSERT_TRUE(WaitFor(published, 120000)) << ReadFile(t / "w1.log");
+  json st = json::parse(Submit(b.endpoint, {"status", "1", "--json"}).out, nullptr, false);
+  std::string rank0_worker = st.value("worker", "");
+  bool w1_is_rank0 = ReadFile(t / "w1.log").find("\"rank\":0") != std::string::npos &&
+                     ReadFile(t / "w1.log").find("gang_joined") != std::string::npos &&
+                     ReadFile(t / "w1.log").find("\"job\":1,\"rank\":0") != std::string::npos;
+  Proc& victim = w1_is_rank0 ? w1 : w2;
+  victim.Signal(SIGKILL);
+  victim.Wait(5000);
+  // The other rank gives its job back; both are queued until two workers are idle again.
+  Proc w3 = StartWorker(b.endpoint, t / "w3", t / "w3.log", wargs);
+  ASSERT_TRUE(WaitFor([&] { return StatusCounts(b.endpoint, gt).done == 2; }, 240000))
+      << ReadFile(t / "broker.log") << ReadFile(t / "w3.log");
+  json res = json::parse(Submit(b.endpoint, {"results", "1", "--json"}).out, nullptr, false);
+  ASSERT_TRUE(res.contains("result")) << res.dump();
+  EXPECT_GE(res["result"].value("resumed_at", 0), 10) << res.dump();
+  EXPECT_EQ(res["result"].value("steps", 0), 200);
+  EXPECT_NE(ReadFile(t / "broker.log").find("gang_aborted"), std::string::npos);
+  // The finished model is in the registry.
+  EXPECT_EQ(pg.Query("SELECT count(*) FROM models WHERE name = 'gangmodel'"), "1");
+  (void)rank0_worker;
+}
+
+}  // namespace
+}  // namespace asrf::testing
