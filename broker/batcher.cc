@@ -11,8 +11,10 @@ int Batcher::BucketOf(int64_t audio_ms) const {
   return 1 + static_cast<int>(std::floor(std::log(static_cast<double>(audio_ms) / opt_.min_bucket_ms) / std::log(r)));
 }
 
-void Batcher::Add(uint64_t id, const std::string& model, int64_t audio_ms, int64_t now_ms) {
-  Item it{model, BucketOf(audio_ms), std::max<int64_t>(audio_ms, 0), now_ms};
+void Batcher::Add(uint64_t id, const std::string& model, int64_t audio_ms, int64_t now_ms, bool solo) {
+  // Solo segments get a bucket of their own (negative, unique per id).
+  int bucket = solo ? -1 - static_cast<int>(id % 0x3fffffff) : BucketOf(audio_ms);
+  Item it{model, bucket, std::max<int64_t>(audio_ms, 0), now_ms};
   buckets_[{model, it.bucket}].insert(id);
   items_.emplace(id, std::move(it));
 }

@@ -39,8 +39,10 @@ class Batcher {
  public:
   explicit Batcher(BatcherOptions options = {}) : opt_(options) {}
 
-  // REQUIRES: id not present. `now_ms` is when the segment became runnable.
-  void Add(uint64_t id, const std::string& model, int64_t audio_ms, int64_t now_ms);
+  // REQUIRES: id not present. `now_ms` is when the segment became runnable. A `solo` segment
+  // (one that already lost an attempt) leaves alone, so a segment that kills its worker or its
+  // batch cannot take other segments down with it again.
+  void Add(uint64_t id, const std::string& model, int64_t audio_ms, int64_t now_ms, bool solo = false);
   // Returns false when the id is not queued here.
   bool Remove(uint64_t id);
 

@@ -38,7 +38,7 @@ void JobTable::MakeReady(Job& j) {
     return;
   }
   if (IsBatched(j)) {
-    batcher_.Add(j.id, j.model.empty() ? proto::kDefaultModel : j.model, j.audio_ms, now_mono_);
+    batcher_.Add(j.id, j.model.empty() ? proto::kDefaultModel : j.model, j.audio_ms, now_mono_, j.attempts > 0);
     return;
   }
   ready_[j.kind].insert({-static_cast<int64_t>(j.priority), j.id});

@@ -2,6 +2,7 @@
 // set, the max_delay rule, and removal.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <random>
 
 #include "broker/batcher.h"
@@ -101,6 +102,20 @@ TEST(Batcher, SegmentsOfSimilarLengthShareABatchAcrossArrivalOrder) {
     }
     EXPECT_EQ(lo, hi);
   }
+}
+
+TEST(Batcher, ASegmentThatLostAnAttemptLeavesAlone) {
+  Batcher b;
+  for (uint64_t id = 1; id <= 10; ++id) b.Add(id, "m", 2000, 0, /*solo=*/id == 4);
+  TakenBatch t;
+  std::vector<size_t> sizes;
+  bool four_alone = false;
+  while (b.Take(Any, 1000000, &t)) {
+    sizes.push_back(t.ids.size());
+    if (std::find(t.ids.begin(), t.ids.end(), 4u) != t.ids.end()) four_alone = t.ids.size() == 1;
+  }
+  EXPECT_TRUE(four_alone);
+  EXPECT_EQ(sizes.size(), 2u);
 }
 
 TEST(Batcher, RemovedSegmentsNeverLeave) {

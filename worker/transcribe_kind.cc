@@ -45,15 +45,26 @@ void RegisterTranscribeKind(std::shared_ptr<AcousticModel> model, JobRegistry* r
     std::vector<Hypothesis> hyps;
     int64_t t0 = MonoUs();
     Status st;
+    std::vector<Status> item_status(runnable.size());
     {
       std::lock_guard<std::mutex> lock(*mu);
       st = model->Transcribe(spans, &hyps);
+      if (!st.ok() && spans.size() > 1) {
+        // The batch as a whole failed: run the segments one by one so one bad input fails alone.
+        hyps.assign(spans.size(), Hypothesis{});
+        for (size_t k = 0; k < spans.size(); ++k) {
+          std::vector<Hypothesis> one;
+          item_status[k] = model->Transcribe({spans[k]}, &one);
+          if (item_status[k].ok() && !one.empty()) hyps[k] = std::move(one.front());
+        }
+        st = Status::Ok();
+      }
     }
     int64_t infer_ms = (MonoUs() - t0) / 1000;
     for (size_t k = 0; k < runnable.size(); ++k) {
       size_t i = runnable[k];
-      if (!st.ok()) {
-        (*statuses)[i] = st;
+      if (!st.ok() || !item_status[k].ok()) {
+        (*statuses)[i] = st.ok() ? item_status[k] : st;
         continue;
       }
       const Hypothesis& h = hyps[k];
