@@ -241,12 +241,15 @@ TEST_F(TranscribeTest, AJobForAModelNoWorkerHasWaitsAndSaysWhy) {
   TempDir t;
   BrokerProc b = StartBroker(t / "broker", t / "broker.log");
   Proc w = StartWorker(b.endpoint, t / "worker", t / "worker.log", {"--model-file", kModel});
+  // The worker loads its model before it connects.
+  ASSERT_TRUE(WaitFor([&] { return Submit(b.endpoint, {"workers"}).out.find("cpu") != std::string::npos; }, 60000))
+      << ReadFile(t / "worker.log");
   std::string in = t / "in";
   fs::create_directories(in);
   fs::copy_file((*utts_)[0].wav, in + "/a.wav");
   RunResult r = Submit(b.endpoint, {"transcribe", in, "--out", t / "out", "--model", "klingon", "--batch", "k1"});
   ASSERT_EQ(r.code, 0) << r.err;
-  // The job is still queued after the worker had every chance to take it.
+  // The job is still queued after the worker had every chance to take it, and says why.
   usleep(500000);
   RunResult one = Submit(b.endpoint, {"status", "--job", "1", "--json"});
   EXPECT_NE(one.out.find("no worker has model klingon"), std::string::npos) << one.out << one.err;
