@@ -22,7 +22,7 @@ TEST(Gang, NeverStartsPartiallyAndTwoGangsDoNotDeadlock) {
   TempDir t;
   BrokerProc b = StartBroker(t / "broker", t / "broker.log", kFastHeartbeats);
   Proc w1 = StartWorker(b.endpoint, t / "w1", t / "w1.log", kFastHeartbeats);
-  RunResult r = Submit(b.endpoint, {"submit", "--kind", "sleep", "--payload", R"({"ms":800})", "--world-size", "2",
+  RunResult r = Submit(b.endpoint, {"submit", "--kind", "sleep", "--payload", R"({"ms":2500})", "--world-size", "2",
                                     "--batch", "g1"});
   ASSERT_EQ(r.code, 0) << r.err;
   // One idle worker is not enough: nothing starts.
@@ -44,9 +44,9 @@ TEST(Gang, NeverStartsPartiallyAndTwoGangsDoNotDeadlock) {
     std::string out = Submit(b.endpoint, {"workers"}).out;
     return std::count(out.begin(), out.end(), '\n') >= 3;
   }, 10000));
-  ASSERT_EQ(Submit(b.endpoint, {"submit", "--kind", "sleep", "--payload", R"({"ms":700})", "--world-size", "2",
+  ASSERT_EQ(Submit(b.endpoint, {"submit", "--kind", "sleep", "--payload", R"({"ms":1500})", "--world-size", "2",
                                 "--batch", "g2"}).code, 0);
-  ASSERT_EQ(Submit(b.endpoint, {"submit", "--kind", "sleep", "--payload", R"({"ms":700})", "--world-size", "2",
+  ASSERT_EQ(Submit(b.endpoint, {"submit", "--kind", "sleep", "--payload", R"({"ms":1500})", "--world-size", "2",
                                 "--batch", "g3"}).code, 0);
   long most = 0;
   bool finished = WaitFor([&] {
