@@ -410,7 +410,8 @@ int RunTranscribe(const GlobalOptions& g, const std::vector<std::string>& args) 
     so.min_s = std::min(5.0, max_segment_s / 2);
     std::vector<SegmentBounds> segs = SplitAtQuietPoints(audio.pcm.data(), static_cast<int64_t>(audio.pcm.size()), so);
     f.segments = static_cast<int>(segs.size());
-    while (wait && finished_jobs.size() < job_file.size() && inflight_s + f.duration_s > max_inflight_s) {
+    // With or without --wait: the broker holds at most --max-inflight-s of this client's audio.
+    while (finished_jobs.size() < job_file.size() && inflight_s + f.duration_s > max_inflight_s) {
       if (int r = pump(100); r >= 0) return r;
     }
     // One SUBMIT per ~8 MiB of audio; each with its own request id, so a resend is harmless.
@@ -464,9 +465,9 @@ int RunTranscribe(const GlobalOptions& g, const std::vector<std::string>& args) 
     }
   }
 
-  auto summary = [&](bool waited) {
+  auto summary = [&]() {
     size_t errors = files_failed + walk.errors.size();
-    std::cerr << "summary: " << files.size() << " file(s) picked, " << (waited ? files_done : 0) << " transcribed, "
+    std::cerr << "summary: " << files.size() << " file(s) picked, " << files_done << " transcribed, "
               << errors << " failed, " << walk.skipped_existing << " skipped (outputs exist), " << walk.skipped_ext
               << " skipped (extension not in --ext)\n";
     for (const auto& e : walk.errors) std::cerr << "  error: " << e << "\n";
@@ -481,7 +482,7 @@ int RunTranscribe(const GlobalOptions& g, const std::vector<std::string>& args) 
               << std::count_if(files.begin(), files.end(), [](const FileJob& f) { return f.submitted; })
               << " file(s) submitted; `asr-submit collect " << batch << " --out " << out_dir
               << "` writes the transcripts\n";
-    return summary(false) ? kExitJobsFailed : kExitOk;
+    return summary() ? kExitJobsFailed : kExitOk;
   }
   while (finished_jobs.size() < job_file.size()) {
     if (int r = pump(200); r >= 0) {
@@ -496,7 +497,7 @@ int RunTranscribe(const GlobalOptions& g, const std::vector<std::string>& args) 
   double secs = (MonoMs() - start) / 1000.0;
   std::cerr << "transcribed " << audio_done << " audio s in " << secs << " s (" << (secs > 0 ? audio_done / secs : 0)
             << " audio s/s); outputs in " << out_dir << "\n";
-  return summary(true) ? kExitJobsFailed : kExitOk;
+  return summary() ? kExitJobsFailed : kExitOk;
 }
 
 int RunCollect(const GlobalOptions& g, const std::vector<std::string>& args) {

@@ -256,5 +256,28 @@ TEST_F(TranscribeTest, AJobForAModelNoWorkerHasWaitsAndSaysWhy) {
   EXPECT_EQ(StatusCounts(b.endpoint, "k1").queued, 1);
 }
 
+TEST_F(TranscribeTest, AudioInFlightStaysBoundedWithoutWait) {
+  TempDir t;
+  BrokerProc b = StartBroker(t / "broker", t / "broker.log");
+  Proc w = StartWorker(b.endpoint, t / "worker", t / "worker.log", {"--model-file", kModel});
+  std::string in = t / "in";
+  fs::create_directories(in);
+  double total = 0;
+  for (int i = 0; i < 8; ++i) {
+    fs::copy_file((*utts_)[i].wav, in + "/u" + std::to_string(i) + ".wav");
+    total += fs::file_size((*utts_)[i].wav) / 32000.0;
+  }
+  ASSERT_GT(total, 10.0);
+  // At most 5 audio seconds outstanding: the client has to wait for results between files even
+  // without --wait, and every file still gets through.
+  RunResult r = Submit(b.endpoint, {"transcribe", in, "--out", t / "out", "--max-segment-s", "5",
+                                    "--max-inflight-s", "5", "--batch", "bp"}, 120000);
+  ASSERT_EQ(r.code, 0) << r.err << ReadFile(t / "worker.log");
+  ASSERT_TRUE(WaitFor([&] { return StatusCounts(b.endpoint, "bp").done >= 8; }, 60000));
+  RunResult col = Submit(b.endpoint, {"collect", "bp", "--out", t / "out", "--format", "txt"}, 60000);
+  EXPECT_EQ(col.code, 0) << col.err;
+  for (int i = 0; i < 8; ++i) EXPECT_FALSE(Trim(ReadFile(t / ("out/u" + std::to_string(i) + ".txt"))).empty()) << i;
+}
+
 }  // namespace
 }  // namespace asrf::testing
