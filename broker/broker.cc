@@ -1170,15 +1170,22 @@ struct Broker::Impl {
     };
     // Gangs first: every member at once on idle workers, or none (two gangs never hold parts
     // of the fleet waiting for each other).
+    // A gang that could run on the connected workers but finds too few idle keeps the idle ones
+    // free (no new single jobs) until enough are, so a stream of small jobs cannot starve it.
+    std::unordered_set<WorkerConn*> reserved;
     for (const auto& members : table.ReadyGangs()) {
       Job* first = table.Find(members.front());
       std::vector<WorkerConn*> idle;
+      size_t able = 0;
       for (auto& [id, w] : workers) {
-        if (!w.draining && w.slots > 0 && w.UsedSlots() == 0 && (w.kinds.empty() || w.kinds.count(first->kind))) {
-          idle.push_back(&w);
-        }
+        if (w.draining || w.slots == 0 || !(w.kinds.empty() || w.kinds.count(first->kind))) continue;
+        able++;
+        if (w.UsedSlots() == 0 && !reserved.count(&w)) idle.push_back(&w);
       }
-      if (idle.size() < members.size()) continue;
+      if (idle.size() < members.size()) {
+        if (able >= members.size()) reserved.insert(idle.begin(), idle.end());
+        continue;
+      }
       std::sort(idle.begin(), idle.end(), [](const WorkerConn* a, const WorkerConn* b) { return a->id < b->id; });
       std::string rendezvous = (idle[0]->host.empty() ? std::string("127.0.0.1") : idle[0]->host) + ":" +
                                std::to_string(opt.gang_port_base + static_cast<int>(next_gang_port++ % 1000));
@@ -1197,7 +1204,7 @@ struct Broker::Impl {
     while (progress && table.HasReady()) {
       progress = false;
       for (WorkerConn* w : order) {
-        if (w->UsedSlots() >= w->slots) continue;
+        if (w->UsedSlots() >= w->slots || reserved.count(w)) continue;
         TakenBatch tb;
         if (!w->models.empty() &&
             table.TakeBatch([w](const std::string& m) { return w->HasModel(m); }, &tb)) {
