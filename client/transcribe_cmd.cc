@@ -310,6 +310,16 @@ int RunTranscribe(const GlobalOptions& g, const std::vector<std::string>& args) 
       f.written = true;
     }
   };
+  // One job's state (with its result) straight from the broker.
+  auto status_of = [&](uint64_t id, proto::JobInfo* out) {
+    proto::StatusReq q;
+    q.job = id;
+    proto::Reply r;
+    if (!client.Call(Cmd::kStatus, q, &r, cli::RequestTimeoutMs(g)).ok() || r.jobs.empty()) return false;
+    last_answer = MonoMs();
+    *out = std::move(r.jobs.front());
+    return true;
+  };
   // Reads what the broker sent for up to `ms`: WATCH replies, events.
   auto pump = [&](int64_t ms) -> int {
     int64_t now = MonoMs();
@@ -351,12 +361,8 @@ int RunTranscribe(const GlobalOptions& g, const std::vector<std::string>& args) 
     if (broker_terminal > static_cast<int64_t>(finished_jobs.size()) && MonoMs() - last_event > 1500) {
       for (const auto& [id, fi] : job_file) {
         if (finished_jobs.count(id)) continue;
-        proto::StatusReq q;
-        q.job = id;
-        proto::Reply r;
-        if (client.Call(Cmd::kStatus, q, &r, cli::RequestTimeoutMs(g)).ok() && !r.jobs.empty()) {
-          last_answer = MonoMs();
-          const auto& i = r.jobs.front();
+        proto::JobInfo i;
+        if (status_of(id, &i)) {
           proto::JobEvent e;
           e.id = i.id;
           e.state = i.state;
@@ -376,15 +382,9 @@ int RunTranscribe(const GlobalOptions& g, const std::vector<std::string>& args) 
       next_why = MonoMs() + 30000;
       for (const auto& [id, fi] : job_file) {
         if (finished_jobs.count(id)) continue;
-        proto::StatusReq q;
-        q.job = id;
-        proto::Reply r;
-        if (client.Call(Cmd::kStatus, q, &r, cli::RequestTimeoutMs(g)).ok() && !r.jobs.empty()) {
-          last_answer = MonoMs();
-          if (!r.jobs.front().why.empty()) {
-            std::cerr << "\nasr-submit: waiting: segment " << id << " is " << r.jobs.front().state << ": "
-                      << r.jobs.front().why << "\n";
-          }
+        proto::JobInfo i;
+        if (status_of(id, &i) && !i.why.empty()) {
+          std::cerr << "\nasr-submit: waiting: segment " << id << " is " << i.state << ": " << i.why << "\n";
         }
         break;
       }
