@@ -400,6 +400,12 @@ int RunTrain(const GlobalOptions& g, const std::vector<std::string>& args) {
       ("init", po::value(&init)->default_value(""), "start from this model file (fine-tuning)")
       ("priority", po::value(&priority)->default_value(0), "job priority")
       ("evaluate-only", po::bool_switch(), "no training: measure the --init model's CER/WER on --valid")
+      ("lm", po::value<std::string>()->default_value(""),
+       "with --evaluate-only: also decode with this character language model (beam search; file made by asr-lm, "
+       "readable by the worker)")
+      ("beam", po::value<int>()->default_value(16), "with --lm: prefixes kept per frame")
+      ("lm-weight", po::value<double>()->default_value(0.5), "with --lm: weight of the language model")
+      ("char-bonus", po::value<double>()->default_value(1.0), "with --lm: score added per emitted character")
       ("world-size", po::value<uint32_t>()->default_value(1),
        "data-parallel ranks: K > 1 gang-schedules K ranks on K idle workers at once (Gloo on CPU); each step "
        "takes K batches, one per rank")
@@ -411,6 +417,11 @@ int RunTrain(const GlobalOptions& g, const std::vector<std::string>& args) {
       ("dropout", po::value<double>()->default_value(0.1), "dropout inside the model while training")
       ("adam-eps", po::value<double>()->default_value(1e-8), "Adam's epsilon")
       ("no-spec-augment", po::bool_switch(), "train without SpecAugment masking")
+      ("speed-perturb", po::value<double>()->default_value(0.15),
+       "resample each training utterance by a random factor in 1 ± this (tempo, pitch and formants move; helps "
+       "on voices not in the data); 0 = off")
+      ("vtlp", po::value<double>()->default_value(0.12),
+       "warp each training utterance's mel axis by a random factor in 1 ± this (vocal tract length); 0 = off")
       ("wait", po::bool_switch(), "follow the job (progress lines) until it ends");
   po::variables_map vm;
   int rc = ParseSub(args, desc, nullptr,
@@ -435,7 +446,10 @@ int RunTrain(const GlobalOptions& g, const std::vector<std::string>& args) {
                   {"seed", seed}, {"channels", channels}, {"hidden", hidden}, {"layers", layers},
                   {"init", absolute(init)}, {"evaluate_only", vm["evaluate-only"].as<bool>()},
                   {"combine", vm["combine"].as<int>()}, {"publish_every", vm["publish-every"].as<int>()},
-                  {"dropout", vm["dropout"].as<double>()}, {"adam_eps", vm["adam-eps"].as<double>()}, {"spec_augment", !vm["no-spec-augment"].as<bool>()}};
+                  {"dropout", vm["dropout"].as<double>()}, {"adam_eps", vm["adam-eps"].as<double>()}, {"spec_augment", !vm["no-spec-augment"].as<bool>()},
+                  {"speed_perturb", vm["speed-perturb"].as<double>()}, {"vtlp", vm["vtlp"].as<double>()},
+                  {"lm", absolute(vm["lm"].as<std::string>())}, {"beam", vm["beam"].as<int>()},
+                  {"lm_weight", vm["lm-weight"].as<double>()}, {"char_bonus", vm["char-bonus"].as<double>()}};
   if (vm["evaluate-only"].as<bool>() && init.empty()) {
     std::cerr << "asr-submit: --evaluate-only needs --init MODEL\n";
     return kExitUsage;

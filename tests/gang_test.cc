@@ -155,7 +155,7 @@ TEST(Gang, TwoRanksTrainWhatOneProcessTrainsOnTheCombinedBatches) {
   std::vector<std::string> common = {"--manifest", t / "train.jsonl", "--valid", t / "train.jsonl", "--name", "dp",
                                      "--steps", "3", "--batch-seconds", "6", "--warmup", "1", "--lr", "1e-3",
                                      "--channels", "32", "--hidden", "32", "--layers", "1", "--dropout", "0",
-                                     "--no-spec-augment", "--adam-eps", "1e-3", "--valid-every", "1000", "--checkpoint-every", "1000",
+                                     "--no-spec-augment", "--speed-perturb", "0", "--vtlp", "0", "--adam-eps", "1e-3", "--valid-every", "1000", "--checkpoint-every", "1000",
                                      "--wait"};
   // Adam divides by sqrt(v) + eps: with the default 1e-8 a gradient that is float noise (a few
   // weights here) moves by a full learning rate in either direction, so a summation order

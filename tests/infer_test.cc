@@ -21,6 +21,7 @@
 #include "tests/harness.h"
 #include "worker/acoustic_model.h"
 #include "worker/audio.h"
+#include "worker/char_lm.h"
 #include "worker/ctc_model.h"
 #include "worker/features.h"
 
@@ -372,6 +373,34 @@ TEST_F(ScriptTest, DecodesWithTimestamps) {
   st = m->Transcribe({short_pcm}, &alone);
   ASSERT_TRUE(st.ok()) << st.ToString();
   EXPECT_EQ(alone[0].text, "ab");
+}
+
+// With a language model the worker decodes by beam search; on this confident pattern it finds the
+// same text, and the alignment gives the same word times and confidences as greedy decoding.
+TEST_F(ScriptTest, BeamSearchWithALanguageModelKeepsTextAndTimes) {
+  CharLm lm;
+  ASSERT_TRUE(CharLm::Build({"ab cca", "ab", "cca ab"}, " abc", 3, &lm).ok());
+  ASSERT_TRUE(lm.Save(dir_ / "abc.lm").ok());
+  AcousticModelOptions o;
+  o.vocabulary = dir_ / "vocab.txt";
+  std::unique_ptr<AcousticModel> greedy, beam;
+  ASSERT_TRUE(LoadAcousticModel(model_path(), "", o, &greedy).ok());
+  o.lm = dir_ / "abc.lm";
+  Status st = LoadAcousticModel(model_path(), "", o, &beam);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  std::vector<int16_t> pcm(400 + 39 * kHop, 100);
+  std::vector<Hypothesis> a, b;
+  ASSERT_TRUE(greedy->Transcribe({pcm}, &a).ok());
+  ASSERT_TRUE(beam->Transcribe({pcm}, &b).ok());
+  EXPECT_EQ(b[0].text, "ab cca");
+  ExpectSame(a, b, "beam vs greedy");
+
+  std::ofstream(dir_ / "bad.lm") << "not a language model";
+  o.lm = dir_ / "bad.lm";
+  std::unique_ptr<AcousticModel> m;
+  st = LoadAcousticModel(model_path(), "", o, &m);
+  EXPECT_EQ(st.code(), Status::Code::kCorruption) << st.ToString();
+  EXPECT_FALSE(m);
 }
 
 }  // namespace

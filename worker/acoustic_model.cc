@@ -12,6 +12,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "worker/ctc_beam.h"
 #include "worker/ctc_model.h"
 #include "worker/features.h"
 
@@ -101,19 +102,11 @@ Status ParseDevice(const std::string& spec, torch::Device* out) {
   return Status::Ok();
 }
 
-// One emitted token: its id, the output frames of its run (first..last) and the highest
-// probability of its id over the run.
-struct Emission {
-  int64_t id;
-  int64_t first, last;
-  float prob;
-};
+using Emission = AlignedToken;
 
 // Greedy CTC over one utterance's n output frames (best id and its probability per frame):
-// repeats collapsed, blanks dropped; the text as GreedyDecode makes it, words with times.
-// `stride` is feature frames per output frame; `duration` bounds the times.
-Hypothesis DecodeOne(const int64_t* best, const float* prob, int64_t n, double stride, double duration,
-                     const TokenTable& tokens) {
+// repeats collapsed, blanks dropped; the emissions as GreedyDecode makes them.
+std::vector<Emission> GreedyEmissions(const int64_t* best, const float* prob, int64_t n) {
   std::vector<Emission> em;
   int64_t prev = -1;
   for (int64_t t = 0; t < n; ++t) {
@@ -128,6 +121,12 @@ Hypothesis DecodeOne(const int64_t* best, const float* prob, int64_t n, double s
     }
     prev = id;
   }
+  return em;
+}
+
+// The text and timed words of one utterance's emissions. `stride` is feature frames per output
+// frame; `duration` bounds the times.
+Hypothesis MakeHypothesis(const std::vector<Emission>& em, double stride, double duration, const TokenTable& tokens) {
   auto emits = [&](int64_t id) { return id > 0 && id < static_cast<int64_t>(tokens.size()); };
   Hypothesis h;
   std::string raw;
@@ -183,6 +182,17 @@ class CtcAcousticModel : public AcousticModel {
   const torch::Device device_;
   const AcousticModelOptions options_;
   const TokenTable tokens_;
+  // The language model of the beam search (none: greedy) and each class's symbol in it.
+  std::shared_ptr<const CharLm> lm_;
+  std::vector<int> class_symbol_;
+
+ public:
+  void SetLanguageModel(std::shared_ptr<const CharLm> lm) {
+    lm_ = std::move(lm);
+    class_symbol_.assign(tokens_.size(), 0);
+    for (size_t k = 1; k < tokens_.size(); ++k)
+      if (tokens_.text[k].size() == 1) class_symbol_[k] = lm_->Symbol(tokens_.text[k][0]);
+  }
 
  private:
   // Runs one micro-batch (indices into utterances) and fills (*out)[i] for each.
@@ -232,16 +242,22 @@ void CtcAcousticModel::RunBatch(const std::vector<std::span<const int16_t>>& utt
   torch::Tensor frames;
   torch::Tensor features = LogMel(pcm.to(device_), torch::tensor(lengths, torch::kInt64), &frames);
 
-  torch::Tensor best, prob, out_frames;
+  torch::Tensor best, prob, out_frames, log_probs;
   {
     c10::InferenceMode inference;
-    auto [log_probs, of] = Forward(features, frames.to(device_));
-    torch::Tensor lp = log_probs.to(torch::kFloat32);
-    best = lp.argmax(-1);  // as GreedyDecode picks it
-    // The frame's probability, normalised here in case a TorchScript model returns logits.
-    prob = (lp.gather(-1, best.unsqueeze(-1)).squeeze(-1) - lp.logsumexp(-1)).exp();
+    auto [lp_raw, of] = Forward(features, frames.to(device_));
+    torch::Tensor lp = lp_raw.to(torch::kFloat32);
+    if (lm_) {
+      // Normalised here in case a TorchScript model returns logits.
+      log_probs = torch::log_softmax(lp, -1).to(torch::kCPU).contiguous();
+      best = log_probs.argmax(-1);
+    } else {
+      best = lp.argmax(-1);  // as GreedyDecode picks it
+      // The frame's probability, normalised here in case a TorchScript model returns logits.
+      prob = (lp.gather(-1, best.unsqueeze(-1)).squeeze(-1) - lp.logsumexp(-1)).exp();
+      prob = prob.to(torch::kCPU).contiguous();
+    }
     best = best.to(torch::kCPU).to(torch::kInt64).contiguous();
-    prob = prob.to(torch::kCPU).contiguous();
     out_frames = of.to(torch::kCPU).to(torch::kInt64).contiguous();
   }
   TORCH_CHECK(best.dim() == 2 && best.size(0) == B && out_frames.numel() == B,
@@ -254,8 +270,21 @@ void CtcAcousticModel::RunBatch(const std::vector<std::span<const int16_t>>& utt
     if (n <= 0) continue;
     const double stride = static_cast<double>(in) / static_cast<double>(n);
     const double duration = static_cast<double>(lengths[b]) / kSampleRate;
-    (*out)[batch[b]] =
-        DecodeOne(best[b].data_ptr<int64_t>(), prob[b].data_ptr<float>(), n, stride, duration, tokens_);
+    std::vector<Emission> em;
+    if (lm_) {
+      const int64_t V = log_probs.size(2);
+      const float* lp = log_probs[b].data_ptr<float>();
+      std::vector<int64_t> ids = CtcBeamSearch(lp, n, V, class_symbol_, lm_.get(), options_.beam);
+      em = CtcAlign(lp, n, V, ids);
+      if (em.empty() && !ids.empty()) {  // no alignment within float range: the greedy path
+        std::vector<float> p(static_cast<size_t>(n));
+        for (int64_t t = 0; t < n; ++t) p[static_cast<size_t>(t)] = std::exp(lp[t * V + best[b][t].item<int64_t>()]);
+        em = GreedyEmissions(best[b].data_ptr<int64_t>(), p.data(), n);
+      }
+    } else {
+      em = GreedyEmissions(best[b].data_ptr<int64_t>(), prob[b].data_ptr<float>(), n);
+    }
+    (*out)[batch[b]] = MakeHypothesis(em, stride, duration, tokens_);
   }
 }
 
@@ -375,6 +404,11 @@ Status LoadAcousticModel(const std::string& path, const std::string& name, const
   opts.max_batch_frames = std::max<int64_t>(opts.max_batch_frames, 1);  // one utterance per batch at least
   if (opts.threads > 0) at::set_num_threads(opts.threads);
   const std::string model_name = name.empty() ? fs::path(path).stem().string() : name;
+  std::shared_ptr<CharLm> lm;
+  if (!opts.lm.empty()) {
+    lm = std::make_shared<CharLm>();
+    ASRF_RETURN_IF_ERROR(CharLm::Load(opts.lm, lm.get()));
+  }
 
   // The project's format first: config + weights.
   CtcModel native(nullptr);
@@ -385,6 +419,7 @@ Status LoadAcousticModel(const std::string& path, const std::string& name, const
       native->eval();
       auto model = std::make_unique<NativeModel>(model_name, device, opts, native);
       ASRF_RETURN_IF_ERROR(model->Bind().WithContext("model " + path));
+      if (lm) model->SetLanguageModel(lm);
       *out = std::move(model);
       return Status::Ok();
     });
@@ -409,6 +444,7 @@ Status LoadAcousticModel(const std::string& path, const std::string& name, const
   module.eval();
   auto model = std::make_unique<ScriptModel>(model_name, device, opts, std::move(tokens), std::move(module));
   ASRF_RETURN_IF_ERROR(model->Probe().WithContext("model " + path));
+  if (lm) model->SetLanguageModel(lm);
   *out = std::move(model);
   return Status::Ok();
 }

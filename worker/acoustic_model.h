@@ -7,7 +7,8 @@
 //  - TorchScript CTC models: forward(features[B,T,80], lengths[B]) -> (log_probs[B,T',V],
 //    out_lengths[B]), with a vocabulary file (one token per line; line 1 is the blank; a line
 //    holding a single space or "|" or "<space>" is the word separator).
-// Both use the front end of schema/features.md (worker/features.h) and CTC greedy decoding.
+// Both use the front end of schema/features.md (worker/features.h) and CTC greedy decoding, or a
+// beam search with a character language model when one is given.
 #pragma once
 
 #include <cstdint>
@@ -17,6 +18,7 @@
 #include <vector>
 
 #include "common/status.h"
+#include "worker/ctc_beam.h"
 
 namespace asrf {
 
@@ -36,6 +38,10 @@ struct AcousticModelOptions {
   std::string vocabulary;              // TorchScript models only: the vocabulary file
   int64_t max_batch_frames = 48000;    // feature frames (10 ms) per device micro-batch, padding included
   int threads = 0;                     // intra-op threads; 0 = libtorch's default
+  // Decoding: greedy without a language model; with `lm` (a character n-gram file made by asr-lm)
+  // a CTC prefix beam search that scores prefixes with it (`beam` options).
+  std::string lm;
+  BeamOptions beam;
 };
 
 class AcousticModel {

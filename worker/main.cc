@@ -42,6 +42,14 @@ int main(int argc, char** argv) {
        "name the model is advertised and asked for by (default: the file name without its extension)")
       ("vocabulary", po::value<std::string>()->default_value(""),
        "vocabulary file of a TorchScript model: one token per line, line 1 the CTC blank")
+      ("lm", po::value<std::string>()->default_value("auto"),
+       "character language model for beam-search decoding (made by asr-lm): a file, \"auto\" (the model file's "
+       "name with .lm instead of its extension, when that file exists) or \"none\" (greedy decoding)")
+      ("beam", po::value<int>()->default_value(BeamOptions().beam), "prefixes kept per frame by the beam search")
+      ("lm-weight", po::value<double>()->default_value(BeamOptions().lm_weight),
+       "weight of the language model's log-probability in the beam search")
+      ("char-bonus", po::value<double>()->default_value(BeamOptions().char_bonus),
+       "score added per emitted character in the beam search (offsets the language model's cost per character)")
       ("max-batch-frames", po::value<int64_t>()->default_value(48000),
        "feature frames (10 ms each, padding included) per device micro-batch; lower it when memory is short")
       ("advertise-host", po::value(&o.advertise_host)->default_value(""),
@@ -107,6 +115,22 @@ int main(int argc, char** argv) {
     mo.vocabulary = vm["vocabulary"].as<std::string>();
     mo.max_batch_frames = vm["max-batch-frames"].as<int64_t>();
     mo.threads = vm["threads"].as<int>();
+    std::string lm = vm["lm"].as<std::string>();
+    if (lm == "auto") {
+      std::filesystem::path guess = std::filesystem::path(path).replace_extension(".lm");
+      std::error_code ec;
+      lm = std::filesystem::exists(guess, ec) ? guess.string() : "";
+    } else if (lm == "none") {
+      lm.clear();
+    }
+    mo.lm = lm;
+    mo.beam.beam = vm["beam"].as<int>();
+    mo.beam.lm_weight = vm["lm-weight"].as<double>();
+    mo.beam.char_bonus = vm["char-bonus"].as<double>();
+    if (mo.beam.beam < 1) {
+      std::cerr << "asr-worker: --beam must be at least 1\n";
+      return 2;
+    }
     std::string name = vm["model-name"].as<std::string>();
     if (name.empty()) name = registry_name.empty() ? std::filesystem::path(path).stem().string() : registry_name;
     std::unique_ptr<AcousticModel> model;
@@ -114,7 +138,8 @@ int main(int argc, char** argv) {
       std::cerr << "asr-worker: cannot load --model-file " << path << ": " << st.message() << "\n";
       return 2;
     }
-    LogInfo("model_loaded").Kv("model", name).Kv("file", path).Kv("device", model->device());
+    LogInfo("model_loaded").Kv("model", name).Kv("file", path).Kv("device", model->device())
+        .Kv("decoding", lm.empty() ? "greedy" : "beam search with " + lm);
     RegisterTranscribeKind(std::shared_ptr<AcousticModel>(std::move(model)), &registry);
   } else {
     LogInfo("no_model").Kv("detail", "no --model-file: this worker does not take transcription jobs");

@@ -16,7 +16,9 @@
 #include "common/clock.h"
 #include "common/log.h"
 #include "worker/audio.h"
+#include "worker/char_lm.h"
 #include "worker/checkpoint_store.h"
+#include "worker/ctc_beam.h"
 #include "worker/ctc_model.h"
 #include "worker/features.h"
 
@@ -51,8 +53,14 @@ Status TrainSpec::FromJson(const std::string& text, TrainSpec* out) {
     s.dropout = j.value("dropout", s.dropout);
     s.max_seconds = j.value("max_seconds", s.max_seconds);
     s.spec_augment = j.value("spec_augment", s.spec_augment);
+    s.speed_perturb = j.value("speed_perturb", s.speed_perturb);
+    s.vtlp = j.value("vtlp", s.vtlp);
     s.init = j.value("init", "");
     s.evaluate_only = j.value("evaluate_only", false);
+    s.lm = j.value("lm", "");
+    s.beam = j.value("beam", s.beam);
+    s.lm_weight = j.value("lm_weight", s.lm_weight);
+    s.char_bonus = j.value("char_bonus", s.char_bonus);
     s.combine = j.value("combine", s.combine);
     s.adam_eps = j.value("adam_eps", s.adam_eps);
     s.publish_every = j.value("publish_every", s.publish_every);
@@ -67,8 +75,11 @@ Status TrainSpec::FromJson(const std::string& text, TrainSpec* out) {
   }
   if (s.steps < 1 || s.batch_seconds <= 0 || s.lr <= 0 || s.checkpoint_every < 1 || s.valid_every < 1 ||
       s.channels < 1 || s.hidden < 1 || s.layers < 1 || s.keep < 1 || s.combine < 1 || s.combine > 64 ||
-      s.publish_every < 0 || !(s.adam_eps > 0)) {
-    return Status::Invalid("malformed payload: steps, batch_seconds, lr, sizes and intervals must be positive");
+      s.publish_every < 0 || !(s.adam_eps > 0) || s.beam < 1 || !(s.speed_perturb >= 0 && s.speed_perturb < 0.5) ||
+      !(s.vtlp >= 0 && s.vtlp < 0.5)) {
+    return Status::Invalid(
+        "malformed payload: steps, batch_seconds, lr, sizes and intervals must be positive; speed_perturb and vtlp in "
+        "[0, 0.5)");
   }
   *out = s;
   return Status::Ok();
@@ -80,7 +91,8 @@ std::string TrainSpec::ToJson() const {
             {"checkpoint_every", checkpoint_every}, {"keep", keep}, {"valid_every", valid_every},
             {"valid_max", valid_max}, {"seed", seed}, {"channels", channels}, {"hidden", hidden},
             {"layers", layers}, {"dropout", dropout}, {"max_seconds", max_seconds},
-            {"spec_augment", spec_augment}, {"init", init}, {"evaluate_only", evaluate_only},
+            {"spec_augment", spec_augment}, {"speed_perturb", speed_perturb}, {"vtlp", vtlp}, {"init", init}, {"evaluate_only", evaluate_only},
+            {"lm", lm}, {"beam", beam}, {"lm_weight", lm_weight}, {"char_bonus", char_bonus},
             {"combine", combine}, {"publish_every", publish_every}, {"adam_eps", adam_eps}};
   return j.dump();
 }
@@ -211,17 +223,67 @@ std::vector<size_t> EpochOrder(size_t n, uint64_t seed, int64_t epoch) {
   return order;
 }
 
+// Pads the utterances `idx` into [B, N] float PCM. With speed > 0 (training) each utterance is
+// first resampled by a factor drawn from [1 - speed, 1 + speed] (linear interpolation): like
+// speaking faster or slower with a shorter or longer vocal tract, so tempo, pitch and formants
+// all move. This is what makes voices the model never heard less foreign.
 void MakeBatchTensors(const std::vector<Utterance>& data, const std::vector<size_t>& idx, torch::Tensor* pcm,
-                      torch::Tensor* lengths) {
+                      torch::Tensor* lengths, std::mt19937_64* rng = nullptr, double speed = 0) {
+  std::vector<double> factor(idx.size(), 1.0);
+  std::vector<size_t> len(idx.size());
   size_t longest = 0;
-  for (size_t i : idx) longest = std::max(longest, data[i].pcm.size());
+  for (size_t b = 0; b < idx.size(); ++b) {
+    size_t n = data[idx[b]].pcm.size();
+    if (rng && speed > 0 && n > 1) {
+      factor[b] = std::uniform_real_distribution<double>(1.0 - speed, 1.0 + speed)(*rng);
+      n = static_cast<size_t>(static_cast<double>(n - 1) / factor[b]) + 1;
+    }
+    len[b] = n;
+    longest = std::max(longest, n);
+  }
   *pcm = torch::zeros({static_cast<int64_t>(idx.size()), static_cast<int64_t>(longest)}, torch::kFloat32);
   *lengths = torch::zeros({static_cast<int64_t>(idx.size())}, torch::kInt64);
   auto pa = pcm->accessor<float, 2>();
   for (size_t b = 0; b < idx.size(); ++b) {
     const auto& s = data[idx[b]].pcm;
-    for (size_t t = 0; t < s.size(); ++t) pa[b][t] = s[t] / 32768.0f;
-    (*lengths)[b] = static_cast<int64_t>(s.size());
+    if (factor[b] == 1.0) {
+      for (size_t t = 0; t < s.size(); ++t) pa[b][t] = s[t] / 32768.0f;
+    } else {
+      for (size_t t = 0; t < len[b]; ++t) {
+        double x = t * factor[b];
+        size_t i = std::min(static_cast<size_t>(x), s.size() - 1);
+        size_t j = std::min(i + 1, s.size() - 1);
+        double w = x - static_cast<double>(i);
+        pa[b][t] = static_cast<float>(((1.0 - w) * s[i] + w * s[j]) / 32768.0);
+      }
+    }
+    (*lengths)[b] = static_cast<int64_t>(len[b]);
+  }
+}
+
+// Vocal tract length perturbation on features: utterance b's spectrum is stretched by alpha from
+// [1 - range, 1 + range] (a formant at f moves to alpha * f), by interpolating each mel bin's value
+// at the bin whose centre frequency is f / alpha. Beyond the top bin the top bin repeats.
+void Vtlp(torch::Tensor& feats, std::mt19937_64& rng, double range) {
+  auto mel = [](double f) { return 2595.0 * std::log10(1.0 + f / 700.0); };
+  auto hz = [](double m) { return 700.0 * (std::pow(10.0, m / 2595.0) - 1.0); };
+  const double lo = mel(0.0), hi = mel(kSampleRate / 2.0), step = (hi - lo) / (kMels + 1);
+  for (int64_t b = 0; b < feats.size(0); ++b) {
+    double alpha = std::uniform_real_distribution<double>(1.0 - range, 1.0 + range)(rng);
+    std::vector<int64_t> i0(kMels), i1(kMels);
+    std::vector<float> w(kMels);
+    for (int m = 0; m < kMels; ++m) {
+      double centre = hz(lo + step * (m + 1));
+      double src = (mel(centre / alpha) - lo) / step - 1.0;  // fractional source bin
+      src = std::clamp(src, 0.0, static_cast<double>(kMels - 1));
+      i0[m] = static_cast<int64_t>(src);
+      i1[m] = std::min<int64_t>(i0[m] + 1, kMels - 1);
+      w[m] = static_cast<float>(src - static_cast<double>(i0[m]));
+    }
+    torch::Tensor f = feats[b];
+    torch::Tensor wt = torch::tensor(w);
+    torch::Tensor warped = f.index_select(1, torch::tensor(i0)) * (1 - wt) + f.index_select(1, torch::tensor(i1)) * wt;
+    f.copy_(warped);
   }
 }
 
@@ -254,26 +316,44 @@ double LearningRate(const TrainSpec& s, int64_t step) {
 
 struct Evaluation {
   double cer = 1, wer = 1;
+  double greedy_cer = 1, greedy_wer = 1;  // with an LM: the same model decoded greedily
 };
 
-Evaluation Evaluate(CtcModel& model, const std::vector<Utterance>& valid, size_t max, double batch_seconds) {
+// CER/WER of the model on (the first `max` of) `valid`: greedy, or with `lm` the beam search.
+Evaluation Evaluate(CtcModel& model, const std::vector<Utterance>& valid, size_t max, double batch_seconds,
+                    const CharLm* lm = nullptr, const BeamOptions& beam = {}) {
   torch::NoGradGuard no_grad;
   model->eval();
   std::vector<Utterance> subset(valid.begin(), valid.begin() + std::min(max, valid.size()));
-  std::vector<std::string> refs, hyps;
+  const Vocabulary& vocab = model->config().vocab;
+  std::vector<int> class_symbol(static_cast<size_t>(vocab.size()), 0);
+  if (lm)
+    for (size_t k = 0; k < vocab.chars.size(); ++k) class_symbol[k + 1] = lm->Symbol(vocab.chars[k]);
+  std::vector<std::string> refs, hyps, greedy;
   for (const auto& idx : MakeBatches(subset, batch_seconds)) {
     torch::Tensor pcm, lengths, frames;
     MakeBatchTensors(subset, idx, &pcm, &lengths);
     torch::Tensor feats = LogMel(pcm, lengths, &frames);
     auto [lp, out_frames] = model->forward(feats, frames);
-    auto text = GreedyDecode(lp, out_frames, model->config().vocab);
+    auto text = GreedyDecode(lp, out_frames, vocab);
+    torch::Tensor lpc = lm ? lp.to(torch::kFloat32).contiguous() : torch::Tensor();
     for (size_t b = 0; b < idx.size(); ++b) {
       refs.push_back(subset[idx[b]].text);
-      hyps.push_back(text[b]);
+      greedy.push_back(text[b]);
+      if (lm) {
+        const int64_t n = std::min(out_frames[static_cast<int64_t>(b)].item<int64_t>(), lpc.size(1));
+        auto ids = CtcBeamSearch(lpc[static_cast<int64_t>(b)].data_ptr<float>(), n, lpc.size(2), class_symbol, lm, beam);
+        hyps.push_back(NormalizeText(vocab.Decode(ids)));
+      }
     }
   }
   model->train();
-  return {CharErrorRate(refs, hyps), WordErrorRate(refs, hyps)};
+  Evaluation e;
+  e.greedy_cer = CharErrorRate(refs, greedy);
+  e.greedy_wer = WordErrorRate(refs, greedy);
+  e.cer = lm ? CharErrorRate(refs, hyps) : e.greedy_cer;
+  e.wer = lm ? WordErrorRate(refs, hyps) : e.greedy_wer;
+  return e;
 }
 
 struct Position {
@@ -415,9 +495,20 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
     ASRF_RETURN_IF_ERROR(LoadAll(items, vocab, &data));
     double hours = 0;
     for (const auto& u : data) hours += u.pcm.size() / static_cast<double>(kSampleRate) / 3600.0;
-    Evaluation e = Evaluate(model, data, data.size(), spec.batch_seconds);
+    CharLm lm;
+    if (!spec.lm.empty()) ASRF_RETURN_IF_ERROR(CharLm::Load(spec.lm, &lm));
+    BeamOptions beam;
+    beam.beam = spec.beam;
+    beam.lm_weight = spec.lm_weight;
+    beam.char_bonus = spec.char_bonus;
+    Evaluation e = Evaluate(model, data, data.size(), spec.batch_seconds, spec.lm.empty() ? nullptr : &lm, beam);
     json r = {{"model", spec.init}, {"valid", spec.valid}, {"utterances", data.size()}, {"hours", hours},
               {"valid_cer", e.cer}, {"valid_wer", e.wer}};
+    if (!spec.lm.empty()) {
+      r["lm"] = spec.lm;
+      r["greedy_cer"] = e.greedy_cer;
+      r["greedy_wer"] = e.greedy_wer;
+    }
     *result = r.dump();
     return Status::Ok();
   }
@@ -511,8 +602,9 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
       idx.insert(idx.end(), b.begin(), b.end());
     }
     torch::Tensor pcm, lengths, frames;
-    MakeBatchTensors(train, idx, &pcm, &lengths);
+    MakeBatchTensors(train, idx, &pcm, &lengths, &rng, spec.speed_perturb);
     torch::Tensor feats = LogMel(pcm, lengths, &frames);
+    if (spec.vtlp > 0) Vtlp(feats, rng, spec.vtlp);
     if (spec.spec_augment) SpecAugment(feats, frames, rng);
     std::vector<int64_t> targets, target_lengths;
     for (size_t i : idx) {

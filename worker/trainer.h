@@ -34,8 +34,13 @@ struct TrainSpec {
   double dropout = 0.1;
   double max_seconds = 20;         // longer utterances are an error in the manifest
   bool spec_augment = true;
+  double speed_perturb = 0.15;     // each training utterance is resampled by 1 ± up to this (tempo, pitch, formants)
+  double vtlp = 0.12;              // mel axis warped by 1 ± up to this (vocal tract length); 0 = off
   std::string init;                // optional model file to start from (fine-tuning)
   bool evaluate_only = false;      // with init: only measure CER/WER of that model on `valid`
+  std::string lm;                  // evaluate_only: also decode with this character LM (beam search)
+  int beam = 16;
+  double lm_weight = 0.5, char_bonus = 1.0;
   int combine = 1;                 // batches per rank per step
   double adam_eps = 1e-8;          // Adam's epsilon
   int publish_every = 5;           // every Nth checkpoint goes to PostgreSQL too; 0 = never
