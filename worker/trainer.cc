@@ -16,6 +16,7 @@
 #include "common/clock.h"
 #include "common/log.h"
 #include "worker/audio.h"
+#include "worker/augment.h"
 #include "worker/char_lm.h"
 #include "worker/checkpoint_store.h"
 #include "worker/ctc_beam.h"
@@ -224,67 +225,32 @@ std::vector<size_t> EpochOrder(size_t n, uint64_t seed, int64_t epoch) {
 }
 
 // Pads the utterances `idx` into [B, N] float PCM. With speed > 0 (training) each utterance is
-// first resampled by a factor drawn from [1 - speed, 1 + speed] (linear interpolation): like
-// speaking faster or slower with a shorter or longer vocal tract, so tempo, pitch and formants
-// all move. This is what makes voices the model never heard less foreign.
+// first played at a speed drawn from [1 - speed, 1 + speed] (worker/augment.h).
 void MakeBatchTensors(const std::vector<Utterance>& data, const std::vector<size_t>& idx, torch::Tensor* pcm,
                       torch::Tensor* lengths, std::mt19937_64* rng = nullptr, double speed = 0) {
   std::vector<double> factor(idx.size(), 1.0);
   std::vector<size_t> len(idx.size());
   size_t longest = 0;
   for (size_t b = 0; b < idx.size(); ++b) {
-    size_t n = data[idx[b]].pcm.size();
-    if (rng && speed > 0 && n > 1) {
-      factor[b] = std::uniform_real_distribution<double>(1.0 - speed, 1.0 + speed)(*rng);
-      n = static_cast<size_t>(static_cast<double>(n - 1) / factor[b]) + 1;
-    }
-    len[b] = n;
-    longest = std::max(longest, n);
+    if (rng && speed > 0) factor[b] = std::uniform_real_distribution<double>(1.0 - speed, 1.0 + speed)(*rng);
+    len[b] = SpeedChangedLength(data[idx[b]].pcm.size(), factor[b]);
+    longest = std::max(longest, len[b]);
   }
   *pcm = torch::zeros({static_cast<int64_t>(idx.size()), static_cast<int64_t>(longest)}, torch::kFloat32);
   *lengths = torch::zeros({static_cast<int64_t>(idx.size())}, torch::kInt64);
-  auto pa = pcm->accessor<float, 2>();
+  float* p = pcm->data_ptr<float>();
   for (size_t b = 0; b < idx.size(); ++b) {
     const auto& s = data[idx[b]].pcm;
-    if (factor[b] == 1.0) {
-      for (size_t t = 0; t < s.size(); ++t) pa[b][t] = s[t] / 32768.0f;
-    } else {
-      for (size_t t = 0; t < len[b]; ++t) {
-        double x = t * factor[b];
-        size_t i = std::min(static_cast<size_t>(x), s.size() - 1);
-        size_t j = std::min(i + 1, s.size() - 1);
-        double w = x - static_cast<double>(i);
-        pa[b][t] = static_cast<float>(((1.0 - w) * s[i] + w * s[j]) / 32768.0);
-      }
-    }
+    SpeedChange(s.data(), s.size(), factor[b], p + b * longest);
     (*lengths)[b] = static_cast<int64_t>(len[b]);
   }
 }
 
-// Vocal tract length perturbation on features: utterance b's spectrum is stretched by alpha from
-// [1 - range, 1 + range] (a formant at f moves to alpha * f), by interpolating each mel bin's value
-// at the bin whose centre frequency is f / alpha. Beyond the top bin the top bin repeats.
+// Vocal tract length perturbation: each utterance's mel axis stretched by a factor from
+// [1 - range, 1 + range] (worker/augment.h).
 void Vtlp(torch::Tensor& feats, std::mt19937_64& rng, double range) {
-  auto mel = [](double f) { return 2595.0 * std::log10(1.0 + f / 700.0); };
-  auto hz = [](double m) { return 700.0 * (std::pow(10.0, m / 2595.0) - 1.0); };
-  const double lo = mel(0.0), hi = mel(kSampleRate / 2.0), step = (hi - lo) / (kMels + 1);
-  for (int64_t b = 0; b < feats.size(0); ++b) {
-    double alpha = std::uniform_real_distribution<double>(1.0 - range, 1.0 + range)(rng);
-    std::vector<int64_t> i0(kMels), i1(kMels);
-    std::vector<float> w(kMels);
-    for (int m = 0; m < kMels; ++m) {
-      double centre = hz(lo + step * (m + 1));
-      double src = (mel(centre / alpha) - lo) / step - 1.0;  // fractional source bin
-      src = std::clamp(src, 0.0, static_cast<double>(kMels - 1));
-      i0[m] = static_cast<int64_t>(src);
-      i1[m] = std::min<int64_t>(i0[m] + 1, kMels - 1);
-      w[m] = static_cast<float>(src - static_cast<double>(i0[m]));
-    }
-    torch::Tensor f = feats[b];
-    torch::Tensor wt = torch::tensor(w);
-    torch::Tensor warped = f.index_select(1, torch::tensor(i0)) * (1 - wt) + f.index_select(1, torch::tensor(i1)) * wt;
-    f.copy_(warped);
-  }
+  for (int64_t b = 0; b < feats.size(0); ++b)
+    WarpMelAxis(feats[b], std::uniform_real_distribution<double>(1.0 - range, 1.0 + range)(rng));
 }
 
 // SpecAugment: two frequency masks (up to 15 bins) and two time masks (up to 40 frames, at most

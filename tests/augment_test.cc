@@ -1,0 +1,92 @@
+// Training-time augmentation (worker/augment.h): a speed change moves a tone's frequency and the
+// length by the factor; a mel-axis warp by alpha moves a tone's peak to where alpha times its
+// frequency peaks; alpha 1 changes nothing; out-of-range settings are refused in a train payload.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include <torch/torch.h>
+#include <torch/fft.h>
+
+#include "worker/augment.h"
+#include "worker/features.h"
+#include "worker/trainer.h"
+
+namespace asrf::testing {
+namespace {
+
+std::vector<int16_t> Tone(double hz, double seconds) {
+  std::vector<int16_t> s(static_cast<size_t>(seconds * kSampleRate));
+  for (size_t i = 0; i < s.size(); ++i) s[i] = static_cast<int16_t>(8000 * std::sin(2 * M_PI * hz * i / kSampleRate));
+  return s;
+}
+
+// Frequency from upward zero crossings.
+double Frequency(const std::vector<float>& x) {
+  int crossings = 0;
+  for (size_t i = 1; i < x.size(); ++i) crossings += x[i - 1] < 0 && x[i] >= 0;
+  return crossings * static_cast<double>(kSampleRate) / static_cast<double>(x.size());
+}
+
+TEST(AugmentTest, SpeedChangeMovesFrequencyAndLength) {
+  auto tone = Tone(440, 1.0);
+  for (double f : {0.85, 1.0, 1.15}) {
+    size_t n = SpeedChangedLength(tone.size(), f);
+    EXPECT_NEAR(static_cast<double>(n), tone.size() / f, 1.0) << f;
+    std::vector<float> out(n);
+    SpeedChange(tone.data(), tone.size(), f, out.data());
+    EXPECT_NEAR(Frequency(out), 440 * f, 440 * f * 0.01) << f;
+    if (f == 1.0) {
+      for (size_t i = 0; i < n; ++i) ASSERT_EQ(out[i], tone[i] / 32768.0f);
+    }
+  }
+  EXPECT_EQ(SpeedChangedLength(0, 1.1), 0u);
+  EXPECT_EQ(SpeedChangedLength(1, 1.1), 1u);
+}
+
+int64_t PeakBin(const torch::Tensor& feats) {  // [T, 80]: the bin highest on average
+  return feats.mean(0).argmax().item<int64_t>();
+}
+
+// Log-mel energies of one 25 ms Hann-windowed frame of a tone, before the per-utterance
+// normalisation (which would hide where a steady tone is): [1, 80].
+torch::Tensor Features(double hz) {
+  auto tone = Tone(hz, 0.025);
+  torch::Tensor frame = torch::zeros({kFrameLength});
+  for (int64_t i = 0; i < kFrameLength; ++i) frame[i] = tone[static_cast<size_t>(i)] / 32768.0f;
+  frame = frame * torch::hann_window(kFrameLength, /*periodic=*/true);
+  torch::Tensor power = torch::view_as_real(torch::fft::rfft(frame, kFft)).square().sum(-1);
+  return torch::log(torch::matmul(power, MelFilterbank()) + 1e-6).unsqueeze(0);
+}
+
+TEST(AugmentTest, MelWarpMovesAFormantByAlpha) {
+  for (double hz : {600.0, 1500.0, 3000.0}) {
+    for (double alpha : {0.88, 1.12}) {
+      torch::Tensor f = Features(hz).clone();
+      WarpMelAxis(f, alpha);
+      EXPECT_NEAR(PeakBin(f), PeakBin(Features(hz * alpha)), 1) << hz << " Hz, alpha " << alpha;
+      EXPECT_NE(PeakBin(f), PeakBin(Features(hz))) << hz << " Hz, alpha " << alpha;
+    }
+  }
+  torch::Tensor f = torch::randn({50, kMels});
+  torch::Tensor same = f.clone();
+  WarpMelAxis(same, 1.0);
+  EXPECT_LT((same - f).abs().max().item<double>(), 1e-5);
+}
+
+TEST(AugmentTest, TrainPayloadRefusesOutOfRangeAugmentation) {
+  TrainSpec s;
+  const std::string base = R"({"manifest": "t.jsonl", "valid": "v.jsonl", "name": "m")";
+  EXPECT_TRUE(TrainSpec::FromJson(base + "}", &s).ok());
+  EXPECT_DOUBLE_EQ(s.speed_perturb, 0.15);
+  EXPECT_DOUBLE_EQ(s.vtlp, 0.12);
+  EXPECT_TRUE(TrainSpec::FromJson(base + R"(, "speed_perturb": 0, "vtlp": 0})", &s).ok());
+  EXPECT_EQ(TrainSpec::FromJson(base + R"(, "speed_perturb": 0.6})", &s).code(), Status::Code::kInvalid);
+  EXPECT_EQ(TrainSpec::FromJson(base + R"(, "vtlp": -0.1})", &s).code(), Status::Code::kInvalid);
+  EXPECT_EQ(TrainSpec::FromJson(base + R"(, "vtlp": "a lot"})", &s).code(), Status::Code::kInvalid);
+}
+
+}  // namespace
+}  // namespace asrf::testing

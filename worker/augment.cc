@@ -1,0 +1,50 @@
+#include "worker/augment.h"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include <ATen/ATen.h>
+
+#include "worker/features.h"
+
+namespace asrf {
+
+size_t SpeedChangedLength(size_t n, double factor) {
+  if (n <= 1 || !(factor > 0)) return n;
+  return static_cast<size_t>(static_cast<double>(n - 1) / factor) + 1;
+}
+
+void SpeedChange(const int16_t* in, size_t n, double factor, float* out) {
+  const size_t m = SpeedChangedLength(n, factor);
+  if (n == 0) return;
+  for (size_t t = 0; t < m; ++t) {
+    double x = static_cast<double>(t) * factor;
+    size_t i = std::min(static_cast<size_t>(x), n - 1);
+    size_t j = std::min(i + 1, n - 1);
+    double w = x - static_cast<double>(i);
+    out[t] = static_cast<float>(((1.0 - w) * in[i] + w * in[j]) / 32768.0);
+  }
+}
+
+void WarpMelAxis(torch::Tensor features, double alpha) {
+  auto mel = [](double f) { return 2595.0 * std::log10(1.0 + f / 700.0); };
+  auto hz = [](double m) { return 700.0 * (std::pow(10.0, m / 2595.0) - 1.0); };
+  const double lo = mel(0.0), hi = mel(kSampleRate / 2.0), step = (hi - lo) / (kMels + 1);
+  std::vector<int64_t> i0(kMels), i1(kMels);
+  std::vector<float> w(kMels);
+  for (int m = 0; m < kMels; ++m) {
+    const double centre = hz(lo + step * (m + 1));  // the centre of mel filter m (MelFilterbank)
+    double src = (mel(centre / alpha) - lo) / step - 1.0;
+    src = std::clamp(src, 0.0, static_cast<double>(kMels - 1));
+    i0[m] = static_cast<int64_t>(src);
+    i1[m] = std::min<int64_t>(i0[m] + 1, kMels - 1);
+    w[m] = static_cast<float>(src - static_cast<double>(i0[m]));
+  }
+  torch::Tensor wt = torch::tensor(w).to(features.device());
+  torch::Tensor a = features.index_select(1, torch::tensor(i0).to(features.device()));
+  torch::Tensor b = features.index_select(1, torch::tensor(i1).to(features.device()));
+  features.copy_(a * (1 - wt) + b * wt);
+}
+
+}  // namespace asrf

@@ -1,0 +1,26 @@
+// Training-time augmentation of audio and features that makes voices outside the training data
+// less foreign: speed change (tempo, pitch and formants move together) and vocal tract length
+// perturbation (the spectrum is stretched on the mel axis).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <torch/types.h>
+
+namespace asrf {
+
+// Samples of `n` input samples played `factor` times as fast.
+size_t SpeedChangedLength(size_t n, double factor);
+
+// Writes SpeedChangedLength(n, factor) samples to `out` (scaled to [-1, 1)): the input read at
+// t * factor, linearly interpolated.
+void SpeedChange(const int16_t* in, size_t n, double factor, float* out);
+
+// Stretches one utterance's features [T, 80] (schema/features.md) by `alpha` on the frequency
+// axis: the value at mel bin m becomes the value at the bin whose centre frequency is
+// centre(m) / alpha (interpolated), so a formant at f moves to alpha * f. Beyond the top bin the
+// top bin repeats. In place.
+void WarpMelAxis(torch::Tensor features, double alpha);
+
+}  // namespace asrf
