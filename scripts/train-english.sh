@@ -5,7 +5,8 @@
 #   scripts/train-english.sh [--work DIR] [--utterances N] [--steps N] [--shards K]
 #
 # Everything lives under --work (default asrf-state/english): data/, broker/, worker/, logs.
-# The final model goes to models/en-small.pt. Prints the job's progress lines.
+# The final model goes to models/en-small.pt, its language model (when missing) to
+# models/en-small.lm. Prints the job's progress lines.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -16,7 +17,7 @@ while (($#)); do
         --utterances) utterances="$2"; shift 2 ;;
         --steps) steps="$2"; shift 2 ;;
         --shards) shards="$2"; shift 2 ;;
-        -h|--help) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -36,6 +37,15 @@ if [[ ! -s "$data/train.jsonl" ]]; then
     for split in train valid valid_heldout; do cat "$data/$split".*.jsonl >"$data/$split.jsonl"; done
 fi
 echo "english: $(wc -l <"$data/train.jsonl") train, $(wc -l <"$data/valid.jsonl") valid, $(wc -l <"$data/valid_heldout.jsonl") held-out-voice utterances"
+
+# The language model of the beam search: the training split of the sentence pool (never a
+# validation sentence) and the training manifest's texts (the spoken number strings).
+if [[ ! -s models/en-small.lm ]]; then
+    build/scripts/synth/asr-synth --list-sentences --out "$data" | awk -F'\t' '$1 == "train" {print $2}' \
+        >"$work/lm-sentences.txt"
+    build/scripts/lm/asr-lm --input "$work/lm-sentences.txt" --input "$data/train.jsonl" --order 6 \
+        --out models/en-small.lm
+fi
 
 build/broker/asr-broker --listen tcp://127.0.0.1:0 --state-dir "$work/broker" --http "" >>"$work/broker.log" 2>&1 &
 broker=$!
