@@ -256,6 +256,55 @@ TEST_F(TranscribeTest, AJobForAModelNoWorkerHasWaitsAndSaysWhy) {
   EXPECT_EQ(StatusCounts(b.endpoint, "k1").queued, 1);
 }
 
+// A worker finds MODEL.lm beside its --model-file and decodes by beam search with it (here a
+// language model of number strings from another synthesiser seed); the transcripts are as good
+// as greedy decoding's bound. A damaged language model stops the worker at start with the reason.
+TEST_F(TranscribeTest, WorkerDecodesWithTheLanguageModelBesideItsModel) {
+  TempDir t;
+  RunResult synth = RunCommand({ASRF_SYNTH_BIN, "--out", t / "lmtext", "--utterances", "60", "--seed", "77",
+                                "--numbers-fraction", "1", "--valid-fraction", "0", "--heldout-fraction", "0"},
+                               120000);
+  ASSERT_EQ(synth.code, 0) << synth.err;
+  fs::create_directories(t / "m");
+  fs::copy_file(kModel, t / "m/digits.pt");
+  RunResult lm = RunCommand({ASRF_LM_BIN, "--input", t / "lmtext/train.jsonl", "--order", "5", "--out", t / "m/digits.lm"});
+  ASSERT_EQ(lm.code, 0) << lm.err;
+
+  BrokerProc b = StartBroker(t / "broker", t / "broker.log");
+  Proc w = StartWorker(b.endpoint, t / "worker", t / "worker.log", {"--model-file", t / "m/digits.pt"});
+  ASSERT_TRUE(WaitFor([&] { return Submit(b.endpoint, {"workers"}).out.find("cpu") != std::string::npos; }, 60000))
+      << ReadFile(t / "worker.log");
+  EXPECT_NE(ReadFile(t / "worker.log").find("beam search with " + std::string(t / "m/digits.lm")), std::string::npos)
+      << ReadFile(t / "worker.log");
+  std::string in = t / "in";
+  fs::create_directories(in);
+  for (int i = 0; i < 6; ++i) fs::copy_file((*utts_)[i].wav, in + "/u" + std::to_string(i) + ".wav");
+  RunResult r = Submit(b.endpoint, {"transcribe", in, "--out", t / "out", "--format", "txt,json", "--wait"}, 120000);
+  ASSERT_EQ(r.code, 0) << r.out << r.err;
+  size_t errors = 0, chars = 0;
+  for (int i = 0; i < 6; ++i) {
+    std::string ref = (*utts_)[i].text, hyp = Trim(ReadFile(t / ("out/u" + std::to_string(i) + ".txt")));
+    errors += Edit(ref, hyp);
+    chars += ref.size();
+    json j = json::parse(ReadFile(t / ("out/u" + std::to_string(i) + ".json")), nullptr, false);
+    ASSERT_FALSE(j.is_discarded());
+    ASSERT_FALSE(j["segments"].empty());
+    EXPECT_FALSE(j["segments"][0]["words"].empty()) << j.dump();
+    for (const auto& word : j["segments"][0]["words"]) {  // times from the alignment: ordered, inside the audio
+      EXPECT_LE(word["start"].get<double>(), word["end"].get<double>()) << word.dump();
+      EXPECT_GT(word["confidence"].get<double>(), 0.0) << word.dump();
+    }
+  }
+  EXPECT_LE(static_cast<double>(errors) / static_cast<double>(chars), 0.15);
+
+  std::ofstream(t / "bad.lm") << "ASRFCLM1 but not really";
+  RunResult bad = RunCommand({ASRF_WORKER_BIN, "--broker", b.endpoint, "--state-dir", t / "w2", "--model-file", kModel,
+                              "--lm", t / "bad.lm"},
+                             60000);
+  EXPECT_EQ(bad.code, 2);
+  EXPECT_NE(bad.err.find("language model"), std::string::npos) << bad.err;
+}
+
 TEST_F(TranscribeTest, AudioInFlightStaysBoundedWithoutWait) {
   TempDir t;
   BrokerProc b = StartBroker(t / "broker", t / "broker.log");
