@@ -406,6 +406,8 @@ int RunTrain(const GlobalOptions& g, const std::vector<std::string>& args) {
       ("beam", po::value<int>()->default_value(16), "with --lm: prefixes kept per frame")
       ("lm-weight", po::value<double>()->default_value(0.5), "with --lm: weight of the language model")
       ("char-bonus", po::value<double>()->default_value(1.0), "with --lm: score added per emitted character")
+      ("oov-penalty", po::value<double>()->default_value(-2.0),
+       "with --lm: score added when a word ends that the language model's lexicon does not have")
       ("world-size", po::value<uint32_t>()->default_value(1),
        "data-parallel ranks: K > 1 gang-schedules K ranks on K idle workers at once (Gloo on CPU); each step "
        "takes K batches, one per rank")
@@ -449,7 +451,8 @@ int RunTrain(const GlobalOptions& g, const std::vector<std::string>& args) {
                   {"dropout", vm["dropout"].as<double>()}, {"adam_eps", vm["adam-eps"].as<double>()}, {"spec_augment", !vm["no-spec-augment"].as<bool>()},
                   {"speed_perturb", vm["speed-perturb"].as<double>()}, {"vtlp", vm["vtlp"].as<double>()},
                   {"lm", absolute(vm["lm"].as<std::string>())}, {"beam", vm["beam"].as<int>()},
-                  {"lm_weight", vm["lm-weight"].as<double>()}, {"char_bonus", vm["char-bonus"].as<double>()}};
+                  {"lm_weight", vm["lm-weight"].as<double>()}, {"char_bonus", vm["char-bonus"].as<double>()},
+                  {"oov_penalty", vm["oov-penalty"].as<double>()}};
   if (vm["evaluate-only"].as<bool>() && init.empty()) {
     std::cerr << "asr-submit: --evaluate-only needs --init MODEL\n";
     return kExitUsage;

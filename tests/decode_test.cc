@@ -97,6 +97,34 @@ TEST(CharLmTest, SaveLoadRoundTripAndDamagedFiles) {
   EXPECT_EQ(st.code(), Status::Code::kCorruption) << st.ToString();
 }
 
+TEST(CharLmTest, KnowsTheWordsOfItsSentences) {
+  TempDir dir;
+  CharLm lm = Build(4);
+  for (const char* w : {"the", "cat", "mat", "flat", "dogs"}) EXPECT_TRUE(lm.HasWord(CharLm::WordHash(w))) << w;
+  for (const char* w : {"ca", "cats and", "dog", "", "thecat"}) EXPECT_FALSE(lm.HasWord(CharLm::WordHash(w))) << w;
+  ASSERT_TRUE(lm.Save(dir / "x.lm").ok());
+  CharLm back;
+  ASSERT_TRUE(CharLm::Load(dir / "x.lm", &back).ok());
+  EXPECT_EQ(back.words(), lm.words());
+  EXPECT_TRUE(back.HasWord(CharLm::WordHash("hat")));
+  // A file of the first format (no lexicon) still loads, without words.
+  std::string bytes;
+  {
+    std::ifstream in(dir / "x.lm", std::ios::binary);
+    bytes.assign(std::istreambuf_iterator<char>(in), {});
+  }
+  std::string v1 = bytes.substr(0, bytes.size() - 8 - 8 * lm.words());
+  v1[7] = '1';
+  std::ofstream(dir / "v1.lm", std::ios::binary) << v1;
+  Status st = CharLm::Load(dir / "v1.lm", &back);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  EXPECT_EQ(back.words(), 0u);
+  EXPECT_EQ(back.ngrams(), lm.ngrams());
+  // A lexicon cut short is damage.
+  std::ofstream(dir / "cut.lm", std::ios::binary) << bytes.substr(0, bytes.size() - 4);
+  EXPECT_EQ(CharLm::Load(dir / "cut.lm", &back).code(), Status::Code::kCorruption);
+}
+
 TEST(CharLmTest, BadBuildArguments) {
   CharLm lm;
   EXPECT_EQ(CharLm::Build(Corpus(), kAlphabet, 0, &lm).code(), Status::Code::kInvalid);
@@ -202,7 +230,44 @@ TEST(CtcBeamTest, TheLanguageModelDecidesAnAmbiguousFrame) {
   EXPECT_EQ(text(CtcBeamSearch(lp.data(), T, V, symbols, nullptr, o)), "the car");
   EXPECT_EQ(text(CtcBeamSearch(lp.data(), T, V, symbols, &lm, o)), "the cat");
   o.lm_weight = 0;
+  o.oov_penalty = 0;
   EXPECT_EQ(text(CtcBeamSearch(lp.data(), T, V, symbols, &lm, o)), "the car");
+}
+
+TEST(CtcBeamTest, AWordOutsideTheLexiconCostsTheOovPenalty) {
+  CharLm lm = Build(5);
+  const int64_t V = static_cast<int64_t>(kAlphabet.size()) + 1;
+  std::vector<int> symbols(static_cast<size_t>(V), 0);
+  for (size_t k = 0; k < kAlphabet.size(); ++k) symbols[k + 1] = lm.Symbol(kAlphabet[k]);
+  auto cls = [&](char c) { return static_cast<int64_t>(kAlphabet.find(c)) + 1; };
+  // "the ca?" heard as q (0.5) rather than t (0.4): "caq" is no word of the lexicon, "cat" is.
+  std::vector<float> lp;
+  auto frame = [&](std::map<int64_t, double> p) {
+    double rest = 1.0;
+    for (auto& [k, v] : p) rest -= v;
+    for (int64_t v = 0; v < V; ++v) {
+      double x = p.count(v) ? p[v] : rest / static_cast<double>(V - static_cast<int64_t>(p.size()));
+      lp.push_back(static_cast<float>(std::log(x)));
+    }
+  };
+  for (char c : std::string("the ca")) {
+    frame({{cls(c), 0.97}});
+    frame({{0, 0.97}});
+  }
+  frame({{cls('q'), 0.5}, {cls('t'), 0.4}});
+  frame({{0, 0.97}});
+  const int64_t T = static_cast<int64_t>(lp.size()) / V;
+  auto text = [&](const std::vector<int64_t>& ids) {
+    std::string s;
+    for (int64_t id : ids) s += kAlphabet[static_cast<size_t>(id - 1)];
+    return s;
+  };
+  BeamOptions o;
+  o.lm_weight = 0;  // the lexicon alone
+  o.oov_penalty = 0;
+  EXPECT_EQ(text(CtcBeamSearch(lp.data(), T, V, symbols, &lm, o)), "the caq");
+  o.oov_penalty = -2;
+  EXPECT_EQ(text(CtcBeamSearch(lp.data(), T, V, symbols, &lm, o)), "the cat");
 }
 
 TEST(CtcBeamTest, AlignmentPutsTokensOnTheirFrames) {

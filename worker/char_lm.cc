@@ -10,7 +10,8 @@ namespace asrf {
 
 namespace {
 
-constexpr char kMagic[8] = {'A', 'S', 'R', 'F', 'C', 'L', 'M', '1'};
+constexpr char kMagic[8] = {'A', 'S', 'R', 'F', 'C', 'L', 'M', '2'};
+constexpr char kMagicNoLexicon[8] = {'A', 'S', 'R', 'F', 'C', 'L', 'M', '1'};
 
 uint64_t Mask(int symbols) { return symbols >= 12 ? ~0ull : ((1ull << (5 * symbols)) - 1); }
 
@@ -101,6 +102,15 @@ Status CharLm::Build(const std::vector<std::string>& sentences, const std::strin
     }
     while (seq.size() > static_cast<size_t>(order - 1) && seq.back() == lm.Symbol(' ')) seq.pop_back();
     if (seq.size() == static_cast<size_t>(order - 1)) continue;
+    uint64_t word = kEmptyWord;
+    for (size_t i = static_cast<size_t>(order - 1); i <= seq.size(); ++i) {
+      if (i == seq.size() || seq[i] == lm.Symbol(' ')) {
+        if (word != kEmptyWord) lm.words_.insert(word);
+        word = kEmptyWord;
+      } else {
+        word = ExtendWordHash(word, alphabet[static_cast<size_t>(seq[i] - 1)]);
+      }
+    }
     seq.push_back(eos);
     ++used;
     for (size_t i = static_cast<size_t>(order - 1); i < seq.size(); ++i) {
@@ -130,6 +140,10 @@ Status CharLm::Save(const std::string& path) const {
     Put<uint64_t>(&b, k);
     Put<uint32_t>(&b, c);
   }
+  std::vector<uint64_t> words(words_.begin(), words_.end());
+  std::sort(words.begin(), words.end());
+  Put<uint64_t>(&b, words.size());
+  for (uint64_t w : words) Put<uint64_t>(&b, w);
   std::string tmp = path + ".tmp";
   {
     std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
@@ -145,8 +159,9 @@ Status CharLm::Load(const std::string& path, CharLm* out) {
   if (!f) return Status::NotFound("language model " + path + " cannot be read");
   std::string b((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
   auto bad = [&](const std::string& why) { return Status::Corruption("language model " + path + ": " + why); };
-  if (b.size() < sizeof(kMagic) || std::memcmp(b.data(), kMagic, sizeof(kMagic)) != 0) {
-    return bad("not a language model file (no ASRFCLM1 header)");
+  const bool lexicon = b.size() >= sizeof(kMagic) && std::memcmp(b.data(), kMagic, sizeof(kMagic)) == 0;
+  if (!lexicon && (b.size() < sizeof(kMagic) || std::memcmp(b.data(), kMagicNoLexicon, sizeof(kMagic)) != 0)) {
+    return bad("not a language model file (no ASRFCLM2 or ASRFCLM1 header)");
   }
   size_t pos = sizeof(kMagic);
   uint32_t order = 0, asize = 0;
@@ -158,7 +173,7 @@ Status CharLm::Load(const std::string& path, CharLm* out) {
   lm.order_ = static_cast<int>(order);
   lm.alphabet_ = b.substr(pos, asize);
   pos += asize;
-  if (!Get(b, &pos, &n) || (b.size() - pos) / 12 != n || (b.size() - pos) % 12 != 0) {
+  if (!Get(b, &pos, &n) || (b.size() - pos) / 12 < n || (!lexicon && b.size() - pos != n * 12)) {
     return bad("the n-gram table does not match the file's size");
   }
   lm.counts_.reserve(n);
@@ -170,6 +185,18 @@ Status CharLm::Load(const std::string& path, CharLm* out) {
     (void)Get(b, &pos, &c);
     if (k > max_key || c == 0) return bad("n-gram " + std::to_string(i) + " is out of range");
     lm.counts_.emplace(k, c);
+  }
+  if (lexicon) {
+    uint64_t w = 0;
+    if (!Get(b, &pos, &w) || (b.size() - pos) / 8 != w || (b.size() - pos) % 8 != 0) {
+      return bad("the lexicon does not match the file's size");
+    }
+    lm.words_.reserve(w);
+    for (uint64_t i = 0; i < w; ++i) {
+      uint64_t h = 0;
+      (void)Get(b, &pos, &h);
+      lm.words_.insert(h);
+    }
   }
   lm.Index();
   *out = std::move(lm);

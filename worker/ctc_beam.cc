@@ -23,6 +23,7 @@ struct Node {
   int64_t parent;
   int64_t id;
   uint64_t context;
+  uint64_t word;  // hash of the characters since the last space (CharLm::WordHash)
   double ext;
   std::vector<std::pair<int64_t, int64_t>> children;  // class -> node
 };
@@ -32,18 +33,30 @@ struct Node {
 std::vector<int64_t> CtcBeamSearch(const float* lp, int64_t T, int64_t V, const std::vector<int>& class_symbol,
                                    const CharLm* lm, const BeamOptions& o) {
   std::vector<Node> nodes;
-  nodes.push_back({-1, 0, lm ? lm->Start() : 0, 0.0, {}});
+  nodes.push_back({-1, 0, lm ? lm->Start() : 0, CharLm::kEmptyWord, 0.0, {}});
+  const bool lexicon = lm && lm->words() > 0 && o.oov_penalty != 0;
+  const int space = lm ? lm->Symbol(' ') : -1;
+  // The penalty for the word a prefix ends with, when the lexicon does not know it.
+  auto unknown = [&](uint64_t word) {
+    return lexicon && word != CharLm::kEmptyWord && !lm->HasWord(word) ? o.oov_penalty : 0.0;
+  };
   auto child = [&](int64_t n, int64_t c) -> int64_t {
     for (const auto& [k, i] : nodes[n].children)
       if (k == c) return i;
     double ext = o.char_bonus;
-    uint64_t ctx = nodes[n].context;
+    uint64_t ctx = nodes[n].context, word = nodes[n].word;
     if (lm) {
       int sym = c < static_cast<int64_t>(class_symbol.size()) ? class_symbol[c] : 0;
       ext += o.lm_weight * lm->LogProb(ctx, sym);
       if (sym > 0) ctx = lm->Next(ctx, sym);
+      if (sym == space) {
+        ext += unknown(word);
+        word = CharLm::kEmptyWord;
+      } else {
+        word = CharLm::ExtendWordHash(word, sym > 0 ? lm->alphabet()[static_cast<size_t>(sym - 1)] : '\x01');
+      }
     }
-    nodes.push_back({n, c, ctx, ext, {}});
+    nodes.push_back({n, c, ctx, word, ext, {}});
     int64_t i = static_cast<int64_t>(nodes.size()) - 1;
     nodes[n].children.emplace_back(c, i);
     return i;
@@ -116,7 +129,7 @@ std::vector<int64_t> CtcBeamSearch(const float* lp, int64_t T, int64_t V, const 
   double best_score = kNegInf;
   for (const Entry& e : beam) {
     double s = LogAdd(e.pb, e.pnb);
-    if (lm) s += o.lm_weight * lm->LogProb(nodes[e.node].context, lm->End());
+    if (lm) s += o.lm_weight * lm->LogProb(nodes[e.node].context, lm->End()) + unknown(nodes[e.node].word);
     if (s > best_score) {
       best_score = s;
       best = e.node;

@@ -15,6 +15,7 @@ struct BeamOptions {
   double lm_weight = 0.5;     // weight of the language model's log-probability
   double char_bonus = 1.0;    // added per emitted character (balances the LM's cost per character)
   double prune_log_prob = -8; // classes below this log-probability at a frame are not tried
+  double oov_penalty = -2.0;  // added when a word ends that the LM's lexicon does not have (0 = off)
 };
 
 // `class_symbol[k]` is the LM symbol of class k (0: the blank, or a class the LM does not know,

@@ -50,6 +50,9 @@ int main(int argc, char** argv) {
        "weight of the language model's log-probability in the beam search")
       ("char-bonus", po::value<double>()->default_value(BeamOptions().char_bonus),
        "score added per emitted character in the beam search (offsets the language model's cost per character)")
+      ("oov-penalty", po::value<double>()->default_value(BeamOptions().oov_penalty),
+       "score added in the beam search when a word ends that the language model's lexicon does not have "
+       "(negative: prefer real words; 0 = off)")
       ("max-batch-frames", po::value<int64_t>()->default_value(48000),
        "feature frames (10 ms each, padding included) per device micro-batch; lower it when memory is short")
       ("advertise-host", po::value(&o.advertise_host)->default_value(""),
@@ -127,6 +130,7 @@ int main(int argc, char** argv) {
     mo.beam.beam = vm["beam"].as<int>();
     mo.beam.lm_weight = vm["lm-weight"].as<double>();
     mo.beam.char_bonus = vm["char-bonus"].as<double>();
+    mo.beam.oov_penalty = vm["oov-penalty"].as<double>();
     if (mo.beam.beam < 1) {
       std::cerr << "asr-worker: --beam must be at least 1\n";
       return 2;

@@ -62,6 +62,7 @@ Status TrainSpec::FromJson(const std::string& text, TrainSpec* out) {
     s.beam = j.value("beam", s.beam);
     s.lm_weight = j.value("lm_weight", s.lm_weight);
     s.char_bonus = j.value("char_bonus", s.char_bonus);
+    s.oov_penalty = j.value("oov_penalty", s.oov_penalty);
     s.combine = j.value("combine", s.combine);
     s.adam_eps = j.value("adam_eps", s.adam_eps);
     s.publish_every = j.value("publish_every", s.publish_every);
@@ -94,6 +95,7 @@ std::string TrainSpec::ToJson() const {
             {"layers", layers}, {"dropout", dropout}, {"max_seconds", max_seconds},
             {"spec_augment", spec_augment}, {"speed_perturb", speed_perturb}, {"vtlp", vtlp}, {"init", init}, {"evaluate_only", evaluate_only},
             {"lm", lm}, {"beam", beam}, {"lm_weight", lm_weight}, {"char_bonus", char_bonus},
+            {"oov_penalty", oov_penalty},
             {"combine", combine}, {"publish_every", publish_every}, {"adam_eps", adam_eps}};
   return j.dump();
 }
@@ -467,6 +469,7 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
     beam.beam = spec.beam;
     beam.lm_weight = spec.lm_weight;
     beam.char_bonus = spec.char_bonus;
+    beam.oov_penalty = spec.oov_penalty;
     Evaluation e = Evaluate(model, data, data.size(), spec.batch_seconds, spec.lm.empty() ? nullptr : &lm, beam);
     json r = {{"model", spec.init}, {"valid", spec.valid}, {"utterances", data.size()}, {"hours", hours},
               {"valid_cer", e.cer}, {"valid_wer", e.wer}};

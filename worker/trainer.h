@@ -40,7 +40,7 @@ struct TrainSpec {
   bool evaluate_only = false;      // with init: only measure CER/WER of that model on `valid`
   std::string lm;                  // evaluate_only: also decode with this character LM (beam search)
   int beam = 16;
-  double lm_weight = 0.5, char_bonus = 1.0;
+  double lm_weight = 0.5, char_bonus = 1.0, oov_penalty = -2.0;
   int combine = 1;                 // batches per rank per step
   double adam_eps = 1e-8;          // Adam's epsilon
   int publish_every = 5;           // every Nth checkpoint goes to PostgreSQL too; 0 = never
