@@ -3,7 +3,8 @@
 # (RTFx) through the whole fleet (client decode + segmentation, broker batching, worker inference,
 # outputs written), on a mixed set of short utterances and long files, with the broker's batching
 # (defaults) and with batches of one segment (--batch-max-items 1). Prints both and the padding
-# ratio the broker reports on /metrics.
+# ratio the broker reports on /metrics. Workers decode with the model's language model (MODEL.lm,
+# beam search) when it has one; a third run decodes greedily (--lm none) to show what that costs.
 #
 #   bench/transcribe_throughput.sh [--model FILE] [--short N] [--long N] [--workers N]
 set -euo pipefail
@@ -64,7 +65,7 @@ run() {  # label, broker options...
     ep="$(<"$st/broker/broker.endpoint")"
     http="$(<"$st/broker/http.endpoint")"
     mapfile -t wp < <(scripts/launch-workers.sh --broker "$ep" --state-dir "$st" --log-dir "$st" \
-        --cpu-workers "$workers" --model-file "$model" 2>/dev/null)
+        --cpu-workers "$workers" --model-file "$model" -- "${worker_args[@]}" 2>/dev/null)
     pids+=("${wp[@]}")
     for _ in $(seq 300); do
         (($(build/client/asr-submit --broker "$ep" workers 2>/dev/null | grep -c .) >= workers)) && break
@@ -83,5 +84,11 @@ print(f"{sys.argv[4]:<28} wall {t:7.2f} s   RTFx {a/t:7.1f}   padding ratio {flo
     kill "${wp[@]}" 2>/dev/null || true
     wait "${wp[@]}" 2>/dev/null || true
 }
+worker_args=()
 run batched
 run batch-size-1 --batch-max-items 1
+lm="${model%.*}.lm"
+if [[ -s "$lm" ]]; then
+    worker_args=(--lm none)
+    run batched-greedy-decoding
+fi
