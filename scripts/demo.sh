@@ -3,7 +3,8 @@
 # (a private PostgreSQL cluster under the state dir via scripts/pg-local.sh, a broker, and workers
 # via scripts/launch-workers.sh: one per GPU, or 2 CPU workers), makes sample speech with
 # espeak-ng/flite, transcribes it with `asr-submit transcribe --wait` using the shipped English
-# model (models/en-small.pt: a first, small model; see bench/RESULTS.md for its error rates),
+# model (models/en-small.pt, a small model trained on synthetic speech, decoded with its language
+# model models/en-small.lm; see bench/RESULTS.md for its error rates),
 # prints the transcripts beside the reference text and where the results live, then stops the
 # fleet (workers first, so they drain; then the broker; then PostgreSQL).
 #
@@ -241,7 +242,9 @@ wait "$SUBMIT_PID" || rc=$?
 SUBMIT_PID=""
 say "asr-submit exited with $rc"
 
-say "transcripts (model $(basename "$MODEL"); reference text in brackets):"
+lm_note="greedy decoding"
+[[ -s "${MODEL%.*}.lm" ]] && lm_note="beam search with $(basename "${MODEL%.*}.lm")"
+say "transcripts (model $(basename "$MODEL"), $lm_note; reference text in brackets):"
 while IFS=$'\t' read -r wav text; do
     txt="$OUT/$(basename "${wav%.*}").txt"
     printf '  %s: %s\n      [%s]\n' "$(basename "$wav")" "$(tr '\n' ' ' <"$txt" 2>/dev/null || echo '(missing)')" "$text"
