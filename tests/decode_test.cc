@@ -95,6 +95,16 @@ TEST(CharLmTest, SaveLoadRoundTripAndDamagedFiles) {
   EXPECT_EQ(st.code(), Status::Code::kCorruption) << st.ToString();
   st = CharLm::Load(write("empty.lm", ""), &back);
   EXPECT_EQ(st.code(), Status::Code::kCorruption) << st.ToString();
+  // The first n-gram record (after magic, order, alphabet size, alphabet, n) with symbol 0.
+  const size_t first = 8 + 4 + 4 + kAlphabet.size() + 8;
+  std::string zero_symbol = bytes;
+  zero_symbol[first] = static_cast<char>(zero_symbol[first] & ~31);
+  st = CharLm::Load(write("symbol.lm", zero_symbol), &back);
+  EXPECT_EQ(st.code(), Status::Code::kCorruption) << st.ToString();
+  std::string no_space = bytes;
+  no_space[16] = 'x';  // the alphabet's space
+  st = CharLm::Load(write("space.lm", no_space), &back);
+  EXPECT_EQ(st.code(), Status::Code::kCorruption) << st.ToString();
 }
 
 TEST(CharLmTest, KnowsTheWordsOfItsSentences) {

@@ -395,6 +395,16 @@ TEST_F(ScriptTest, BeamSearchWithALanguageModelKeepsTextAndTimes) {
   EXPECT_EQ(b[0].text, "ab cca");
   ExpectSame(a, b, "beam vs greedy");
 
+  // A language model for other characters is refused, not used to drop every letter.
+  CharLm other;
+  ASSERT_TRUE(CharLm::Build({"xyz zy"}, " xyz", 3, &other).ok());
+  ASSERT_TRUE(other.Save(dir_ / "xyz.lm").ok());
+  o.lm = dir_ / "xyz.lm";
+  std::unique_ptr<AcousticModel> wrong;
+  st = LoadAcousticModel(model_path(), "", o, &wrong);
+  EXPECT_EQ(st.code(), Status::Code::kInvalid) << st.ToString();
+  EXPECT_NE(st.message().find("covers only 1 of the model's 4 characters"), std::string::npos) << st.ToString();
+
   std::ofstream(dir_ / "bad.lm") << "not a language model";
   o.lm = dir_ / "bad.lm";
   std::unique_ptr<AcousticModel> m;

@@ -290,9 +290,13 @@ TEST_F(TranscribeTest, WorkerDecodesWithTheLanguageModelBesideItsModel) {
     ASSERT_FALSE(j.is_discarded());
     ASSERT_FALSE(j["segments"].empty());
     EXPECT_FALSE(j["segments"][0]["words"].empty()) << j.dump();
+    double prev_end = 0;
     for (const auto& word : j["segments"][0]["words"]) {  // times from the alignment: ordered, inside the audio
       EXPECT_LE(word["start"].get<double>(), word["end"].get<double>()) << word.dump();
+      EXPECT_GE(word["start"].get<double>(), prev_end - 1e-9) << word.dump();
+      EXPECT_LE(word["end"].get<double>(), j["duration_s"].get<double>() + 1e-3) << word.dump();
       EXPECT_GT(word["confidence"].get<double>(), 0.0) << word.dump();
+      prev_end = word["end"].get<double>();
     }
   }
   EXPECT_LE(static_cast<double>(errors) / static_cast<double>(chars), 0.15);

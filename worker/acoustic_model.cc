@@ -187,11 +187,23 @@ class CtcAcousticModel : public AcousticModel {
   std::vector<int> class_symbol_;
 
  public:
-  void SetLanguageModel(std::shared_ptr<const CharLm> lm) {
+  // Maps each single-character token (lowercased) to its symbol in `lm`. Invalid when no letter
+  // of the vocabulary is in the language model's alphabet (then it is for another vocabulary).
+  Status SetLanguageModel(std::shared_ptr<const CharLm> lm) {
     lm_ = std::move(lm);
     class_symbol_.assign(tokens_.size(), 0);
-    for (size_t k = 1; k < tokens_.size(); ++k)
-      if (tokens_.text[k].size() == 1) class_symbol_[k] = lm_->Symbol(tokens_.text[k][0]);
+    size_t chars = 0, known = 0;
+    for (size_t k = 1; k < tokens_.size(); ++k) {
+      if (tokens_.text[k].size() != 1) continue;
+      ++chars;
+      class_symbol_[k] = lm_->Symbol(static_cast<char>(std::tolower(static_cast<unsigned char>(tokens_.text[k][0]))));
+      known += class_symbol_[k] != 0;
+    }
+    if (chars > 0 && known * 2 < chars) {
+      return Status::Invalid("the language model's alphabet \"" + lm_->alphabet() + "\" covers only " +
+                             std::to_string(known) + " of the model's " + std::to_string(chars) + " characters");
+    }
+    return Status::Ok();
   }
 
  private:
@@ -278,8 +290,9 @@ void CtcAcousticModel::RunBatch(const std::vector<std::span<const int16_t>>& utt
       em = CtcAlign(lp, n, V, ids);
       if (em.empty() && !ids.empty()) {  // no alignment within float range: the greedy path
         std::vector<float> p(static_cast<size_t>(n));
-        for (int64_t t = 0; t < n; ++t) p[static_cast<size_t>(t)] = std::exp(lp[t * V + best[b][t].item<int64_t>()]);
-        em = GreedyEmissions(best[b].data_ptr<int64_t>(), p.data(), n);
+        const int64_t* ids_best = best[b].data_ptr<int64_t>();
+        for (int64_t t = 0; t < n; ++t) p[static_cast<size_t>(t)] = std::exp(lp[t * V + ids_best[t]]);
+        em = GreedyEmissions(ids_best, p.data(), n);
       }
     } else {
       em = GreedyEmissions(best[b].data_ptr<int64_t>(), prob[b].data_ptr<float>(), n);
@@ -419,7 +432,7 @@ Status LoadAcousticModel(const std::string& path, const std::string& name, const
       native->eval();
       auto model = std::make_unique<NativeModel>(model_name, device, opts, native);
       ASRF_RETURN_IF_ERROR(model->Bind().WithContext("model " + path));
-      if (lm) model->SetLanguageModel(lm);
+      if (lm) ASRF_RETURN_IF_ERROR(model->SetLanguageModel(lm).WithContext("language model " + opts.lm));
       *out = std::move(model);
       return Status::Ok();
     });
@@ -444,7 +457,7 @@ Status LoadAcousticModel(const std::string& path, const std::string& name, const
   module.eval();
   auto model = std::make_unique<ScriptModel>(model_name, device, opts, std::move(tokens), std::move(module));
   ASRF_RETURN_IF_ERROR(model->Probe().WithContext("model " + path));
-  if (lm) model->SetLanguageModel(lm);
+  if (lm) ASRF_RETURN_IF_ERROR(model->SetLanguageModel(lm).WithContext("language model " + opts.lm));
   *out = std::move(model);
   return Status::Ok();
 }

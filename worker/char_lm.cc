@@ -30,6 +30,19 @@ bool Get(const std::string& in, size_t* pos, T* v) {
   return true;
 }
 
+// The alphabet of a model: 1..kMaxAlphabet distinct characters, the space among them.
+Status CheckAlphabet(const std::string& alphabet) {
+  if (alphabet.empty() || alphabet.size() > static_cast<size_t>(CharLm::kMaxAlphabet)) {
+    return Status::Invalid("language model alphabet must have 1.." + std::to_string(CharLm::kMaxAlphabet) +
+                           " characters");
+  }
+  if (alphabet.find(' ') == std::string::npos) return Status::Invalid("language model alphabet needs the space");
+  for (size_t i = 0; i < alphabet.size(); ++i)
+    if (alphabet.find(alphabet[i], i + 1) != std::string::npos)
+      return Status::Invalid(std::string("language model alphabet repeats '") + alphabet[i] + "'");
+  return Status::Ok();
+}
+
 }  // namespace
 
 int CharLm::Symbol(char c) const {
@@ -58,7 +71,8 @@ double CharLm::LogProb(uint64_t context, int symbol) const {
     if (c == contexts_.end()) break;  // a longer context is not seen either
     auto n = counts_.find((h << 5) | static_cast<uint64_t>(symbol));
     const double count = n == counts_.end() ? 0.0 : n->second;
-    p = (count + c->second.types * p) / (c->second.total + c->second.types);
+    const double types = static_cast<double>(c->second.types), total = static_cast<double>(c->second.total);
+    p = (count + types * p) / (total + types);
   }
   return std::log(p);
 }
@@ -78,10 +92,7 @@ Status CharLm::Build(const std::vector<std::string>& sentences, const std::strin
   if (order < 1 || order > kMaxOrder) {
     return Status::Invalid("language model order must be 1.." + std::to_string(kMaxOrder));
   }
-  if (alphabet.empty() || alphabet.size() > static_cast<size_t>(kMaxAlphabet)) {
-    return Status::Invalid("language model alphabet must have 1.." + std::to_string(kMaxAlphabet) + " characters");
-  }
-  if (alphabet.find(' ') == std::string::npos) return Status::Invalid("language model alphabet needs the space");
+  ASRF_RETURN_IF_ERROR(CheckAlphabet(alphabet));
   CharLm lm;
   lm.order_ = order;
   lm.alphabet_ = alphabet;
@@ -173,6 +184,7 @@ Status CharLm::Load(const std::string& path, CharLm* out) {
   lm.order_ = static_cast<int>(order);
   lm.alphabet_ = b.substr(pos, asize);
   pos += asize;
+  if (Status st = CheckAlphabet(lm.alphabet_); !st.ok()) return bad(st.message());
   if (!Get(b, &pos, &n) || (b.size() - pos) / 12 < n || (!lexicon && b.size() - pos != n * 12)) {
     return bad("the n-gram table does not match the file's size");
   }
@@ -183,7 +195,11 @@ Status CharLm::Load(const std::string& path, CharLm* out) {
     uint32_t c = 0;
     (void)Get(b, &pos, &k);
     (void)Get(b, &pos, &c);
-    if (k > max_key || c == 0) return bad("n-gram " + std::to_string(i) + " is out of range");
+    // The predicted symbol is a character or the end (never 0 or the begin symbol).
+    const uint64_t sym = k & 31;
+    if (k > max_key || c == 0 || sym == 0 || sym > asize + 2 || sym == asize + 1) {
+      return bad("n-gram " + std::to_string(i) + " is out of range");
+    }
     lm.counts_.emplace(k, c);
   }
   if (lexicon) {

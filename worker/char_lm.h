@@ -63,8 +63,8 @@ class CharLm {
 
  private:
   struct Context {
-    uint32_t total = 0;  // occurrences of the context followed by anything
-    uint32_t types = 0;  // distinct symbols that followed it
+    uint64_t total = 0;  // occurrences of the context followed by anything
+    uint64_t types = 0;  // distinct symbols that followed it
   };
   void Index();  // fills contexts_ from counts_
 

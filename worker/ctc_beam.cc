@@ -145,6 +145,8 @@ std::vector<AlignedToken> CtcAlign(const float* lp, int64_t T, int64_t V, const 
   const int64_t L = static_cast<int64_t>(ids.size());
   const int64_t S = 2 * L + 1;
   if (L == 0 || T <= 0) return {};
+  for (int64_t id : ids)
+    if (id < 1 || id >= V) return {};
   auto label = [&](int64_t s) { return s % 2 == 0 ? int64_t{0} : ids[static_cast<size_t>(s / 2)]; };
   std::vector<double> prev(S, kNegInf), cur(S, kNegInf);
   std::vector<uint8_t> back(static_cast<size_t>(T * S), 0);  // 0: stay, 1: from s-1, 2: from s-2

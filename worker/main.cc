@@ -1,4 +1,5 @@
 // asr-worker: runs jobs for the broker on one device. See `asr-worker --help`.
+#include <cmath>
 #include <csignal>
 #include <filesystem>
 #include <iostream>
@@ -131,8 +132,9 @@ int main(int argc, char** argv) {
     mo.beam.lm_weight = vm["lm-weight"].as<double>();
     mo.beam.char_bonus = vm["char-bonus"].as<double>();
     mo.beam.oov_penalty = vm["oov-penalty"].as<double>();
-    if (mo.beam.beam < 1) {
-      std::cerr << "asr-worker: --beam must be at least 1\n";
+    if (mo.beam.beam < 1 || !std::isfinite(mo.beam.lm_weight) || !std::isfinite(mo.beam.char_bonus) ||
+        !std::isfinite(mo.beam.oov_penalty)) {
+      std::cerr << "asr-worker: --beam must be at least 1; --lm-weight, --char-bonus and --oov-penalty finite numbers\n";
       return 2;
     }
     std::string name = vm["model-name"].as<std::string>();

@@ -69,6 +69,9 @@ Status TrainSpec::FromJson(const std::string& text, TrainSpec* out) {
   } catch (const std::exception& e) {
     return Status::Invalid(std::string("malformed payload: ") + e.what());
   }
+  if (!s.lm.empty() && !s.evaluate_only) {
+    return Status::Invalid("malformed payload: lm (beam-search decoding) applies to evaluate_only jobs only");
+  }
   if (s.evaluate_only && (s.init.empty() || s.valid.empty())) {
     return Status::Invalid("malformed payload: evaluate_only needs init (a model file) and valid");
   }
@@ -77,7 +80,8 @@ Status TrainSpec::FromJson(const std::string& text, TrainSpec* out) {
   }
   if (s.steps < 1 || s.batch_seconds <= 0 || s.lr <= 0 || s.checkpoint_every < 1 || s.valid_every < 1 ||
       s.channels < 1 || s.hidden < 1 || s.layers < 1 || s.keep < 1 || s.combine < 1 || s.combine > 64 ||
-      s.publish_every < 0 || !(s.adam_eps > 0) || s.beam < 1 || !(s.speed_perturb >= 0 && s.speed_perturb < 0.5) ||
+      s.publish_every < 0 || !(s.adam_eps > 0) || s.beam < 1 || !std::isfinite(s.lm_weight) ||
+      !std::isfinite(s.char_bonus) || !std::isfinite(s.oov_penalty) || !(s.speed_perturb >= 0 && s.speed_perturb < 0.5) ||
       !(s.vtlp >= 0 && s.vtlp < 0.5)) {
     return Status::Invalid(
         "malformed payload: steps, batch_seconds, lr, sizes and intervals must be positive; speed_perturb and vtlp in "
@@ -457,14 +461,14 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
   const Vocabulary& vocab = model->config().vocab;
 
   if (spec.evaluate_only) {
+    CharLm lm;  // first: a bad path fails before any audio is read
+    if (!spec.lm.empty()) ASRF_RETURN_IF_ERROR(CharLm::Load(spec.lm, &lm));
     std::vector<ManifestItem> items;
     ASRF_RETURN_IF_ERROR(ReadManifest(spec.valid, vocab.chars, spec.max_seconds, &items));
     std::vector<Utterance> data;
     ASRF_RETURN_IF_ERROR(LoadAll(items, vocab, &data));
     double hours = 0;
     for (const auto& u : data) hours += u.pcm.size() / static_cast<double>(kSampleRate) / 3600.0;
-    CharLm lm;
-    if (!spec.lm.empty()) ASRF_RETURN_IF_ERROR(CharLm::Load(spec.lm, &lm));
     BeamOptions beam;
     beam.beam = spec.beam;
     beam.lm_weight = spec.lm_weight;

@@ -82,22 +82,24 @@ int main(int argc, char** argv) {
     size_t chars = 0;
     for (const auto& s : sentences) {
       uint64_t ctx = lm.Start();
-      bool space = true;
       auto score = [&](int sym) {
         nll -= lm.LogProb(ctx, sym);
         ++chars;
         ctx = lm.Next(ctx, sym);
       };
+      // As Build reads a sentence: other characters break words, no leading, double or trailing
+      // space (a space is scored only when a character follows it).
+      bool started = false, pending_space = false;
       for (char raw : s) {
         char c = static_cast<char>(std::tolower(static_cast<unsigned char>(raw)));
         int sym = lm.Symbol(c);
         if (sym == 0 || c == ' ') {
-          if (space) continue;
-          space = true;
-          score(lm.Symbol(' '));
+          pending_space = started;
           continue;
         }
-        space = false;
+        if (pending_space) score(lm.Symbol(' '));
+        pending_space = false;
+        started = true;
         score(sym);
       }
       nll -= lm.LogProb(ctx, lm.End());
