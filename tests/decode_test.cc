@@ -207,77 +207,60 @@ TEST(CtcBeamTest, FindsTheMostProbableSequenceWithoutALanguageModel) {
   EXPECT_GT(greedy_differs, 0) << "the trials never separate beam search from greedy decoding";
 }
 
-TEST(CtcBeamTest, TheLanguageModelDecidesAnAmbiguousFrame) {
-  CharLm lm = Build(5);
-  // Classes: blank, then the alphabet (class k + 1 is kAlphabet[k]), as a project model has them.
-  const int64_t V = static_cast<int64_t>(kAlphabet.size()) + 1;
-  std::vector<int> symbols(static_cast<size_t>(V), 0);
-  for (size_t k = 0; k < kAlphabet.size(); ++k) symbols[k + 1] = lm.Symbol(kAlphabet[k]);
-  auto cls = [&](char c) { return static_cast<int64_t>(kAlphabet.find(c)) + 1; };
-  // "the ca?" with the last letter heard as r (0.5) rather than t (0.4); a blank between letters.
+// "the ca?" as a project model's posteriors (blank, then class k + 1 = kAlphabet[k]): each letter
+// sure (0.97) with a blank between, the last letter heard as `first` (0.5) or `second` (0.4).
+struct Ambiguous {
+  int64_t V = static_cast<int64_t>(kAlphabet.size()) + 1, T = 0;
   std::vector<float> lp;
-  auto frame = [&](std::map<int64_t, double> p) {
+  std::vector<int> symbols;
+
+  Ambiguous(const CharLm& lm, char first, char second) {
+    symbols.assign(static_cast<size_t>(V), 0);
+    for (size_t k = 0; k < kAlphabet.size(); ++k) symbols[k + 1] = lm.Symbol(kAlphabet[k]);
+    for (char c : std::string("the ca")) {
+      Frame({{Class(c), 0.97}});
+      Frame({{0, 0.97}});
+    }
+    Frame({{Class(first), 0.5}, {Class(second), 0.4}});
+    Frame({{0, 0.97}});
+    T = static_cast<int64_t>(lp.size()) / V;
+  }
+  static int64_t Class(char c) { return static_cast<int64_t>(kAlphabet.find(c)) + 1; }
+  void Frame(std::map<int64_t, double> p) {
     double rest = 1.0;
     for (auto& [k, v] : p) rest -= v;
     for (int64_t v = 0; v < V; ++v) {
       double x = p.count(v) ? p[v] : rest / static_cast<double>(V - static_cast<int64_t>(p.size()));
       lp.push_back(static_cast<float>(std::log(x)));
     }
-  };
-  for (char c : std::string("the ca")) {
-    frame({{cls(c), 0.97}});
-    frame({{0, 0.97}});
   }
-  frame({{cls('r'), 0.5}, {cls('t'), 0.4}});
-  frame({{0, 0.97}});
-  const int64_t T = static_cast<int64_t>(lp.size()) / V;
-  auto text = [&](const std::vector<int64_t>& ids) {
+  std::string Decode(const CharLm* lm, const BeamOptions& o) const {
     std::string s;
-    for (int64_t id : ids) s += kAlphabet[static_cast<size_t>(id - 1)];
+    for (int64_t id : CtcBeamSearch(lp.data(), T, V, symbols, lm, o)) s += kAlphabet[static_cast<size_t>(id - 1)];
     return s;
-  };
+  }
+};
+
+TEST(CtcBeamTest, TheLanguageModelDecidesAnAmbiguousFrame) {
+  CharLm lm = Build(5);
+  Ambiguous a(lm, 'r', 't');  // "the cat" twice in the corpus, "the car" once
   BeamOptions o;
-  EXPECT_EQ(text(CtcBeamSearch(lp.data(), T, V, symbols, nullptr, o)), "the car");
-  EXPECT_EQ(text(CtcBeamSearch(lp.data(), T, V, symbols, &lm, o)), "the cat");
+  EXPECT_EQ(a.Decode(nullptr, o), "the car");
+  EXPECT_EQ(a.Decode(&lm, o), "the cat");
   o.lm_weight = 0;
   o.oov_penalty = 0;
-  EXPECT_EQ(text(CtcBeamSearch(lp.data(), T, V, symbols, &lm, o)), "the car");
+  EXPECT_EQ(a.Decode(&lm, o), "the car");
 }
 
 TEST(CtcBeamTest, AWordOutsideTheLexiconCostsTheOovPenalty) {
   CharLm lm = Build(5);
-  const int64_t V = static_cast<int64_t>(kAlphabet.size()) + 1;
-  std::vector<int> symbols(static_cast<size_t>(V), 0);
-  for (size_t k = 0; k < kAlphabet.size(); ++k) symbols[k + 1] = lm.Symbol(kAlphabet[k]);
-  auto cls = [&](char c) { return static_cast<int64_t>(kAlphabet.find(c)) + 1; };
-  // "the ca?" heard as q (0.5) rather than t (0.4): "caq" is no word of the lexicon, "cat" is.
-  std::vector<float> lp;
-  auto frame = [&](std::map<int64_t, double> p) {
-    double rest = 1.0;
-    for (auto& [k, v] : p) rest -= v;
-    for (int64_t v = 0; v < V; ++v) {
-      double x = p.count(v) ? p[v] : rest / static_cast<double>(V - static_cast<int64_t>(p.size()));
-      lp.push_back(static_cast<float>(std::log(x)));
-    }
-  };
-  for (char c : std::string("the ca")) {
-    frame({{cls(c), 0.97}});
-    frame({{0, 0.97}});
-  }
-  frame({{cls('q'), 0.5}, {cls('t'), 0.4}});
-  frame({{0, 0.97}});
-  const int64_t T = static_cast<int64_t>(lp.size()) / V;
-  auto text = [&](const std::vector<int64_t>& ids) {
-    std::string s;
-    for (int64_t id : ids) s += kAlphabet[static_cast<size_t>(id - 1)];
-    return s;
-  };
+  Ambiguous a(lm, 'q', 't');  // "caq" is no word of the lexicon, "cat" is
   BeamOptions o;
   o.lm_weight = 0;  // the lexicon alone
   o.oov_penalty = 0;
-  EXPECT_EQ(text(CtcBeamSearch(lp.data(), T, V, symbols, &lm, o)), "the caq");
+  EXPECT_EQ(a.Decode(&lm, o), "the caq");
   o.oov_penalty = -2;
-  EXPECT_EQ(text(CtcBeamSearch(lp.data(), T, V, symbols, &lm, o)), "the cat");
+  EXPECT_EQ(a.Decode(&lm, o), "the cat");
 }
 
 TEST(CtcBeamTest, AlignmentPutsTokensOnTheirFrames) {
