@@ -20,6 +20,7 @@ PACKAGES=(
     libboost-program-options-dev nlohmann-json3-dev libcpp-httplib-dev
     libgtest-dev libgmock-dev
     libsndfile1-dev libsoxr-dev libespeak-ng-dev espeak-ng flite1-dev flite
+    festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts
     postgresql python3-yaml
     chromium curl fortunes fortunes-min
     libopenblas0-openmp

@@ -1,7 +1,8 @@
 // asr-synth, the training-data synthesiser, run as a real process: the same seed gives identical
 // manifests and byte-identical wav files, another seed gives other output, no sentence is in both
 // train and valid, the held-out voices appear only in valid_heldout.jsonl, every wav is 16 kHz mono
-// with the duration its manifest states, shards partition the utterances, and bad arguments fail.
+// with the duration its manifest states, shards partition the utterances, the optional Festival
+// voices are deterministic and never held out, and bad arguments fail.
 #include <gtest/gtest.h>
 
 #include <cstdint>
@@ -252,6 +253,71 @@ TEST(SynthShards, ShardsPartitionTheUtterances) {
   EXPECT_TRUE(fs::exists(parts / "summary.1.json"));
 }
 
+bool HaveFestival() {
+  for (const char* dir : {"/usr/bin", "/usr/local/bin"})
+    if (fs::exists(fs::path(dir) / "festival")) return true;
+  return false;
+}
+
+// --festival-share 1: every train and valid utterance comes from one of the three Festival voices,
+// held-out utterances still from the held-out voices; same seed, same bytes; 16 kHz mono PCM.
+TEST(SynthFestival, FestivalVoicesAreDeterministicAndNeverHeldOut) {
+  if (!HaveFestival()) GTEST_SKIP() << "festival is not installed (Debian: festival festvox-kdlpc16k ...)";
+  const std::set<std::string> festival_voices = {"kal_diphone", "ked_diphone", "cmu_us_slt_arctic_hts"};
+  TempDir a, b;
+  for (TempDir* d : {&a, &b}) {
+    RunResult r = RunCommand(SynthArgs(d->path(), 24, 11, {"--festival-share", "1"}), 60000);
+    ASSERT_EQ(r.code, 0) << r.err;
+  }
+  auto fa = Files(a.path()), fb = Files(b.path());
+  ASSERT_EQ(fa.size(), fb.size());
+  for (const auto& [name, body] : fa) {
+    ASSERT_TRUE(fb.count(name)) << name;
+    EXPECT_EQ(Replace(body, Prefix(&a), "DIR"), Replace(fb[name], Prefix(&b), "DIR")) << name << " differs";
+    EXPECT_EQ(name.find(".festival"), std::string::npos) << "scratch file left: " << name;
+  }
+  std::set<std::string> seen;
+  int n = 0;
+  for (std::string split : {"train", "valid", "valid_heldout"}) {
+    for (const auto& j : ReadJsonl(a / (split + ".jsonl"))) {
+      ++n;
+      std::string voice = j["voice"], engine = j["engine"], audio = j["audio"];
+      if (split == "valid_heldout") {
+        EXPECT_TRUE(kHeldoutVoices.count(voice)) << j.dump();
+        EXPECT_NE(engine, "festival");
+      } else {
+        EXPECT_EQ(engine, "festival") << j.dump();
+        EXPECT_TRUE(festival_voices.count(voice)) << j.dump();
+        seen.insert(voice);
+      }
+      WavInfo w = ProbeWav(audio);
+      ASSERT_TRUE(w.ok) << audio;
+      EXPECT_EQ(w.rate, 16000);
+      EXPECT_EQ(w.channels, 1);
+      EXPECT_NEAR(w.frames / 16000.0, j["duration"].get<double>(), 0.001) << audio;
+      EXPECT_GE(j["duration"].get<double>(), 0.3);
+    }
+  }
+  EXPECT_EQ(n, 24);
+  EXPECT_GE(seen.size(), 2u);  // 24 draws over weights 0.25/0.45/0.30
+  auto summary = json::parse(fa["summary.json"], nullptr, false);
+  ASSERT_TRUE(summary.is_object());
+  EXPECT_GT(summary["engines"]["festival"]["utterances"].get<int>(), 0);
+}
+
+// Without festival on PATH a run that asks for it stops at start and says what to install; a run
+// without --festival-share does not need it.
+TEST(SynthFestival, MissingFestivalIsAClearError) {
+  TempDir t;
+  RunResult r = RunCommand({"/usr/bin/env", "PATH=/nonexistent", ASRF_SYNTH_BIN, "--out", t / "a", "--utterances", "2",
+                            "--festival-share", "0.5"},
+                           30000);
+  EXPECT_EQ(r.code, 1) << r.err;
+  EXPECT_NE(r.err.find("cannot run festival"), std::string::npos) << r.err;
+  r = RunCommand({"/usr/bin/env", "PATH=/nonexistent", ASRF_SYNTH_BIN, "--out", t / "b", "--utterances", "2"}, 30000);
+  EXPECT_EQ(r.code, 0) << r.err;
+}
+
 TEST(SynthErrors, BadArgumentsFail) {
   RunResult r = RunCommand({ASRF_SYNTH_BIN, "--out", "/proc/forbidden", "--utterances", "3"}, 30000);
   EXPECT_NE(r.code, 0);
@@ -262,6 +328,8 @@ TEST(SynthErrors, BadArgumentsFail) {
   r = RunCommand({ASRF_SYNTH_BIN, "--no-such-option"}, 30000);
   EXPECT_EQ(r.code, 2) << r.err;
   r = RunCommand({ASRF_SYNTH_BIN, "--shards", "2", "--shard", "2"}, 30000);
+  EXPECT_EQ(r.code, 2) << r.err;
+  r = RunCommand({ASRF_SYNTH_BIN, "--festival-share", "1.5"}, 30000);
   EXPECT_EQ(r.code, 2) << r.err;
 
   TempDir t;

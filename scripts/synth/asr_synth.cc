@@ -30,6 +30,12 @@
 //   espeak-ng en-gb-scotland+f3, espeak-ng en-us-nyc+m5, flite rms.
 // rms ignores flite's F0 settings, so its pitch is varied by a speed change of 0.9-1.1 instead.
 //
+// Festival (optional, --festival-share > 0): that share of the train and valid utterances is made
+// instead by one `festival --pipe` child with kal_diphone, ked_diphone and cmu_us_slt_arctic_hts
+// (weights 0.25, 0.45, 0.30), duration stretch 0.8-1.25 and a speed change of 0.9-1.1 for pitch.
+// Held-out utterances never use it. With the share at 0 (default) festival is not started and the
+// output is byte-identical to what this program made before Festival was added.
+//
 // Augmentation. Engine silence is trimmed, the speech is levelled to -23 dBFS RMS and then gets a
 // random gain of -6..+6 dB (scaled down when the peak would exceed 0.97 of full scale); on
 // --noise-fraction of the utterances white, pink or brown noise is added at an SNR (against the
@@ -60,6 +66,11 @@ cst_voice* register_cmu_us_awb(const char* voxdir);
 cst_voice* register_cmu_us_rms(const char* voxdir);
 cst_voice* register_cmu_us_slt(const char* voxdir);
 }
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -668,7 +679,8 @@ int WordCount(const std::string& s) {
 // ---------------------------------------------------------------------------------------------
 // Voices and engines.
 
-enum class Engine { kEspeak, kFlite };
+enum class Engine { kEspeak, kFlite, kFestival };
+const char* const kEngineNames[] = {"espeak", "flite", "festival"};
 
 struct Voice {
   Engine engine;
@@ -688,6 +700,11 @@ const char* const kHeldoutEspeak[] = {"en-gb-scotland+f3", "en-us-nyc+m5"};
 const char* const kFliteNames[] = {"kal16", "awb", "rms", "slt"};
 const double kFliteWeights[] = {0.45, 0.30, 0.0, 0.25};  // rms is held out
 const char* const kHeldoutFlite = "rms";
+// Festival voices (Debian: festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts), used
+// only with --festival-share > 0. kal and slt are the speakers of flite's kal16 and slt through
+// other synthesisers (residual-excited LPC diphones, HTS); ked is a speaker no other engine has.
+const char* const kFestivalNames[] = {"kal_diphone", "ked_diphone", "cmu_us_slt_arctic_hts"};
+const double kFestivalWeights[] = {0.25, 0.45, 0.30};
 
 struct SynthParams {
   // espeak
@@ -795,6 +812,142 @@ class FliteEngine {
  private:
   cst_voice* voices_[4] = {};
   float f0_mean_[4] = {};
+};
+
+// One `festival --pipe` child for the run. A request is a few Scheme forms on its stdin; the
+// child writes a marker line to its stderr (unbuffered) when they are done, so every error line it
+// printed for the request comes before the marker. The wave goes through a file in the output
+// directory. Festival's synthesis has no random element: the same text and settings give the same
+// samples.
+class FestivalEngine {
+ public:
+  FestivalEngine() = default;
+  FestivalEngine(const FestivalEngine&) = delete;
+  FestivalEngine& operator=(const FestivalEngine&) = delete;
+  ~FestivalEngine() { Stop(); }
+
+  Status Init(const std::string& wav_path) {
+    wav_path_ = wav_path;
+    signal(SIGPIPE, SIG_IGN);  // a festival that died shows up as a failed write, not a dead run
+    int in[2], err[2];
+    if (pipe2(in, O_CLOEXEC) != 0) return Status::IOError(std::string("pipe: ") + std::strerror(errno));
+    if (pipe2(err, O_CLOEXEC) != 0) {
+      close(in[0]), close(in[1]);
+      return Status::IOError(std::string("pipe: ") + std::strerror(errno));
+    }
+    pid_ = fork();
+    if (pid_ < 0) return Status::IOError(std::string("fork: ") + std::strerror(errno));
+    if (pid_ == 0) {
+      dup2(in[0], 0);
+      dup2(err[1], 2);
+      int devnull = open("/dev/null", O_WRONLY);
+      if (devnull >= 0) dup2(devnull, 1);
+      execlp("festival", "festival", "--pipe", static_cast<char*>(nullptr));
+      dprintf(2, "asr-synth-exec-failed %s\n", std::strerror(errno));
+      _exit(127);
+    }
+    close(in[0]);
+    close(err[1]);
+    to_ = fdopen(in[1], "w");
+    from_ = fdopen(err[0], "r");
+    if (!to_ || !from_) return Status::IOError("fdopen failed");
+    std::vector<std::string> lines;
+    Status st = Request("(define (asrf-say txt out) (utt.save.wave (utt.synth (eval (list 'Utterance 'Text txt))) out 'riff))",
+                        &lines);
+    if (!st.ok()) return st;
+    for (const auto& l : lines)
+      if (l.rfind("asr-synth-exec-failed", 0) == 0)
+        return Status::NotFound("cannot run festival (" + l.substr(22) +
+                                "); Debian: apt-get install festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts");
+    for (const char* v : kFestivalNames) {
+      ASRF_RETURN_IF_ERROR(Request(std::string("(voice_") + v + ")", &lines));
+      if (!lines.empty())
+        return Status::NotFound(std::string("festival voice ") + v + " does not load (" + lines.front() +
+                                "); Debian: festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts");
+    }
+    current_.clear();
+    return Status::Ok();
+  }
+
+  Status Synth(const Voice& v, const std::string& text, const SynthParams& p, std::vector<float>* out, int* rate) {
+    if (text.find_first_of("\"\\") != std::string::npos) return Status::Invalid("text holds a quote or backslash");
+    std::string req;
+    if (current_ != v.label) req += "(voice_" + v.label + ")\n";
+    char buf[64];
+    std::snprintf(buf, sizeof buf, "(Parameter.set 'Duration_Stretch %.4f)\n", p.stretch);
+    req += buf;
+    req += "(asrf-say \"" + text + ".\" \"" + wav_path_ + "\")";
+    std::error_code ec;
+    fs::remove(wav_path_, ec);
+    std::vector<std::string> lines;
+    ASRF_RETURN_IF_ERROR(Request(req, &lines));
+    current_ = v.label;
+    if (!lines.empty()) return Status::Unavailable("festival: " + lines.front());
+    SF_INFO info{};
+    SNDFILE* f = sf_open(wav_path_.c_str(), SFM_READ, &info);
+    if (!f) return Status::Unavailable("festival wrote no readable wave: " + std::string(sf_strerror(nullptr)));
+    if (info.channels != 1) {
+      sf_close(f);
+      return Status::Unavailable("festival returned " + std::to_string(info.channels) + " channels");
+    }
+    out->resize(static_cast<size_t>(info.frames));
+    sf_count_t n = sf_read_float(f, out->data(), info.frames);
+    sf_close(f);
+    out->resize(static_cast<size_t>(std::max<sf_count_t>(n, 0)));
+    *rate = info.samplerate;
+    return Status::Ok();
+  }
+
+  void Stop() {
+    if (to_) fclose(to_), to_ = nullptr;
+    if (from_) fclose(from_), from_ = nullptr;
+    if (pid_ > 0) {
+      int status = 0;
+      if (waitpid(pid_, &status, WNOHANG) == 0) {
+        kill(pid_, SIGTERM);
+        waitpid(pid_, &status, 0);
+      }
+      pid_ = -1;
+    }
+    if (!wav_path_.empty()) {
+      std::error_code ec;
+      fs::remove(wav_path_, ec);
+    }
+  }
+
+ private:
+  // Sends the forms and a marker, and collects what festival printed before the marker.
+  Status Request(const std::string& forms, std::vector<std::string>* lines) {
+    lines->clear();
+    std::string marker = "asr-synth-done " + std::to_string(++serial_);
+    std::string msg = forms + "\n(format stderr \"" + marker + "\\n\")\n";
+    if (std::fwrite(msg.data(), 1, msg.size(), to_) != msg.size() || std::fflush(to_) != 0)
+      return Status::Unavailable("festival exited (cannot write to it)");
+    char* line = nullptr;
+    size_t cap = 0;
+    Status st = Status::Unavailable("festival exited unexpectedly");
+    for (ssize_t len; (len = getline(&line, &cap, from_)) >= 0;) {
+      std::string l(line, static_cast<size_t>(len));
+      while (!l.empty() && (l.back() == '\n' || l.back() == '\r')) l.pop_back();
+      if (l == marker) {
+        st = Status::Ok();
+        break;
+      }
+      if (!l.empty()) lines->push_back(l);
+    }
+    free(line);
+    if (!st.ok() && !lines->empty()) {
+      if (lines->front().rfind("asr-synth-exec-failed", 0) == 0) return Status::Ok();  // reported by Init
+      return Status::Unavailable("festival exited: " + lines->front());
+    }
+    return st;
+  }
+
+  pid_t pid_ = -1;
+  FILE* to_ = nullptr;
+  FILE* from_ = nullptr;
+  std::string wav_path_, current_;
+  uint64_t serial_ = 0;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -952,6 +1105,7 @@ struct Options {
   int shard = 0;
   int shards = 1;
   double espeak_share = 0.5;
+  double festival_share = 0.0;
   bool list_sentences = false;
 };
 
@@ -969,15 +1123,15 @@ struct Tally {
 
 struct Stats {
   Tally splits[3];
-  Tally engines[2];
+  Tally engines[3];
   std::map<std::string, Tally> voices;
   int64_t numbers = 0;
   std::map<std::string, int64_t> noise;
   int64_t failed_synthesis = 0, too_short = 0, too_long = 0, lost = 0;
   // Timing (stderr only: not part of the deterministic outputs).
-  double engine_seconds[2] = {0, 0};
-  int64_t engine_calls[2] = {0, 0};
-  std::map<std::string, std::pair<int64_t, double>> voice_calls;  // flite voice -> calls, seconds
+  double engine_seconds[3] = {0, 0, 0};
+  int64_t engine_calls[3] = {0, 0, 0};
+  std::map<std::string, std::pair<int64_t, double>> voice_calls;  // flite/festival voice -> calls, seconds
 };
 
 struct Pool {
@@ -1060,6 +1214,10 @@ class Synthesizer {
     if (Status s = espeak_.Check(train_espeak_); !s.ok()) return Fail(s.message());
     if (Status s = espeak_.Check(heldout_espeak_); !s.ok()) return Fail(s.message());
     if (Status s = flite_.Init(); !s.ok()) return Fail(s.message());
+    if (o_.festival_share > 0) {
+      if (Status s = festival_.Init(out_dir_ + "/wav/.festival." + std::to_string(o_.shard) + ".wav"); !s.ok())
+        return Fail(s.message());
+    }
 
     std::string manifests[3];
     int64_t mine = 0;
@@ -1105,10 +1263,12 @@ class Synthesizer {
         .Kv("flite_utt_per_s", rate(1))
         .Kv("espeak_calls", stats_.engine_calls[0])
         .Kv("flite_calls", stats_.engine_calls[1])
+        .Kv("festival_utt_per_s", rate(2))
+        .Kv("festival_calls", stats_.engine_calls[2])
         .Kv("seconds", total)
         .Kv("out", out_dir_);
     for (const auto& [label, vc] : stats_.voice_calls)
-      LogInfo("synth_flite_voice")
+      LogInfo("synth_engine_voice")
           .Kv("voice", label)
           .Kv("calls", vc.first)
           .Kv("utt_per_s", vc.second > 0 ? vc.first / vc.second : 0.0);
@@ -1142,6 +1302,7 @@ class Synthesizer {
         train_flite_.push_back(v);
       }
     }
+    for (int i = 0; i < 3; ++i) train_festival_.push_back(Voice{Engine::kFestival, kFestivalNames[i], "", -1, kFestivalWeights[i]});
   }
 
   static const Voice& PickVoice(const std::vector<Voice>& vs, Rng& rng) {
@@ -1162,9 +1323,13 @@ class Synthesizer {
     Split split = u < o_.heldout_fraction ? kHeldout : (u < o_.heldout_fraction + o_.valid_fraction ? kValid : kTrain);
     bool numbers = Uniform01(rng) < o_.numbers_fraction;
     Engine engine = Uniform01(rng) < o_.espeak_share ? Engine::kEspeak : Engine::kFlite;
+    // Festival has no held-out voice: a held-out utterance keeps its espeak/flite draw. (No draw at
+    // all when the share is 0, so such runs are byte-identical to runs without Festival.)
+    if (o_.festival_share > 0 && Uniform01(rng) < o_.festival_share && split != kHeldout) engine = Engine::kFestival;
     const std::vector<Voice>& voices =
-        split == kHeldout ? (engine == Engine::kEspeak ? heldout_espeak_ : heldout_flite_)
-                          : (engine == Engine::kEspeak ? train_espeak_ : train_flite_);
+        engine == Engine::kFestival ? train_festival_
+        : split == kHeldout         ? (engine == Engine::kEspeak ? heldout_espeak_ : heldout_flite_)
+                                    : (engine == Engine::kEspeak ? train_espeak_ : train_flite_);
     const Voice& voice = PickVoice(voices, rng);
     SynthParams p;
     p.rate = static_cast<int>(UniformInt(rng, 130, 200));
@@ -1172,7 +1337,7 @@ class Synthesizer {
     p.range = static_cast<int>(UniformInt(rng, 30, 70));
     p.stretch = Uniform(rng, 0.8, 1.25);
     p.f0_factor = std::exp(Uniform(rng, std::log(0.8), std::log(1.25)));
-    double speed = Uniform(rng, 0.9, 1.1);  // rms only
+    double speed = Uniform(rng, 0.9, 1.1);  // rms and festival voices
     double lead_s = Uniform(rng, 0.05, 0.30), trail_s = Uniform(rng, 0.05, 0.30);
     double gain_db = Uniform(rng, -6, 6);
     Noise noise = Noise::kNone;
@@ -1208,19 +1373,22 @@ class Synthesizer {
       if (engine == Engine::kEspeak) {
         st = espeak_.Synth(voice, text, p, &raw);
         raw_rate = espeak_.rate();
-      } else {
+      } else if (engine == Engine::kFlite) {
         st = flite_.Synth(voice, text, p, &raw, &raw_rate);
+      } else {
+        st = festival_.Synth(voice, text, p, &raw, &raw_rate);
       }
+      // rms and the festival voices take no F0 setting: a speed change of 0.9-1.1 moves their pitch.
       double in_rate = raw_rate;
-      if (st.ok() && voice.label == kHeldoutFlite) in_rate = raw_rate * speed;  // speed change for rms
+      if (st.ok() && (voice.label == kHeldoutFlite || engine == Engine::kFestival)) in_rate = raw_rate * speed;
       if (st.ok() && raw_rate > 0) {
         if (in_rate != kRate) st = Resample(raw, in_rate, kRate, &speech);
         else speech = std::move(raw);
       }
-      int e = engine == Engine::kEspeak ? 0 : 1;
+      int e = static_cast<int>(engine);
       stats_.engine_seconds[e] += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       ++stats_.engine_calls[e];
-      if (engine == Engine::kFlite) {
+      if (engine != Engine::kEspeak) {
         auto& vc = stats_.voice_calls[voice.label];
         ++vc.first;
         vc.second += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -1252,11 +1420,11 @@ class Synthesizer {
       double dur = static_cast<double>(pcm.size()) / kRate;
       std::string line = "{\"audio\": " + JsonString(path) + ", \"text\": " + JsonString(text) +
                          ", \"duration\": " + Fixed(dur, 3) + ", \"voice\": " + JsonString(voice.label) +
-                         ", \"engine\": " + JsonString(engine == Engine::kEspeak ? "espeak" : "flite") + "}\n";
+                         ", \"engine\": " + JsonString(kEngineNames[e]) + "}\n";
       manifests[split] += line;
       stats_.splits[split].Add(dur);
       stats_.engines[e].Add(dur);
-      stats_.voices[(engine == Engine::kEspeak ? "espeak:" : "flite:") + voice.label].Add(dur);
+      stats_.voices[std::string(kEngineNames[e]) + ":" + voice.label].Add(dur);
       if (numbers) ++stats_.numbers;
       ++stats_.noise[NoiseName(noise)];
       return Status::Ok();
@@ -1311,7 +1479,7 @@ class Synthesizer {
       j += std::string(s ? ", " : "") + JsonString(kSplitNames[s]) + ": " + tally(stats_.splits[s]);
     j += "},\n";
     j += "  \"engines\": {\"espeak\": " + tally(stats_.engines[0]) + ", \"flite\": " + tally(stats_.engines[1]) +
-         "},\n";
+         (o_.festival_share > 0 ? ", \"festival\": " + tally(stats_.engines[2]) : std::string()) + "},\n";
     j += "  \"voices\": {";
     bool first = true;
     for (const auto& [name, t] : stats_.voices) {
@@ -1350,7 +1518,7 @@ class Synthesizer {
          ", \"noise_fraction\": " + Fixed(o_.noise_fraction, 6) + ", \"min_snr_db\": " + Fixed(o_.min_snr_db, 3) +
          ", \"max_snr_db\": " + Fixed(o_.max_snr_db, 3) + ", \"numbers_fraction\": " + Fixed(o_.numbers_fraction, 6) +
          ", \"max_words\": " + std::to_string(o_.max_words) + ", \"espeak_share\": " + Fixed(o_.espeak_share, 6) +
-         "}\n";
+         (o_.festival_share > 0 ? ", \"festival_share\": " + Fixed(o_.festival_share, 6) : std::string()) + "}\n";
     j += "}\n";
     return j;
   }
@@ -1358,9 +1526,10 @@ class Synthesizer {
   const Options& o_;
   std::string out_dir_;
   Pool train_pool_, valid_pool_;
-  std::vector<Voice> train_espeak_, heldout_espeak_, train_flite_, heldout_flite_;
+  std::vector<Voice> train_espeak_, heldout_espeak_, train_flite_, heldout_flite_, train_festival_;
   EspeakEngine espeak_;
   FliteEngine flite_;
+  FestivalEngine festival_;
   Stats stats_;
 };
 
@@ -1395,6 +1564,10 @@ int main(int argc, char** argv) {
        "directory of fortune files (entries separated by '%' lines)")
       ("espeak-share", po::value(&o.espeak_share)->default_value(o.espeak_share, "0.5"),
        "share of utterances made with espeak-ng (the rest with flite)")
+      ("festival-share", po::value(&o.festival_share)->default_value(o.festival_share, "0"),
+       "share of training and validation utterances made instead with Festival (voices kal_diphone, ked_diphone, "
+       "cmu_us_slt_arctic_hts; needs the festival program and those voices); 0 keeps output identical to runs "
+       "without it")
       ("list-sentences", po::bool_switch(&o.list_sentences),
        "print the normalised sentence pool (split TAB text) on stdout and exit; writes nothing")
       ("shard", po::value(&o.shard)->default_value(o.shard),
@@ -1415,7 +1588,7 @@ int main(int argc, char** argv) {
   if (o.out.empty()) return usage("--out must not be empty");
   if (o.utterances < 1) return usage("--utterances must be at least 1");
   if (!fraction(o.valid_fraction) || !fraction(o.heldout_fraction) || !fraction(o.noise_fraction) ||
-      !fraction(o.numbers_fraction) || !fraction(o.espeak_share))
+      !fraction(o.numbers_fraction) || !fraction(o.espeak_share) || !fraction(o.festival_share))
     return usage("fractions must lie in [0, 1]");
   if (o.valid_fraction + o.heldout_fraction > 1)
     return usage("--valid-fraction + --heldout-fraction must not exceed 1");
