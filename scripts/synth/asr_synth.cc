@@ -854,11 +854,11 @@ class FestivalEngine {
     std::vector<std::string> lines;
     Status st = Request("(define (asrf-say txt out) (utt.save.wave (utt.synth (eval (list 'Utterance 'Text txt))) out 'riff))",
                         &lines);
-    if (!st.ok()) return st;
     for (const auto& l : lines)
       if (l.rfind("asr-synth-exec-failed", 0) == 0)
         return Status::NotFound("cannot run festival (" + l.substr(22) +
                                 "); Debian: apt-get install festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts");
+    if (!st.ok()) return st;
     for (const char* v : kFestivalNames) {
       ASRF_RETURN_IF_ERROR(Request(std::string("(voice_") + v + ")", &lines));
       if (!lines.empty())
@@ -916,31 +916,29 @@ class FestivalEngine {
   }
 
  private:
-  // Sends the forms and a marker, and collects what festival printed before the marker.
+  // Sends the forms and a marker, and collects what festival printed before the marker (or, when
+  // it has exited, everything it printed).
   Status Request(const std::string& forms, std::vector<std::string>* lines) {
     lines->clear();
     std::string marker = "asr-synth-done " + std::to_string(++serial_);
     std::string msg = forms + "\n(format stderr \"" + marker + "\\n\")\n";
-    if (std::fwrite(msg.data(), 1, msg.size(), to_) != msg.size() || std::fflush(to_) != 0)
-      return Status::Unavailable("festival exited (cannot write to it)");
+    // A failed write means the child is gone: its stderr then runs to EOF below.
+    bool wrote = std::fwrite(msg.data(), 1, msg.size(), to_) == msg.size() && std::fflush(to_) == 0;
     char* line = nullptr;
     size_t cap = 0;
-    Status st = Status::Unavailable("festival exited unexpectedly");
+    bool done = false;
     for (ssize_t len; (len = getline(&line, &cap, from_)) >= 0;) {
       std::string l(line, static_cast<size_t>(len));
       while (!l.empty() && (l.back() == '\n' || l.back() == '\r')) l.pop_back();
-      if (l == marker) {
-        st = Status::Ok();
+      if (wrote && l == marker) {
+        done = true;
         break;
       }
       if (!l.empty()) lines->push_back(l);
     }
     free(line);
-    if (!st.ok() && !lines->empty()) {
-      if (lines->front().rfind("asr-synth-exec-failed", 0) == 0) return Status::Ok();  // reported by Init
-      return Status::Unavailable("festival exited: " + lines->front());
-    }
-    return st;
+    if (done) return Status::Ok();
+    return Status::Unavailable("festival exited" + (lines->empty() ? std::string() : ": " + lines->front()));
   }
 
   pid_t pid_ = -1;
