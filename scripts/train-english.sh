@@ -2,7 +2,7 @@
 # The project's English model: synthesises the corpus (once) and trains on the fleet, resuming
 # from the newest checkpoint after any interruption (run it again with the same --work).
 #
-#   scripts/train-english.sh [--work DIR] [--utterances N] [--steps N] [--shards K]
+#   scripts/train-english.sh [--work DIR] [--utterances N] [--steps N] [--shards K] [--festival-share F]
 #
 # Everything lives under --work (default asrf-state/english): data/, broker/, worker/, logs.
 # The final model goes to models/en-small.pt, its language model (when missing) to
@@ -10,13 +10,14 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-work=asrf-state/english utterances=12000 steps=1500 shards=2
+work=asrf-state/english utterances=12000 steps=1500 shards=2 festival_share=0
 while (($#)); do
     case "$1" in
         --work) work="$2"; shift 2 ;;
         --utterances) utterances="$2"; shift 2 ;;
         --steps) steps="$2"; shift 2 ;;
         --shards) shards="$2"; shift 2 ;;
+        --festival-share) festival_share="$2"; shift 2 ;;
         -h|--help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
@@ -30,7 +31,7 @@ if [[ ! -s "$data/train.jsonl" ]]; then
     pids=()
     for ((i = 0; i < shards; i++)); do
         build/scripts/synth/asr-synth --out "$data" --utterances "$utterances" --seed 2026 --shard "$i" \
-            --shards "$shards" >"$work/synth.$i.log" 2>&1 &
+            --shards "$shards" --festival-share "$festival_share" >"$work/synth.$i.log" 2>&1 &
         pids+=($!)
     done
     for p in "${pids[@]}"; do wait "$p"; done
