@@ -882,6 +882,9 @@ class FestivalEngine {
     std::vector<std::string> lines;
     ASRF_RETURN_IF_ERROR(Request(req, &lines));
     current_ = v.label;
+    // Anything festival printed is a failure: e.g. a diphone voice lacking a diphone says "UniSyn:
+    // using default diphone pau-pau for ae-ax" and puts silence there, so the audio would no longer
+    // say the text (about 0.3% of sentences for ked_diphone). The caller retries another sentence.
     if (!lines.empty()) return Status::Unavailable("festival: " + lines.front());
     SF_INFO info{};
     SNDFILE* f = sf_open(wav_path_.c_str(), SFM_READ, &info);
