@@ -318,6 +318,25 @@ TEST(SynthFestival, MissingFestivalIsAClearError) {
   EXPECT_EQ(r.code, 0) << r.err;
 }
 
+// A festival that dies in the middle of a run stops it with the reason (exit 1) instead of losing
+// every later Festival utterance. The stand-in answers the start-up handshake (4 requests), then exits.
+TEST(SynthFestival, AFestivalThatDiesStopsTheRun) {
+  TempDir t;
+  fs::create_directories(t / "bin");
+  {
+    std::ofstream f(t / "bin/festival");
+    f << "#!/bin/sh\nn=0\nwhile read -r line; do\n  case \"$line\" in\n    '(format stderr'*)\n"
+         "      n=$((n+1)); [ $n -ge 5 ] && exit 3\n"
+         "      printf '%s\\n' \"$line\" | sed 's/.*\"\\(asr-synth-done [0-9]*\\).*/\\1/' >&2 ;;\n  esac\ndone\n";
+  }
+  fs::permissions(t / "bin/festival", fs::perms::owner_all);
+  RunResult r = RunCommand({"/usr/bin/env", "PATH=" + (t / "bin") + ":/usr/bin:/bin", ASRF_SYNTH_BIN, "--out",
+                            t / "out", "--utterances", "6", "--festival-share", "1", "--heldout-fraction", "0"},
+                           30000);
+  EXPECT_EQ(r.code, 1) << r.err;
+  EXPECT_NE(r.err.find("festival exited"), std::string::npos) << r.err;
+}
+
 TEST(SynthErrors, BadArgumentsFail) {
   RunResult r = RunCommand({ASRF_SYNTH_BIN, "--out", "/proc/forbidden", "--utterances", "3"}, 30000);
   EXPECT_NE(r.code, 0);

@@ -836,7 +836,10 @@ class FestivalEngine {
       return Status::IOError(std::string("pipe: ") + std::strerror(errno));
     }
     pid_ = fork();
-    if (pid_ < 0) return Status::IOError(std::string("fork: ") + std::strerror(errno));
+    if (pid_ < 0) {
+      for (int fd : {in[0], in[1], err[0], err[1]}) close(fd);
+      return Status::IOError(std::string("fork: ") + std::strerror(errno));
+    }
     if (pid_ == 0) {
       dup2(in[0], 0);
       dup2(err[1], 2);
@@ -901,6 +904,9 @@ class FestivalEngine {
     return Status::Ok();
   }
 
+  // True once the child has gone: every later request would fail too.
+  bool exited() const { return exited_; }
+
   void Stop() {
     if (to_) fclose(to_), to_ = nullptr;
     if (from_) fclose(from_), from_ = nullptr;
@@ -941,9 +947,11 @@ class FestivalEngine {
     }
     free(line);
     if (done) return Status::Ok();
+    exited_ = true;
     return Status::Unavailable("festival exited" + (lines->empty() ? std::string() : ": " + lines->front()));
   }
 
+  bool exited_ = false;
   pid_t pid_ = -1;
   FILE* to_ = nullptr;
   FILE* from_ = nullptr;
@@ -1394,6 +1402,8 @@ class Synthesizer {
         ++vc.first;
         vc.second += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       }
+      // A dead festival is not one bad sentence: stop rather than lose every later Festival utterance.
+      if (!st.ok() && engine == Engine::kFestival && festival_.exited()) return st;
       if (!st.ok() || raw_rate <= 0) {
         ++stats_.failed_synthesis;
         continue;
