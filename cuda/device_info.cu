@@ -44,4 +44,17 @@ Status ProbeCudaDevice(int index, CudaDeviceInfo* out) {
   return Status::Ok();
 }
 
+Status CudaMemoryUsed(int index, int64_t* used_bytes) {
+  size_t free_b = 0, total_b = 0;
+  cudaError_t e = cudaSetDevice(index);
+  if (e == cudaSuccess) e = cudaMemGetInfo(&free_b, &total_b);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    return Status::Unavailable(std::string("cudaMemGetInfo on device ") + std::to_string(index) + ": " +
+                               cudaGetErrorString(e));
+  }
+  *used_bytes = static_cast<int64_t>(total_b - free_b);
+  return Status::Ok();
+}
+
 }  // namespace asrf

@@ -23,5 +23,7 @@ bool BuiltWithCuda();
 // Number of usable CUDA devices; 0 without a driver or device.
 int CudaDeviceCount();
 Status ProbeCudaDevice(int index, CudaDeviceInfo* out);
+// Device memory in use on GPU `index` (total minus free: every process's, this one's included).
+Status CudaMemoryUsed(int index, int64_t* used_bytes);
 
 }  // namespace asrf

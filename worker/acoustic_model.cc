@@ -12,9 +12,18 @@
 #include <type_traits>
 #include <utility>
 
+#include "common/log.h"
 #include "worker/ctc_beam.h"
 #include "worker/ctc_model.h"
 #include "worker/features.h"
+
+#if ASRF_HAVE_CUDA
+#include <cuda_runtime_api.h>
+
+#include "cuda/ctc_greedy.cuh"
+#include "cuda/device_info.h"
+#include "cuda/frontend_stager.h"
+#endif
 
 namespace asrf {
 namespace {
@@ -162,11 +171,30 @@ Hypothesis MakeHypothesis(const std::vector<Emission>& em, double stride, double
   return h;
 }
 
+// One device micro-batch on its way through Transcribe's pipeline: staged (PCM -> features),
+// launched (the network and, on a GPU without a language model, the greedy decoding enqueued),
+// fetched (what the host decodes, copied back) and decoded.
+struct MicroBatch {
+  std::vector<size_t> index;     // into the call's utterances, longest first
+  std::vector<int64_t> lengths;  // samples per utterance
+  int slot = -1;                 // the GPU stager's slot holding the features; -1: `features`
+  int64_t t_max = 0;             // feature rows per utterance
+  torch::Tensor features;        // [B, t_max, 80] on the model's device (unless slot >= 0)
+  torch::Tensor frames;          // [B] int64 feature frames, host
+  // Launched: on the device. Fetched: on the host.
+  torch::Tensor out_frames, best, prob, log_probs;
+  torch::Tensor tokens, starts, ends, probs, counts;  // greedy decoding on the GPU
+};
+
 // The per-call work shared by both kinds of model; subclasses only run the network.
 class CtcAcousticModel : public AcousticModel {
  public:
   CtcAcousticModel(std::string name, torch::Device device, const AcousticModelOptions& options, TokenTable tokens)
-      : name_(std::move(name)), device_(device), options_(options), tokens_(std::move(tokens)) {}
+      : name_(std::move(name)),
+        device_(device),
+        options_(options),
+        tokens_(std::move(tokens)),
+        batch_frames_(options.max_batch_frames) {}
 
   Status Transcribe(const std::vector<std::span<const int16_t>>& utterances, std::vector<Hypothesis>* out) override;
   const std::string& name() const override { return name_; }
@@ -185,6 +213,12 @@ class CtcAcousticModel : public AcousticModel {
   // The language model of the beam search (none: greedy) and each class's symbol in it.
   std::shared_ptr<const CharLm> lm_;
   std::vector<int> class_symbol_;
+  // Padded feature frames per micro-batch: options_.max_batch_frames, capped by the device's free
+  // memory, halved after the device runs out of memory.
+  int64_t batch_frames_;
+#if ASRF_HAVE_CUDA
+  std::unique_ptr<FrontEndStager> stager_;  // cuda:N: the front end on the GPU
+#endif
 
  public:
   // Maps each single-character token (lowercased) to its symbol in `lm`. Invalid when no letter
@@ -206,11 +240,65 @@ class CtcAcousticModel : public AcousticModel {
     return Status::Ok();
   }
 
+  // On cuda:N: the front end and greedy decoding move to the GPU (when built with CUDA), and the
+  // micro-batch is capped so that its activations fit in half the device's free memory.
+  Status PrepareDevice() {
+    if (!device_.is_cuda()) return Status::Ok();
+#if ASRF_HAVE_CUDA
+    const int index = device_.index();
+    ASRF_RETURN_IF_ERROR(FrontEndStager::Create(index, &stager_).WithContext("GPU front end on " + device()));
+    CudaDeviceInfo info;
+    if (ProbeCudaDevice(index, &info).ok() && info.free_bytes > 0) {
+      const int64_t fit = std::max<int64_t>(1, info.free_bytes / 2 / kDeviceBytesPerFrame);
+      if (fit < batch_frames_) {
+        LogInfo("transcribe_batch_capped").Kv("device", device()).Kv("free_bytes", info.free_bytes)
+            .Kv("max_batch_frames", fit);
+        batch_frames_ = fit;
+      }
+    }
+#endif
+    return Status::Ok();
+  }
+
  private:
-  // Runs one micro-batch (indices into utterances) and fills (*out)[i] for each.
-  void RunBatch(const std::vector<std::span<const int16_t>>& utterances, const std::vector<size_t>& batch,
-                std::vector<Hypothesis>* out);
+  // A generous bound on the device memory one padded feature frame costs in the network (input,
+  // convolutions, the GRU's layers and workspace, the outputs): 16 KiB.
+  static constexpr int64_t kDeviceBytesPerFrame = 16 << 10;
+
+  // Micro-batches of `order` (indices sorted longest first) of at most batch_frames_ padded frames.
+  std::vector<std::vector<size_t>> Plan(const std::vector<std::span<const int16_t>>& utterances,
+                                        const std::vector<size_t>& order) const;
+  // Runs the micro-batches, staging each next one while the device works on the current one, and
+  // fills (*out)[i] for every utterance they hold.
+  Status Pipeline(const std::vector<std::span<const int16_t>>& utterances,
+                  const std::vector<std::vector<size_t>>& batches, std::vector<Hypothesis>* out);
+  Status Stage(const std::vector<std::span<const int16_t>>& utterances, std::vector<size_t> index, int slot,
+               MicroBatch* m);
+  Status Launch(MicroBatch* m);
+  void Fetch(MicroBatch* m);
+  void Decode(const MicroBatch& m, std::vector<Hypothesis>* out) const;
+  bool DecodesOnDevice() const {
+#if ASRF_HAVE_CUDA
+    return stager_ != nullptr && !lm_;
+#else
+    return false;
+#endif
+  }
 };
+
+std::vector<std::vector<size_t>> CtcAcousticModel::Plan(const std::vector<std::span<const int16_t>>& utterances,
+                                                       const std::vector<size_t>& order) const {
+  std::vector<std::vector<size_t>> batches;
+  for (size_t i = 0; i < order.size();) {
+    // Longest first, so the padded size of a micro-batch is its size times its first length.
+    const int64_t longest = NumFrames(static_cast<int64_t>(utterances[order[i]].size()));
+    size_t j = i + 1;
+    while (j < order.size() && static_cast<int64_t>(j - i + 1) * longest <= batch_frames_) ++j;
+    batches.emplace_back(order.begin() + static_cast<std::ptrdiff_t>(i), order.begin() + static_cast<std::ptrdiff_t>(j));
+    i = j;
+  }
+  return batches;
+}
 
 Status CtcAcousticModel::Transcribe(const std::vector<std::span<const int16_t>>& utterances,
                                     std::vector<Hypothesis>* out) {
@@ -223,81 +311,183 @@ Status CtcAcousticModel::Transcribe(const std::vector<std::span<const int16_t>>&
                    [&](size_t a, size_t b) { return utterances[a].size() > utterances[b].size(); });
   Status st = CatchTorch(&Status::IOError, "transcription on " + device(), [&] {
     torch::NoGradGuard no_grad;
-    for (size_t i = 0; i < order.size();) {
-      // Longest first, so the padded size of a micro-batch is its size times its first length.
-      const int64_t longest = NumFrames(static_cast<int64_t>(utterances[order[i]].size()));
-      size_t j = i + 1;
-      while (j < order.size() && static_cast<int64_t>(j - i + 1) * longest <= options_.max_batch_frames) ++j;
-      RunBatch(utterances, std::vector<size_t>(order.begin() + i, order.begin() + j), &result);
-      i = j;
+    for (;;) {
+      const std::vector<std::vector<size_t>> batches = Plan(utterances, order);
+      std::string oom;  // set when the device ran out of memory
+      try {
+        Status ps = Pipeline(utterances, batches, &result);
+        // The GPU stager's own buffers: Unavailable when device or pinned memory is short.
+        if (ps.ok() || !device_.is_cuda() || ps.code() != Status::Code::kUnavailable) return ps;
+        oom = ps.message();
+      } catch (const c10::OutOfMemoryError& e) {
+        oom = e.what_without_backtrace();
+        oom = oom.substr(0, oom.find('\n'));
+      }
+      // Results do not depend on the batching: run everything again in smaller micro-batches.
+      const bool single = std::all_of(batches.begin(), batches.end(), [](const auto& b) { return b.size() == 1; });
+      if (single) return Status::Unavailable("out of memory on " + device() + " with one utterance per batch: " + oom);
+      batch_frames_ = std::max<int64_t>(1, batch_frames_ / 2);
+      LogWarn("transcribe_batch_shrunk").Kv("device", device()).Kv("max_batch_frames", batch_frames_).Kv("error", oom);
     }
-    return Status::Ok();
   });
   if (!st.ok()) return st;
   *out = std::move(result);
   return Status::Ok();
 }
 
-void CtcAcousticModel::RunBatch(const std::vector<std::span<const int16_t>>& utterances,
-                                const std::vector<size_t>& batch, std::vector<Hypothesis>* out) {
-  const int64_t B = static_cast<int64_t>(batch.size());
-  const int64_t samples = static_cast<int64_t>(utterances[batch.front()].size());
+Status CtcAcousticModel::Pipeline(const std::vector<std::span<const int16_t>>& utterances,
+                                  const std::vector<std::vector<size_t>>& batches, std::vector<Hypothesis>* out) {
+  if (batches.empty()) return Status::Ok();
+  // Batch k uses slot k % 2. Staging batch k + 1 reuses the slot of batch k - 1, whose results
+  // were fetched (so the device is done with its features) before batch k was launched.
+  MicroBatch cur;
+  ASRF_RETURN_IF_ERROR(Stage(utterances, batches[0], 0, &cur));
+  ASRF_RETURN_IF_ERROR(Launch(&cur));
+  for (size_t k = 0; k < batches.size(); ++k) {
+    MicroBatch next;
+    const bool more = k + 1 < batches.size();
+    if (more) ASRF_RETURN_IF_ERROR(Stage(utterances, batches[k + 1], static_cast<int>((k + 1) % 2), &next));
+    Fetch(&cur);
+    if (more) ASRF_RETURN_IF_ERROR(Launch(&next));  // the device runs it while the host decodes
+    Decode(cur, out);
+    cur = std::move(next);
+  }
+  return Status::Ok();
+}
+
+Status CtcAcousticModel::Stage(const std::vector<std::span<const int16_t>>& utterances, std::vector<size_t> index,
+                               int slot, MicroBatch* m) {
+  const int64_t B = static_cast<int64_t>(index.size());
+  const int64_t samples = static_cast<int64_t>(utterances[index.front()].size());
+  m->index = std::move(index);
+  m->lengths.resize(static_cast<size_t>(B));
+  std::vector<int64_t> frames(static_cast<size_t>(B));
+  for (int64_t b = 0; b < B; ++b) {
+    m->lengths[b] = static_cast<int64_t>(utterances[m->index[b]].size());
+    frames[b] = NumFrames(m->lengths[b]);
+  }
+  m->t_max = NumFrames(samples);
+#if ASRF_HAVE_CUDA
+  if (stager_) {
+    std::vector<std::span<const int16_t>> pcm;
+    for (size_t i : m->index) pcm.push_back(utterances[i]);
+    ASRF_RETURN_IF_ERROR(stager_->Stage(slot, pcm, samples, m->t_max).WithContext("GPU front end on " + device()));
+    m->slot = slot;
+    m->frames = torch::tensor(frames, torch::kInt64);
+    return Status::Ok();
+  }
+#endif
+  (void)slot;
   torch::Tensor pcm = torch::zeros({B, samples}, torch::kFloat32);
-  std::vector<int64_t> lengths(B);
   float* p = pcm.data_ptr<float>();
   for (int64_t b = 0; b < B; ++b) {
-    std::span<const int16_t> u = utterances[batch[b]];
+    std::span<const int16_t> u = utterances[m->index[b]];
     for (size_t k = 0; k < u.size(); ++k) p[b * samples + static_cast<int64_t>(k)] = u[k] / 32768.0f;
-    lengths[b] = static_cast<int64_t>(u.size());
   }
   // The front end outside InferenceMode: LogMel keeps static tensors that training uses too.
-  torch::Tensor frames;
-  torch::Tensor features = LogMel(pcm.to(device_), torch::tensor(lengths, torch::kInt64), &frames);
+  m->features = LogMel(pcm.to(device_), torch::tensor(m->lengths, torch::kInt64), &m->frames);
+  m->frames = m->frames.to(torch::kCPU);
+  return Status::Ok();
+}
 
-  torch::Tensor best, prob, out_frames, log_probs;
-  {
-    c10::InferenceMode inference;
-    auto [lp_raw, of] = Forward(features, frames.to(device_));
-    torch::Tensor lp = lp_raw.to(torch::kFloat32);
-    if (lm_) {
-      // Normalised here in case a TorchScript model returns logits.
-      log_probs = torch::log_softmax(lp, -1).to(torch::kCPU).contiguous();
-      best = log_probs.argmax(-1);
-    } else {
-      best = lp.argmax(-1);  // as GreedyDecode picks it
-      // The frame's probability, normalised here in case a TorchScript model returns logits.
-      prob = (lp.gather(-1, best.unsqueeze(-1)).squeeze(-1) - lp.logsumexp(-1)).exp();
-      prob = prob.to(torch::kCPU).contiguous();
-    }
-    best = best.to(torch::kCPU).to(torch::kInt64).contiguous();
-    out_frames = of.to(torch::kCPU).to(torch::kInt64).contiguous();
+Status CtcAcousticModel::Launch(MicroBatch* m) {
+  const int64_t B = static_cast<int64_t>(m->index.size());
+  torch::Tensor features = m->features;
+#if ASRF_HAVE_CUDA
+  if (m->slot >= 0) {
+    float* f = nullptr;
+    ASRF_RETURN_IF_ERROR(stager_->Release(m->slot, &f).WithContext("GPU front end on " + device()));
+    features = torch::from_blob(f, {B, m->t_max, kMels}, torch::TensorOptions().dtype(torch::kFloat32).device(device_));
   }
-  TORCH_CHECK(best.dim() == 2 && best.size(0) == B && out_frames.numel() == B,
-              "the model returned log_probs for ", best.size(0), " utterances and ", out_frames.numel(),
-              " output lengths for a batch of ", B);
-  const int64_t T = best.size(1);
+#endif
+  c10::InferenceMode inference;
+  auto [lp_raw, of] = Forward(features, m->frames.to(device_));
+  torch::Tensor lp = lp_raw.to(torch::kFloat32);
+  TORCH_CHECK(lp.dim() == 3 && lp.size(0) == B && of.numel() == B, "the model returned log_probs for ",
+              lp.dim() == 3 ? lp.size(0) : -1, " utterances and ", of.numel(), " output lengths for a batch of ", B);
+  m->out_frames = of;
+  if (lm_) {
+    // Normalised here in case a TorchScript model returns logits.
+    m->log_probs = torch::log_softmax(lp, -1);
+    m->best = m->log_probs.argmax(-1);
+    return Status::Ok();
+  }
+#if ASRF_HAVE_CUDA
+  if (DecodesOnDevice()) {
+    // Only the tokens and their frames cross to the host. Enqueued on stream 0, after the network.
+    lp = lp.contiguous();
+    torch::Tensor lengths = of.to(device_, torch::kInt64).contiguous();
+    const int64_t T = lp.size(1), V = lp.size(2);
+    auto i32 = torch::TensorOptions().dtype(torch::kInt32).device(device_);
+    m->tokens = torch::empty({B, T}, i32);
+    m->starts = torch::empty({B, T}, i32);
+    m->ends = torch::empty({B, T}, i32);
+    m->counts = torch::empty({B}, i32);
+    m->probs = torch::empty({B, T}, torch::TensorOptions().dtype(torch::kFloat32).device(device_));
+    m->out_frames = lengths;
+    const cudaError_t e = cudaSetDevice(device_.index());
+    Status st = e == cudaSuccess ? Status::Ok() : Status::IOError(std::string("cudaSetDevice: ") + cudaGetErrorString(e));
+    if (st.ok()) {
+      st = LaunchCtcGreedy(lp.data_ptr<float>(), lengths.data_ptr<int64_t>(), static_cast<int>(B), T, V,
+                           m->tokens.data_ptr<int32_t>(), m->starts.data_ptr<int32_t>(), m->ends.data_ptr<int32_t>(),
+                           m->probs.data_ptr<float>(), m->counts.data_ptr<int32_t>(), /*stream=*/0);
+    }
+    return st.WithContext("greedy decoding on " + device());
+  }
+#endif
+  m->best = lp.argmax(-1);  // as GreedyDecode picks it
+  // The frame's probability, normalised here in case a TorchScript model returns logits.
+  m->prob = (lp.gather(-1, m->best.unsqueeze(-1)).squeeze(-1) - lp.logsumexp(-1)).exp();
+  return Status::Ok();
+}
+
+void CtcAcousticModel::Fetch(MicroBatch* m) {
+  c10::InferenceMode inference;
+  auto host = [](const torch::Tensor& t) { return t.defined() ? t.to(torch::kCPU).contiguous() : t; };
+  m->out_frames = host(m->out_frames).to(torch::kInt64);
+  m->best = host(m->best);
+  if (m->best.defined()) m->best = m->best.to(torch::kInt64);
+  m->prob = host(m->prob);
+  m->log_probs = host(m->log_probs);
+  m->tokens = host(m->tokens);
+  m->starts = host(m->starts);
+  m->ends = host(m->ends);
+  m->probs = host(m->probs);
+  m->counts = host(m->counts);
+}
+
+void CtcAcousticModel::Decode(const MicroBatch& m, std::vector<Hypothesis>* out) const {
+  const int64_t B = static_cast<int64_t>(m.index.size());
+  const int64_t T = m.tokens.defined() ? m.tokens.size(1) : m.best.size(1);
   for (int64_t b = 0; b < B; ++b) {
-    const int64_t in = frames[b].item<int64_t>();
-    const int64_t n = std::min(out_frames[b].item<int64_t>(), T);
+    const int64_t in = m.frames[b].item<int64_t>();
+    const int64_t n = std::min(m.out_frames[b].item<int64_t>(), T);
     if (n <= 0) continue;
     const double stride = static_cast<double>(in) / static_cast<double>(n);
-    const double duration = static_cast<double>(lengths[b]) / kSampleRate;
+    const double duration = static_cast<double>(m.lengths[b]) / kSampleRate;
     std::vector<Emission> em;
-    if (lm_) {
-      const int64_t V = log_probs.size(2);
-      const float* lp = log_probs[b].data_ptr<float>();
+    if (m.tokens.defined()) {  // decoded on the device
+      const int32_t count = m.counts[b].item<int32_t>();
+      const int32_t* tok = m.tokens[b].data_ptr<int32_t>();
+      const int32_t* first = m.starts[b].data_ptr<int32_t>();
+      const int32_t* last = m.ends[b].data_ptr<int32_t>();
+      const float* prob = m.probs[b].data_ptr<float>();
+      for (int32_t i = 0; i < count; ++i) em.push_back({tok[i], first[i], last[i], prob[i]});
+    } else if (lm_) {
+      const int64_t V = m.log_probs.size(2);
+      const float* lp = m.log_probs[b].data_ptr<float>();
       std::vector<int64_t> ids = CtcBeamSearch(lp, n, V, class_symbol_, lm_.get(), options_.beam);
       em = CtcAlign(lp, n, V, ids);
       if (em.empty() && !ids.empty()) {  // no alignment within float range: the greedy path
         std::vector<float> p(static_cast<size_t>(n));
-        const int64_t* ids_best = best[b].data_ptr<int64_t>();
+        const int64_t* ids_best = m.best[b].data_ptr<int64_t>();
         for (int64_t t = 0; t < n; ++t) p[static_cast<size_t>(t)] = std::exp(lp[t * V + ids_best[t]]);
         em = GreedyEmissions(ids_best, p.data(), n);
       }
     } else {
-      em = GreedyEmissions(best[b].data_ptr<int64_t>(), prob[b].data_ptr<float>(), n);
+      em = GreedyEmissions(m.best[b].data_ptr<int64_t>(), m.prob[b].data_ptr<float>(), n);
     }
-    (*out)[batch[b]] = MakeHypothesis(em, stride, duration, tokens_);
+    (*out)[m.index[b]] = MakeHypothesis(em, stride, duration, tokens_);
   }
 }
 
@@ -432,6 +622,7 @@ Status LoadAcousticModel(const std::string& path, const std::string& name, const
       native->eval();
       auto model = std::make_unique<NativeModel>(model_name, device, opts, native);
       ASRF_RETURN_IF_ERROR(model->Bind().WithContext("model " + path));
+      ASRF_RETURN_IF_ERROR(model->PrepareDevice());
       if (lm) ASRF_RETURN_IF_ERROR(model->SetLanguageModel(lm).WithContext("language model " + opts.lm));
       *out = std::move(model);
       return Status::Ok();
@@ -457,6 +648,7 @@ Status LoadAcousticModel(const std::string& path, const std::string& name, const
   module.eval();
   auto model = std::make_unique<ScriptModel>(model_name, device, opts, std::move(tokens), std::move(module));
   ASRF_RETURN_IF_ERROR(model->Probe().WithContext("model " + path));
+  ASRF_RETURN_IF_ERROR(model->PrepareDevice());
   if (lm) ASRF_RETURN_IF_ERROR(model->SetLanguageModel(lm).WithContext("language model " + opts.lm));
   *out = std::move(model);
   return Status::Ok();

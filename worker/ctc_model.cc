@@ -181,7 +181,7 @@ Status LoadModel(const std::string& path, CtcModel* out) {
   Status st = Guard(
       [&] {
         torch::serialize::InputArchive ar;
-        ar.load_from(path);
+        ar.load_from(path, torch::Device(torch::kCPU));  // saved on a GPU, read anywhere
         inner = ReadArchive(ar, out);
       },
       "cannot read model " + path);
@@ -193,7 +193,7 @@ Status LoadModelFromBytes(const std::string& bytes, CtcModel* out) {
   Status st = Guard(
       [&] {
         torch::serialize::InputArchive ar;
-        ar.load_from(bytes.data(), bytes.size());
+        ar.load_from(bytes.data(), bytes.size(), torch::Device(torch::kCPU));
         inner = ReadArchive(ar, out);
       },
       "cannot read model bytes");

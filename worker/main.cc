@@ -4,6 +4,8 @@
 #include <filesystem>
 #include <iostream>
 
+#include <torch/cuda.h>
+
 #include "common/log.h"
 #include "common/options.h"
 #include "cuda/device_info.h"
@@ -76,11 +78,19 @@ int main(int argc, char** argv) {
     } catch (...) {
     }
     Status st = index < 0 ? Status::Invalid("--device cuda:N needs a device number") : ProbeCudaDevice(index, &info);
+    if (st.ok() && !torch::cuda::is_available()) {
+      st = Status::Unavailable("this worker's libtorch has no CUDA (Debian's is CPU-only): build against a CUDA "
+                               "libtorch, or run with --device cpu");
+    }
     if (!st.ok()) {
       std::cerr << "asr-worker: cannot use " << o.device << ": " << st.message() << "\n";
       return 2;
     }
     LogInfo("cuda_device").Kv("index", info.index).Kv("name", info.name).Kv("total_bytes", info.total_bytes);
+    o.gpu_memory = [index] {
+      int64_t used = 0;
+      return CudaMemoryUsed(index, &used).ok() ? used : int64_t{0};
+    };
   }
 
   std::signal(SIGTERM, OnSignal);
@@ -97,6 +107,7 @@ int main(int argc, char** argv) {
   tk.threads = vm["threads"].as<int>();
   tk.pg = o.pg;
   tk.worker_id = o.worker_id;
+  tk.device = o.device;
   if (Status st = RegisterTrainKind(&registry, tk); !st.ok()) {
     std::cerr << "asr-worker: " << st.message() << "\n";
     return 1;

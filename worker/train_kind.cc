@@ -27,6 +27,7 @@ Status RegisterTrainKind(JobRegistry* registry, const TrainKindOptions& options)
     tc.stopping = ctx.stopping;
     tc.progress = ctx.progress;
     tc.threads = options.threads;
+    tc.device = options.device;
     tc.rank = static_cast<int>(ctx.rank);
     tc.world_size = static_cast<int>(ctx.world_size);
     tc.rendezvous = ctx.rendezvous;

@@ -13,6 +13,7 @@ struct TrainKindOptions {
   int threads = 0;        // torch threads for training; 0 = torch's default
   std::string pg;         // with a conninfo, each checkpoint is indexed in the checkpoints table
   std::string worker_id;
+  std::string device = "cpu";  // where training runs: cpu or cuda:N (gangs then use NCCL)
 };
 
 Status RegisterTrainKind(JobRegistry* registry, const TrainKindOptions& options);

@@ -12,6 +12,12 @@
 #include <nlohmann/json.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#if ASRF_TORCH_NCCL  // a CUDA libtorch with NCCL (worker/CMakeLists.txt)
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
+#if ASRF_HAVE_CUDA
+#include <cuda_runtime_api.h>
+#endif
 
 #include "common/clock.h"
 #include "common/log.h"
@@ -296,6 +302,7 @@ Evaluation Evaluate(CtcModel& model, const std::vector<Utterance>& valid, size_t
                     const CharLm* lm = nullptr, const BeamOptions& beam = {}) {
   torch::NoGradGuard no_grad;
   model->eval();
+  const torch::Device device = model->parameters().front().device();
   std::vector<Utterance> subset(valid.begin(), valid.begin() + std::min(max, valid.size()));
   const Vocabulary& vocab = model->config().vocab;
   std::vector<int> class_symbol(static_cast<size_t>(vocab.size()), 0);
@@ -305,10 +312,10 @@ Evaluation Evaluate(CtcModel& model, const std::vector<Utterance>& valid, size_t
   for (const auto& idx : MakeBatches(subset, batch_seconds)) {
     torch::Tensor pcm, lengths, frames;
     MakeBatchTensors(subset, idx, &pcm, &lengths);
-    torch::Tensor feats = LogMel(pcm, lengths, &frames);
+    torch::Tensor feats = LogMel(pcm.to(device), lengths, &frames);
     auto [lp, out_frames] = model->forward(feats, frames);
     auto text = GreedyDecode(lp, out_frames, vocab);
-    torch::Tensor lpc = lm ? lp.to(torch::kFloat32).contiguous() : torch::Tensor();
+    torch::Tensor lpc = lm ? lp.to(torch::kFloat32).to(torch::kCPU).contiguous() : torch::Tensor();
     for (size_t b = 0; b < idx.size(); ++b) {
       refs.push_back(subset[idx[b]].text);
       greedy.push_back(text[b]);
@@ -361,7 +368,7 @@ Status LoadCheckpoint(const std::string& bytes, CtcModel& model, torch::optim::A
                       std::mt19937_64* rng) {
   try {
     torch::serialize::InputArchive ar;
-    ar.load_from(bytes.data(), bytes.size());
+    ar.load_from(bytes.data(), bytes.size(), torch::Device(torch::kCPU));  // saved on a GPU, read anywhere
     torch::serialize::InputArchive weights, optim;
     ar.read("model", weights);
     model->load(weights);
@@ -385,10 +392,19 @@ Status LoadCheckpoint(const std::string& bytes, CtcModel& model, torch::optim::A
 }
 
 // The ranks of a data-parallel gang: a TCPStore served by rank 0 at the rendezvous address and a
-// Gloo process group over it. libtorch errors (a rank that died, a timeout) become Unavailable.
+// process group over it: Gloo for ranks on CPUs, NCCL for ranks on GPUs (each rank on its own
+// GPU). libtorch errors (a rank that died, a timeout) become Unavailable.
 class Gang {
  public:
-  static Status Join(const std::string& rendezvous, int rank, int world, std::unique_ptr<Gang>* out) {
+  static Status Join(const std::string& rendezvous, int rank, int world, const torch::Device& device,
+                     std::unique_ptr<Gang>* out) {
+#if !ASRF_TORCH_NCCL
+    if (device.is_cuda()) {
+      return Status::Unavailable("a gang on " + device.str() +
+                                 " needs NCCL, and this worker's libtorch has none: train on cpu, or build against a "
+                                 "CUDA libtorch");
+    }
+#endif
     size_t colon = rendezvous.rfind(':');
     if (colon == std::string::npos) return Status::Invalid("bad rendezvous \"" + rendezvous + "\"");
     auto g = std::make_unique<Gang>();
@@ -403,20 +419,35 @@ class Gang {
       o.waitWorkers = false;
       o.timeout = std::chrono::seconds(10);  // ranks are placed together; a missing rank 0 is gone
       g->store_ = c10::make_intrusive<c10d::TCPStore>(host, o);
-      auto po = c10d::ProcessGroupGloo::Options::create();
-      po->timeout = std::chrono::seconds(30);
-      po->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(host));
-      g->pg_ = c10::make_intrusive<c10d::ProcessGroupGloo>(g->store_, rank, world, po);
+#if ASRF_TORCH_NCCL
+      if (device.is_cuda()) {
+        auto po = c10d::ProcessGroupNCCL::Options::create();
+        po->timeout = std::chrono::seconds(30);
+        g->nccl_ = c10::make_intrusive<c10d::ProcessGroupNCCL>(g->store_, rank, world, po);
+      }
+#endif
+      if (!device.is_cuda()) {
+        auto po = c10d::ProcessGroupGloo::Options::create();
+        po->timeout = std::chrono::seconds(30);
+        po->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(host));
+        g->pg_ = c10::make_intrusive<c10d::ProcessGroupGloo>(g->store_, rank, world, po);
+      }
     } catch (const std::exception& e) {
       return Status::Unavailable(std::string("gang rendezvous at ") + rendezvous + " failed: " + e.what());
     }
     *out = std::move(g);
     return Status::Ok();
   }
-  // Sums `t` over the ranks, in place.
+  // Sums `t` over the ranks, in place (on the CPU for Gloo, on the rank's GPU for NCCL).
   Status AllReduceSum(torch::Tensor& t) {
     try {
       std::vector<at::Tensor> v = {t};
+#if ASRF_TORCH_NCCL
+      if (nccl_) {
+        nccl_->allreduce(v)->wait();
+        return Status::Ok();
+      }
+#endif
       pg_->allreduce(v)->wait();
     } catch (const std::exception& e) {
       return Status::Unavailable(std::string("gang member lost: ") + e.what());
@@ -442,7 +473,43 @@ class Gang {
   int rank_ = 0, world_ = 1;
   c10::intrusive_ptr<c10d::TCPStore> store_;
   c10::intrusive_ptr<c10d::ProcessGroupGloo> pg_;
+#if ASRF_TORCH_NCCL
+  c10::intrusive_ptr<c10d::ProcessGroupNCCL> nccl_;
+#endif
 };
+
+// "cpu" or "cuda:N" for training. Unavailable when libtorch has no CUDA or no such device.
+Status TrainingDevice(const std::string& spec, torch::Device* out) {
+  if (spec.empty() || spec == "cpu") {
+    *out = torch::Device(torch::kCPU);
+    return Status::Ok();
+  }
+  const std::string prefix = "cuda:";
+  const std::string n = spec.rfind(prefix, 0) == 0 ? spec.substr(prefix.size()) : std::string();
+  if (n.empty() || n.size() > 4 || !std::all_of(n.begin(), n.end(), [](char c) { return c >= '0' && c <= '9'; })) {
+    return Status::Invalid("training device \"" + spec + "\" is neither cpu nor cuda:N");
+  }
+  const int index = std::stoi(n);
+  if (!torch::cuda::is_available() || index >= static_cast<int>(torch::cuda::device_count())) {
+    return Status::Unavailable("training on " + spec + ": this libtorch has no CUDA or sees no such device");
+  }
+#if ASRF_HAVE_CUDA
+  cudaSetDevice(index);  // NCCL and the CUDA runtime use the current device
+#endif
+  *out = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(index));
+  return Status::Ok();
+}
+
+// After a checkpoint is read (onto the CPU): the weights and Adam's moments back on `device`.
+void PlaceOnDevice(CtcModel& model, torch::optim::Adam& opt, const torch::Device& device) {
+  model->to(device);
+  for (auto& [key, state] : opt.state()) {
+    auto& s = static_cast<torch::optim::AdamParamState&>(*state);
+    if (s.exp_avg().defined()) s.exp_avg(s.exp_avg().to(device));
+    if (s.exp_avg_sq().defined()) s.exp_avg_sq(s.exp_avg_sq().to(device));
+    if (s.max_exp_avg_sq().defined()) s.max_exp_avg_sq(s.max_exp_avg_sq().to(device));
+  }
+}
 
 }  // namespace
 
@@ -458,6 +525,9 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
   if (!spec.init.empty()) {
     ASRF_RETURN_IF_ERROR(LoadModel(spec.init, &model));
   }
+  torch::Device device(torch::kCPU);
+  ASRF_RETURN_IF_ERROR(TrainingDevice(ctx.device, &device));
+  model->to(device);
   const Vocabulary& vocab = model->config().vocab;
 
   if (spec.evaluate_only) {
@@ -503,7 +573,7 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
   const int world = std::max(1, ctx.world_size), rank = ctx.rank;
   std::unique_ptr<Gang> gang;
   if (world > 1) {
-    ASRF_RETURN_IF_ERROR(Gang::Join(ctx.rendezvous, rank, world, &gang));
+    ASRF_RETURN_IF_ERROR(Gang::Join(ctx.rendezvous, rank, world, device, &gang));
     LogInfo("gang_joined").Kv("job", ctx.job_id).Kv("rank", rank).Kv("world", world).Kv("rendezvous", ctx.rendezvous);
   }
   int64_t ckpt_step = 0;
@@ -517,12 +587,14 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
       LogInfo("train_resuming_from_published").Kv("job", ctx.job_id).Kv("bytes", static_cast<uint64_t>(ckpt.size()));
     }
     if (resumed) ASRF_RETURN_IF_ERROR(LoadCheckpoint(ckpt, model, opt, &pos, &rng));
+    if (resumed) PlaceOnDevice(model, opt, device);
   }
   if (gang) {
     // Every rank starts from rank 0's state: weights, optimizer, position, random generator.
     std::string state = rank == 0 ? SaveCheckpoint(model, opt, pos, rng, spec) : std::string();
     ASRF_RETURN_IF_ERROR(gang->Share("state/" + ctx.rendezvous, &state));
     if (rank != 0) ASRF_RETURN_IF_ERROR(LoadCheckpoint(state, model, opt, &pos, &rng));
+    if (rank != 0) PlaceOnDevice(model, opt, device);
     resumed = pos.step > 0;
   }
   if (resumed) {
@@ -576,7 +648,7 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
     }
     torch::Tensor pcm, lengths, frames;
     MakeBatchTensors(train, idx, &pcm, &lengths, &rng, spec.speed_perturb);
-    torch::Tensor feats = LogMel(pcm, lengths, &frames);
+    torch::Tensor feats = LogMel(pcm.to(device), lengths, &frames);
     if (spec.vtlp > 0) Vtlp(feats, rng, spec.vtlp);
     if (spec.spec_augment) SpecAugment(feats, frames, rng);
     std::vector<int64_t> targets, target_lengths;
@@ -586,8 +658,9 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
     }
     auto [lp, out_frames] = model->forward(feats, frames);
     torch::Tensor tl = torch::tensor(target_lengths, torch::kInt64);
-    torch::Tensor per = ctc(CtcModelImpl::ForCtc(lp, out_frames), torch::tensor(targets, torch::kInt64), out_frames, tl);
-    torch::Tensor loss_sum = (per / tl.to(per.dtype())).sum();
+    torch::Tensor per = ctc(CtcModelImpl::ForCtc(lp, out_frames), torch::tensor(targets, torch::kInt64).to(device),
+                            out_frames, tl);
+    torch::Tensor loss_sum = (per / tl.to(per.device(), per.dtype())).sum();
     opt.zero_grad();
     double local_sum = loss_sum.item<double>();
     bool local_finite = std::isfinite(local_sum);
@@ -600,7 +673,8 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
       parts.push_back(p.grad().reshape({-1}));
     }
     parts.push_back(torch::tensor({local_finite ? 0.0f : 1.0f, local_finite ? static_cast<float>(local_sum) : 0.0f,
-                                   static_cast<float>(idx.size())}));
+                                   static_cast<float>(idx.size())})
+                        .to(device));
     torch::Tensor flat = torch::cat(parts);
     if (gang) {
       Status gst = gang->AllReduceSum(flat);

@@ -65,6 +65,9 @@ struct TrainContext {
   // Called by rank 0 with the finished model file and its summary (JSON), e.g. for the registry.
   std::function<void(const std::string& model_path, const std::string& summary_json)> model_finished;
   int threads = 0;                               // torch threads; 0 = leave as is
+  // "cpu" or "cuda:N": the model, the front end and the loss run there; a gang's all-reduce is
+  // Gloo on the CPU and NCCL on CUDA. Checkpoints and models are written so a CPU host reads them.
+  std::string device = "cpu";
   // Data-parallel gang: this rank, the gang's size and rank 0's "host:port" (rank 0 serves it).
   int rank = 0;
   int world_size = 1;

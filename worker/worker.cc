@@ -504,7 +504,7 @@ Status Worker::Run(const std::atomic<bool>* stop) {
       if (!durable.empty()) s.SendResults(std::move(durable));
     }
     if (now >= s.next_heartbeat) {
-      proto::Heartbeat hb{s.draining, 0, 0};
+      proto::Heartbeat hb{s.draining, s.opt.gpu_memory ? s.opt.gpu_memory() : 0, 0};
       if (s.sink) hb.outbox_results = static_cast<int64_t>(s.sink->GetStats().outbox_size);
       s.Send(Cmd::kHeartbeat, hb);
       s.next_heartbeat = now + s.opt.heartbeat_ms;

@@ -9,6 +9,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -28,6 +29,8 @@ struct WorkerOptions {
   int64_t drain_ack_wait_ms = 3000;    // on stop, how long to wait for the last RESULT_ACKs
   std::string pg;                      // libpq conninfo; empty: results go only to the broker
   std::string advertise_host;          // how other workers reach this one (gang rendezvous); default hostname
+  // Bytes in use on the worker's GPU, sent in heartbeats; empty (CPU workers): 0.
+  std::function<int64_t()> gpu_memory;
 
   Status Sanitize();
 };
