@@ -6,17 +6,23 @@
 # ratio the broker reports on /metrics. Workers decode with the model's language model (MODEL.lm,
 # beam search) when it has one; a third run decodes greedily (--lm none) to show what that costs.
 #
+# With --gpus LIST (or --same-gpu N) the workers run on GPUs (scripts/launch-workers.sh); by
+# default, and with --gpus none, on CPUs.
+#
 #   bench/transcribe_throughput.sh [--model FILE] [--short N] [--long N] [--workers N]
+#                                  [--gpus LIST|none] [--same-gpu N]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-model="models/en-small.pt" short=200 long=6 workers=1
+model="models/en-small.pt" short=200 long=6 workers=1 gpus=none same_gpu=0
 while (($#)); do
     case "$1" in
         --model) model="$2"; shift 2 ;;
         --short) short="$2"; shift 2 ;;
         --long) long="$2"; shift 2 ;;
         --workers) workers="$2"; shift 2 ;;
-        -h|--help) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --gpus) gpus="$2"; shift 2 ;;
+        --same-gpu) same_gpu="$2"; shift 2 ;;
+        -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -51,7 +57,17 @@ PY
 total=$(python3 -c 'import glob,wave,sys
 print(round(sum(wave.open(f).getnframes()/16000 for f in glob.glob(sys.argv[1]+"/*.wav")),1))' "$work/set")
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(date -u +%F)"
-echo "set: $short short files + $long long files, $total audio seconds; model $model; $workers CPU worker(s)"
+placement=(--gpus "$gpus" --cpu-workers "$workers")
+if ((same_gpu > 0)); then
+    placement=(--same-gpu "$same_gpu")
+    gpus=0
+fi
+if [[ "$gpus" == none ]]; then
+    echo "set: $short short files + $long long files, $total audio seconds; model $model; $workers CPU worker(s)"
+else
+    echo "set: $short short files + $long long files, $total audio seconds; model $model; GPU workers (--gpus $gpus, --same-gpu $same_gpu)"
+    nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader 2>/dev/null | sed 's/^/gpu: /' || true
+fi
 
 run() {  # label, broker options...
     local label="$1"; shift
@@ -65,10 +81,10 @@ run() {  # label, broker options...
     ep="$(<"$st/broker/broker.endpoint")"
     http="$(<"$st/broker/http.endpoint")"
     mapfile -t wp < <(scripts/launch-workers.sh --broker "$ep" --state-dir "$st" --log-dir "$st" \
-        --cpu-workers "$workers" --model-file "$model" -- "${worker_args[@]}" 2>/dev/null)
+        "${placement[@]}" --model-file "$model" -- "${worker_args[@]}" 2>/dev/null)
     pids+=("${wp[@]}")
     for _ in $(seq 300); do
-        (($(build/client/asr-submit --broker "$ep" workers 2>/dev/null | grep -c .) >= workers)) && break
+        (($(build/client/asr-submit --broker "$ep" workers 2>/dev/null | grep -c .) >= ${#wp[@]})) && break
         sleep 0.1
     done
     local t0 t1

@@ -10,7 +10,8 @@
 #   --log-dir      where worker logs go (default STATE/logs)
 #   --cpu-workers  CPU workers when no GPU is visible (default 2); each gets nproc/N threads
 #   --model-file   acoustic model every worker loads (default models/en-small.pt)
-#   --gpus         GPU indices to use (default: every GPU nvidia-smi lists, or CUDA_VISIBLE_DEVICES)
+#   --gpus         GPU indices to use (default: every GPU nvidia-smi lists, or CUDA_VISIBLE_DEVICES);
+#                  "none": CPU workers even where GPUs are
 #   --same-gpu N   start N workers on GPU 0 instead (tests several processes on a one-GPU host)
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -38,7 +39,10 @@ worker_bin="${ASRF_WORKER_BIN:-$REPO/build/worker/asr-worker}"
 [[ -n "$logs" ]] || logs="$state/logs"
 mkdir -p "$state" "$logs"
 
-if [[ -z "$gpus" ]]; then
+if [[ "$gpus" == none ]]; then
+    gpus=""
+    ((same_gpu == 0)) || { echo "launch-workers: --same-gpu and --gpus none contradict each other" >&2; exit 2; }
+elif [[ -z "$gpus" ]]; then
     if [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then
         gpus="$CUDA_VISIBLE_DEVICES"
     elif command -v nvidia-smi >/dev/null 2>&1; then

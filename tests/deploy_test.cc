@@ -17,6 +17,7 @@
 #include <regex>
 #include <set>
 #include <sstream>
+#include <thread>
 
 #include <nlohmann/json.hpp>
 
@@ -443,6 +444,64 @@ TEST(Deploy, SystemdUnitsVerify) {
 }
 
 // ---- idle stop ----
+
+// scripts/launch-workers.sh with a stand-in nvidia-smi (two GPUs) and a stand-in worker that
+// records its CUDA_VISIBLE_DEVICES and arguments: one worker per GPU, each seeing only its GPU as
+// cuda:0; --gpus picks GPUs; --same-gpu N puts N workers on GPU 0; --gpus none gives CPU workers.
+TEST(Deploy, LaunchWorkersPlacesOneWorkerPerGpu) {
+  TempDir d;
+  fs::create_directories(d / "bin");
+  auto script = [](const std::string& path, const std::string& body) {
+    std::ofstream(path) << "#!/bin/sh\n" << body;
+    fs::permissions(path, fs::perms::owner_all);
+  };
+  script(d / "bin/nvidia-smi", "printf '0\\n1\\n'\n");
+  script(d / "worker", "printf '%s|%s\\n' \"$CUDA_VISIBLE_DEVICES\" \"$*\" > \"$CALLS/$$\"\n");
+  std::ofstream(d / "model.pt") << "x";
+  // Each case: the launch options, then the calls it must make (sorted), or an exit code.
+  auto launch = [&](const std::string& name, std::vector<std::string> options, const char* cvd,
+                    int want_code) -> std::vector<std::string> {
+    const std::string calls = d / ("calls-" + name);
+    fs::create_directories(calls);
+    std::vector<std::string> argv = {"/usr/bin/env", "PATH=" + d / "bin" + ":/usr/bin:/bin", "CALLS=" + calls,
+                                     "ASRF_WORKER_BIN=" + d / "worker"};
+    if (cvd) argv.push_back(std::string("CUDA_VISIBLE_DEVICES=") + cvd);
+    for (const std::string& a : {kSrc + "/scripts/launch-workers.sh", std::string("--broker"),
+                                 std::string("tcp://127.0.0.1:1"), std::string("--state-dir"), d / ("st-" + name),
+                                 std::string("--model-file"), d / "model.pt"})
+      argv.push_back(a);
+    argv.insert(argv.end(), options.begin(), options.end());
+    argv.insert(argv.end(), {"--", "--slots", "2"});
+    RunResult r = RunCommand(argv, 30000);
+    EXPECT_EQ(r.code, want_code) << name << ": " << r.err;
+    std::vector<std::string> got;
+    if (r.code != 0) return got;
+    const size_t pids = static_cast<size_t>(std::count(r.out.begin(), r.out.end(), '\n'));
+    for (int i = 0; i < 100 && static_cast<size_t>(std::distance(fs::directory_iterator(calls), {})) < pids; ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    for (const auto& e : fs::directory_iterator(calls)) {
+      std::ifstream in(e.path());
+      std::string line;
+      std::getline(in, line);
+      // Keep the placement: CUDA_VISIBLE_DEVICES, --device and the state dir's last part.
+      std::smatch m;
+      EXPECT_TRUE(std::regex_search(line, m, std::regex("^([^|]*)\\|.*--device (\\S+) (?:--threads [0-9]+ )?--state-dir \\S*/(\\S+) "
+                                                         "--model-file \\S+ --slots 2$")))
+          << name << ": " << line;
+      got.push_back(m.size() == 4 ? m[1].str() + " " + m[2].str() + " " + m[3].str() : line);
+    }
+    std::sort(got.begin(), got.end());
+    return got;
+  };
+  using V = std::vector<std::string>;
+  EXPECT_EQ(launch("all", {}, nullptr, 0), (V{"0 cuda:0 worker-gpu0", "1 cuda:0 worker-gpu1"}));
+  EXPECT_EQ(launch("visible", {}, "1", 0), (V{"1 cuda:0 worker-gpu1"}));
+  EXPECT_EQ(launch("listed", {"--gpus", "1"}, nullptr, 0), (V{"1 cuda:0 worker-gpu1"}));
+  EXPECT_EQ(launch("same", {"--same-gpu", "2"}, nullptr, 0), (V{"0 cuda:0 worker-gpu0-0", "0 cuda:0 worker-gpu0-1"}));
+  EXPECT_EQ(launch("cpu", {"--gpus", "none", "--cpu-workers", "3"}, nullptr, 0),
+            (V{" cpu worker-cpu1", " cpu worker-cpu2", " cpu worker-cpu3"}));
+  launch("contradiction", {"--gpus", "none", "--same-gpu", "2"}, nullptr, 2);
+}
 
 TEST(Deploy, IdleStopStopsOnlyAfterTheIdleTime) {
   if (!fs::exists(kCurl)) GTEST_SKIP() << "curl is not installed";
