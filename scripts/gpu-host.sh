@@ -166,6 +166,32 @@ print(round(sum(wave.open(f).getnframes()/16000 for f in glob.glob(sys.argv[1]+"
     through one-gpu-worker-greedy --gpus 0 --model-file models/en-small.pt -- --lm none
     through one-gpu-worker-lm --gpus 0 --model-file models/en-small.pt
     through two-workers-same-gpu-greedy --same-gpu 2 --model-file models/en-small.pt -- --lm none
+
+    # Training on the GPU: 40 steps from the shipped model on the pool, validated on the test
+    # speech; then the model it wrote is evaluated by a CPU worker (GPU-written files must load there).
+    local st="$out/train" ep rc=0
+    mkdir -p "$st"
+    build-gpu/broker/asr-broker --listen tcp://127.0.0.1:0 --state-dir "$st/broker" >"$st/broker.log" 2>&1 &
+    pids+=($!)
+    for _ in $(seq 100); do [[ -s "$st/broker/broker.endpoint" ]] && break; sleep 0.1; done
+    ep="$(<"$st/broker/broker.endpoint")"
+    build-gpu/worker/asr-worker --broker "$ep" --device cuda:0 --state-dir "$st/gpu" >"$st/gpu.log" 2>&1 &
+    local gpu_worker=$!
+    pids+=($gpu_worker)
+    build-gpu/client/asr-submit --broker "$ep" train --manifest "$dir/pool/train.jsonl" \
+        --valid "$dir/speech/train.jsonl" --name gpu-check --steps 40 --checkpoint-every 20 --valid-every 20 \
+        --init "$PWD/models/en-small.pt" --out "$st/gpu-check.pt" --wait >"$st/train.log" 2>&1 || rc=$?
+    row "training on cuda:0 (40 steps)" "rc $rc; $(tail -1 "$st/train.log" | cut -c1-300)"
+    kill "$gpu_worker" 2>/dev/null || true
+    wait "$gpu_worker" 2>/dev/null || true
+    build-gpu/worker/asr-worker --broker "$ep" --device cpu --state-dir "$st/cpu" >"$st/cpu.log" 2>&1 &
+    pids+=($!)
+    rc=0
+    build-gpu/client/asr-submit --broker "$ep" train --evaluate-only --init "$st/gpu-check.pt" \
+        --manifest "$dir/speech/train.jsonl" --valid "$dir/speech/train.jsonl" --name eval --wait \
+        >"$st/eval.log" 2>&1 || rc=$?
+    row "the GPU-trained model on a CPU worker" "rc $rc; $(tail -1 "$st/eval.log" | cut -c1-300)"
+    # NCCL ranks need one GPU each: with one GPU here, the gang of two is left to a host with two.
     echo "gpu-host: done; summary in $summary"
 }
 
