@@ -89,8 +89,13 @@ run() {
         ldd "$so" | grep 'not found' || true; done | sort -u)
     [[ -z "$missing" ]] || die "Debian libraries miss: $missing"
 
+    # nccl.h: the toolkit's, or the one the torch wheel depends on (nvidia-nccl-*).
+    local nccl=()
+    local nccl_inc
+    nccl_inc=$(python3 -c 'import os, nvidia.nccl as n; print(os.path.join(list(n.__path__)[0], "include"))' 2>/dev/null || true)
+    [[ -n "$nccl_inc" && -f "$nccl_inc/nccl.h" && ! -f /usr/local/cuda/include/nccl.h ]] && nccl=(-DASRF_NCCL_INCLUDE_DIR="$nccl_inc")
     local t0=$SECONDS
-    cmake -S . -B build-gpu -G "$(command -v ninja >/dev/null && echo Ninja || echo 'Unix Makefiles')" \
+    cmake -S . -B build-gpu "${nccl[@]}" -G "$(command -v ninja >/dev/null && echo Ninja || echo 'Unix Makefiles')" \
         -DCMAKE_BUILD_TYPE=RelWithDebInfo -DASRF_BUILD_SYNTH=OFF -DASRF_WITH_CUDA=ON \
         -DCMAKE_CUDA_ARCHITECTURES="${ASRF_GPU_ARCH:-90}" \
         -DCMAKE_PREFIX_PATH="$torch_prefix;$root/usr;$lib/cmake;$root/usr/share/cmake" \
