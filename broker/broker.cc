@@ -503,7 +503,9 @@ struct Broker::Impl {
     journal->Write(std::move(b), /*sync=*/false, 0);
   }
 
-  void RemoveWorker(const std::string& id, const std::string& why, int64_t now) {
+  // `id` by value: callers pass strings the removal frees (OnDisconnect passes the routing
+  // index's copy, erased below; logging it afterwards read freed memory and crashed the broker).
+  void RemoveWorker(std::string id, const std::string& why, int64_t now) {
     auto it = workers.find(id);
     if (it == workers.end()) return;
     std::vector<uint64_t> leases(it->second.leases.begin(), it->second.leases.end());

@@ -3,6 +3,8 @@
 #include <gtest/gtest.h>
 #include <signal.h>
 
+#include <algorithm>
+#include <cstdlib>
 #include <map>
 #include <set>
 #include <fstream>
@@ -217,6 +219,45 @@ TEST(Fleet, OptionsFromEnvironmentAndConfigFile) {
   RunResult help = RunCommand({ASRF_WORKER_BIN, "--help"});
   EXPECT_EQ(help.code, 0);
   EXPECT_NE(help.out.find("--slots"), std::string::npos);
+}
+
+// Workers that stop say goodbye; the broker forgets them and logs each by its id. The broker runs
+// with glibc's MALLOC_PERTURB_, which overwrites freed memory: reading a freed worker id (as the
+// goodbye path once did, crashing the broker now and then) then fails every time.
+TEST(Fleet, WorkersThatSayGoodbyeAreForgottenByTheirIds) {
+  TempDir tmp;
+  setenv("MALLOC_PERTURB_", "165", 1);
+  BrokerProc b = StartBroker(tmp / "broker", tmp / "broker.log", kFastHeartbeats);
+  unsetenv("MALLOC_PERTURB_");
+  ASSERT_FALSE(b.endpoint.empty());
+  const std::vector<std::string> ids = {"w1", "a-worker-with-an-id-too-long-for-short-strings"};
+  std::vector<Proc> workers;
+  for (const auto& id : ids)
+    workers.push_back(StartWorker(b.endpoint, tmp / id, tmp / (id + ".log"), With(kFastHeartbeats, {"--worker-id", id})));
+  ASSERT_TRUE(WaitFor([&] {
+    RunResult r = Submit(b.endpoint, {"workers"}, 10000);
+    return std::count(r.out.begin(), r.out.end(), '\n') == static_cast<long>(ids.size());
+  }, 20000));
+  for (auto& w : workers) {
+    w.Signal(SIGTERM);
+    EXPECT_EQ(w.Wait(20000), 0);
+  }
+  std::set<std::string> gone;
+  WaitFor([&] {
+    gone.clear();
+    std::istringstream in(ReadFile(tmp / "broker.log"));
+    std::string line;
+    while (std::getline(in, line)) {
+      auto j = json::parse(line, nullptr, false);
+      if (!j.is_discarded() && j.value("event", "") == "worker_gone") gone.insert(j.value("worker", ""));
+    }
+    return gone.size() == ids.size() || !b.proc.Running();
+  }, 10000);
+  EXPECT_EQ(gone, std::set<std::string>(ids.begin(), ids.end()));
+  EXPECT_TRUE(b.proc.Running()) << ReadFile(tmp / "broker.log");
+  RunResult r = Submit(b.endpoint, {"workers"}, 10000);
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(r.out, "");
 }
 
 TEST(Fleet, UnreachableBrokerExitsThreeWithinABoundedWait) {
