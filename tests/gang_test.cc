@@ -5,6 +5,11 @@
 #include <sndfile.h>
 #include <torch/torch.h>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <csignal>
 #include <fstream>
 
@@ -210,6 +215,56 @@ TEST(Gang, TwoRanksTrainWhatOneProcessTrainsOnTheCombinedBatches) {
   EXPECT_LE(d_ranks, 1e-5);
   EXPECT_LE(d_single, 1e-5);
   EXPECT_GT(moved, 1e-4);
+}
+
+// The first rendezvous port the broker hands out is taken by another process: rank 0 cannot
+// serve it, gives its job back without an attempt, and the gang is placed again on the next port
+// and trains to the end (before, the run failed for good).
+TEST(Gang, ARendezvousPortInUseMovesTheGangToAnotherPort) {
+  TempDir t;
+  RunResult synth = RunCommand({ASRF_SYNTH_BIN, "--out", t / "data", "--utterances", "20", "--seed", "4",
+                                "--valid-fraction", "0.2", "--heldout-fraction", "0", "--max-words", "3"});
+  ASSERT_EQ(synth.code, 0) << synth.err;
+  // Hold a port: bound on every address and listening, as a running server would.
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  ASSERT_GE(fd, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_ANY);
+  a.sin_port = 0;
+  ASSERT_EQ(bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0);
+  ASSERT_EQ(listen(fd, 16), 0);
+  socklen_t len = sizeof(a);
+  ASSERT_EQ(getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len), 0);
+  const int held = ntohs(a.sin_port);
+  if (held > 64000) {
+    close(fd);
+    GTEST_SKIP() << "the kernel gave port " << held << ", above the broker's highest --gang-port-base";
+  }
+  BrokerProc b = StartBroker(t / "broker", t / "broker.log",
+                             With(kFastHeartbeats, {"--gang-port-base", std::to_string(held)}));
+  std::vector<std::string> wargs = With(kFastHeartbeats, {"--threads", "1", "--advertise-host", "127.0.0.1"});
+  Proc w1 = StartWorker(b.endpoint, t / "w1", t / "w1.log", wargs);
+  Proc w2 = StartWorker(b.endpoint, t / "w2", t / "w2.log", wargs);
+  RunResult r = Submit(b.endpoint, {"train", "--manifest", t / "data/train.jsonl", "--valid", t / "data/valid.jsonl",
+                                    "--name", "portmodel", "--world-size", "2", "--steps", "3", "--batch-seconds", "4",
+                                    "--channels", "16", "--hidden", "16", "--layers", "1"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  std::string gt = r.out.substr(r.out.find(" batch ") + 7);
+  while (!gt.empty() && (gt.back() == '\n' || gt.back() == ' ')) gt.pop_back();
+  bool done = WaitFor([&] {
+    Counts c = StatusCounts(b.endpoint, gt);
+    return c.done == 2 || c.failed > 0 || c.dead > 0;  // a failed rank: no need to wait longer
+  }, 120000) && StatusCounts(b.endpoint, gt).done == 2;
+  close(fd);
+  std::string logs = ReadFile(t / "w1.log") + ReadFile(t / "w2.log");
+  ASSERT_TRUE(done) << ReadFile(t / "broker.log") << logs;
+  // The held port was tried and refused, then the next one served the gang.
+  EXPECT_NE(logs.find("127.0.0.1:" + std::to_string(held) + " failed"), std::string::npos) << logs;
+  EXPECT_NE(logs.find("127.0.0.1:" + std::to_string(held + 1)), std::string::npos) << logs;
+  Counts c = StatusCounts(b.endpoint, gt);
+  EXPECT_EQ(c.failed, 0);
+  EXPECT_EQ(c.dead, 0);
 }
 
 TEST(Gang, AKilledRankRequeuesTheGangWhichResumesFromAPublishedCheckpoint) {

@@ -433,7 +433,9 @@ class Gang {
         g->pg_ = c10::make_intrusive<c10d::ProcessGroupGloo>(g->store_, rank, world, po);
       }
     } catch (const std::exception& e) {
-      return Status::Unavailable(std::string("gang rendezvous at ") + rendezvous + " failed: " + e.what());
+      // Busy: the job goes back to the broker without an attempt, and the gang is placed again on
+      // another rendezvous port (a port another process holds must not fail a training run).
+      return Status::Busy(std::string("gang rendezvous at ") + rendezvous + " failed: " + e.what());
     }
     *out = std::move(g);
     return Status::Ok();

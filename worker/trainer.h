@@ -74,8 +74,9 @@ struct TrainContext {
   std::string rendezvous;
 };
 
-// Runs (or resumes) training. Returns ok with a JSON summary in *result; Busy when stopped by the
-// worker after a checkpoint (the job should be requeued); Invalid for bad manifests.
+// Runs (or resumes) training. Returns ok with a JSON summary in *result; Busy (the job should be
+// requeued, no attempt counted) when stopped by the worker after a checkpoint, when a gang member
+// is lost, or when the gang's rendezvous fails; Invalid for bad manifests.
 Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* result);
 
 // Reads and checks a manifest: every audio file readable, 16 kHz, non-empty; every text non-empty
