@@ -456,7 +456,8 @@ TEST(Deploy, LaunchWorkersPlacesOneWorkerPerGpu) {
     fs::permissions(path, fs::perms::owner_all);
   };
   script(d / "bin/nvidia-smi", "printf '0\\n1\\n'\n");
-  script(d / "worker", "printf '%s|%s\\n' \"$CUDA_VISIBLE_DEVICES\" \"$*\" > \"$CALLS/$$\"\n");
+  // Written aside, then renamed in: a call file is complete once it is there.
+  script(d / "worker", "printf '%s|%s\\n' \"$CUDA_VISIBLE_DEVICES\" \"$*\" > \"$CALLS.$$\" && mv \"$CALLS.$$\" \"$CALLS/$$\"\n");
   std::ofstream(d / "model.pt") << "x";
   // Each case: the launch options, then the calls it must make (sorted), or an exit code.
   auto launch = [&](const std::string& name, std::vector<std::string> options, const char* cvd,
