@@ -118,7 +118,11 @@ run() {
 
     # Throughput: long files (30 utterances with pauses, different ones in each file) through the
     # fleet: broker, one GPU worker, then two workers on GPU 0; greedy decoding and with the LM.
-    local set="$out/set" files="${ASRF_GPU_FILES:-200}"
+    # Audio and fleet state stay out of OUT (which is copied back): only logs and the summary go there.
+    local work="build-gpu/gpu-host-work"
+    rm -rf "$work"
+    mkdir -p "$work"
+    local set="$work/set" files="${ASRF_GPU_FILES:-200}"
     python3 - "$dir/pool" "$set" "$files" <<'PY'
 import json, random, sys, wave, os
 pool, out, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -141,8 +145,8 @@ print(round(sum(wave.open(f).getnframes()/16000 for f in glob.glob(sys.argv[1]+"
     trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
     through() {  # label, launch-workers options..., then -- and worker options
         local label="$1"; shift
-        local st="$out/fleet-$label"
-        mkdir -p "$st"
+        local st="$work/fleet-$label"
+        mkdir -p "$st" "$out/fleet-$label"
         build-gpu/broker/asr-broker --listen tcp://127.0.0.1:0 --state-dir "$st/broker" --http 127.0.0.1:0 \
             >"$st/broker.log" 2>&1 &
         pids+=($!)
@@ -167,6 +171,7 @@ print(round(sum(wave.open(f).getnframes()/16000 for f in glob.glob(sys.argv[1]+"
         row "$label" "rc $rc; $(python3 -c "print(f'wall {$s1-$s0:.2f} s, RTFx {$total/($s1-$s0):.0f}')"); GPU memory used after: $mem; workers: $(grep -h -o '\"device\":\"[^\"]*\"' "$st"/worker-*.log | sort | uniq -c | tr -s ' ' | tr '\n' ' ')"
         kill "${wp[@]}" 2>/dev/null || true
         wait "${wp[@]}" 2>/dev/null || true
+        cp "$st"/*.log "$out/fleet-$label/" 2>/dev/null || true
     }
     through one-gpu-worker-greedy --gpus 0 --model-file models/en-small.pt -- --lm none
     through one-gpu-worker-lm --gpus 0 --model-file models/en-small.pt
@@ -174,8 +179,8 @@ print(round(sum(wave.open(f).getnframes()/16000 for f in glob.glob(sys.argv[1]+"
 
     # Training on the GPU: 40 steps from the shipped model on the pool, validated on the test
     # speech; then the model it wrote is evaluated by a CPU worker (GPU-written files must load there).
-    local st="$out/train" ep rc=0
-    mkdir -p "$st"
+    local st="$work/train" ep rc=0
+    mkdir -p "$st" "$out/train"
     build-gpu/broker/asr-broker --listen tcp://127.0.0.1:0 --state-dir "$st/broker" >"$st/broker.log" 2>&1 &
     pids+=($!)
     for _ in $(seq 100); do [[ -s "$st/broker/broker.endpoint" ]] && break; sleep 0.1; done
@@ -196,6 +201,7 @@ print(round(sum(wave.open(f).getnframes()/16000 for f in glob.glob(sys.argv[1]+"
         --manifest "$dir/speech/train.jsonl" --valid "$dir/speech/train.jsonl" --name eval --wait \
         >"$st/eval.log" 2>&1 || rc=$?
     row "the GPU-trained model on a CPU worker" "rc $rc; $(tail -1 "$st/eval.log" | cut -c1-300)"
+    cp "$st"/*.log "$out/train/" 2>/dev/null || true
     # NCCL ranks need one GPU each: with one GPU here, the gang of two is left to a host with two.
     echo "gpu-host: done; summary in $summary"
 }
