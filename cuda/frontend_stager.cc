@@ -104,8 +104,8 @@ Status FrontEndStager::Stage(int slot, const std::vector<std::span<const int16_t
       return cuda_internal::CudaStatus(e, "cudaHostAlloc", __FILE__, __LINE__);
     }
   }
-  ASRF_RETURN_IF_ERROR(
-      GrowDevice(&s.features, &s.feature_floats, std::max<size_t>(1, batch * static_cast<size_t>(t_max) * kMels)));
+  const size_t feature_floats = batch * static_cast<size_t>(t_max) * logmel80::kMels;
+  ASRF_RETURN_IF_ERROR(GrowDevice(&s.features, &s.feature_floats, std::max<size_t>(1, feature_floats)));
 
   s.lengths.assign(batch, 0);
   for (size_t b = 0; b < batch; ++b) {

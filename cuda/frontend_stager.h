@@ -19,7 +19,6 @@ namespace asrf {
 class FrontEndStager {
  public:
   static constexpr int kSlots = 2;
-  static constexpr int kMels = 80;
 
   // A stager on device `device` (made current for the calling thread). Errors: Unavailable
   // without a device or device memory, IOError for other CUDA failures.

@@ -15,6 +15,7 @@
 #include "common/log.h"
 #include "worker/ctc_beam.h"
 #include "worker/ctc_model.h"
+#include "worker/device.h"
 #include "worker/features.h"
 
 #if ASRF_HAVE_CUDA
@@ -86,28 +87,6 @@ Status ReadVocabulary(const std::string& path, TokenTable* out) {
   t.text[0].clear();  // the blank emits nothing, whatever its line says
   t.separator[0] = false;
   *out = std::move(t);
-  return Status::Ok();
-}
-
-Status ParseDevice(const std::string& spec, torch::Device* out) {
-  if (spec == "cpu") {
-    *out = torch::Device(torch::kCPU);
-    return Status::Ok();
-  }
-  const std::string prefix = "cuda:";
-  if (spec.rfind(prefix, 0) != 0 || spec.size() == prefix.size() || spec.size() > prefix.size() + 4 ||
-      !std::all_of(spec.begin() + prefix.size(), spec.end(), [](char c) { return c >= '0' && c <= '9'; })) {
-    return Status::Invalid("device \"" + spec + "\" is neither cpu nor cuda:N");
-  }
-  int index = std::stoi(spec.substr(prefix.size()));
-  if (!torch::cuda::is_available()) {
-    return Status::Unavailable("device " + spec + ": this libtorch has no CUDA or sees no CUDA device");
-  }
-  int64_t count = static_cast<int64_t>(torch::cuda::device_count());
-  if (index >= count) {
-    return Status::Unavailable("device " + spec + ": libtorch sees " + std::to_string(count) + " CUDA device(s)");
-  }
-  *out = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(index));
   return Status::Ok();
 }
 
@@ -361,16 +340,16 @@ Status CtcAcousticModel::Stage(const std::vector<std::span<const int16_t>>& utte
   const int64_t samples = static_cast<int64_t>(utterances[index.front()].size());
   m->index = std::move(index);
   m->lengths.resize(static_cast<size_t>(B));
-  std::vector<int64_t> frames(static_cast<size_t>(B));
-  for (int64_t b = 0; b < B; ++b) {
-    m->lengths[b] = static_cast<int64_t>(utterances[m->index[b]].size());
-    frames[b] = NumFrames(m->lengths[b]);
-  }
+  for (int64_t b = 0; b < B; ++b) m->lengths[b] = static_cast<int64_t>(utterances[m->index[b]].size());
   m->t_max = NumFrames(samples);
 #if ASRF_HAVE_CUDA
   if (stager_) {
     std::vector<std::span<const int16_t>> pcm;
-    for (size_t i : m->index) pcm.push_back(utterances[i]);
+    std::vector<int64_t> frames;
+    for (size_t i : m->index) {
+      pcm.push_back(utterances[i]);
+      frames.push_back(NumFrames(static_cast<int64_t>(utterances[i].size())));
+    }
     ASRF_RETURN_IF_ERROR(stager_->Stage(slot, pcm, samples, m->t_max).WithContext("GPU front end on " + device()));
     m->slot = slot;
     m->frames = torch::tensor(frames, torch::kInt64);

@@ -27,6 +27,7 @@
 #include "worker/checkpoint_store.h"
 #include "worker/ctc_beam.h"
 #include "worker/ctc_model.h"
+#include "worker/device.h"
 #include "worker/features.h"
 
 namespace asrf {
@@ -480,25 +481,12 @@ class Gang {
 #endif
 };
 
-// "cpu" or "cuda:N" for training. Unavailable when libtorch has no CUDA or no such device.
+// The training device (worker/device.h), made current for the CUDA runtime (NCCL uses it).
 Status TrainingDevice(const std::string& spec, torch::Device* out) {
-  if (spec.empty() || spec == "cpu") {
-    *out = torch::Device(torch::kCPU);
-    return Status::Ok();
-  }
-  const std::string prefix = "cuda:";
-  const std::string n = spec.rfind(prefix, 0) == 0 ? spec.substr(prefix.size()) : std::string();
-  if (n.empty() || n.size() > 4 || !std::all_of(n.begin(), n.end(), [](char c) { return c >= '0' && c <= '9'; })) {
-    return Status::Invalid("training device \"" + spec + "\" is neither cpu nor cuda:N");
-  }
-  const int index = std::stoi(n);
-  if (!torch::cuda::is_available() || index >= static_cast<int>(torch::cuda::device_count())) {
-    return Status::Unavailable("training on " + spec + ": this libtorch has no CUDA or sees no such device");
-  }
+  ASRF_RETURN_IF_ERROR(ParseDevice(spec.empty() ? "cpu" : spec, out).WithContext("training"));
 #if ASRF_HAVE_CUDA
-  cudaSetDevice(index);  // NCCL and the CUDA runtime use the current device
+  if (out->is_cuda()) cudaSetDevice(out->index());
 #endif
-  *out = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(index));
   return Status::Ok();
 }
 
