@@ -13,7 +13,9 @@
 #                                         (--same-gpu 2); writes OUT/gpu-host.log and OUT/summary.md
 #
 # Options for run (environment): ASRF_GPU_ARCH (default 90: one nvcc pass for an H100/H200),
-# ASRF_GPU_JOBS (default nproc), ASRF_GPU_FILES (long files in the throughput set, default 200).
+# ASRF_GPU_JOBS (default nproc), ASRF_GPU_FILES (long files in the throughput set, default 200),
+# ASRF_GPU_BUILD_DIR (default build-gpu), ASRF_GPU_DRY_RUN=1 (rehearse the steps without a GPU:
+# the existing build in ASRF_GPU_BUILD_DIR, CPU workers, no cmake).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 mode="${1:-}"
@@ -58,72 +60,118 @@ prepare() {
 run() {
     local out="${1:?usage: scripts/gpu-host.sh run OUT [DIR]}" dir="${2:-.gpu-host}"
     mkdir -p "$out"
+    out="$(cd "$out" && pwd)"
     exec > >(tee "$out/gpu-host.log") 2>&1
-    local summary="$out/summary.md"
+    local summary="$out/summary.md" dry="${ASRF_GPU_DRY_RUN:-0}" b="${ASRF_GPU_BUILD_DIR:-build-gpu}"
     : >"$summary"
     row() { echo "| $1 | $2 |" | tee -a "$summary"; }
+    # Each step has a time limit, so that one that hangs leaves time for the rest.
+    step() { local limit="$1"; shift; timeout --kill-after=5 "$limit" "$@"; }
     echo "| check | result |" >>"$summary"
     echo "|---|---|" >>"$summary"
     [[ -d "$dir/debs" ]] || die "no $dir/debs: run 'scripts/gpu-host.sh prepare' on a Debian 12 machine and carry it"
     dir="$(cd "$dir" && pwd)"
-    nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader | sed 's/^/gpu: /'
-    local torch_prefix abi
-    torch_prefix=$(python3 -c 'import torch; print(torch.utils.cmake_prefix_path)')
-    abi=$(python3 -c 'import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))')
-    python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "devices", torch.cuda.device_count())'
-    [[ "$abi" == 1 ]] || die "this torch uses the old C++ ABI; Debian's libraries need _GLIBCXX_USE_CXX11_ABI=1"
-    row "host" "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $(nproc) cores, torch $(python3 -c 'import torch; print(torch.__version__)')"
-
-    # Debian's packages into a private root; CMake and pkg-config look there.
-    local root="$dir/root" lib
-    if [[ ! -d "$root/usr" ]]; then
-        for d in "$dir"/debs/*.deb; do dpkg -x "$d" "$root"; done
-    fi
-    lib="$root/usr/lib/x86_64-linux-gnu"
-    export PKG_CONFIG_LIBDIR="$lib/pkgconfig:$root/usr/share/pkgconfig"
-    export PKG_CONFIG_SYSROOT_DIR="$root"
-    export LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-    # Debian's libraries load here? (the host's OS is newer)
-    local missing
-    missing=$(for so in "$lib"/librocksdb.so.* "$lib"/libzmq.so.5 "$lib"/libpq.so.5 "$lib"/libsndfile.so.1; do
-        ldd "$so" | grep 'not found' || true; done | sort -u)
-    [[ -z "$missing" ]] || die "Debian libraries miss: $missing"
-
-    # nccl.h: the toolkit's, or the one the torch wheel depends on (nvidia-nccl-*).
-    local nccl=()
-    local nccl_inc
-    nccl_inc=$(python3 -c 'import os, nvidia.nccl as n; print(os.path.join(list(n.__path__)[0], "include"))' 2>/dev/null || true)
-    [[ -n "$nccl_inc" && -f "$nccl_inc/nccl.h" && ! -f /usr/local/cuda/include/nccl.h ]] && nccl=(-DASRF_NCCL_INCLUDE_DIR="$nccl_inc")
     local t0=$SECONDS
-    cmake -S . -B build-gpu "${nccl[@]}" -G "$(command -v ninja >/dev/null && echo Ninja || echo 'Unix Makefiles')" \
-        -DCMAKE_BUILD_TYPE=RelWithDebInfo -DASRF_BUILD_SYNTH=OFF -DASRF_WITH_CUDA=ON \
-        -DCMAKE_CUDA_ARCHITECTURES="${ASRF_GPU_ARCH:-90}" \
-        -DCMAKE_PREFIX_PATH="$torch_prefix;$root/usr;$lib/cmake;$root/usr/share/cmake" \
-        -DCMAKE_INCLUDE_PATH="$root/usr/include" -DCMAKE_LIBRARY_PATH="$lib" \
-        -DPostgreSQL_ROOT="$root/usr" >"$out/cmake.log" 2>&1 || { tail -40 "$out/cmake.log"; die "cmake failed"; }
-    grep -E "ASR Fleet" "$out/cmake.log" || true
-    cmake --build build-gpu -j "${ASRF_GPU_JOBS:-$(nproc)}" --target asr-broker asr-worker asr-submit \
-        cuda_kernels_test infer_test frontend_bench >"$out/build.log" 2>&1 || { grep -m20 -B2 -A6 'error' "$out/build.log"; die "build failed"; }
-    row "build (cmake + compile)" "$((SECONDS - t0)) s"
+    if [[ "$dry" == 1 ]]; then
+        # A rehearsal of the steps on a machine without a GPU: the existing build ($b), CPU workers.
+        row "host" "dry run (no GPU): $(nproc) cores"
+    else
+        nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader | sed 's/^/gpu: /'
+        python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "devices", torch.cuda.device_count())'
+        local torch_prefix abi torch_inc
+        torch_prefix=$(python3 -c 'import torch; print(torch.utils.cmake_prefix_path)')
+        torch_inc=$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "include"))')
+        abi=$(python3 -c 'import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))')
+        [[ "$abi" == 1 ]] || die "this torch uses the old C++ ABI; Debian's libraries need _GLIBCXX_USE_CXX11_ABI=1"
+        echo "compilers: $(c++ --version | head -1); $(nvcc --version | tail -1); $(cmake --version | head -1)"
+        echo "torch headers: gloo $([[ -d "$torch_inc/gloo" ]] && echo shipped || echo 'not shipped')"
+        row "host" "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $(nproc) cores, torch $(python3 -c 'import torch; print(torch.__version__)'), $(c++ --version | head -1)"
 
-    local rc=0
-    build-gpu/tests/cuda_kernels_test --gtest_brief=1 >"$out/cuda_kernels_test.log" 2>&1 || rc=$?
-    row "cuda_kernels_test" "rc $rc; $(grep -E '^\[  (PASSED|SKIPPED|FAILED)' "$out/cuda_kernels_test.log" | tr '\n' ' ')"
-    rc=0
-    ASRF_TEST_SPEECH="$dir/speech" build-gpu/tests/infer_test --gtest_brief=1 >"$out/infer_test.log" 2>&1 || rc=$?
-    row "infer_test (GpuMatchesCpu among them)" "rc $rc; $(grep -E '^\[  (PASSED|SKIPPED|FAILED)' "$out/infer_test.log" | tr '\n' ' ')"
+        # Debian's packages into a private root; CMake and pkg-config look there.
+        local root="$dir/root" lib
+        if [[ ! -d "$root/usr" ]]; then
+            for d in "$dir"/debs/*.deb; do
+                if command -v dpkg-deb >/dev/null; then
+                    dpkg-deb -x "$d" "$root"
+                else  # no dpkg: a .deb is an ar archive holding data.tar.*
+                    local x; x=$(mktemp -d)
+                    (cd "$x" && ar x "$d" && mkdir -p "$root" && tar -xf data.tar.* -C "$root")
+                    rm -rf "$x"
+                fi
+            done
+        fi
+        lib="$root/usr/lib/x86_64-linux-gnu"
+        export PKG_CONFIG_LIBDIR="$lib/pkgconfig:$root/usr/share/pkgconfig"
+        export PKG_CONFIG_SYSROOT_DIR="$root"
+        export LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+        # Debian's libraries load here? (the host's OS is newer)
+        local missing
+        missing=$(for so in "$lib"/librocksdb.so.* "$lib"/libzmq.so.5 "$lib"/libpq.so.5 "$lib"/libsndfile.so.1; do
+            ldd "$so" | grep 'not found' || true; done | sort -u)
+        [[ -z "$missing" ]] || die "Debian libraries miss: $missing"
 
-    build-gpu/bench/frontend_bench >"$out/frontend_bench.txt" 2>&1 || true
-    sed 's/^/    /' "$out/frontend_bench.txt" >>"$summary"
+        # nccl.h: the toolkit's, or the one the torch wheel depends on (nvidia-nccl-*).
+        local nccl=() nccl_inc
+        nccl_inc=$(python3 -c 'import os, nvidia.nccl as n; print(os.path.join(list(n.__path__)[0], "include"))' 2>/dev/null || true)
+        [[ -n "$nccl_inc" && -f "$nccl_inc/nccl.h" && ! -f /usr/local/cuda/include/nccl.h ]] && nccl=(-DASRF_NCCL_INCLUDE_DIR="$nccl_inc")
+        configure() {
+            # -include cstdint: the host's compiler is newer than Debian 12's, and newer libstdc++
+            # headers stopped including it along the way.
+            step 300 cmake -S . -B "$b" "${nccl[@]}" -G "$(command -v ninja >/dev/null && echo Ninja || echo 'Unix Makefiles')" \
+                -DCMAKE_BUILD_TYPE=RelWithDebInfo -DASRF_BUILD_SYNTH=OFF -DASRF_WITH_CUDA=ON \
+                -DCMAKE_CXX_FLAGS="-include cstdint" -DCMAKE_CUDA_ARCHITECTURES="${ASRF_GPU_ARCH:-90}" \
+                -DCMAKE_PREFIX_PATH="$torch_prefix;$root/usr;$lib/cmake;$root/usr/share/cmake" \
+                -DCMAKE_INCLUDE_PATH="$root/usr/include" -DCMAKE_LIBRARY_PATH="$lib" \
+                -DPostgreSQL_ROOT="$root/usr" "$@" >>"$out/cmake.log" 2>&1 || { tail -40 "$out/cmake.log"; die "cmake failed"; }
+        }
+        configure
+        grep -E "ASR Fleet|Caffe2|Torch|CUDA" "$out/cmake.log" | head -20 || true
+    fi
+    local targets=(asr-broker asr-worker asr-submit cuda_kernels_test infer_test frontend_bench)
+    build() {
+        local keep=(); [[ -f "$b/build.ninja" ]] && keep=(-- -k 0)
+        step 400 cmake --build "$b" -j "${ASRF_GPU_JOBS:-$(nproc)}" --target "${targets[@]}" "${keep[@]}" >>"$out/build.log" 2>&1
+    }
+    if ! build; then
+        grep -m12 -A6 'error' "$out/build.log" || true
+        if [[ "$dry" != 1 ]]; then
+            # The gang backends are the parts that lean on c10d's headers matching Gloo's and NCCL's:
+            # without them the worker does everything but gangs.
+            row "build" "failed with the gang backends; again with -DASRF_GLOO=OFF -DASRF_NCCL=OFF (see build.log)"
+            echo "=== again without the gang backends" >>"$out/build.log"
+            configure -DASRF_GLOO=OFF -DASRF_NCCL=OFF
+        fi
+        # What did build is still run below.
+        build || row "build" "FAILED: $(grep -m4 'error' "$out/build.log" | cut -c1-240 | tr '\n' ' ')"
+    fi
+    have() { [[ -x "$b/$1" ]] || { row "$1" "not built: skipped"; return 1; }; }
+    row "build (cmake + compile)" "$((SECONDS - t0)) s; $(grep -ho 'NCCL gangs: [a-z]*' "$out/cmake.log" 2>/dev/null | tail -1)"
+
+    local rc=0 t1
+    t1=$SECONDS
+    if have tests/cuda_kernels_test; then
+        step 120 "$b"/tests/cuda_kernels_test --gtest_brief=1 >"$out/cuda_kernels_test.log" 2>&1 || rc=$?
+        row "cuda_kernels_test" "rc $rc, $((SECONDS - t1)) s; $(grep -E '^\[  (PASSED|SKIPPED|FAILED)' "$out/cuda_kernels_test.log" | tr '\n' ' ')"
+    fi
+    rc=0 t1=$SECONDS
+    if have tests/infer_test; then
+        ASRF_TEST_SPEECH="$dir/speech" step 240 "$b"/tests/infer_test --gtest_brief=1 >"$out/infer_test.log" 2>&1 || rc=$?
+        row "infer_test (GpuMatchesCpu among them)" "rc $rc, $((SECONDS - t1)) s; $(grep -E '^\[  (PASSED|SKIPPED|FAILED)' "$out/infer_test.log" | tr '\n' ' ')"
+    fi
+    if [[ "$dry" != 1 ]] && have bench/frontend_bench; then
+        step 120 "$b"/bench/frontend_bench >"$out/frontend_bench.txt" 2>&1 || true
+        sed 's/^/    /' "$out/frontend_bench.txt" >>"$summary"
+    fi
+    have worker/asr-worker && have broker/asr-broker && have client/asr-submit || die "no fleet binaries: see build.log"
 
     # Throughput: long files (30 utterances with pauses, different ones in each file) through the
-    # fleet: broker, one GPU worker, then two workers on GPU 0; greedy decoding and with the LM.
-    # Audio and fleet state stay out of OUT (which is copied back): only logs and the summary go there.
-    local work="build-gpu/gpu-host-work"
+    # fleet: broker and one GPU worker, greedy and with the LM; two workers on GPU 0; one CPU worker
+    # on a fifth of the set. Audio and fleet state stay out of OUT (which is copied back).
+    local work="$b/gpu-host-work"
     rm -rf "$work"
     mkdir -p "$work"
     local set="$work/set" files="${ASRF_GPU_FILES:-200}"
-    python3 - "$dir/pool" "$set" "$files" <<'PY'
+    python3 - "$dir/pool" "$set" "$files" <<'PY2'
 import json, random, sys, wave, os
 pool, out, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 rows = [json.loads(l) for l in open(os.path.join(pool, "train.jsonl"))]
@@ -136,73 +184,104 @@ for k in range(n):
             frames += w.readframes(w.getnframes()) + b"\0\0" * 9600
     with wave.open(f"{out}/long{k:04d}.wav", "wb") as w:
         w.setnchannels(1); w.setsampwidth(2); w.setframerate(16000); w.writeframes(frames)
-PY
-    local total
-    total=$(python3 -c 'import glob,wave,sys
-print(round(sum(wave.open(f).getnframes()/16000 for f in glob.glob(sys.argv[1]+"/*.wav")),1))' "$set")
-    row "throughput set" "$files files, $total audio seconds"
+PY2
+    local small="$work/set-fifth"
+    mkdir -p "$small"
+    ls "$set" | head -n $(((files + 4) / 5)) | while read -r f; do ln -s "$PWD/$set/$f" "$small/$f"; done
+    seconds() { python3 -c 'import glob,wave,sys
+print(round(sum(wave.open(f).getnframes()/16000 for f in glob.glob(sys.argv[1]+"/*.wav")),1))' "$1"; }
+    local total total_small
+    total=$(seconds "$set")
+    total_small=$(seconds "$small")
+    row "throughput set" "$files files, $total audio seconds (the CPU worker: $(ls "$small" | wc -l) files, $total_small s)"
     local pids=()
     trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
-    through() {  # label, launch-workers options..., then -- and worker options
-        local label="$1"; shift
+    through() {  # label, audio directory, its seconds, launch-workers options..., then -- and worker options
+        local label="$1" audio="$2" secs="$3"; shift 3
         local st="$work/fleet-$label"
         mkdir -p "$st" "$out/fleet-$label"
-        build-gpu/broker/asr-broker --listen tcp://127.0.0.1:0 --state-dir "$st/broker" --http 127.0.0.1:0 \
+        "$b"/broker/asr-broker --listen tcp://127.0.0.1:0 --state-dir "$st/broker" --http 127.0.0.1:0 \
             >"$st/broker.log" 2>&1 &
         pids+=($!)
         for _ in $(seq 100); do [[ -s "$st/broker/broker.endpoint" ]] && break; sleep 0.1; done
         local ep
         ep="$(<"$st/broker/broker.endpoint")"
-        mapfile -t wp < <(ASRF_WORKER_BIN=build-gpu/worker/asr-worker scripts/launch-workers.sh --broker "$ep" \
+        local want=cuda
+        if [[ "$dry" == 1 ]]; then  # CPU workers stand in for GPU ones
+            local a=() skip=0
+            for x in "$@"; do
+                if ((skip)); then skip=0; continue; fi
+                case "$x" in --gpus|--same-gpu) skip=1 ;; *) a+=("$x") ;; esac
+            done
+            set -- --gpus none --cpu-workers 1 "${a[@]}"
+        fi
+        [[ " $* " == *" --gpus none "* ]] && want=cpu
+        mapfile -t wp < <(ASRF_WORKER_BIN="$b/worker/asr-worker" scripts/launch-workers.sh --broker "$ep" \
             --state-dir "$st" --log-dir "$st" "$@")
         pids+=("${wp[@]}")
+        local up=0
         for _ in $(seq 600); do
-            (($(build-gpu/client/asr-submit --broker "$ep" workers 2>/dev/null | grep -c cuda) >= ${#wp[@]})) && break
+            up=$("$b"/client/asr-submit --broker "$ep" workers 2>/dev/null | grep -c "$want" || true)
+            ((up >= ${#wp[@]})) && break
             sleep 0.1
         done
-        local t1=$SECONDS rc=0
-        local s0 s1
+        # GPU memory of each worker process, sampled while it transcribes.
+        local mon=""
+        if [[ "$dry" != 1 ]]; then
+            nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits -lms 200 >"$st/gpu-mem.csv" 2>/dev/null &
+            mon=$!
+        fi
+        local rc=0 s0 s1
         s0=$(date +%s.%N)
-        build-gpu/client/asr-submit --broker "$ep" transcribe "$set" --out "$st/out" --format txt --wait \
+        step 240 "$b"/client/asr-submit --broker "$ep" transcribe "$audio" --out "$st/out" --format txt --wait \
             >"$st/client.log" 2>&1 || rc=$?
         s1=$(date +%s.%N)
-        local mem
-        mem=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader | head -1)
-        row "$label" "rc $rc; $(python3 -c "print(f'wall {$s1-$s0:.2f} s, RTFx {$total/($s1-$s0):.0f}')"); GPU memory used after: $mem; workers: $(grep -h -o '\"device\":\"[^\"]*\"' "$st"/worker-*.log | sort | uniq -c | tr -s ' ' | tr '\n' ' ')"
+        local peak="n/a"
+        if [[ -n "$mon" ]]; then
+            kill "$mon" 2>/dev/null || true
+            peak=$(awk -F', *' '{ if ($2 > m[$1]) m[$1] = $2 } END { for (p in m) printf "%s%d MiB", (n++ ? ", " : ""), m[p] }' "$st/gpu-mem.csv")
+        fi
+        row "$label" "rc $rc; $up of ${#wp[@]} workers up; $(python3 -c "print(f'wall {$s1-$s0:.2f} s, RTFx {$secs/($s1-$s0):.0f}')"); peak GPU memory per worker: ${peak:-none seen}; $(grep -h -o '"max_batch_frames":[0-9]*' "$st"/worker-*.log | sort -u | tr '\n' ' ')"
         kill "${wp[@]}" 2>/dev/null || true
         wait "${wp[@]}" 2>/dev/null || true
-        cp "$st"/*.log "$out/fleet-$label/" 2>/dev/null || true
+        cp "$st"/*.log "$st"/*.csv "$out/fleet-$label/" 2>/dev/null || true
     }
-    through one-gpu-worker-greedy --gpus 0 --model-file models/en-small.pt -- --lm none
-    through one-gpu-worker-lm --gpus 0 --model-file models/en-small.pt
-    through two-workers-same-gpu-greedy --same-gpu 2 --model-file models/en-small.pt -- --lm none
+    through one-gpu-worker-greedy "$set" "$total" --gpus 0 --model-file models/en-small.pt -- --lm none
+    through one-gpu-worker-lm "$set" "$total" --gpus 0 --model-file models/en-small.pt
+    through two-workers-same-gpu-greedy "$set" "$total" --same-gpu 2 --model-file models/en-small.pt -- --lm none
+    through one-cpu-worker-lm "$small" "$total_small" --gpus none --cpu-workers 1 --model-file models/en-small.pt
+    through one-cpu-worker-greedy "$small" "$total_small" --gpus none --cpu-workers 1 --model-file models/en-small.pt -- --lm none
 
     # Training on the GPU: 40 steps from the shipped model on the pool, validated on the test
     # speech; then the model it wrote is evaluated by a CPU worker (GPU-written files must load there).
-    local st="$work/train" ep rc=0
+    local st="$work/train" ep dev=cuda:0
+    [[ "$dry" == 1 ]] && dev=cpu
+    rc=0
     mkdir -p "$st" "$out/train"
-    build-gpu/broker/asr-broker --listen tcp://127.0.0.1:0 --state-dir "$st/broker" >"$st/broker.log" 2>&1 &
+    "$b"/broker/asr-broker --listen tcp://127.0.0.1:0 --state-dir "$st/broker" >"$st/broker.log" 2>&1 &
     pids+=($!)
     for _ in $(seq 100); do [[ -s "$st/broker/broker.endpoint" ]] && break; sleep 0.1; done
     ep="$(<"$st/broker/broker.endpoint")"
-    build-gpu/worker/asr-worker --broker "$ep" --device cuda:0 --state-dir "$st/gpu" >"$st/gpu.log" 2>&1 &
+    "$b"/worker/asr-worker --broker "$ep" --device "$dev" --state-dir "$st/gpu" >"$st/gpu.log" 2>&1 &
     local gpu_worker=$!
     pids+=($gpu_worker)
-    build-gpu/client/asr-submit --broker "$ep" train --manifest "$dir/pool/train.jsonl" \
+    t1=$SECONDS
+    step 180 "$b"/client/asr-submit --broker "$ep" train --manifest "$dir/pool/train.jsonl" \
         --valid "$dir/speech/train.jsonl" --name gpu-check --steps 40 --checkpoint-every 20 --valid-every 20 \
         --init "$PWD/models/en-small.pt" --out "$st/gpu-check.pt" --wait >"$st/train.log" 2>&1 || rc=$?
-    row "training on cuda:0 (40 steps)" "rc $rc; $(tail -1 "$st/train.log" | cut -c1-300)"
+    row "training on $dev (40 steps)" "rc $rc, $((SECONDS - t1)) s; $(grep '"result"' "$st/train.log" | tail -1 | cut -c1-400)"
     kill "$gpu_worker" 2>/dev/null || true
     wait "$gpu_worker" 2>/dev/null || true
-    build-gpu/worker/asr-worker --broker "$ep" --device cpu --state-dir "$st/cpu" >"$st/cpu.log" 2>&1 &
+    "$b"/worker/asr-worker --broker "$ep" --device cpu --state-dir "$st/cpu" >"$st/cpu.log" 2>&1 &
     pids+=($!)
     rc=0
-    build-gpu/client/asr-submit --broker "$ep" train --evaluate-only --init "$st/gpu-check.pt" \
+    step 120 "$b"/client/asr-submit --broker "$ep" train --evaluate-only --init "$st/gpu-check.pt" \
         --manifest "$dir/speech/train.jsonl" --valid "$dir/speech/train.jsonl" --name eval --wait \
         >"$st/eval.log" 2>&1 || rc=$?
-    row "the GPU-trained model on a CPU worker" "rc $rc; $(tail -1 "$st/eval.log" | cut -c1-300)"
+    row "the $dev-trained model on a CPU worker" "rc $rc; $(grep '"result"' "$st/eval.log" | tail -1 | cut -c1-400)"
     cp "$st"/*.log "$out/train/" 2>/dev/null || true
     # NCCL ranks need one GPU each: with one GPU here, the gang of two is left to a host with two.
+    row "all steps" "$((SECONDS - t0)) s"
     echo "gpu-host: done; summary in $summary"
 }
 

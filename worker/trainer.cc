@@ -10,7 +10,9 @@
 #include <sstream>
 
 #include <nlohmann/json.hpp>
+#if ASRF_TORCH_GLOO  // worker/CMakeLists.txt: ASRF_GLOO
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#endif
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #if ASRF_TORCH_NCCL  // a CUDA libtorch with NCCL (worker/CMakeLists.txt)
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
@@ -402,8 +404,15 @@ class Gang {
 #if !ASRF_TORCH_NCCL
     if (device.is_cuda()) {
       return Status::Unavailable("a gang on " + device.str() +
-                                 " needs NCCL, and this worker's libtorch has none: train on cpu, or build against a "
-                                 "CUDA libtorch");
+                                 " needs NCCL, and this worker was built without it (a CPU-only libtorch, no nccl.h, "
+                                 "or -DASRF_NCCL=OFF): train on cpu, or build against a CUDA libtorch");
+    }
+#endif
+#if !ASRF_TORCH_GLOO
+    if (!device.is_cuda()) {
+      return Status::Unavailable("a gang on " + device.str() +
+                                 " needs Gloo, and this worker was built without it (-DASRF_GLOO=OFF): train "
+                                 "with --world-size 1, or use workers built with Gloo");
     }
 #endif
     size_t colon = rendezvous.rfind(':');
@@ -427,12 +436,14 @@ class Gang {
         g->nccl_ = c10::make_intrusive<c10d::ProcessGroupNCCL>(g->store_, rank, world, po);
       }
 #endif
+#if ASRF_TORCH_GLOO
       if (!device.is_cuda()) {
         auto po = c10d::ProcessGroupGloo::Options::create();
         po->timeout = std::chrono::seconds(30);
         po->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(host));
         g->pg_ = c10::make_intrusive<c10d::ProcessGroupGloo>(g->store_, rank, world, po);
       }
+#endif
     } catch (const std::exception& e) {
       // Busy: the job goes back to the broker without an attempt, and the gang is placed again on
       // another rendezvous port (a port another process holds must not fail a training run).
@@ -451,7 +462,9 @@ class Gang {
         return Status::Ok();
       }
 #endif
+#if ASRF_TORCH_GLOO
       pg_->allreduce(v)->wait();
+#endif
     } catch (const std::exception& e) {
       return Status::Unavailable(std::string("gang member lost: ") + e.what());
     }
@@ -475,7 +488,9 @@ class Gang {
  private:
   int rank_ = 0, world_ = 1;
   c10::intrusive_ptr<c10d::TCPStore> store_;
+#if ASRF_TORCH_GLOO
   c10::intrusive_ptr<c10d::ProcessGroupGloo> pg_;
+#endif
 #if ASRF_TORCH_NCCL
   c10::intrusive_ptr<c10d::ProcessGroupNCCL> nccl_;
 #endif
