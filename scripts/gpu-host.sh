@@ -85,7 +85,7 @@ run() {
         [[ "$abi" == 1 ]] || die "this torch uses the old C++ ABI; Debian's libraries need _GLIBCXX_USE_CXX11_ABI=1"
         echo "compilers: $(c++ --version | head -1); $(nvcc --version | tail -1); $(cmake --version | head -1)"
         echo "torch headers: gloo $([[ -d "$torch_inc/gloo" ]] && echo shipped || echo 'not shipped')"
-        row "host" "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $(nproc) cores, torch $(python3 -c 'import torch; print(torch.__version__)'), $(c++ --version | head -1)"
+        row "host" "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $(nproc) cores ($(grep -m1 "model name" /proc/cpuinfo | cut -d: -f2 | xargs)), torch $(python3 -c 'import torch; print(torch.__version__)'), $(c++ --version | head -1)"
 
         # Debian's packages into a private root; CMake and pkg-config look there.
         local root="$dir/root" lib
