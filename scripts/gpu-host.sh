@@ -47,9 +47,9 @@ prepare() {
     local abs
     abs="$(cd "$dir/speech" && pwd)/"
     sed -i "s|$abs||g" "$dir/speech/train.jsonl"
-    # The throughput set's raw material: 120 varied utterances (also relative paths).
+    # The throughput set's raw material: 64 varied utterances (the carried folder must stay small) (also relative paths).
     rm -rf "$dir/pool"
-    build/scripts/synth/asr-synth --out "$dir/pool" --utterances 120 --seed 515 --valid-fraction 0 \
+    build/scripts/synth/asr-synth --out "$dir/pool" --utterances 64 --seed 515 --valid-fraction 0 \
         --heldout-fraction 0 >/dev/null 2>>"$dir/synth.log"
     abs="$(cd "$dir/pool" && pwd)/"
     sed -i "s|$abs||g" "$dir/pool/train.jsonl"
