@@ -29,7 +29,7 @@ PACKAGES=(
 )
 # Never taken along: the C library, the compiler's runtime and toolchain (the host's are newer) and
 # packages only the Debian installer uses.
-SKIP='^(libc6|libc6-dev|libc-dev-bin|libgcc|libstdc\+\+|gcc|g\+\+|cpp|linux-libc-dev|lib(a|l|t|ub|hwa)san|libitm|libatomic|libquadmath|libcc1|libcrypt|rpcsvc-proto|libnsl|libtirpc|libisl|libmpc|libmpfr|libgmp|binutils|libbinutils|libctf|libgprofng|libjansson|libicu|icu-devtools|debconf|cdebconf|libdebian-installer|libnewt|libslang|libtextwrap|install-info|dpkg|perl|tar|base-files|libselinux1|libpcre2|zlib1g$|libzstd1|liblzma5|libbz2-1.0|libsystemd0|libcap2|libgcrypt20|libgpg-error0|libdb5.3|libunistring2|libidn2-0|libp11-kit0|libtasn1-6|libffi8|libgnutls30|libnettle8|libhogweed6|libsqlite3-0|libaudit|libpam|libmd0|libbsd0|libtinfo6|libncurses|readline-common|libreadline8|debianutils|coreutils|sensible-utils|mawk|libacl1|libattr1|libseccomp2|libudev1|libexpat1|libblkid1|libmount1|libuuid1|util-linux|login|passwd|adduser|lsb-base|init-system-helpers|libxml2)'
+SKIP='^(libc6|libc6-dev|libc-dev-bin|libgcc|libstdc\+\+|gcc|g\+\+|cpp(-[0-9]+)?$|linux-libc-dev|lib(a|l|t|ub|hwa)san|libitm|libatomic|libquadmath|libcc1|libcrypt|rpcsvc-proto|libnsl|libtirpc|libisl|libmpc|libmpfr|libgmp|binutils|libbinutils|libctf|libgprofng|libjansson|libicu|icu-devtools|debconf|cdebconf|libdebian-installer|libnewt|libslang|libtextwrap|install-info|dpkg|perl|tar|base-files|libselinux1|libpcre2|zlib1g$|libzstd1|liblzma5|libbz2-1.0|libsystemd0|libcap2|libgcrypt20|libgpg-error0|libdb5.3|libunistring2|libidn2-0|libp11-kit0|libtasn1-6|libffi8|libgnutls30|libnettle8|libhogweed6|libsqlite3-0|libaudit|libpam|libmd0|libbsd0|libtinfo6|libncurses|readline-common|libreadline8|debianutils|coreutils|sensible-utils|mawk|libacl1|libattr1|libseccomp2|libudev1|libexpat1|libblkid1|libmount1|libuuid1|util-linux|login|passwd|adduser|lsb-base|init-system-helpers|libxml2)'
 
 prepare() {
     local dir="${1:-.gpu-host}"
@@ -114,6 +114,15 @@ run() {
         local nccl=() nccl_inc
         nccl_inc=$(python3 -c 'import os, nvidia.nccl as n; print(os.path.join(list(n.__path__)[0], "include"))' 2>/dev/null || true)
         [[ -n "$nccl_inc" && -f "$nccl_inc/nccl.h" && ! -f /usr/local/cuda/include/nccl.h ]] && nccl=(-DASRF_NCCL_INCLUDE_DIR="$nccl_inc")
+        # Every CMake package config of the private root, named directly (<Name>_DIR): the host's
+        # CMake need not search a private prefix the way Debian's does.
+        local hints=() cfg name
+        while read -r cfg; do
+            name=$(basename "$cfg"); name=${name%Config.cmake}; name=${name%-config.cmake}
+            [[ " ${hints[*]} " == *" -D${name}_DIR="* ]] || hints+=("-D${name}_DIR=$(dirname "$cfg")")
+        done < <(find "$root" \( -name '*Config.cmake' -o -name '*-config.cmake' \) | sort)
+        echo "private root: $(ls "$root/usr/lib/x86_64-linux-gnu" | wc -l) files in its lib; ${#hints[@]} package configs"
+        env | grep -E '^(CMAKE|CC|CXX|CUDA|LD_|PKG)' || true
         configure() {
             # -include cstdint: the host's compiler is newer than Debian 12's, and newer libstdc++
             # headers stopped including it along the way.
@@ -122,7 +131,8 @@ run() {
                 -DCMAKE_CXX_FLAGS="-include cstdint" -DCMAKE_CUDA_ARCHITECTURES="${ASRF_GPU_ARCH:-90}" \
                 -DCMAKE_PREFIX_PATH="$torch_prefix;$root/usr;$lib/cmake;$root/usr/share/cmake" \
                 -DCMAKE_INCLUDE_PATH="$root/usr/include" -DCMAKE_LIBRARY_PATH="$lib" \
-                -DPostgreSQL_ROOT="$root/usr" "$@" >>"$out/cmake.log" 2>&1 || { tail -40 "$out/cmake.log"; die "cmake failed"; }
+                -DPostgreSQL_ROOT="$root/usr" "${hints[@]}" "$@" >>"$out/cmake.log" 2>&1 || {
+                tail -40 "$out/cmake.log"; die "cmake failed"; }
         }
         configure
         grep -E "ASR Fleet|Caffe2|Torch|CUDA" "$out/cmake.log" | head -20 || true
