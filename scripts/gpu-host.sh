@@ -101,6 +101,20 @@ run() {
             done
         fi
         lib="$root/usr/lib/x86_64-linux-gnu"
+        # The -dev packages' lib*.so links of libraries this host brings (zlib, zstd, bzip2, ...:
+        # the runtime packages were left behind) point nowhere: point them at the host's copy.
+        local l t d
+        for l in "$lib"/*.so; do
+            [[ -L "$l" && ! -e "$l" ]] || continue
+            t=$(basename "$(readlink "$l")")
+            while [[ "$t" == *.so.* ]]; do
+                for d in /lib/x86_64-linux-gnu /usr/lib/x86_64-linux-gnu /lib64 /usr/lib64; do
+                    [[ -e "$d/$t" ]] && { ln -sfn "$d/$t" "$l"; echo "private root: $(basename "$l") -> $d/$t"; continue 3; }
+                done
+                t=${t%.*}
+            done
+            echo "private root: $(basename "$l") points nowhere, and this host has no such library"
+        done
         export PKG_CONFIG_LIBDIR="$lib/pkgconfig:$root/usr/share/pkgconfig"
         export PKG_CONFIG_SYSROOT_DIR="$root"
         export LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
