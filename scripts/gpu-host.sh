@@ -99,6 +99,9 @@ run() {
                     rm -rf "$x"
                 fi
             done
+            # Some of Debian's CMake files name their libraries by absolute /usr paths (Snappy's
+            # targets, RocksDB's link interface): make those the private root's.
+            find "$root" -name '*.cmake' -exec sed -i -E "s#(^|[\";[:space:]])/usr/#\\1$root/usr/#g" {} +
         fi
         lib="$root/usr/lib/x86_64-linux-gnu"
         # The -dev packages' lib*.so links of libraries this host brings (zlib, zstd, bzip2, ...:
