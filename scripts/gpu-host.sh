@@ -14,7 +14,7 @@
 #
 # Options for run (environment): ASRF_GPU_ARCH (default 90: one nvcc pass for an H100/H200),
 # ASRF_GPU_JOBS (default nproc), ASRF_GPU_FILES (long files in the throughput set, default 200),
-# ASRF_GPU_BUILD_DIR (default build-gpu), ASRF_GPU_DRY_RUN=1 (rehearse the steps without a GPU:
+# ASRF_GPU_TRAIN=0 (skip the training check), ASRF_GPU_BUILD_DIR (default build-gpu), ASRF_GPU_DRY_RUN=1 (rehearse the steps without a GPU:
 # the existing build in ASRF_GPU_BUILD_DIR, CPU workers, no cmake).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -171,19 +171,28 @@ run() {
         # What did build is still run below.
         build || row "build" "FAILED: $(grep -m4 'error' "$out/build.log" | cut -c1-240 | tr '\n' ' ')"
     fi
+    # A crashed binary again under cuda-gdb (the host has no gdb), for its backtrace.
+    backtrace() {
+        local rc="$1" name="$2" bin="$3"
+        ((rc >= 128 && rc != 137)) && command -v cuda-gdb >/dev/null || return 0
+        step 120 cuda-gdb -q -batch -ex run -ex bt -ex 'info threads' --args "$b/$bin" >"$out/$name.backtrace" 2>&1 || true
+        row "$name backtrace" "$(grep -m8 -E '^#[0-9]' "$out/$name.backtrace" | cut -c1-160 | tr '\n' ' ')"
+    }
     have() { [[ -x "$b/$1" ]] || { row "$1" "not built: skipped"; return 1; }; }
     row "build (cmake + compile)" "$((SECONDS - t0)) s; $(grep -ho 'NCCL gangs: [a-z]*' "$out/cmake.log" 2>/dev/null | tail -1)"
 
     local rc=0 t1
     t1=$SECONDS
     if have tests/cuda_kernels_test; then
-        step 120 "$b"/tests/cuda_kernels_test --gtest_brief=1 >"$out/cuda_kernels_test.log" 2>&1 || rc=$?
-        row "cuda_kernels_test" "rc $rc, $((SECONDS - t1)) s; $(grep -E '^\[  (PASSED|SKIPPED|FAILED)' "$out/cuda_kernels_test.log" | tr '\n' ' ')"
+        step 120 stdbuf -oL "$b"/tests/cuda_kernels_test >"$out/cuda_kernels_test.log" 2>&1 || rc=$?
+        row "cuda_kernels_test" "rc $rc, $((SECONDS - t1)) s; $(grep -cE '^\[       OK' "$out/cuda_kernels_test.log") OK; $(grep -E '^\[  (PASSED|SKIPPED|FAILED) +\] [0-9]+ test' "$out/cuda_kernels_test.log" | tr '\n' ' ')"
+        backtrace "$rc" cuda_kernels_test tests/cuda_kernels_test
     fi
     rc=0 t1=$SECONDS
     if have tests/infer_test; then
-        ASRF_TEST_SPEECH="$dir/speech" step 240 "$b"/tests/infer_test --gtest_brief=1 >"$out/infer_test.log" 2>&1 || rc=$?
-        row "infer_test (GpuMatchesCpu among them)" "rc $rc, $((SECONDS - t1)) s; $(grep -E '^\[  (PASSED|SKIPPED|FAILED)' "$out/infer_test.log" | tr '\n' ' ')"
+        ASRF_TEST_SPEECH="$dir/speech" step 240 stdbuf -oL "$b"/tests/infer_test >"$out/infer_test.log" 2>&1 || rc=$?
+        row "infer_test (GpuMatchesCpu among them)" "rc $rc, $((SECONDS - t1)) s; $(grep -cE '^\[       OK' "$out/infer_test.log") OK; $(grep -E '^\[  (PASSED|SKIPPED|FAILED) +\] [0-9]+ test' "$out/infer_test.log" | tr '\n' ' ')"
+        ASRF_TEST_SPEECH="$dir/speech" backtrace "$rc" infer_test tests/infer_test
     fi
     if [[ "$dry" != 1 ]] && have bench/frontend_bench; then
         step 120 "$b"/bench/frontend_bench >"$out/frontend_bench.txt" 2>&1 || true
@@ -228,7 +237,7 @@ print(round(sum(wave.open(f).getnframes()/16000 for f in glob.glob(sys.argv[1]+"
         local st="$work/fleet-$label"
         mkdir -p "$st" "$out/fleet-$label"
         "$b"/broker/asr-broker --listen tcp://127.0.0.1:0 --state-dir "$st/broker" --http 127.0.0.1:0 \
-            >"$st/broker.log" 2>&1 &
+            "${broker_opts[@]}" >"$st/broker.log" 2>&1 &
         pids+=($!)
         for _ in $(seq 100); do [[ -s "$st/broker/broker.endpoint" ]] && break; sleep 0.1; done
         local ep
@@ -268,16 +277,46 @@ print(round(sum(wave.open(f).getnframes()/16000 for f in glob.glob(sys.argv[1]+"
             kill "$mon" 2>/dev/null || true
             peak=$(awk -F', *' '{ if ($2 > m[$1]) m[$1] = $2 } END { for (p in m) printf "%s%d MiB", (n++ ? ", " : ""), m[p] }' "$st/gpu-mem.csv")
         fi
-        row "$label" "rc $rc; $up of ${#wp[@]} workers up; $(python3 -c "print(f'wall {$s1-$s0:.2f} s, RTFx {$secs/($s1-$s0):.0f}')"); peak GPU memory per worker: ${peak:-none seen}; $(grep -h -o '"max_batch_frames":[0-9]*' "$st"/worker-*.log | sort -u | tr '\n' ' ')"
+        row "$label" "rc $rc; broker ${broker_opts[*]:-defaults}; $up of ${#wp[@]} workers up; $(python3 -c "print(f'wall {$s1-$s0:.2f} s, RTFx {$secs/($s1-$s0):.0f}')"); peak GPU memory per worker: ${peak:-none seen}; $(grep -h -o '"max_batch_frames":[0-9]*' "$st"/worker-*.log | sort -u | tr '\n' ' ')"
         kill "${wp[@]}" 2>/dev/null || true
         wait "${wp[@]}" 2>/dev/null || true
         cp "$st"/*.log "$st"/*.csv "$out/fleet-$label/" 2>/dev/null || true
     }
+    # Defaults first; then batches of up to 640 padded seconds (the broker's default is 160) and two
+    # jobs in flight per worker, so that one batch is unpacked and answered while the GPU runs the next.
+    local broker_opts=() big=(--batch-budget-s 640 --batch-max-items 256)
     through one-gpu-worker-greedy "$set" "$total" --gpus 0 --model-file models/en-small.pt -- --lm none
-    through one-gpu-worker-lm "$set" "$total" --gpus 0 --model-file models/en-small.pt
-    through two-workers-same-gpu-greedy "$set" "$total" --same-gpu 2 --model-file models/en-small.pt -- --lm none
-    through one-cpu-worker-lm "$small" "$total_small" --gpus none --cpu-workers 1 --model-file models/en-small.pt
+    broker_opts=("${big[@]}")
+    through one-gpu-worker-greedy-big-batches "$set" "$total" --gpus 0 --model-file models/en-small.pt -- --lm none --slots 2
+    through two-workers-same-gpu-greedy-big-batches "$set" "$total" --same-gpu 2 --model-file models/en-small.pt -- --lm none --slots 2
+    broker_opts=()
     through one-cpu-worker-greedy "$small" "$total_small" --gpus none --cpu-workers 1 --model-file models/en-small.pt -- --lm none
+    # The GPU's transcripts against the CPU worker's, file by file (greedy decoding on both).
+    python3 - "$work/fleet-one-cpu-worker-greedy/out" "$work/fleet-one-gpu-worker-greedy/out" <<'PY2' | while read -r line; do row "GPU vs CPU transcripts (greedy)" "$line"; done
+import os, sys
+def dist(a, b):
+    prev = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        cur = [i]
+        for j, y in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
+        prev = cur
+    return prev[-1]
+cpu, gpu = sys.argv[1], sys.argv[2]
+files = sorted(f for f in os.listdir(cpu) if f.endswith(".txt")) if os.path.isdir(cpu) else []
+errs = chars = same = 0
+for f in files:
+    a = open(os.path.join(cpu, f)).read().strip()
+    b = open(os.path.join(gpu, f)).read().strip() if os.path.exists(os.path.join(gpu, f)) else ""
+    errs += dist(a, b); chars += max(1, len(a)); same += a == b
+print(f"{len(files)} files, {same} identical, character difference {errs / max(1, chars):.5f}")
+PY2
+    through one-gpu-worker-lm "$set" "$total" --gpus 0 --model-file models/en-small.pt
+    through one-cpu-worker-lm "$small" "$total_small" --gpus none --cpu-workers 1 --model-file models/en-small.pt
+    if [[ "${ASRF_GPU_TRAIN:-1}" != 1 ]]; then
+        row "all steps" "$((SECONDS - t0)) s (training skipped: ASRF_GPU_TRAIN=${ASRF_GPU_TRAIN})"
+        return 0
+    fi
 
     # Training on the GPU: 40 steps from the shipped model on the pool, validated on the test
     # speech; then the model it wrote is evaluated by a CPU worker (GPU-written files must load there).
