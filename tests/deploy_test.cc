@@ -578,6 +578,28 @@ double Since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
+// The test directories' cleanup (and the backup drill's) removes whole trees, and never follows a
+// link out of them.
+TEST(Harness, RemoveTreeRemovesNestedTreesWithoutFollowingLinks) {
+  TempDir outside;
+  { std::ofstream(outside / "keep.txt") << "kept\n"; }
+  std::string root;
+  {
+    TempDir dir;
+    root = dir.path();
+    fs::create_directories(dir / "a/b/c");
+    { std::ofstream(dir / "a/b/c/file.txt") << "x"; }
+    { std::ofstream(dir / "a/top.txt") << "y"; }
+    fs::create_directory_symlink(outside.path(), dir / "a/b/link");
+    RemoveTree(dir / "a");
+    EXPECT_FALSE(fs::exists(dir / "a"));
+    EXPECT_TRUE(fs::exists(dir.path()));
+    RemoveTree(dir / "missing");  // nothing to do
+  }
+  EXPECT_FALSE(fs::exists(root)) << "TempDir left " << root;
+  EXPECT_EQ(ReadFile(outside / "keep.txt"), "kept\n");
+}
+
 TEST(Backup, RestoreDrillIntoAFreshCluster) {
   if (!fs::exists(kCurl)) GTEST_SKIP() << "curl is not installed";
   if (!fs::exists("/usr/bin/pg_dump")) GTEST_SKIP() << "pg_dump is not installed";
@@ -627,7 +649,7 @@ TEST(Backup, RestoreDrillIntoAFreshCluster) {
   b.proc.Signal(SIGTERM);
   EXPECT_EQ(b.proc.Wait(20000), 0);
   ASSERT_TRUE(pg1->Stop());
-  fs::remove_all(pg1_dir / "pg");
+  RemoveTree(pg1_dir / "pg");
   ASSERT_FALSE(fs::exists(pg1_dir / "pg/data"));
   pg1.reset();
 

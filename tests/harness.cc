@@ -1,6 +1,8 @@
 #include "tests/harness.h"
 
 #include <fcntl.h>
+#include <ftw.h>
+#include <cstdio>
 #include <poll.h>
 #include <signal.h>
 #include <spawn.h>
@@ -30,10 +32,15 @@ TempDir::TempDir() {
   path_ = p ? p : "/tmp";
 }
 
+void RemoveTree(const std::string& path) {
+  // Depth first, without following links: files and links, then the emptied directories.
+  nftw(path.c_str(), [](const char* p, const struct stat*, int, struct FTW*) { return ::remove(p); }, 32,
+       FTW_DEPTH | FTW_PHYS);
+}
+
 TempDir::~TempDir() {
   if (std::getenv("ASRF_KEEP_TMP")) return;
-  std::error_code ec;
-  std::filesystem::remove_all(path_, ec);
+  RemoveTree(path_);
 }
 
 static pid_t Spawn(const std::vector<std::string>& argv, int out_fd, int err_fd) {

@@ -15,6 +15,11 @@
 
 namespace asrf::testing {
 
+// Removes `path` and everything under it (nothing happens if it is missing). Through nftw(3), not
+// std::filesystem::remove_all: a CUDA PyTorch wheel's libtorch_cpu.so exports a remove_all of its
+// own, test binaries that link libtorch bind to it, and it crashes there (seen with torch 2.11).
+void RemoveTree(const std::string& path);
+
 // A fresh directory under $TMPDIR, removed when the object dies (kept if ASRF_KEEP_TMP is set).
 class TempDir {
  public:
