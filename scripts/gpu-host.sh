@@ -8,14 +8,17 @@
 #   scripts/gpu-host.sh run OUT [DIR]     on the GPU host, from the repository root: unpacks DIR's
 #                                         packages into DIR/root (never into /), builds build-gpu/
 #                                         against python3's CUDA libtorch without asr-synth, runs
-#                                         the GPU tests, the front-end benchmark, a transcription
-#                                         throughput run of one GPU worker and two workers on GPU 0
-#                                         (--same-gpu 2); writes OUT/gpu-host.log and OUT/summary.md
+#                                         the GPU tests, the front-end benchmark, transcription
+#                                         throughput (one GPU worker with the broker's default and
+#                                         larger batches, two workers on GPU 0, a CPU worker, the
+#                                         GPU's transcripts against the CPU's) and 40 training steps
+#                                         on cuda:0; writes OUT/gpu-host.log and OUT/summary.md
 #
 # Options for run (environment): ASRF_GPU_ARCH (default 90: one nvcc pass for an H100/H200),
 # ASRF_GPU_JOBS (default nproc), ASRF_GPU_FILES (long files in the throughput set, default 200),
-# ASRF_GPU_TRAIN=0 (skip the training check), ASRF_GPU_BUILD_DIR (default build-gpu), ASRF_GPU_DRY_RUN=1 (rehearse the steps without a GPU:
-# the existing build in ASRF_GPU_BUILD_DIR, CPU workers, no cmake).
+# ASRF_GPU_TRAIN=0 (skip the training check), ASRF_GPU_BUILD_DIR (default build-gpu),
+# ASRF_GPU_DRY_RUN=1 (rehearse the steps without a GPU: the existing build in ASRF_GPU_BUILD_DIR,
+# CPU workers, no cmake).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 mode="${1:-}"
@@ -354,6 +357,6 @@ PY2
 case "$mode" in
     prepare) shift; prepare "$@" ;;
     run) shift; run "$@" ;;
-    -h|--help|"") sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' ;;
+    -h|--help|"") sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//' ;;
     *) die "unknown mode $mode (prepare or run)" ;;
 esac
