@@ -6,6 +6,7 @@
 #include <deque>
 #include <filesystem>
 #include <fstream>
+#include <set>
 #include <unordered_map>
 #include <unordered_set>
 
@@ -53,6 +54,7 @@ struct WorkerConn {
   std::string routing;
   std::string host;
   std::string device;
+  std::string gpu;  // READY's GPU UUID (cuda workers)
   uint32_t slots = 1;
   bool draining = false;
   std::unordered_set<std::string> kinds;
@@ -71,6 +73,23 @@ struct WorkerConn {
   int64_t gpu_mem_bytes = 0;
   int64_t outbox_results = 0;
 };
+
+bool IsGpuWorker(const WorkerConn& w) { return w.device.rfind("cuda", 0) == 0; }
+
+// The workers of `pool` that can be ranks of one gang together, sorted by id: on the CPU, or on
+// GPUs with one worker per GPU (told apart by READY's gpu UUID, else by host and device).
+std::vector<WorkerConn*> GangCandidates(const std::vector<WorkerConn*>& pool, bool on_gpu) {
+  std::vector<WorkerConn*> out;
+  for (WorkerConn* w : pool) if (IsGpuWorker(*w) == on_gpu) out.push_back(w);
+  std::sort(out.begin(), out.end(), [](const WorkerConn* a, const WorkerConn* b) { return a->id < b->id; });
+  if (on_gpu) {
+    std::set<std::string> seen;
+    std::erase_if(out, [&](const WorkerConn* w) {
+      return !seen.insert(w->gpu.empty() ? w->host + "/" + w->device : w->gpu).second;
+    });
+  }
+  return out;
+}
 
 struct Watcher {
   std::string routing;
@@ -828,6 +847,7 @@ struct Broker::Impl {
       i.id = id;
       i.host = w.host;
       i.device = w.device;
+      i.gpu = w.gpu;
       i.slots = w.slots;
       i.running = static_cast<uint32_t>(w.leases.size());
       i.draining = w.draining;
@@ -955,6 +975,7 @@ struct Broker::Impl {
     w.routing = routing;
     w.host = m.host;
     w.device = m.device;
+    w.gpu = m.gpu.size() <= 128 ? m.gpu : m.gpu.substr(0, 128);
     w.slots = std::clamp<uint32_t>(m.slots, 0, 4096);
     w.draining = m.draining;
     w.kinds = std::unordered_set<std::string>(m.kinds.begin(), m.kinds.end());
@@ -1177,18 +1198,31 @@ struct Broker::Impl {
     std::unordered_set<WorkerConn*> reserved;
     for (const auto& members : table.ReadyGangs()) {
       Job* first = table.Find(members.front());
-      std::vector<WorkerConn*> idle;
-      size_t able = 0;
+      const size_t k = members.size();
+      std::vector<WorkerConn*> able, free;
       for (auto& [id, w] : workers) {
         if (w.draining || w.slots == 0 || !(w.kinds.empty() || w.kinds.count(first->kind))) continue;
-        able++;
-        if (w.UsedSlots() == 0 && !reserved.count(&w)) idle.push_back(&w);
+        able.push_back(&w);
+        if (w.UsedSlots() == 0 && !reserved.count(&w)) free.push_back(&w);
       }
-      if (idle.size() < members.size()) {
-        if (able >= members.size()) reserved.insert(idle.begin(), idle.end());
+      // Ranks all-reduce with NCCL on GPUs (one GPU per rank) and Gloo on CPUs: a gang runs on K
+      // distinct GPUs when that many are idle, else on K idle CPU workers; else it waits, keeping
+      // the idle workers of the first kind that could ever take it.
+      std::vector<WorkerConn*> idle;
+      for (bool on_gpu : {true, false}) {
+        if (std::vector<WorkerConn*> c = GangCandidates(free, on_gpu); c.size() >= k) {
+          idle.assign(c.begin(), c.begin() + static_cast<std::ptrdiff_t>(k));
+          break;
+        }
+      }
+      if (idle.empty()) {
+        for (bool on_gpu : {true, false}) {
+          if (GangCandidates(able, on_gpu).size() < k) continue;
+          for (WorkerConn* w : free) if (IsGpuWorker(*w) == on_gpu) reserved.insert(w);
+          break;
+        }
         continue;
       }
-      std::sort(idle.begin(), idle.end(), [](const WorkerConn* a, const WorkerConn* b) { return a->id < b->id; });
       std::string rendezvous = (idle[0]->host.empty() ? std::string("127.0.0.1") : idle[0]->host) + ":" +
                                std::to_string(opt.gang_port_base + static_cast<int>(next_gang_port++ % 1000));
       for (size_t i = 0; i < members.size(); ++i) {

@@ -655,11 +655,11 @@ int RunWorkers(const GlobalOptions& g, const std::vector<std::string>& args) {
     if (vm["json"].as<bool>()) {
       json j = {{"id", w.id},           {"host", w.host},         {"device", w.device},
                 {"slots", w.slots},     {"running", w.running},   {"draining", w.draining},
-                {"idle_ms", w.idle_ms}, {"kinds", w.kinds}};
+                {"idle_ms", w.idle_ms}, {"kinds", w.kinds},   {"gpu", w.gpu}};
       std::cout << j.dump() << "\n";
     } else {
-      std::cout << w.id << "\t" << w.device << "\tslots=" << w.slots << "\trunning=" << w.running
-                << (w.draining ? "\tdraining" : "") << "\n";
+      std::cout << w.id << "\t" << w.device << (w.gpu.empty() ? "" : " " + w.gpu) << "\tslots=" << w.slots
+                << "\trunning=" << w.running << (w.draining ? "\tdraining" : "") << "\n";
     }
   }
   if (r.workers.empty() && !vm["json"].as<bool>()) std::cerr << "no workers connected\n";

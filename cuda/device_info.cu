@@ -1,6 +1,8 @@
 // CUDA device queries (runtime API only; no kernels, no torch).
 #include <cuda_runtime.h>
 
+#include <cstdio>
+
 #include "cuda/device_info.h"
 
 namespace asrf {
@@ -36,6 +38,11 @@ Status ProbeCudaDevice(int index, CudaDeviceInfo* out) {
   out->name = prop.name;
   out->major = prop.major;
   out->minor = prop.minor;
+  const auto* u = reinterpret_cast<const unsigned char*>(prop.uuid.bytes);
+  char uuid[64];
+  std::snprintf(uuid, sizeof(uuid), "GPU-%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", u[0],
+                u[1], u[2], u[3], u[4], u[5], u[6], u[7], u[8], u[9], u[10], u[11], u[12], u[13], u[14], u[15]);
+  out->uuid = uuid;
   size_t free_b = 0, total_b = 0;
   if (cudaSetDevice(index) == cudaSuccess && cudaMemGetInfo(&free_b, &total_b) == cudaSuccess) {
     out->free_bytes = static_cast<int64_t>(free_b);

@@ -17,6 +17,7 @@ struct CudaDeviceInfo {
   int64_t free_bytes = 0;
   int major = 0;
   int minor = 0;
+  std::string uuid;  // "GPU-" and the 16 bytes as 8-4-4-4-12 hex digits, as nvidia-smi -L shows it
 };
 
 bool BuiltWithCuda();

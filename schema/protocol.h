@@ -248,7 +248,8 @@ struct WorkerInfo {
   bool draining = false;
   int64_t idle_ms = 0;  // since its last message
   std::vector<std::string> kinds;
-  MSGPACK_DEFINE_MAP(id, host, device, slots, running, draining, idle_ms, kinds);
+  std::string gpu;  // from READY
+  MSGPACK_DEFINE_MAP(id, host, device, slots, running, draining, idle_ms, kinds, gpu);
 };
 
 // One reply shape for every client request; each request fills the fields it documents.
@@ -309,7 +310,10 @@ struct Ready {
   std::vector<std::string> models;
   std::vector<Lease> running;  // leases still running after a reconnect
   bool draining = false;
-  MSGPACK_DEFINE_MAP(worker_id, host, device, slots, kinds, models, running, draining);
+  // cuda workers: the GPU's UUID ("GPU-..."), so that the ranks of a gang land on distinct GPUs
+  // (two workers may share one GPU). Empty on the CPU.
+  std::string gpu;
+  MSGPACK_DEFINE_MAP(worker_id, host, device, slots, kinds, models, running, draining, gpu);
 };
 
 struct Heartbeat {

@@ -2,6 +2,7 @@
 // acknowledgements across a simulated power cut, stale-epoch rejection, and hostile input.
 #include <gtest/gtest.h>
 
+#include <map>
 #include <set>
 
 #include <zmq.hpp>
@@ -302,6 +303,93 @@ TEST(Broker, FullDiskRefusesSubmitsWithAClearErrorAndRecovers) {
   proto::Reply counts;
   ASSERT_TRUE(client.Call(Cmd::kStatus, proto::StatusReq{}, &counts, 5000).ok());
   EXPECT_EQ(counts.counts["queued"], 2) << "the refused jobs must not have been accepted";
+}
+
+// Gang ranks all-reduce with NCCL on GPUs (one GPU per rank) and Gloo on CPUs, so a gang goes to
+// workers on distinct GPUs, or all to CPU workers: never to two workers sharing a GPU, never mixed.
+TEST(Broker, GangRanksGoToDistinctGpusOrAllToCpuWorkers) {
+  TempDir tmp;
+  InProcBroker broker(TestOptions(tmp / "b"));
+  ASSERT_TRUE(broker.open_status().ok());
+  BrokerClient client(broker.endpoint());
+  struct Fake {
+    std::string id;
+    std::unique_ptr<RawPeer> peer;
+    std::vector<uint64_t> jobs;
+  };
+  std::vector<Fake> fakes;
+  auto connect = [&](const std::string& id, const std::string& device, const std::string& gpu) {
+    fakes.push_back({id, std::make_unique<RawPeer>(broker.endpoint()), {}});
+    proto::Ready r;
+    r.worker_id = id;
+    r.host = "box";
+    r.device = device;
+    r.gpu = gpu;
+    r.kinds = {"gangwork"};
+    fakes.back().peer->Send(Cmd::kReady, r);
+  };
+  // Heartbeats from every fake for `ms`, collecting what the broker assigns.
+  auto pump = [&](int ms) {
+    for (int64_t end = MonoMs() + ms; MonoMs() < end;) {
+      for (Fake& f : fakes) {
+        f.peer->Send(Cmd::kHeartbeat, proto::Heartbeat{});
+        std::string body;
+        proto::Assign a;
+        if (f.peer->Expect(Cmd::kAssign, &body, 10) && proto::DecodeBody(body, &a).ok()) {
+          for (const auto& j : a.jobs) f.jobs.push_back(j.id);
+        }
+      }
+    }
+  };
+  auto submit_gang = [&](const std::string& name) {
+    proto::Submit s;
+    s.batch = name;
+    for (uint32_t rank = 0; rank < 2; ++rank) {
+      proto::SubmitJob j;
+      j.kind = "gangwork";
+      j.payload = proto::Blob{"{}"};
+      j.gang = name;
+      j.rank = rank;
+      j.world_size = 2;
+      s.jobs.push_back(j);
+    }
+    proto::Reply r;
+    Status st = client.Call(Cmd::kSubmit, s, &r, 5000);
+    EXPECT_TRUE(st.ok()) << st.ToString();
+    return r.job_ids;
+  };
+  const std::string gpu_a = "GPU-0a0a0a0a-0000-0000-0000-00000000000a";
+  const std::string gpu_b = "GPU-0b0b0b0b-0000-0000-0000-00000000000b";
+  connect("w1-gpu-a", "cuda:0", gpu_a);
+  connect("w2-gpu-a", "cuda:0", gpu_a);  // a second worker on the same GPU
+  connect("w3-cpu", "cpu", "");
+  const std::vector<uint64_t> g1 = submit_gang("g1");
+  ASSERT_EQ(g1.size(), 2u);
+  pump(1200);
+  for (const Fake& f : fakes) EXPECT_TRUE(f.jobs.empty()) << f.id << " got a rank while only one GPU and one CPU were idle";
+
+  connect("w4-gpu-b", "cuda:0", gpu_b);
+  pump(1200);
+  EXPECT_EQ(fakes[0].jobs.size(), 1u) << "the first worker on GPU a takes a rank";
+  EXPECT_TRUE(fakes[1].jobs.empty()) << "GPU a has a rank already";
+  EXPECT_TRUE(fakes[2].jobs.empty()) << "no CPU rank beside GPU ranks";
+  EXPECT_EQ(fakes[3].jobs.size(), 1u) << "GPU b takes the other rank";
+
+  // With one distinct GPU idle (w2 shares GPU a) and two CPU workers, the next gang goes to the CPUs.
+  connect("w5-cpu", "cpu", "");
+  const std::vector<uint64_t> g2 = submit_gang("g2");
+  pump(1200);
+  EXPECT_TRUE(fakes[1].jobs.empty());
+  EXPECT_EQ(fakes[2].jobs, std::vector<uint64_t>{g2.at(0)}) << "rank 0 to the first CPU worker by id";
+  EXPECT_EQ(fakes[4].jobs, std::vector<uint64_t>{g2.at(1)});
+
+  // The listing shows each worker's GPU.
+  proto::Reply listing;
+  ASSERT_TRUE(client.Call(Cmd::kWorkers, proto::WorkersReq{}, &listing, 5000).ok());
+  std::map<std::string, std::string> gpu_of;
+  for (const auto& w : listing.workers) gpu_of[w.id] = w.gpu;
+  EXPECT_EQ(gpu_of["w2-gpu-a"], gpu_a);
+  EXPECT_EQ(gpu_of["w3-cpu"], "");
 }
 
 }  // namespace

@@ -86,7 +86,9 @@ int main(int argc, char** argv) {
       std::cerr << "asr-worker: cannot use " << o.device << ": " << st.message() << "\n";
       return 2;
     }
-    LogInfo("cuda_device").Kv("index", info.index).Kv("name", info.name).Kv("total_bytes", info.total_bytes);
+    LogInfo("cuda_device").Kv("index", info.index).Kv("name", info.name).Kv("uuid", info.uuid)
+        .Kv("total_bytes", info.total_bytes);
+    o.gpu = info.uuid;
     o.gpu_memory = [index] {
       int64_t used = 0;
       return CudaMemoryUsed(index, &used).ok() ? used : int64_t{0};

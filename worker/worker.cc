@@ -96,6 +96,7 @@ struct Worker::Impl {
     gethostname(host, sizeof(host) - 1);
     r.host = opt.advertise_host.empty() ? std::string(host) : opt.advertise_host;
     r.device = opt.device;
+    r.gpu = opt.gpu;
     r.slots = static_cast<uint32_t>(opt.slots);
     r.kinds = registry.Kinds();
     r.models = registry.models();

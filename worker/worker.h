@@ -29,6 +29,7 @@ struct WorkerOptions {
   int64_t drain_ack_wait_ms = 3000;    // on stop, how long to wait for the last RESULT_ACKs
   std::string pg;                      // libpq conninfo; empty: results go only to the broker
   std::string advertise_host;          // how other workers reach this one (gang rendezvous); default hostname
+  std::string gpu;                     // on cuda:N: the GPU's UUID (gang ranks go to distinct GPUs)
   // Bytes in use on the worker's GPU, sent in heartbeats; empty (CPU workers): 0.
   std::function<int64_t()> gpu_memory;
 
