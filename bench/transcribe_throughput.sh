@@ -2,9 +2,10 @@
 # Transcription throughput of CPU workers with the project's model: audio seconds per wall second
 # (RTFx) through the whole fleet (client decode + segmentation, broker batching, worker inference,
 # outputs written), on a mixed set of short utterances and long files, with the broker's batching
-# (defaults) and with batches of one segment (--batch-max-items 1). Prints both and the padding
+# (defaults: up to 640 padded seconds, 256 segments), with smaller ones (--batch-budget-s 160
+# --batch-max-items 64) and with batches of one segment (--batch-max-items 1). Prints each and the padding
 # ratio the broker reports on /metrics. Workers decode with the model's language model (MODEL.lm,
-# beam search) when it has one; a third run decodes greedily (--lm none) to show what that costs.
+# beam search) when it has one; a last run decodes greedily (--lm none) to show what that costs.
 #
 # With --gpus LIST (or --same-gpu N) the workers run on GPUs (scripts/launch-workers.sh); by
 # default, and with --gpus none, on CPUs.
@@ -22,7 +23,7 @@ while (($#)); do
         --workers) workers="$2"; shift 2 ;;
         --gpus) gpus="$2"; shift 2 ;;
         --same-gpu) same_gpu="$2"; shift 2 ;;
-        -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -102,6 +103,7 @@ print(f"{sys.argv[4]:<28} wall {t:7.2f} s   RTFx {a/t:7.1f}   padding ratio {flo
 }
 worker_args=()
 run batched
+run batched-160s --batch-budget-s 160 --batch-max-items 64
 run batch-size-1 --batch-max-items 1
 lm="${model%.*}.lm"
 if [[ -s "$lm" ]]; then

@@ -20,8 +20,8 @@
 namespace asrf {
 
 struct BatcherOptions {
-  double budget_s = 160;        // padded audio seconds per batch
-  int max_items = 64;           // segments per batch
+  double budget_s = 640;        // padded audio seconds per batch
+  int max_items = 256;          // segments per batch
   int64_t max_delay_ms = 200;   // a partial batch leaves once its oldest segment waited this long
   double bucket_ratio = 1.15;   // longest / shortest segment a bucket admits
   int64_t min_bucket_ms = 500;  // segments shorter than this share the first bucket

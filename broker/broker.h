@@ -36,8 +36,10 @@ struct BrokerOptions {
   std::string http;                     // HOST:PORT for /metrics, /healthz, /readyz, /; empty: none
   // Transcription batching (see broker/batcher.h): padded audio seconds and segments per batch,
   // and how long a partial batch waits for more.
-  double batch_budget_s = 160;
-  int batch_max_items = 64;
+  // A GPU worker needs batches this large to keep its GPU busy (bench/RESULTS.md: 1,731 -> 2,705
+  // RTFx on one H200, with two jobs in flight); a CPU worker runs them as fast as 160-second ones.
+  double batch_budget_s = 640;
+  int batch_max_items = 256;
   int64_t batch_max_delay_ms = 200;
   // Gangs: rank 0 of a gang serves its rendezvous on gang_port_base + (a counter mod 1000).
   int gang_port_base = 29500;

@@ -10,7 +10,7 @@
 #                                         against python3's CUDA libtorch without asr-synth, runs
 #                                         the GPU tests, the front-end benchmark, transcription
 #                                         throughput (one GPU worker with the broker's default and
-#                                         larger batches, two workers on GPU 0, a CPU worker, the
+#                                         smaller batches, two workers on GPU 0, a CPU worker, the
 #                                         GPU's transcripts against the CPU's) and 40 training steps
 #                                         on cuda:0; writes OUT/gpu-host.log and OUT/summary.md
 #
@@ -285,14 +285,14 @@ print(round(sum(wave.open(f).getnframes()/16000 for f in glob.glob(sys.argv[1]+"
         wait "${wp[@]}" 2>/dev/null || true
         cp "$st"/*.log "$st"/*.csv "$out/fleet-$label/" 2>/dev/null || true
     }
-    # Defaults first; then batches of up to 640 padded seconds (the broker's default is 160) and two
-    # jobs in flight per worker, so that one batch is unpacked and answered while the GPU runs the next.
-    local broker_opts=() big=(--batch-budget-s 640 --batch-max-items 256)
+    # Defaults first (batches of up to 640 padded seconds, two jobs in flight per GPU worker); then
+    # 160-second batches and one job at a time, for comparison.
+    local broker_opts=()
     through one-gpu-worker-greedy "$set" "$total" --gpus 0 --model-file models/en-small.pt -- --lm none
-    broker_opts=("${big[@]}")
-    through one-gpu-worker-greedy-big-batches "$set" "$total" --gpus 0 --model-file models/en-small.pt -- --lm none --slots 2
-    through two-workers-same-gpu-greedy-big-batches "$set" "$total" --same-gpu 2 --model-file models/en-small.pt -- --lm none --slots 2
+    broker_opts=(--batch-budget-s 160 --batch-max-items 64)
+    through one-gpu-worker-greedy-160s-batches-1-slot "$set" "$total" --gpus 0 --model-file models/en-small.pt -- --lm none --slots 1
     broker_opts=()
+    through two-workers-same-gpu-greedy "$set" "$total" --same-gpu 2 --model-file models/en-small.pt -- --lm none
     through one-cpu-worker-greedy "$small" "$total_small" --gpus none --cpu-workers 1 --model-file models/en-small.pt -- --lm none
     # The GPU's transcripts against the CPU worker's, file by file (greedy decoding on both).
     python3 - "$work/fleet-one-cpu-worker-greedy/out" "$work/fleet-one-gpu-worker-greedy/out" <<'PY2' | while read -r line; do row "GPU vs CPU transcripts (greedy)" "$line"; done

@@ -13,6 +13,9 @@
 #   --gpus         GPU indices to use (default: every GPU nvidia-smi lists, or CUDA_VISIBLE_DEVICES);
 #                  "none": CPU workers even where GPUs are
 #   --same-gpu N   start N workers on GPU 0 instead (tests several processes on a one-GPU host)
+#
+# GPU workers get --slots 2 unless EXTRA WORKER OPTIONS set --slots: two jobs in flight, so the GPU
+# runs one batch while the worker unpacks and answers the other.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 broker="" state="asrf-state" logs="" cpu_workers=2 model="$REPO/models/en-small.pt" gpus="" same_gpu=0
@@ -57,16 +60,19 @@ start() {  # name, then the environment assignments and command
     echo "launch-workers: $name PID $! (log $logs/$name.log)" >&2
 }
 
+gpu_extra=("${extra[@]}")
+[[ " ${extra[*]} " == *" --slots"* ]] || gpu_extra=(--slots 2 "${extra[@]}")
+
 if ((same_gpu > 0)); then
     for ((i = 0; i < same_gpu; i++)); do
         start "worker-gpu0-$i" CUDA_VISIBLE_DEVICES="${gpus%%,*}" "$worker_bin" --broker "$broker" --device cuda:0 \
-            --state-dir "$state/worker-gpu0-$i" --model-file "$model" "${extra[@]}"
+            --state-dir "$state/worker-gpu0-$i" --model-file "$model" "${gpu_extra[@]}"
     done
 elif [[ -n "$gpus" ]]; then
     IFS=, read -ra list <<<"$gpus"
     for g in "${list[@]}"; do
         start "worker-gpu$g" CUDA_VISIBLE_DEVICES="$g" "$worker_bin" --broker "$broker" --device cuda:0 \
-            --state-dir "$state/worker-gpu$g" --model-file "$model" "${extra[@]}"
+            --state-dir "$state/worker-gpu$g" --model-file "$model" "${gpu_extra[@]}"
     done
 else
     threads=$(( $(nproc) / cpu_workers ))

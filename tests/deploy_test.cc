@@ -472,7 +472,6 @@ TEST(Deploy, LaunchWorkersPlacesOneWorkerPerGpu) {
                                  std::string("--model-file"), d / "model.pt"})
       argv.push_back(a);
     argv.insert(argv.end(), options.begin(), options.end());
-    argv.insert(argv.end(), {"--", "--slots", "2"});
     RunResult r = RunCommand(argv, 30000);
     EXPECT_EQ(r.code, want_code) << name << ": " << r.err;
     std::vector<std::string> got;
@@ -484,23 +483,28 @@ TEST(Deploy, LaunchWorkersPlacesOneWorkerPerGpu) {
       std::ifstream in(e.path());
       std::string line;
       std::getline(in, line);
-      // Keep the placement: CUDA_VISIBLE_DEVICES, --device and the state dir's last part.
+      // Keep the placement: CUDA_VISIBLE_DEVICES, --device, the state dir's last part, and the
+      // options after the model.
       std::smatch m;
       EXPECT_TRUE(std::regex_search(line, m, std::regex("^([^|]*)\\|.*--device (\\S+) (?:--threads [0-9]+ )?--state-dir \\S*/(\\S+) "
-                                                         "--model-file \\S+ --slots 2$")))
+                                                         "--model-file \\S+(.*)$")))
           << name << ": " << line;
-      got.push_back(m.size() == 4 ? m[1].str() + " " + m[2].str() + " " + m[3].str() : line);
+      got.push_back(m.size() == 5 ? m[1].str() + " " + m[2].str() + " " + m[3].str() + m[4].str() : line);
     }
     std::sort(got.begin(), got.end());
     return got;
   };
   using V = std::vector<std::string>;
-  EXPECT_EQ(launch("all", {}, nullptr, 0), (V{"0 cuda:0 worker-gpu0", "1 cuda:0 worker-gpu1"}));
-  EXPECT_EQ(launch("visible", {}, "1", 0), (V{"1 cuda:0 worker-gpu1"}));
-  EXPECT_EQ(launch("listed", {"--gpus", "1"}, nullptr, 0), (V{"1 cuda:0 worker-gpu1"}));
-  EXPECT_EQ(launch("same", {"--same-gpu", "2"}, nullptr, 0), (V{"0 cuda:0 worker-gpu0-0", "0 cuda:0 worker-gpu0-1"}));
-  EXPECT_EQ(launch("cpu", {"--gpus", "none", "--cpu-workers", "3"}, nullptr, 0),
-            (V{" cpu worker-cpu1", " cpu worker-cpu2", " cpu worker-cpu3"}));
+  // GPU workers get two jobs in flight unless told otherwise; CPU workers keep the worker's default.
+  EXPECT_EQ(launch("all", {}, nullptr, 0), (V{"0 cuda:0 worker-gpu0 --slots 2", "1 cuda:0 worker-gpu1 --slots 2"}));
+  EXPECT_EQ(launch("visible", {}, "1", 0), (V{"1 cuda:0 worker-gpu1 --slots 2"}));
+  EXPECT_EQ(launch("listed", {"--gpus", "1"}, nullptr, 0), (V{"1 cuda:0 worker-gpu1 --slots 2"}));
+  EXPECT_EQ(launch("same", {"--same-gpu", "2"}, nullptr, 0),
+            (V{"0 cuda:0 worker-gpu0-0 --slots 2", "0 cuda:0 worker-gpu0-1 --slots 2"}));
+  EXPECT_EQ(launch("own-slots", {"--gpus", "0", "--", "--slots", "4", "--lm", "none"}, nullptr, 0),
+            (V{"0 cuda:0 worker-gpu0 --slots 4 --lm none"}));
+  EXPECT_EQ(launch("cpu", {"--gpus", "none", "--cpu-workers", "3", "--", "--lm", "none"}, nullptr, 0),
+            (V{" cpu worker-cpu1 --lm none", " cpu worker-cpu2 --lm none", " cpu worker-cpu3 --lm none"}));
   launch("contradiction", {"--gpus", "none", "--same-gpu", "2"}, nullptr, 2);
 }
 
