@@ -724,8 +724,9 @@ struct Broker::Impl {
       else if (IsGangMember(j)) {
         size_t able = 0;
         for (const auto& [id, w] : workers) if (w.kinds.empty() || w.kinds.count(j.kind)) able++;
-        i.why = "gang " + j.gang + " waits for " + std::to_string(j.world_size) + " idle workers at once (" +
-                std::to_string(able) + " connected run " + j.kind + ")";
+        i.why = "gang " + j.gang + " waits for " + std::to_string(j.world_size) +
+                " idle workers at once, on distinct GPUs or all on CPUs (" + std::to_string(able) + " connected run " +
+                j.kind + ")";
       }
       else if (IsBatched(j) && j.not_before_mono == 0) i.why = "waiting for a batch to fill or a free worker slot";
       else if (j.not_before_mono > 0) i.why = "waiting to retry after a lost attempt";
@@ -1199,18 +1200,18 @@ struct Broker::Impl {
     for (const auto& members : table.ReadyGangs()) {
       Job* first = table.Find(members.front());
       const size_t k = members.size();
-      std::vector<WorkerConn*> able, free;
+      std::vector<WorkerConn*> able, vacant;
       for (auto& [id, w] : workers) {
         if (w.draining || w.slots == 0 || !(w.kinds.empty() || w.kinds.count(first->kind))) continue;
         able.push_back(&w);
-        if (w.UsedSlots() == 0 && !reserved.count(&w)) free.push_back(&w);
+        if (w.UsedSlots() == 0 && !reserved.count(&w)) vacant.push_back(&w);
       }
       // Ranks all-reduce with NCCL on GPUs (one GPU per rank) and Gloo on CPUs: a gang runs on K
       // distinct GPUs when that many are idle, else on K idle CPU workers; else it waits, keeping
       // the idle workers of the first kind that could ever take it.
       std::vector<WorkerConn*> idle;
       for (bool on_gpu : {true, false}) {
-        if (std::vector<WorkerConn*> c = GangCandidates(free, on_gpu); c.size() >= k) {
+        if (std::vector<WorkerConn*> c = GangCandidates(vacant, on_gpu); c.size() >= k) {
           idle.assign(c.begin(), c.begin() + static_cast<std::ptrdiff_t>(k));
           break;
         }
@@ -1218,7 +1219,7 @@ struct Broker::Impl {
       if (idle.empty()) {
         for (bool on_gpu : {true, false}) {
           if (GangCandidates(able, on_gpu).size() < k) continue;
-          for (WorkerConn* w : free) if (IsGpuWorker(*w) == on_gpu) reserved.insert(w);
+          for (WorkerConn* w : vacant) if (IsGpuWorker(*w) == on_gpu) reserved.insert(w);
           break;
         }
         continue;
