@@ -144,7 +144,7 @@ run() {
         echo "private root: $(ls "$root/usr/lib/x86_64-linux-gnu" | wc -l) files in its lib; ${#hints[@]} package configs"
         env | grep -E '^(CMAKE|CC|CXX|CUDA|LD_|PKG)' || true
         configure() {
-            # -include cstdint: the host's compiler is newer than Debian 12's, and newer libstdc++
+            # -include cstdint, a precaution: the host's compiler is newer than Debian 12's, and newer libstdc++
             # headers stopped including it along the way.
             step 300 cmake -S . -B "$b" "${nccl[@]}" -G "$(command -v ninja >/dev/null && echo Ninja || echo 'Unix Makefiles')" \
                 -DCMAKE_BUILD_TYPE=RelWithDebInfo -DASRF_BUILD_SYNTH=OFF -DASRF_WITH_CUDA=ON \
