@@ -55,6 +55,7 @@ struct WorkerConn {
   std::string host;
   std::string device;
   std::string gpu;  // READY's GPU UUID (cuda workers)
+  bool gangs = true;  // READY: it can be a gang rank on its device
   uint32_t slots = 1;
   bool draining = false;
   std::unordered_set<std::string> kinds;
@@ -977,6 +978,7 @@ struct Broker::Impl {
     w.host = m.host;
     w.device = m.device;
     w.gpu = m.gpu.size() <= 128 ? m.gpu : m.gpu.substr(0, 128);
+    w.gangs = m.gangs;
     w.slots = std::clamp<uint32_t>(m.slots, 0, 4096);
     w.draining = m.draining;
     w.kinds = std::unordered_set<std::string>(m.kinds.begin(), m.kinds.end());
@@ -998,6 +1000,8 @@ struct Broker::Impl {
         .Kv("worker", w.id)
         .Kv("host", w.host)
         .Kv("device", w.device)
+        .Kv("gpu", w.gpu)
+        .Kv("gangs", w.gangs)
         .Kv("slots", static_cast<uint64_t>(w.slots))
         .Kv("kept_leases", static_cast<uint64_t>(keep.size()));
     Send(routing, Cmd::kHeartbeat, proto::Heartbeat{});
@@ -1194,21 +1198,22 @@ struct Broker::Impl {
     };
     // Gangs first: every member at once on idle workers, or none (two gangs never hold parts
     // of the fleet waiting for each other).
-    // A gang that could run on the connected workers but finds too few idle keeps the idle ones
-    // free (no new single jobs) until enough are, so a stream of small jobs cannot starve it.
+    // A gang that could run on the connected workers but finds too few idle holds K of them (the
+    // least busy) free of new single jobs until they are, so a stream of small jobs cannot starve it.
     std::unordered_set<WorkerConn*> reserved;
     for (const auto& members : table.ReadyGangs()) {
       Job* first = table.Find(members.front());
       const size_t k = members.size();
       std::vector<WorkerConn*> able, vacant;
       for (auto& [id, w] : workers) {
-        if (w.draining || w.slots == 0 || !(w.kinds.empty() || w.kinds.count(first->kind))) continue;
+        if (w.draining || w.slots == 0 || !w.gangs || !(w.kinds.empty() || w.kinds.count(first->kind))) continue;
         able.push_back(&w);
         if (w.UsedSlots() == 0 && !reserved.count(&w)) vacant.push_back(&w);
       }
       // Ranks all-reduce with NCCL on GPUs (one GPU per rank) and Gloo on CPUs: a gang runs on K
-      // distinct GPUs when that many are idle, else on K idle CPU workers; else it waits, keeping
-      // the idle workers of the first kind that could ever take it.
+      // distinct GPUs when that many are idle, else on K idle CPU workers; else it waits, holding
+      // the K least busy workers of the first kind that could ever take it (a worker with several
+      // slots may never be idle otherwise).
       std::vector<WorkerConn*> idle;
       for (bool on_gpu : {true, false}) {
         if (std::vector<WorkerConn*> c = GangCandidates(vacant, on_gpu); c.size() >= k) {
@@ -1218,12 +1223,16 @@ struct Broker::Impl {
       }
       if (idle.empty()) {
         for (bool on_gpu : {true, false}) {
-          if (GangCandidates(able, on_gpu).size() < k) continue;
-          for (WorkerConn* w : vacant) if (IsGpuWorker(*w) == on_gpu) reserved.insert(w);
+          std::vector<WorkerConn*> c = GangCandidates(able, on_gpu);
+          if (c.size() < k) continue;
+          std::stable_sort(c.begin(), c.end(),
+                           [](const WorkerConn* a, const WorkerConn* b) { return a->UsedSlots() < b->UsedSlots(); });
+          reserved.insert(c.begin(), c.begin() + static_cast<std::ptrdiff_t>(k));
           break;
         }
         continue;
       }
+      reserved.insert(idle.begin(), idle.end());  // no single job beside a rank in this round
       std::string rendezvous = (idle[0]->host.empty() ? std::string("127.0.0.1") : idle[0]->host) + ":" +
                                std::to_string(opt.gang_port_base + static_cast<int>(next_gang_port++ % 1000));
       for (size_t i = 0; i < members.size(); ++i) {

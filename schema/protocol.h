@@ -313,7 +313,9 @@ struct Ready {
   // cuda workers: the GPU's UUID ("GPU-..."), so that the ranks of a gang land on distinct GPUs
   // (two workers may share one GPU). Empty on the CPU.
   std::string gpu;
-  MSGPACK_DEFINE_MAP(worker_id, host, device, slots, kinds, models, running, draining, gpu);
+  // Whether it can be a gang rank on its device (built with NCCL for GPUs, Gloo for CPUs).
+  bool gangs = true;
+  MSGPACK_DEFINE_MAP(worker_id, host, device, slots, kinds, models, running, draining, gpu, gangs);
 };
 
 struct Heartbeat {

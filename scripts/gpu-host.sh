@@ -154,7 +154,7 @@ run() {
                 -DPostgreSQL_ROOT="$root/usr" "${hints[@]}" "$@" >>"$out/cmake.log" 2>&1 || {
                 tail -40 "$out/cmake.log"; die "cmake failed"; }
         }
-        configure
+        configure -DASRF_GLOO=ON -DASRF_NCCL=ON  # explicitly: a fallback of an earlier run stays in the cache
         grep -E "ASR Fleet|Caffe2|Torch|CUDA" "$out/cmake.log" | head -20 || true
     fi
     local targets=(asr-broker asr-worker asr-submit cuda_kernels_test infer_test frontend_bench)
@@ -226,14 +226,16 @@ for k in range(n):
 PY2
     local small="$work/set-fifth"
     mkdir -p "$small"
-    ls "$set" | head -n $(((files + 4) / 5)) | while read -r f; do ln -s "$PWD/$set/$f" "$small/$f"; done
+    local set_abs
+    set_abs="$(cd "$set" && pwd)"
+    ls "$set" | head -n $(((files + 4) / 5)) | while read -r f; do ln -s "$set_abs/$f" "$small/$f"; done
     seconds() { python3 -c 'import glob,wave,sys
 print(round(sum(wave.open(f).getnframes()/16000 for f in glob.glob(sys.argv[1]+"/*.wav")),1))' "$1"; }
     local total total_small
     total=$(seconds "$set")
     total_small=$(seconds "$small")
     row "throughput set" "$files files, $total audio seconds (the CPU worker: $(ls "$small" | wc -l) files, $total_small s)"
-    local pids=()
+    pids=()  # global: the EXIT trap runs after run() returns
     trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
     through() {  # label, audio directory, its seconds, launch-workers options..., then -- and worker options
         local label="$1" audio="$2" secs="$3"; shift 3
@@ -281,8 +283,12 @@ print(round(sum(wave.open(f).getnframes()/16000 for f in glob.glob(sys.argv[1]+"
             peak=$(awk -F', *' '{ if ($2 > m[$1]) m[$1] = $2 } END { for (p in m) printf "%s%d MiB", (n++ ? ", " : ""), m[p] }' "$st/gpu-mem.csv")
         fi
         row "$label" "rc $rc; broker ${broker_opts[*]:-defaults}; $up of ${#wp[@]} workers up; $(python3 -c "print(f'wall {$s1-$s0:.2f} s, RTFx {$secs/($s1-$s0):.0f}')"); peak GPU memory per worker: ${peak:-none seen}; $(grep -h -o '"max_batch_frames":[0-9]*' "$st"/worker-*.log | sort -u | tr '\n' ' ')"
-        kill "${wp[@]}" 2>/dev/null || true
-        wait "${wp[@]}" 2>/dev/null || true
+        # The workers are not this shell's children (launch-workers.sh starts them with setsid): wait
+        # until they are gone, so that the next run has the GPU to itself.
+        if ((${#wp[@]})); then
+            kill "${wp[@]}" 2>/dev/null || true
+            for _ in $(seq 100); do kill -0 "${wp[@]}" 2>/dev/null || break; sleep 0.1; done
+        fi
         cp "$st"/*.log "$st"/*.csv "$out/fleet-$label/" 2>/dev/null || true
     }
     # Defaults first (batches of up to 640 padded seconds, two jobs in flight per GPU worker); then

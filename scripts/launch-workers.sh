@@ -14,8 +14,8 @@
 #                  "none": CPU workers even where GPUs are
 #   --same-gpu N   start N workers on GPU 0 instead (tests several processes on a one-GPU host)
 #
-# GPU workers get --slots 2 unless EXTRA WORKER OPTIONS set --slots: two jobs in flight, so the GPU
-# runs one batch while the worker unpacks and answers the other.
+# GPU workers get --slots 2 unless EXTRA WORKER OPTIONS set --slots or ASRF_SLOTS is set: two jobs
+# in flight, so the GPU runs one batch while the worker unpacks and answers the other.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 broker="" state="asrf-state" logs="" cpu_workers=2 model="$REPO/models/en-small.pt" gpus="" same_gpu=0
@@ -61,7 +61,7 @@ start() {  # name, then the environment assignments and command
 }
 
 gpu_extra=("${extra[@]}")
-[[ " ${extra[*]} " == *" --slots"* ]] || gpu_extra=(--slots 2 "${extra[@]}")
+[[ " ${extra[*]} " == *" --slots"* || -n "${ASRF_SLOTS:-}" ]] || gpu_extra=(--slots 2 "${extra[@]}")
 
 if ((same_gpu > 0)); then
     for ((i = 0; i < same_gpu; i++)); do

@@ -2,6 +2,7 @@
 // acknowledgements across a simulated power cut, stale-epoch rejection, and hostile input.
 #include <gtest/gtest.h>
 
+#include <deque>
 #include <map>
 #include <set>
 
@@ -305,83 +306,125 @@ TEST(Broker, FullDiskRefusesSubmitsWithAClearErrorAndRecovers) {
   EXPECT_EQ(counts.counts["queued"], 2) << "the refused jobs must not have been accepted";
 }
 
-// Gang ranks all-reduce with NCCL on GPUs (one GPU per rank) and Gloo on CPUs, so a gang goes to
-// workers on distinct GPUs, or all to CPU workers: never to two workers sharing a GPU, never mixed.
-TEST(Broker, GangRanksGoToDistinctGpusOrAllToCpuWorkers) {
-  TempDir tmp;
-  InProcBroker broker(TestOptions(tmp / "b"));
-  ASSERT_TRUE(broker.open_status().ok());
-  BrokerClient client(broker.endpoint());
+// Fake workers on raw sockets: they heartbeat while the test waits and collect what they are given.
+class FakeWorkers {
+ public:
   struct Fake {
     std::string id;
     std::unique_ptr<RawPeer> peer;
-    std::vector<uint64_t> jobs;
+    std::vector<proto::Assignment> given;
   };
-  std::vector<Fake> fakes;
-  auto connect = [&](const std::string& id, const std::string& device, const std::string& gpu) {
-    fakes.push_back({id, std::make_unique<RawPeer>(broker.endpoint()), {}});
+  explicit FakeWorkers(std::string endpoint) : endpoint_(std::move(endpoint)) {}
+  Fake& Connect(const std::string& id, const std::string& device, const std::string& gpu, uint32_t slots = 1,
+                bool gangs = true, std::vector<std::string> kinds = {"gangwork"}) {
+    fakes_.push_back({id, std::make_unique<RawPeer>(endpoint_), {}});
     proto::Ready r;
     r.worker_id = id;
     r.host = "box";
     r.device = device;
     r.gpu = gpu;
-    r.kinds = {"gangwork"};
-    fakes.back().peer->Send(Cmd::kReady, r);
-  };
-  // Heartbeats from every fake for `ms`, collecting what the broker assigns.
-  auto pump = [&](int ms) {
+    r.gangs = gangs;
+    r.slots = slots;
+    r.kinds = std::move(kinds);
+    fakes_.back().peer->Send(Cmd::kReady, r);
+    return fakes_.back();
+  }
+  void Pump(int ms) {
     for (int64_t end = MonoMs() + ms; MonoMs() < end;) {
-      for (Fake& f : fakes) {
+      for (Fake& f : fakes_) {
         f.peer->Send(Cmd::kHeartbeat, proto::Heartbeat{});
         std::string body;
         proto::Assign a;
         if (f.peer->Expect(Cmd::kAssign, &body, 10) && proto::DecodeBody(body, &a).ok()) {
-          for (const auto& j : a.jobs) f.jobs.push_back(j.id);
+          for (const auto& j : a.jobs) {
+            f.given.push_back(j);
+            f.peer->Send(Cmd::kStarted, proto::Started{{{j.id, j.epoch}}});
+          }
         }
       }
     }
-  };
-  auto submit_gang = [&](const std::string& name) {
-    proto::Submit s;
-    s.batch = name;
-    for (uint32_t rank = 0; rank < 2; ++rank) {
-      proto::SubmitJob j;
-      j.kind = "gangwork";
-      j.payload = proto::Blob{"{}"};
-      j.gang = name;
-      j.rank = rank;
-      j.world_size = 2;
-      s.jobs.push_back(j);
-    }
-    proto::Reply r;
-    Status st = client.Call(Cmd::kSubmit, s, &r, 5000);
-    EXPECT_TRUE(st.ok()) << st.ToString();
-    return r.job_ids;
-  };
+  }
+  Fake& operator[](size_t i) { return fakes_[i]; }
+
+ private:
+  std::string endpoint_;
+  std::deque<Fake> fakes_;
+};
+
+BrokerOptions GangTestOptions(const std::string& dir) {
+  BrokerOptions o = TestOptions(dir);
+  o.heartbeat_misses = 20;  // fakes heartbeat every few tens of ms while pumped, not while the test submits
+  return o;
+}
+
+std::vector<uint64_t> SubmitGang(BrokerClient& client, const std::string& name) {
+  proto::Submit s;
+  s.batch = name;
+  for (uint32_t rank = 0; rank < 2; ++rank) {
+    proto::SubmitJob j;
+    j.kind = "gangwork";
+    j.payload = proto::Blob{"{}"};
+    j.gang = name;
+    j.rank = rank;
+    j.world_size = 2;
+    s.jobs.push_back(j);
+  }
+  proto::Reply r;
+  Status st = client.Call(Cmd::kSubmit, s, &r, 5000);
+  EXPECT_TRUE(st.ok()) << st.ToString();
+  return r.job_ids;
+}
+
+std::vector<uint64_t> Ids(const std::vector<proto::Assignment>& given) {
+  std::vector<uint64_t> ids;
+  for (const auto& a : given) ids.push_back(a.id);
+  return ids;
+}
+
+// Gang ranks all-reduce with NCCL on GPUs (one GPU per rank) and Gloo on CPUs, so a gang goes to
+// workers on distinct GPUs, or all to CPU workers: never to two workers sharing a GPU, never mixed,
+// never to a worker built without the backend its device needs.
+TEST(Broker, GangRanksGoToDistinctGpusOrAllToCpuWorkers) {
+  TempDir tmp;
+  InProcBroker broker(GangTestOptions(tmp / "b"));
+  ASSERT_TRUE(broker.open_status().ok());
+  BrokerClient client(broker.endpoint());
+  FakeWorkers fleet(broker.endpoint());
   const std::string gpu_a = "GPU-0a0a0a0a-0000-0000-0000-00000000000a";
   const std::string gpu_b = "GPU-0b0b0b0b-0000-0000-0000-00000000000b";
-  connect("w1-gpu-a", "cuda:0", gpu_a);
-  connect("w2-gpu-a", "cuda:0", gpu_a);  // a second worker on the same GPU
-  connect("w3-cpu", "cpu", "");
-  const std::vector<uint64_t> g1 = submit_gang("g1");
+  auto& w1 = fleet.Connect("w1-gpu-a", "cuda:0", gpu_a);
+  auto& w2 = fleet.Connect("w2-gpu-a", "cuda:0", gpu_a);  // a second worker on the same GPU
+  auto& w3 = fleet.Connect("w3-cpu", "cpu", "");
+  const std::vector<uint64_t> g1 = SubmitGang(client, "g1");
   ASSERT_EQ(g1.size(), 2u);
-  pump(1200);
-  for (const Fake& f : fakes) EXPECT_TRUE(f.jobs.empty()) << f.id << " got a rank while only one GPU and one CPU were idle";
+  fleet.Pump(1000);
+  for (auto* f : {&w1, &w2, &w3}) EXPECT_TRUE(f->given.empty()) << f->id << " got a rank with one GPU and one CPU idle";
 
-  connect("w4-gpu-b", "cuda:0", gpu_b);
-  pump(1200);
-  EXPECT_EQ(fakes[0].jobs.size(), 1u) << "the first worker on GPU a takes a rank";
-  EXPECT_TRUE(fakes[1].jobs.empty()) << "GPU a has a rank already";
-  EXPECT_TRUE(fakes[2].jobs.empty()) << "no CPU rank beside GPU ranks";
-  EXPECT_EQ(fakes[3].jobs.size(), 1u) << "GPU b takes the other rank";
+  auto& w4 = fleet.Connect("w4-gpu-b", "cuda:0", gpu_b);
+  fleet.Pump(1000);
+  EXPECT_EQ(Ids(w1.given), std::vector<uint64_t>{g1.at(0)}) << "the first worker on GPU a takes rank 0";
+  EXPECT_TRUE(w2.given.empty()) << "GPU a has a rank already";
+  EXPECT_TRUE(w3.given.empty()) << "no CPU rank beside GPU ranks";
+  EXPECT_EQ(Ids(w4.given), std::vector<uint64_t>{g1.at(1)}) << "GPU b takes rank 1";
 
-  // With one distinct GPU idle (w2 shares GPU a) and two CPU workers, the next gang goes to the CPUs.
-  connect("w5-cpu", "cpu", "");
-  const std::vector<uint64_t> g2 = submit_gang("g2");
-  pump(1200);
-  EXPECT_TRUE(fakes[1].jobs.empty());
-  EXPECT_EQ(fakes[2].jobs, std::vector<uint64_t>{g2.at(0)}) << "rank 0 to the first CPU worker by id";
-  EXPECT_EQ(fakes[4].jobs, std::vector<uint64_t>{g2.at(1)});
+  // One distinct GPU idle (w2 shares GPU a) and two CPU workers: the next gang goes to the CPUs.
+  auto& w5 = fleet.Connect("w5-cpu", "cpu", "");
+  const std::vector<uint64_t> g2 = SubmitGang(client, "g2");
+  fleet.Pump(1000);
+  EXPECT_TRUE(w2.given.empty());
+  EXPECT_EQ(Ids(w3.given), std::vector<uint64_t>{g2.at(0)}) << "rank 0 to the first CPU worker by id";
+  EXPECT_EQ(Ids(w5.given), std::vector<uint64_t>{g2.at(1)});
+
+  // A GPU worker built without NCCL never gets a rank; one with NCCL pairs with w2.
+  auto& w6 = fleet.Connect("w6-gpu-c-no-nccl", "cuda:0", "GPU-0c0c0c0c-0000-0000-0000-00000000000c", 1, false);
+  const std::vector<uint64_t> g3 = SubmitGang(client, "g3");
+  fleet.Pump(800);
+  EXPECT_TRUE(w2.given.empty() && w6.given.empty()) << "only one GPU worker that can join a gang is idle";
+  auto& w7 = fleet.Connect("w7-gpu-d", "cuda:0", "GPU-0d0d0d0d-0000-0000-0000-00000000000d");
+  fleet.Pump(1000);
+  EXPECT_EQ(Ids(w2.given), std::vector<uint64_t>{g3.at(0)});
+  EXPECT_EQ(Ids(w7.given), std::vector<uint64_t>{g3.at(1)});
+  EXPECT_TRUE(w6.given.empty());
 
   // The listing shows each worker's GPU.
   proto::Reply listing;
@@ -390,6 +433,45 @@ TEST(Broker, GangRanksGoToDistinctGpusOrAllToCpuWorkers) {
   for (const auto& w : listing.workers) gpu_of[w.id] = w.gpu;
   EXPECT_EQ(gpu_of["w2-gpu-a"], gpu_a);
   EXPECT_EQ(gpu_of["w3-cpu"], "");
+}
+
+// Workers with several slots are rarely idle under a stream of small jobs: a waiting gang holds the
+// ones it needs free of new work until they drain, then runs.
+TEST(Broker, AGangHoldsWorkersWithFreeSlotsUntilTheyDrain) {
+  TempDir tmp;
+  InProcBroker broker(GangTestOptions(tmp / "b"));
+  ASSERT_TRUE(broker.open_status().ok());
+  BrokerClient client(broker.endpoint());
+  FakeWorkers fleet(broker.endpoint());
+  auto& a = fleet.Connect("a-cpu", "cpu", "", 2, true, {"gangwork", "echo"});
+  auto& b = fleet.Connect("b-cpu", "cpu", "", 2, true, {"gangwork", "echo"});
+  proto::Reply sub;
+  ASSERT_TRUE(client.Call(Cmd::kSubmit, Jobs(4), &sub, 5000).ok());
+  fleet.Pump(800);
+  ASSERT_EQ(a.given.size(), 2u);
+  ASSERT_EQ(b.given.size(), 2u);
+
+  const std::vector<uint64_t> gang = SubmitGang(client, "g");
+  ASSERT_TRUE(client.Call(Cmd::kSubmit, Jobs(4), &sub, 5000).ok());  // the stream goes on
+  auto finish = [](FakeWorkers::Fake& f, size_t i) {
+    proto::Result r;
+    r.results.push_back({f.given.at(i).id, f.given.at(i).epoch, true, proto::Blob{"1"}, "", 1});
+    f.peer->Send(Cmd::kResult, r);
+  };
+  finish(a, 0);
+  finish(b, 0);
+  fleet.Pump(800);
+  EXPECT_EQ(a.given.size(), 2u) << "a freed slot of a worker the gang waits for took new work";
+  EXPECT_EQ(b.given.size(), 2u) << "a freed slot of a worker the gang waits for took new work";
+
+  finish(a, 1);
+  finish(b, 1);
+  fleet.Pump(1000);
+  ASSERT_GE(a.given.size(), 3u);
+  ASSERT_GE(b.given.size(), 3u);
+  EXPECT_EQ(a.given[2].id, gang.at(0)) << "the gang runs as soon as its workers are idle";
+  EXPECT_EQ(b.given[2].id, gang.at(1));
+  EXPECT_EQ(a.given[2].world_size, 2u);
 }
 
 }  // namespace

@@ -460,13 +460,14 @@ TEST(Deploy, LaunchWorkersPlacesOneWorkerPerGpu) {
   script(d / "worker", "printf '%s|%s\\n' \"$CUDA_VISIBLE_DEVICES\" \"$*\" > \"$CALLS.$$\" && mv \"$CALLS.$$\" \"$CALLS/$$\"\n");
   std::ofstream(d / "model.pt") << "x";
   // Each case: the launch options, then the calls it must make (sorted), or an exit code.
-  auto launch = [&](const std::string& name, std::vector<std::string> options, const char* cvd,
-                    int want_code) -> std::vector<std::string> {
+  auto launch = [&](const std::string& name, std::vector<std::string> options, const char* cvd, int want_code,
+                    const std::vector<std::string>& env = {}) -> std::vector<std::string> {
     const std::string calls = d / ("calls-" + name);
     fs::create_directories(calls);
     std::vector<std::string> argv = {"/usr/bin/env", "PATH=" + d / "bin" + ":/usr/bin:/bin", "CALLS=" + calls,
                                      "ASRF_WORKER_BIN=" + d / "worker"};
     if (cvd) argv.push_back(std::string("CUDA_VISIBLE_DEVICES=") + cvd);
+    argv.insert(argv.end(), env.begin(), env.end());
     for (const std::string& a : {kSrc + "/scripts/launch-workers.sh", std::string("--broker"),
                                  std::string("tcp://127.0.0.1:1"), std::string("--state-dir"), d / ("st-" + name),
                                  std::string("--model-file"), d / "model.pt"})
@@ -503,6 +504,8 @@ TEST(Deploy, LaunchWorkersPlacesOneWorkerPerGpu) {
             (V{"0 cuda:0 worker-gpu0-0 --slots 2", "0 cuda:0 worker-gpu0-1 --slots 2"}));
   EXPECT_EQ(launch("own-slots", {"--gpus", "0", "--", "--slots", "4", "--lm", "none"}, nullptr, 0),
             (V{"0 cuda:0 worker-gpu0 --slots 4 --lm none"}));
+  EXPECT_EQ(launch("env-slots", {"--gpus", "0"}, nullptr, 0, {"ASRF_SLOTS=3"}), (V{"0 cuda:0 worker-gpu0"}))
+      << "ASRF_SLOTS in the environment is left to the worker";
   EXPECT_EQ(launch("cpu", {"--gpus", "none", "--cpu-workers", "3", "--", "--lm", "none"}, nullptr, 0),
             (V{" cpu worker-cpu1 --lm none", " cpu worker-cpu2 --lm none", " cpu worker-cpu3 --lm none"}));
   launch("contradiction", {"--gpus", "none", "--same-gpu", "2"}, nullptr, 2);

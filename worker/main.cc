@@ -11,6 +11,7 @@
 #include "cuda/device_info.h"
 #include "worker/model_cache.h"
 #include "worker/train_kind.h"
+#include "worker/trainer.h"
 #include "worker/transcribe_kind.h"
 #include "worker/worker.h"
 
@@ -94,6 +95,8 @@ int main(int argc, char** argv) {
       return CudaMemoryUsed(index, &used).ok() ? used : int64_t{0};
     };
   }
+
+  o.gangs = GangBackendBuilt(o.device.rfind("cuda", 0) == 0);
 
   std::signal(SIGTERM, OnSignal);
   std::signal(SIGINT, OnSignal);

@@ -463,12 +463,15 @@ class Gang {
       }
 #endif
 #if ASRF_TORCH_GLOO
-      pg_->allreduce(v)->wait();
+      if (pg_) {
+        pg_->allreduce(v)->wait();
+        return Status::Ok();
+      }
 #endif
     } catch (const std::exception& e) {
       return Status::Unavailable(std::string("gang member lost: ") + e.what());
     }
-    return Status::Ok();
+    return Status::Unavailable("the gang has no process group");
   }
   // Rank 0 hands `bytes` to every rank (the training state all ranks start from).
   Status Share(const std::string& key, std::string* bytes) {
@@ -517,6 +520,16 @@ void PlaceOnDevice(CtcModel& model, torch::optim::Adam& opt, const torch::Device
 }
 
 }  // namespace
+
+bool GangBackendBuilt(bool on_gpu) {
+#if ASRF_TORCH_NCCL
+  if (on_gpu) return true;
+#endif
+#if ASRF_TORCH_GLOO
+  if (!on_gpu) return true;
+#endif
+  return false;
+}
 
 Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* result) {
   if (ctx.threads > 0) torch::set_num_threads(ctx.threads);

@@ -79,6 +79,10 @@ struct TrainContext {
 // is lost, or when the gang's rendezvous fails; Invalid for bad manifests.
 Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* result);
 
+// Whether this build can be a rank of a gang on a GPU (NCCL) or on the CPU (Gloo); workers tell
+// the broker in READY, which places gangs only on workers that can.
+bool GangBackendBuilt(bool on_gpu);
+
 // Reads and checks a manifest: every audio file readable, 16 kHz, non-empty; every text non-empty
 // and inside the vocabulary. Errors list the first problems with their line numbers.
 struct ManifestItem {

@@ -97,6 +97,7 @@ struct Worker::Impl {
     r.host = opt.advertise_host.empty() ? std::string(host) : opt.advertise_host;
     r.device = opt.device;
     r.gpu = opt.gpu;
+    r.gangs = opt.gangs;
     r.slots = static_cast<uint32_t>(opt.slots);
     r.kinds = registry.Kinds();
     r.models = registry.models();

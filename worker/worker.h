@@ -30,6 +30,7 @@ struct WorkerOptions {
   std::string pg;                      // libpq conninfo; empty: results go only to the broker
   std::string advertise_host;          // how other workers reach this one (gang rendezvous); default hostname
   std::string gpu;                     // on cuda:N: the GPU's UUID (gang ranks go to distinct GPUs)
+  bool gangs = true;                   // built with the gang backend its device needs (NCCL / Gloo)
   // Bytes in use on the worker's GPU, sent in heartbeats; empty (CPU workers): 0.
   std::function<int64_t()> gpu_memory;
 
