@@ -266,6 +266,7 @@ print(round(sum(wave.open(f).getnframes()/16000 for f in glob.glob(sys.argv[1]+"
             ((up >= ${#wp[@]})) && break
             sleep 0.1
         done
+        "$b"/client/asr-submit --broker "$ep" workers >"$st/workers.log" 2>&1 || true
         # GPU memory of each worker process, sampled while it transcribes.
         local mon=""
         if [[ "$dry" != 1 ]]; then
@@ -282,7 +283,7 @@ print(round(sum(wave.open(f).getnframes()/16000 for f in glob.glob(sys.argv[1]+"
             kill "$mon" 2>/dev/null || true
             peak=$(awk -F', *' '{ if ($2 > m[$1]) m[$1] = $2 } END { for (p in m) printf "%s%d MiB", (n++ ? ", " : ""), m[p] }' "$st/gpu-mem.csv")
         fi
-        row "$label" "rc $rc; broker ${broker_opts[*]:-defaults}; $up of ${#wp[@]} workers up; $(python3 -c "print(f'wall {$s1-$s0:.2f} s, RTFx {$secs/($s1-$s0):.0f}')"); peak GPU memory per worker: ${peak:-none seen}; $(grep -h -o '"max_batch_frames":[0-9]*' "$st"/worker-*.log | sort -u | tr '\n' ' ')"
+        row "$label" "rc $rc; broker ${broker_opts[*]:-defaults}; $up of ${#wp[@]} workers up; $(python3 -c "print(f'wall {$s1-$s0:.2f} s, RTFx {$secs/($s1-$s0):.0f}')"); peak GPU memory per worker: ${peak:-none seen}; GPUs listed: $(grep -o 'GPU-[0-9a-f-]*' "$st/workers.log" | sort | uniq -c | tr -s ' ' | tr '\n' ' '); $(grep -h -o '"max_batch_frames":[0-9]*' "$st"/worker-*.log | sort -u | tr '\n' ' ')"
         # The workers are not this shell's children (launch-workers.sh starts them with setsid): wait
         # until they are gone, so that the next run has the GPU to itself.
         if ((${#wp[@]})); then
