@@ -216,6 +216,11 @@ TEST(Fleet, OptionsFromEnvironmentAndConfigFile) {
   RunResult bad = RunCommand({ASRF_BROKER_BIN, "--max-attempts", "many"});
   EXPECT_EQ(bad.code, 2);
   EXPECT_NE(bad.err.find("max-attempts"), std::string::npos) << bad.err;
+  for (const char* device : {"cuda:x", "cuda:", "gpu0"}) {
+    RunResult r = RunCommand({ASRF_WORKER_BIN, "--device", device});
+    EXPECT_EQ(r.code, 2) << device;
+    EXPECT_NE(r.err.find("cuda:N"), std::string::npos) << device << ": " << r.err;
+  }
   RunResult help = RunCommand({ASRF_WORKER_BIN, "--help"});
   EXPECT_EQ(help.code, 0);
   EXPECT_NE(help.out.find("--slots"), std::string::npos);

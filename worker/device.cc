@@ -19,7 +19,9 @@ Status ParseDevice(const std::string& spec, c10::Device* out) {
   }
   int index = std::stoi(spec.substr(prefix.size()));
   if (!torch::cuda::is_available()) {
-    return Status::Unavailable("device " + spec + ": this libtorch has no CUDA or sees no CUDA device");
+    return Status::Unavailable("device " + spec +
+                               ": this libtorch has no CUDA (Debian's is CPU-only: build against a CUDA libtorch, or "
+                               "use cpu) or sees no CUDA device");
   }
   int64_t count = static_cast<int64_t>(torch::cuda::device_count());
   if (index >= count) {

@@ -4,11 +4,10 @@
 #include <filesystem>
 #include <iostream>
 
-#include <torch/cuda.h>
-
 #include "common/log.h"
 #include "common/options.h"
 #include "cuda/device_info.h"
+#include "worker/device.h"
 #include "worker/model_cache.h"
 #include "worker/train_kind.h"
 #include "worker/trainer.h"
@@ -71,20 +70,16 @@ int main(int argc, char** argv) {
       "usage: asr-worker [--broker tcp://127.0.0.1:5555] [--device cpu|cuda:N] [--state-dir DIR] [--slots N]", &vm);
   if (!pr.proceed) return pr.exit_code;
 
-  if (o.device.rfind("cuda:", 0) == 0) {
+  c10::Device device(c10::kCPU);
+  if (Status st = ParseDevice(o.device, &device); !st.ok()) {
+    std::cerr << "asr-worker: --device: " << st.message() << "\n";
+    return 2;
+  }
+  if (device.is_cuda()) {
+    const int index = device.index();
     CudaDeviceInfo info;
-    int index = -1;
-    try {
-      index = std::stoi(o.device.substr(5));
-    } catch (...) {
-    }
-    Status st = index < 0 ? Status::Invalid("--device cuda:N needs a device number") : ProbeCudaDevice(index, &info);
-    if (st.ok() && !torch::cuda::is_available()) {
-      st = Status::Unavailable("this worker's libtorch has no CUDA (Debian's is CPU-only): build against a CUDA "
-                               "libtorch, or run with --device cpu");
-    }
-    if (!st.ok()) {
-      std::cerr << "asr-worker: cannot use " << o.device << ": " << st.message() << "\n";
+    if (Status st = ProbeCudaDevice(index, &info); !st.ok()) {
+      std::cerr << "asr-worker: cannot use --device " << o.device << ": " << st.message() << "\n";
       return 2;
     }
     LogInfo("cuda_device").Kv("index", info.index).Kv("name", info.name).Kv("uuid", info.uuid)
@@ -96,7 +91,7 @@ int main(int argc, char** argv) {
     };
   }
 
-  o.gangs = GangBackendBuilt(o.device.rfind("cuda", 0) == 0);
+  o.gangs = GangBackendBuilt(device.is_cuda());
 
   std::signal(SIGTERM, OnSignal);
   std::signal(SIGINT, OnSignal);
