@@ -381,15 +381,27 @@ std::vector<uint64_t> Ids(const std::vector<proto::Assignment>& given) {
   return ids;
 }
 
+// A broker in this process, a client and fake workers, for the gang placement tests.
+class BrokerGangs : public ::testing::Test {
+ protected:
+  BrokerGangs() : broker_(GangTestOptions(tmp_ / "b")) {}
+  void SetUp() override {
+    ASSERT_TRUE(broker_.open_status().ok()) << broker_.open_status().ToString();
+    client_ = std::make_unique<BrokerClient>(broker_.endpoint());
+    fleet_ = std::make_unique<FakeWorkers>(broker_.endpoint());
+  }
+  TempDir tmp_;
+  InProcBroker broker_;
+  std::unique_ptr<BrokerClient> client_;
+  std::unique_ptr<FakeWorkers> fleet_;
+};
+
 // Gang ranks all-reduce with NCCL on GPUs (one GPU per rank) and Gloo on CPUs, so a gang goes to
 // workers on distinct GPUs, or all to CPU workers: never to two workers sharing a GPU, never mixed,
 // never to a worker built without the backend its device needs.
-TEST(Broker, GangRanksGoToDistinctGpusOrAllToCpuWorkers) {
-  TempDir tmp;
-  InProcBroker broker(GangTestOptions(tmp / "b"));
-  ASSERT_TRUE(broker.open_status().ok());
-  BrokerClient client(broker.endpoint());
-  FakeWorkers fleet(broker.endpoint());
+TEST_F(BrokerGangs, RanksGoToDistinctGpusOrAllToCpuWorkers) {
+  BrokerClient& client = *client_;
+  FakeWorkers& fleet = *fleet_;
   const std::string gpu_a = "GPU-0a0a0a0a-0000-0000-0000-00000000000a";
   const std::string gpu_b = "GPU-0b0b0b0b-0000-0000-0000-00000000000b";
   auto& w1 = fleet.Connect("w1-gpu-a", "cuda:0", gpu_a);
@@ -437,12 +449,9 @@ TEST(Broker, GangRanksGoToDistinctGpusOrAllToCpuWorkers) {
 
 // Workers with several slots are rarely idle under a stream of small jobs: a waiting gang holds the
 // ones it needs free of new work until they drain, then runs.
-TEST(Broker, AGangHoldsWorkersWithFreeSlotsUntilTheyDrain) {
-  TempDir tmp;
-  InProcBroker broker(GangTestOptions(tmp / "b"));
-  ASSERT_TRUE(broker.open_status().ok());
-  BrokerClient client(broker.endpoint());
-  FakeWorkers fleet(broker.endpoint());
+TEST_F(BrokerGangs, AWaitingGangHoldsWorkersWithFreeSlotsUntilTheyDrain) {
+  BrokerClient& client = *client_;
+  FakeWorkers& fleet = *fleet_;
   auto& a = fleet.Connect("a-cpu", "cpu", "", 2, true, {"gangwork", "echo"});
   auto& b = fleet.Connect("b-cpu", "cpu", "", 2, true, {"gangwork", "echo"});
   proto::Reply sub;
