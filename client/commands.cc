@@ -397,6 +397,9 @@ int RunTrain(const GlobalOptions& g, const std::vector<std::string>& args) {
       ("channels", po::value(&channels)->default_value(channels), "convolution channels")
       ("hidden", po::value(&hidden)->default_value(hidden), "GRU hidden size (per direction)")
       ("layers", po::value(&layers)->default_value(layers), "GRU layers")
+      ("residual", po::value<int64_t>()->default_value(0),
+       "residual BiGRU blocks on top of the GRU layers; with --init, more than the model has adds blocks that start "
+       "as the identity (training goes on from what the model already does), 0 keeps its own")
       ("init", po::value(&init)->default_value(""), "start from this model file (fine-tuning)")
       ("priority", po::value(&priority)->default_value(0), "job priority")
       ("evaluate-only", po::bool_switch(), "no training: measure the --init model's CER/WER on --valid")
@@ -446,7 +449,7 @@ int RunTrain(const GlobalOptions& g, const std::vector<std::string>& args) {
                   {"out", absolute(out)}, {"steps", steps}, {"batch_seconds", batch_seconds}, {"lr", lr},
                   {"warmup", warmup}, {"checkpoint_every", checkpoint_every}, {"valid_every", valid_every},
                   {"seed", seed}, {"channels", channels}, {"hidden", hidden}, {"layers", layers},
-                  {"init", absolute(init)}, {"evaluate_only", vm["evaluate-only"].as<bool>()},
+                  {"residual", vm["residual"].as<int64_t>()}, {"init", absolute(init)}, {"evaluate_only", vm["evaluate-only"].as<bool>()},
                   {"combine", vm["combine"].as<int>()}, {"publish_every", vm["publish-every"].as<int>()},
                   {"dropout", vm["dropout"].as<double>()}, {"adam_eps", vm["adam-eps"].as<double>()}, {"spec_augment", !vm["no-spec-augment"].as<bool>()},
                   {"speed_perturb", vm["speed-perturb"].as<double>()}, {"vtlp", vm["vtlp"].as<double>()},

@@ -86,6 +86,13 @@ TEST(AugmentTest, TrainPayloadRefusesOutOfRangeAugmentation) {
   EXPECT_EQ(TrainSpec::FromJson(base + R"(, "speed_perturb": 0.6})", &s).code(), Status::Code::kInvalid);
   EXPECT_EQ(TrainSpec::FromJson(base + R"(, "vtlp": -0.1})", &s).code(), Status::Code::kInvalid);
   EXPECT_EQ(TrainSpec::FromJson(base + R"(, "vtlp": "a lot"})", &s).code(), Status::Code::kInvalid);
+  // Residual blocks: 0 by default, at most 16, and they round-trip through the payload.
+  EXPECT_TRUE(TrainSpec::FromJson(base + R"(, "residual": 2})", &s).ok());
+  TrainSpec back;
+  ASSERT_TRUE(TrainSpec::FromJson(s.ToJson(), &back).ok());
+  EXPECT_EQ(back.residual, 2);
+  EXPECT_EQ(TrainSpec::FromJson(base + R"(, "residual": -1})", &s).code(), Status::Code::kInvalid);
+  EXPECT_EQ(TrainSpec::FromJson(base + R"(, "residual": 17})", &s).code(), Status::Code::kInvalid);
 }
 
 }  // namespace

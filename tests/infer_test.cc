@@ -201,6 +201,66 @@ TEST_F(InferTest, ResultsDoNotDependOnBatching) {
   ExpectSame(together, unreversed, "reversed input");
 }
 
+// Residual blocks (CtcModelConfig::residual): grown onto the fixture model they change nothing at
+// first; with weights of their own, the worker's packed path still gives each utterance what
+// CtcModelImpl::forward gives it alone, in one micro-batch and in many; the file says what it is.
+TEST_F(InferTest, ResidualBlocksGrowAsTheIdentityAndRunPacked) {
+  CtcModel base(nullptr);
+  Status st = LoadModel(kModel, &base);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  CtcModel grown(nullptr);
+  st = GrowResidual(base, 2, &grown);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  EXPECT_EQ(grown->config().residual, 2);
+  CtcModel shrunk(nullptr);
+  EXPECT_EQ(GrowResidual(grown, 1, &shrunk).code(), Status::Code::kInvalid);
+  base->eval();
+  grown->eval();
+  torch::NoGradGuard no_grad;
+  auto forward = [&](CtcModel& m, const Utterance& u) {
+    torch::Tensor pcm = torch::empty({1, static_cast<int64_t>(u.pcm.size())}, torch::kFloat32);
+    for (size_t k = 0; k < u.pcm.size(); ++k) pcm[0][k] = u.pcm[k] / 32768.0f;
+    torch::Tensor frames;
+    torch::Tensor feats = LogMel(pcm, torch::tensor({static_cast<int64_t>(u.pcm.size())}), &frames);
+    return m->forward(feats, frames).first;
+  };
+  for (const auto& u : *data_) EXPECT_TRUE(torch::equal(forward(base, u), forward(grown, u)));
+
+  // Weights of their own, large enough to change the text.
+  torch::manual_seed(7);
+  for (auto& p : grown->named_parameters()) {
+    if (p.key().rfind("res_proj", 0) == 0) p.value().normal_(0.0, 0.3);
+  }
+  TempDir dir;
+  st = SaveModel(grown, dir / "grown.pt");
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  CtcModel reread(nullptr);
+  st = LoadModel(dir / "grown.pt", &reread);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  EXPECT_EQ(reread->config().residual, 2);
+  EXPECT_NE(reread->config().ToJson().find("conv-s2-relu-bigru-res-ctc-v2"), std::string::npos);
+  EXPECT_NE(base->config().ToJson().find("conv-s2-relu-bigru-ctc-v1"), std::string::npos);
+  reread->eval();
+  std::vector<std::string> expected, before;
+  for (const auto& u : *data_) {
+    torch::Tensor lp = forward(reread, u);
+    torch::Tensor frames = torch::tensor({lp.size(1)});
+    expected.push_back(GreedyDecode(lp, frames, reread->config().vocab)[0]);
+    before.push_back(GreedyDecode(forward(base, u), frames, base->config().vocab)[0]);
+  }
+  EXPECT_NE(expected, before) << "the blocks' weights should change some text";
+  for (int64_t max_frames : {int64_t{1} << 30, int64_t{1}}) {
+    AcousticModelOptions o;
+    o.max_batch_frames = max_frames;
+    std::unique_ptr<AcousticModel> m;
+    st = LoadAcousticModel(dir / "grown.pt", "", o, &m);
+    ASSERT_TRUE(st.ok()) << st.ToString();
+    auto hyps = TranscribeAll(*m, Spans());
+    for (size_t i = 0; i < hyps.size(); ++i)
+      EXPECT_EQ(hyps[i].text, expected[i]) << "utterance " << i << ", max_batch_frames " << max_frames;
+  }
+}
+
 TEST_F(InferTest, WordTimesAndConfidences) {
   auto m = Load(48000);
   ASSERT_TRUE(m);

@@ -470,7 +470,7 @@ void CtcAcousticModel::Decode(const MicroBatch& m, std::vector<Hypothesis>* out)
   }
 }
 
-// The project's model (CtcModelImpl, architecture conv-s2-relu-bigru-ctc-v1), run so that no
+// The project's model (CtcModelImpl, conv-s2-relu-bigru-ctc-v1 or -res-ctc-v2), run so that no
 // padded frame reaches a valid one. CtcModelImpl::forward zeroes the GRU's padded inputs, but that
 // is not enough for inference: conv2 still reads conv1's outputs on the first padded frames (which
 // see the utterance's last frames, so are not zero), and the backward GRU runs through the
@@ -478,6 +478,7 @@ void CtcAcousticModel::Decode(const MicroBatch& m, std::vector<Hypothesis>* out)
 // a batch and the same utterance alone. Here conv1's padded outputs are zeroed (what conv2's own
 // zero padding gives an utterance alone) and the GRU runs on a packed sequence, so each utterance
 // gets what CtcModelImpl::forward gives it alone (tests/infer_test.cc checks the text against it).
+// Residual blocks, where the model has them, run packed too.
 class NativeModel : public CtcAcousticModel {
  public:
   NativeModel(std::string name, torch::Device device, const AcousticModelOptions& options, CtcModel model)
@@ -516,7 +517,8 @@ class NativeModel : public CtcAcousticModel {
                                                               /*enforce_sorted=*/false);
     auto y = torch::nn::utils::rnn::pad_packed_sequence(std::get<0>(gru_->forward_with_packed_input(packed)),
                                                         /*batch_first=*/true, 0.0, x.size(1));
-    torch::Tensor logits = out_->forward(drop_->forward(std::get<0>(y)));
+    torch::Tensor top = model_->Residual(std::get<0>(y), out_frames, /*packed=*/true);
+    torch::Tensor logits = out_->forward(drop_->forward(top));
     return {torch::log_softmax(logits, -1), out_frames};
   }
 

@@ -44,10 +44,17 @@ std::string NormalizeText(const std::string& text) {
   return out;
 }
 
+static constexpr const char* kArchV1 = "conv-s2-relu-bigru-ctc-v1";
+static constexpr const char* kArchResidual = "conv-s2-relu-bigru-res-ctc-v2";
+
 std::string CtcModelConfig::ToJson() const {
   nlohmann::json j = {{"features", features}, {"mels", mels},       {"channels", channels},
                       {"hidden", hidden},     {"layers", layers},   {"dropout", dropout},
-                      {"vocabulary", vocab.chars}, {"architecture", "conv-s2-relu-bigru-ctc-v1"}};
+                      {"vocabulary", vocab.chars}, {"architecture", kArchV1}};
+  if (residual > 0) {
+    j["architecture"] = kArchResidual;
+    j["residual"] = residual;
+  }
   return j.dump();
 }
 
@@ -63,10 +70,16 @@ Status CtcModelConfig::FromJson(const std::string& text, CtcModelConfig* out) {
     c.layers = j.value("layers", c.layers);
     c.dropout = j.value("dropout", c.dropout);
     c.vocab.chars = j.value("vocabulary", c.vocab.chars);
-    if (j.value("architecture", std::string()) != "conv-s2-relu-bigru-ctc-v1") {
-      return Status::Invalid("model architecture " + j.value("architecture", std::string()) + " is not supported");
+    const std::string arch = j.value("architecture", std::string());
+    if (arch == kArchResidual) {
+      c.residual = j.value("residual", int64_t{0});
+      if (c.residual <= 0) return Status::Corruption(std::string(kArchResidual) + " needs \"residual\" > 0");
+    } else if (arch != kArchV1) {
+      return Status::Invalid("model architecture " + arch + " is not supported (this build reads " + kArchV1 +
+                             " and " + kArchResidual + ")");
     }
-    if (c.mels <= 0 || c.channels <= 0 || c.hidden <= 0 || c.layers <= 0 || c.vocab.chars.empty()) {
+    if (c.mels <= 0 || c.channels <= 0 || c.hidden <= 0 || c.layers <= 0 || c.residual > 16 ||
+        c.vocab.chars.empty()) {
       return Status::Corruption("model config has a non-positive size or an empty vocabulary");
     }
     *out = c;
@@ -87,8 +100,41 @@ CtcModelImpl::CtcModelImpl(CtcModelConfig config) : config_(std::move(config)) {
                                         .bidirectional(true)
                                         .batch_first(true)
                                         .dropout(config_.layers > 1 ? config_.dropout : 0.0)));
+  for (int64_t k = 0; k < config_.residual; ++k) {
+    const int64_t width = 2 * config_.hidden;
+    res_gru_.push_back(register_module("res_gru" + std::to_string(k),
+                                       GRU(GRUOptions(width, config_.hidden).bidirectional(true).batch_first(true))));
+    res_proj_.push_back(register_module("res_proj" + std::to_string(k), Linear(width, width)));
+    torch::NoGradGuard no_grad;
+    res_proj_.back()->weight.zero_();
+    res_proj_.back()->bias.zero_();
+  }
   drop_ = register_module("drop", Dropout(config_.dropout));
   out_ = register_module("out", Linear(2 * config_.hidden, config_.vocab.size()));
+}
+
+torch::Tensor CtcModelImpl::Residual(torch::Tensor y, const torch::Tensor& out_frames, bool packed) {
+  if (res_gru_.empty()) return y;
+  torch::Tensor mask;
+  if (!packed) {
+    mask = (torch::arange(y.size(1), out_frames.options()).unsqueeze(0) < out_frames.unsqueeze(1))
+               .to(y.device())
+               .to(y.dtype())
+               .unsqueeze(2);
+  }
+  for (size_t k = 0; k < res_gru_.size(); ++k) {
+    torch::Tensor r;
+    if (packed) {
+      auto in = torch::nn::utils::rnn::pack_padded_sequence(y, out_frames.to(torch::kCPU), /*batch_first=*/true,
+                                                            /*enforce_sorted=*/false);
+      r = std::get<0>(torch::nn::utils::rnn::pad_packed_sequence(
+          std::get<0>(res_gru_[k]->forward_with_packed_input(in)), /*batch_first=*/true, 0.0, y.size(1)));
+    } else {
+      r = std::get<0>(res_gru_[k]->forward(y * mask));
+    }
+    y = y + res_proj_[k]->forward(drop_->forward(r));
+  }
+  return y;
 }
 
 torch::Tensor CtcModelImpl::OutputFrames(const torch::Tensor& frames) {
@@ -117,7 +163,7 @@ std::pair<torch::Tensor, torch::Tensor> CtcModelImpl::forward(torch::Tensor feat
                            .to(x.device())
                            .to(x.dtype())
                            .unsqueeze(2);
-  torch::Tensor y = std::get<0>(gru_->forward(x * mask));
+  torch::Tensor y = Residual(std::get<0>(gru_->forward(x * mask)), out_frames, /*packed=*/false);
   torch::Tensor logits = out_->forward(drop_->forward(y));
   return {torch::log_softmax(logits, -1), out_frames};
 }
@@ -198,6 +244,32 @@ Status LoadModelFromBytes(const std::string& bytes, CtcModel* out) {
       },
       "cannot read model bytes");
   return st.ok() ? inner : st;
+}
+
+Status GrowResidual(CtcModel& from, int64_t residual, CtcModel* out) {
+  const CtcModelConfig& have = from->config();
+  if (residual < have.residual) {
+    return Status::Invalid("the model has " + std::to_string(have.residual) + " residual blocks; it cannot shrink to " +
+                           std::to_string(residual));
+  }
+  if (residual > 16) return Status::Invalid("at most 16 residual blocks");
+  CtcModelConfig config = have;
+  config.residual = residual;
+  CtcModel grown(config);
+  return Guard(
+      [&] {
+        torch::NoGradGuard no_grad;
+        auto dst = grown->named_parameters();
+        for (const auto& p : from->named_parameters()) {
+          torch::Tensor* d = dst.find(p.key());
+          if (!d || !d->sizes().equals(p.value().sizes())) throw std::runtime_error("parameter " + p.key() + " does not fit");
+          d->copy_(p.value());
+        }
+        grown->to(from->parameters().front().device());
+        grown->train(from->is_training());
+        *out = grown;
+      },
+      "cannot grow the model");
 }
 
 std::vector<std::string> GreedyDecode(const torch::Tensor& log_probs, const torch::Tensor& out_frames,

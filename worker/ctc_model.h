@@ -1,6 +1,6 @@
 // The project's own CTC acoustic model: log-mel features -> two 1-D convolutions (the first with
-// stride 2: 50 output frames per second) -> bidirectional GRU -> per-frame log-probabilities over
-// blank + characters. (A 4x time reduction leaves fast synthetic speech with barely enough
+// stride 2: 50 output frames per second) -> bidirectional GRU -> optional residual BiGRU blocks ->
+// per-frame log-probabilities over blank + characters. (A 4x time reduction leaves fast synthetic speech with barely enough
 // frames for its characters.)
 // A model file holds its config (JSON, including the vocabulary and the front end's name) and its
 // weights; the same definition is loaded for training and for inference.
@@ -33,6 +33,10 @@ struct CtcModelConfig {
   int64_t channels = 256;
   int64_t hidden = 256;
   int64_t layers = 3;
+  // Residual blocks on top of the GRU stack: y + proj(BiGRU(y)). Their projection starts at zero,
+  // so blocks added to a trained model leave its output unchanged (see GrowResidual). 0 writes
+  // the config of architecture conv-s2-relu-bigru-ctc-v1, readable by older builds.
+  int64_t residual = 0;
   double dropout = 0.1;
   Vocabulary vocab;
   std::string ToJson() const;
@@ -45,6 +49,10 @@ class CtcModelImpl : public torch::nn::Module {
   // features [B, T, mels], frames [B] -> log_probs [B, T', V] and out_frames [B].
   std::pair<torch::Tensor, torch::Tensor> forward(torch::Tensor features, torch::Tensor frames);
   const CtcModelConfig& config() const { return config_; }
+  // The residual blocks applied to the GRU stack's output y [B, T', 2 * hidden]. `packed` runs
+  // each block's GRU on a packed sequence (inference: padding never reaches a valid frame);
+  // otherwise padded frames are zeroed, as forward() does for the first GRU.
+  torch::Tensor Residual(torch::Tensor y, const torch::Tensor& out_frames, bool packed);
   static torch::Tensor OutputFrames(const torch::Tensor& frames);
   // log_probs as ctc_loss wants them: [T, B, V], contiguous, padded frames (t >= out_frames) set
   // to 0 so nothing non-finite can come back from them.
@@ -55,6 +63,8 @@ class CtcModelImpl : public torch::nn::Module {
   torch::nn::Conv1d conv1_{nullptr}, conv2_{nullptr};
   torch::nn::LayerNorm norm_{nullptr};
   torch::nn::GRU gru_{nullptr};
+  std::vector<torch::nn::GRU> res_gru_;
+  std::vector<torch::nn::Linear> res_proj_;
   torch::nn::Dropout drop_{nullptr};
   torch::nn::Linear out_{nullptr};
 };
@@ -65,6 +75,10 @@ Status SaveModel(CtcModel& model, const std::string& path);
 Status SaveModelToBytes(CtcModel& model, std::string* bytes);
 Status LoadModel(const std::string& path, CtcModel* out);
 Status LoadModelFromBytes(const std::string& bytes, CtcModel* out);
+
+// A copy of `from` with `residual` residual blocks (at least as many as it has): its weights are
+// copied, the new blocks' projections are zero, so the grown model computes what `from` does.
+Status GrowResidual(CtcModel& from, int64_t residual, CtcModel* out);
 
 // Greedy CTC decoding: best id per frame, repeats collapsed, blanks dropped.
 std::vector<std::string> GreedyDecode(const torch::Tensor& log_probs, const torch::Tensor& out_frames,

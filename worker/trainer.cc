@@ -60,6 +60,7 @@ Status TrainSpec::FromJson(const std::string& text, TrainSpec* out) {
     s.channels = j.value("channels", s.channels);
     s.hidden = j.value("hidden", s.hidden);
     s.layers = j.value("layers", s.layers);
+    s.residual = j.value("residual", s.residual);
     s.dropout = j.value("dropout", s.dropout);
     s.max_seconds = j.value("max_seconds", s.max_seconds);
     s.spec_augment = j.value("spec_augment", s.spec_augment);
@@ -88,13 +89,13 @@ Status TrainSpec::FromJson(const std::string& text, TrainSpec* out) {
     return Status::Invalid("malformed payload: a train job needs manifest, valid and name");
   }
   if (s.steps < 1 || s.batch_seconds <= 0 || s.lr <= 0 || s.checkpoint_every < 1 || s.valid_every < 1 ||
-      s.channels < 1 || s.hidden < 1 || s.layers < 1 || s.keep < 1 || s.combine < 1 || s.combine > 64 ||
+      s.channels < 1 || s.hidden < 1 || s.layers < 1 || s.residual < 0 || s.residual > 16 || s.keep < 1 || s.combine < 1 || s.combine > 64 ||
       s.publish_every < 0 || !(s.adam_eps > 0) || s.beam < 1 || !std::isfinite(s.lm_weight) ||
       !std::isfinite(s.char_bonus) || !std::isfinite(s.oov_penalty) || !(s.speed_perturb >= 0 && s.speed_perturb < 0.5) ||
       !(s.vtlp >= 0 && s.vtlp < 0.5)) {
     return Status::Invalid(
-        "malformed payload: steps, batch_seconds, lr, sizes and intervals must be positive; speed_perturb and vtlp in "
-        "[0, 0.5)");
+        "malformed payload: steps, batch_seconds, lr, sizes and intervals must be positive; residual in [0, 16]; "
+        "speed_perturb and vtlp in [0, 0.5)");
   }
   *out = s;
   return Status::Ok();
@@ -105,7 +106,7 @@ std::string TrainSpec::ToJson() const {
             {"batch_seconds", batch_seconds}, {"lr", lr}, {"warmup", warmup}, {"clip", clip},
             {"checkpoint_every", checkpoint_every}, {"keep", keep}, {"valid_every", valid_every},
             {"valid_max", valid_max}, {"seed", seed}, {"channels", channels}, {"hidden", hidden},
-            {"layers", layers}, {"dropout", dropout}, {"max_seconds", max_seconds},
+            {"layers", layers}, {"residual", residual}, {"dropout", dropout}, {"max_seconds", max_seconds},
             {"spec_augment", spec_augment}, {"speed_perturb", speed_perturb}, {"vtlp", vtlp}, {"init", init}, {"evaluate_only", evaluate_only},
             {"lm", lm}, {"beam", beam}, {"lm_weight", lm_weight}, {"char_bonus", char_bonus},
             {"oov_penalty", oov_penalty},
@@ -538,10 +539,19 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
   config.channels = spec.channels;
   config.hidden = spec.hidden;
   config.layers = spec.layers;
+  config.residual = spec.residual;
   config.dropout = spec.dropout;
   CtcModel model(config);
   if (!spec.init.empty()) {
     ASRF_RETURN_IF_ERROR(LoadModel(spec.init, &model));
+    if (spec.residual > model->config().residual) {
+      const int64_t had = model->config().residual;
+      ASRF_RETURN_IF_ERROR(GrowResidual(model, spec.residual, &model));
+      LogInfo("model_grown").Kv("job", ctx.job_id).Kv("residual_from", had).Kv("residual", spec.residual);
+    } else if (spec.residual > 0 && spec.residual < model->config().residual) {
+      return Status::Invalid("--residual " + std::to_string(spec.residual) + ": the init model has " +
+                             std::to_string(model->config().residual) + " residual blocks and cannot shrink");
+    }
   }
   torch::Device device(torch::kCPU);
   ASRF_RETURN_IF_ERROR(TrainingDevice(ctx.device, &device));

@@ -31,6 +31,9 @@ struct TrainSpec {
   int64_t valid_max = 500;         // utterances used for validation CER
   uint64_t seed = 1;
   int64_t channels = 256, hidden = 256, layers = 3;
+  // Residual BiGRU blocks on top (CtcModelConfig::residual). With init: 0 keeps the init model's;
+  // more than it has grows it (the new blocks start as the identity); fewer is an error.
+  int64_t residual = 0;
   double dropout = 0.1;
   double max_seconds = 20;         // longer utterances are an error in the manifest
   bool spec_augment = true;
