@@ -97,12 +97,50 @@ TEST_F(TrainTest, ShortRunLowersTheLossAndWritesTheModel) {
   }
   ASSERT_TRUE(evr.is_object()) << ev.out;
   EXPECT_NEAR(evr["valid_cer"].get<double>(), result["valid_cer"].get<double>(), 1e-6);
+  EXPECT_EQ(result["residual"].get<int>(), 0);
+
+  // Grown by residual blocks (--residual): the same CER before any step, then training goes on with
+  // them, and the model cannot shrink again.
+  auto result_of = [&](const RunResult& rr) {
+    json found;
+    std::istringstream rin(rr.out);
+    std::string l;
+    while (std::getline(rin, l)) {
+      auto j = json::parse(l, nullptr, false);
+      if (!j.is_discarded() && j.contains("result")) found = j;
+    }
+    return found;
+  };
+  RunResult same = Submit(b.endpoint, {"train", "--manifest", Train(), "--valid", Valid(), "--name", "eval", "--init",
+                                       tmp_ / "out/tiny.pt", "--residual", "2", "--evaluate-only", "--wait"},
+                          120000);
+  ASSERT_EQ(same.code, 0) << same.err;
+  json grown_eval = result_of(same)["result"];
+  ASSERT_TRUE(grown_eval.is_object()) << same.out;
+  EXPECT_EQ(grown_eval["residual"].get<int>(), 2);
+  EXPECT_NEAR(grown_eval["valid_cer"].get<double>(), result["valid_cer"].get<double>(), 1e-6);
+  std::vector<std::string> grow = TrainArgs("tiny-grown", 10, 5);
+  grow.insert(grow.end(), {"--init", tmp_ / "out/tiny.pt", "--residual", "2", "--out", tmp_ / "out/grown.pt", "--wait"});
+  RunResult grew = Submit(b.endpoint, grow, 120000);
+  ASSERT_EQ(grew.code, 0) << grew.err << ReadFile(tmp_ / "w.log");
+  json grown = result_of(grew)["result"];
+  ASSERT_TRUE(grown.is_object()) << grew.out;
+  EXPECT_EQ(grown["residual"].get<int>(), 2);
+  EXPECT_EQ(grown["steps"].get<int>(), 10);
+  EXPECT_NE(ReadFile(tmp_ / "w.log").find("model_grown"), std::string::npos);
+  std::vector<std::string> shrink = TrainArgs("tiny-shrunk", 10, 5);
+  shrink.insert(shrink.end(), {"--init", tmp_ / "out/grown.pt", "--residual", "1", "--wait"});
+  RunResult refused = Submit(b.endpoint, shrink, 120000);
+  EXPECT_NE(refused.code, 0) << refused.out;
+  EXPECT_NE((refused.out + refused.err).find("cannot shrink"), std::string::npos) << refused.out << refused.err;
 }
 
 TEST_F(TrainTest, KilledWorkerIsReplacedAndTrainingResumesFromTheCheckpoint) {
   BrokerProc b = StartBroker(tmp_ / "broker", tmp_ / "broker.log", kFastHeartbeats);
   Proc w1 = StartWorker(b.endpoint, tmp_ / "w", tmp_ / "w1.log", With(kFastHeartbeats, {"--threads", "2"}));
-  RunResult sub = Submit(b.endpoint, TrainArgs("resume", 400, 10));
+  std::vector<std::string> args = TrainArgs("resume", 400, 10);
+  args.insert(args.end(), {"--residual", "1"});  // a model with a residual block resumes like any other
+  RunResult sub = Submit(b.endpoint, args);
   ASSERT_EQ(sub.code, 0) << sub.err;
   // Past the second checkpoint, then SIGKILL.
   double loss_before = -1;

@@ -496,7 +496,7 @@ class NativeModel : public CtcAcousticModel {
     };
     if (!get("conv1", &conv1_) || !get("conv2", &conv2_) || !get("norm", &norm_) || !get("gru", &gru_) ||
         !get("drop", &drop_) || !get("out", &out_)) {
-      return Status::Invalid("the model does not have the layers of conv-s2-relu-bigru-ctc-v1");
+      return Status::Invalid("the model does not have the layers of conv-s2-relu-bigru-ctc-v1/-res-ctc-v2");
     }
     return Status::Ok();
   }

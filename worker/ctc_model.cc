@@ -78,8 +78,8 @@ Status CtcModelConfig::FromJson(const std::string& text, CtcModelConfig* out) {
       return Status::Invalid("model architecture " + arch + " is not supported (this build reads " + kArchV1 +
                              " and " + kArchResidual + ")");
     }
-    if (c.mels <= 0 || c.channels <= 0 || c.hidden <= 0 || c.layers <= 0 || c.residual > 16 ||
-        c.vocab.chars.empty()) {
+    if (c.residual > 16) return Status::Corruption("model config: more than 16 residual blocks");
+    if (c.mels <= 0 || c.channels <= 0 || c.hidden <= 0 || c.layers <= 0 || c.vocab.chars.empty()) {
       return Status::Corruption("model config has a non-positive size or an empty vocabulary");
     }
     *out = c;

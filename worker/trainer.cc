@@ -574,7 +574,7 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
     beam.oov_penalty = spec.oov_penalty;
     Evaluation e = Evaluate(model, data, data.size(), spec.batch_seconds, spec.lm.empty() ? nullptr : &lm, beam);
     json r = {{"model", spec.init}, {"valid", spec.valid}, {"utterances", data.size()}, {"hours", hours},
-              {"valid_cer", e.cer}, {"valid_wer", e.wer}};
+              {"valid_cer", e.cer}, {"valid_wer", e.wer}, {"residual", model->config().residual}};
     if (!spec.lm.empty()) {
       r["lm"] = spec.lm;
       r["greedy_cer"] = e.greedy_cer;
@@ -783,7 +783,7 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
             {"hours", hours},             {"final_loss", loss_avg},
             {"model", kept},              {"out", spec.out},
             {"resumed_at", resumed_at}, {"skipped_steps", skipped},
-            {"rank", rank}, {"world_size", world}};
+            {"rank", rank}, {"world_size", world}, {"residual", model->config().residual}};
   if (rank != 0) {
     r.erase("valid_cer");
     r.erase("valid_wer");
