@@ -427,6 +427,9 @@ int RunTrain(const GlobalOptions& g, const std::vector<std::string>& args) {
        "on voices not in the data); 0 = off")
       ("vtlp", po::value<double>()->default_value(0.12),
        "warp each training utterance's mel axis by a random factor in 1 ± this (vocal tract length); 0 = off")
+      ("lowpass", po::value<double>()->default_value(0),
+       "share of training utterances low-passed at a random cutoff of 3-7 kHz, as telephone lines and band-limited "
+       "recordings leave speech (in [0, 1]); 0 = off")
       ("wait", po::bool_switch(), "follow the job (progress lines) until it ends");
   po::variables_map vm;
   int rc = ParseSub(args, desc, nullptr,
@@ -453,6 +456,7 @@ int RunTrain(const GlobalOptions& g, const std::vector<std::string>& args) {
                   {"combine", vm["combine"].as<int>()}, {"publish_every", vm["publish-every"].as<int>()},
                   {"dropout", vm["dropout"].as<double>()}, {"adam_eps", vm["adam-eps"].as<double>()}, {"spec_augment", !vm["no-spec-augment"].as<bool>()},
                   {"speed_perturb", vm["speed-perturb"].as<double>()}, {"vtlp", vm["vtlp"].as<double>()},
+                  {"lowpass", vm["lowpass"].as<double>()},
                   {"lm", absolute(vm["lm"].as<std::string>())}, {"beam", vm["beam"].as<int>()},
                   {"lm_weight", vm["lm-weight"].as<double>()}, {"char_bonus", vm["char-bonus"].as<double>()},
                   {"oov_penalty", vm["oov-penalty"].as<double>()}};

@@ -76,6 +76,40 @@ TEST(AugmentTest, MelWarpMovesAFormantByAlpha) {
   EXPECT_LT((same - f).abs().max().item<double>(), 1e-5);
 }
 
+// Low-pass: a 1 kHz tone passes, a 6 kHz tone is gone at a 3.4 kHz cutoff; both pass at 8 kHz
+// and above; the length and the rest of the buffer are untouched.
+TEST(AugmentTest, LowPassKeepsTheBandBelowTheCutoffAndRemovesTheRest) {
+  const size_t n = 16000;
+  auto tone = [&](double hz) {
+    std::vector<float> v(n);
+    for (size_t t = 0; t < n; ++t) v[t] = static_cast<float>(std::sin(2 * M_PI * hz * t / 16000.0));
+    return v;
+  };
+  // The amplitude of a tone at `hz` in x: its projection on sine and cosine, away from the edges.
+  auto amplitude = [&](const std::vector<float>& x, double hz) {
+    double s = 0, c = 0;
+    for (size_t t = 1000; t < n - 1000; ++t) {
+      s += x[t] * std::sin(2 * M_PI * hz * t / 16000.0);
+      c += x[t] * std::cos(2 * M_PI * hz * t / 16000.0);
+    }
+    return 2 * std::sqrt(s * s + c * c) / static_cast<double>(n - 2000);
+  };
+  std::vector<float> low = tone(1000), high = tone(6000);
+  std::vector<float> mix(n + 3, 7.0f);  // 3 samples past the end must stay 7
+  for (size_t t = 0; t < n; ++t) mix[t] = 0.5f * (low[t] + high[t]);
+  std::vector<float> same = mix;
+  LowPass(same.data(), n, 8000.0);
+  EXPECT_EQ(same, mix);
+  LowPass(mix.data(), n, 3400.0);
+  EXPECT_NEAR(amplitude(mix, 1000), 0.5, 0.01);
+  EXPECT_LT(amplitude(mix, 6000), 0.01);
+  EXPECT_EQ(mix[n], 7.0f);
+  EXPECT_EQ(mix[n + 2], 7.0f);
+  std::vector<float> one = {0.25f};
+  LowPass(one.data(), 1, 3400.0);
+  EXPECT_EQ(one[0], 0.25f);
+}
+
 TEST(AugmentTest, TrainPayloadRefusesOutOfRangeAugmentation) {
   TrainSpec s;
   const std::string base = R"({"manifest": "t.jsonl", "valid": "v.jsonl", "name": "m")";
@@ -93,6 +127,12 @@ TEST(AugmentTest, TrainPayloadRefusesOutOfRangeAugmentation) {
   EXPECT_EQ(back.residual, 2);
   EXPECT_EQ(TrainSpec::FromJson(base + R"(, "residual": -1})", &s).code(), Status::Code::kInvalid);
   EXPECT_EQ(TrainSpec::FromJson(base + R"(, "residual": 17})", &s).code(), Status::Code::kInvalid);
+  // Low-pass share: off by default, in [0, 1], round-trips.
+  EXPECT_TRUE(TrainSpec::FromJson(base + R"(, "lowpass": 0.3})", &s).ok());
+  ASSERT_TRUE(TrainSpec::FromJson(s.ToJson(), &back).ok());
+  EXPECT_DOUBLE_EQ(back.lowpass, 0.3);
+  EXPECT_EQ(TrainSpec::FromJson(base + R"(, "lowpass": 1.5})", &s).code(), Status::Code::kInvalid);
+  EXPECT_EQ(TrainSpec::FromJson(base + R"(, "lowpass": -0.1})", &s).code(), Status::Code::kInvalid);
 }
 
 }  // namespace

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -25,6 +26,24 @@ void SpeedChange(const int16_t* in, size_t n, double factor, float* out) {
     double w = x - static_cast<double>(i);
     out[t] = static_cast<float>(((1.0 - w) * in[i] + w * in[j]) / 32768.0);
   }
+}
+
+void LowPass(float* samples, size_t n, double cutoff_hz) {
+  if (n < 2 || !(cutoff_hz > 0) || cutoff_hz >= kSampleRate / 2.0) return;
+  const int64_t len = static_cast<int64_t>(n);
+  at::Tensor spectrum = at::fft_rfft(at::from_blob(samples, {len}, at::kFloat));
+  const int64_t bins = spectrum.size(0);
+  constexpr double kRollOffHz = 400.0;
+  at::Tensor gain = at::empty({bins}, at::kFloat);
+  float* g = gain.data_ptr<float>();
+  for (int64_t k = 0; k < bins; ++k) {
+    const double f = static_cast<double>(k) * kSampleRate / static_cast<double>(len);
+    g[k] = f <= cutoff_hz             ? 1.0f
+           : f >= cutoff_hz + kRollOffHz ? 0.0f
+                                         : static_cast<float>(0.5 * (1.0 + std::cos(M_PI * (f - cutoff_hz) / kRollOffHz)));
+  }
+  at::Tensor out = at::fft_irfft(spectrum * gain, len).contiguous();
+  std::memcpy(samples, out.data_ptr<float>(), n * sizeof(float));
 }
 
 void WarpMelAxis(torch::Tensor features, double alpha) {

@@ -1,6 +1,7 @@
-// Training-time augmentation of audio and features that makes voices outside the training data
-// less foreign: speed change (tempo, pitch and formants move together) and vocal tract length
-// perturbation (the spectrum is stretched on the mel axis).
+// Training-time augmentation of audio and features that makes voices and recordings outside the
+// training data less foreign: speed change (tempo, pitch and formants move together), low-pass
+// filtering (band-limited recordings) and vocal tract length perturbation (the spectrum is
+// stretched on the mel axis).
 #pragma once
 
 #include <cstddef>
@@ -16,6 +17,11 @@ size_t SpeedChangedLength(size_t n, double factor);
 // Writes SpeedChangedLength(n, factor) samples to `out` (scaled to [-1, 1)): the input read at
 // t * factor, linearly interpolated.
 void SpeedChange(const int16_t* in, size_t n, double factor, float* out);
+
+// Low-passes `n` samples (16 kHz) in place at `cutoff_hz`: unit gain below it, a raised-cosine
+// roll-off over the next 400 Hz, nothing above; what a telephone line or a band-limited recording
+// leaves of speech. A cutoff at or above 8 kHz, or fewer than 2 samples, leaves them as they are.
+void LowPass(float* samples, size_t n, double cutoff_hz);
 
 // Stretches one utterance's features [T, 80] (schema/features.md) by `alpha` on the frequency
 // axis: the value at mel bin m becomes the value at the bin whose centre frequency is

@@ -66,6 +66,7 @@ Status TrainSpec::FromJson(const std::string& text, TrainSpec* out) {
     s.spec_augment = j.value("spec_augment", s.spec_augment);
     s.speed_perturb = j.value("speed_perturb", s.speed_perturb);
     s.vtlp = j.value("vtlp", s.vtlp);
+    s.lowpass = j.value("lowpass", s.lowpass);
     s.init = j.value("init", "");
     s.evaluate_only = j.value("evaluate_only", false);
     s.lm = j.value("lm", "");
@@ -92,10 +93,10 @@ Status TrainSpec::FromJson(const std::string& text, TrainSpec* out) {
       s.channels < 1 || s.hidden < 1 || s.layers < 1 || s.residual < 0 || s.residual > 16 || s.keep < 1 || s.combine < 1 || s.combine > 64 ||
       s.publish_every < 0 || !(s.adam_eps > 0) || s.beam < 1 || !std::isfinite(s.lm_weight) ||
       !std::isfinite(s.char_bonus) || !std::isfinite(s.oov_penalty) || !(s.speed_perturb >= 0 && s.speed_perturb < 0.5) ||
-      !(s.vtlp >= 0 && s.vtlp < 0.5)) {
+      !(s.vtlp >= 0 && s.vtlp < 0.5) || !(s.lowpass >= 0 && s.lowpass <= 1)) {
     return Status::Invalid(
         "malformed payload: steps, batch_seconds, lr, sizes and intervals must be positive; residual in [0, 16]; "
-        "speed_perturb and vtlp in [0, 0.5)");
+        "speed_perturb and vtlp in [0, 0.5); lowpass in [0, 1]");
   }
   *out = s;
   return Status::Ok();
@@ -107,7 +108,7 @@ std::string TrainSpec::ToJson() const {
             {"checkpoint_every", checkpoint_every}, {"keep", keep}, {"valid_every", valid_every},
             {"valid_max", valid_max}, {"seed", seed}, {"channels", channels}, {"hidden", hidden},
             {"layers", layers}, {"residual", residual}, {"dropout", dropout}, {"max_seconds", max_seconds},
-            {"spec_augment", spec_augment}, {"speed_perturb", speed_perturb}, {"vtlp", vtlp}, {"init", init}, {"evaluate_only", evaluate_only},
+            {"spec_augment", spec_augment}, {"speed_perturb", speed_perturb}, {"vtlp", vtlp}, {"lowpass", lowpass}, {"init", init}, {"evaluate_only", evaluate_only},
             {"lm", lm}, {"beam", beam}, {"lm_weight", lm_weight}, {"char_bonus", char_bonus},
             {"oov_penalty", oov_penalty},
             {"combine", combine}, {"publish_every", publish_every}, {"adam_eps", adam_eps}};
@@ -242,13 +243,18 @@ std::vector<size_t> EpochOrder(size_t n, uint64_t seed, int64_t epoch) {
 
 // Pads the utterances `idx` into [B, N] float PCM. With speed > 0 (training) each utterance is
 // first played at a speed drawn from [1 - speed, 1 + speed] (worker/augment.h).
+// Each utterance played at a random speed in 1 ± `speed` and, with probability `lowpass`,
+// low-passed at a random cutoff of 3-7 kHz (worker/augment.h). Without a generator, as it is.
 void MakeBatchTensors(const std::vector<Utterance>& data, const std::vector<size_t>& idx, torch::Tensor* pcm,
-                      torch::Tensor* lengths, std::mt19937_64* rng = nullptr, double speed = 0) {
-  std::vector<double> factor(idx.size(), 1.0);
+                      torch::Tensor* lengths, std::mt19937_64* rng = nullptr, double speed = 0, double lowpass = 0) {
+  std::vector<double> factor(idx.size(), 1.0), cutoff(idx.size(), 0.0);
   std::vector<size_t> len(idx.size());
   size_t longest = 0;
   for (size_t b = 0; b < idx.size(); ++b) {
     if (rng && speed > 0) factor[b] = std::uniform_real_distribution<double>(1.0 - speed, 1.0 + speed)(*rng);
+    // Drawn only when asked for, so runs without it see the same random stream as before.
+    if (rng && lowpass > 0 && std::uniform_real_distribution<double>(0.0, 1.0)(*rng) < lowpass)
+      cutoff[b] = std::uniform_real_distribution<double>(3000.0, 7000.0)(*rng);
     len[b] = SpeedChangedLength(data[idx[b]].pcm.size(), factor[b]);
     longest = std::max(longest, len[b]);
   }
@@ -258,6 +264,7 @@ void MakeBatchTensors(const std::vector<Utterance>& data, const std::vector<size
   for (size_t b = 0; b < idx.size(); ++b) {
     const auto& s = data[idx[b]].pcm;
     SpeedChange(s.data(), s.size(), factor[b], p + b * longest);
+    if (cutoff[b] > 0) LowPass(p + b * longest, len[b], cutoff[b]);
     (*lengths)[b] = static_cast<int64_t>(len[b]);
   }
 }
@@ -675,7 +682,7 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
       idx.insert(idx.end(), b.begin(), b.end());
     }
     torch::Tensor pcm, lengths, frames;
-    MakeBatchTensors(train, idx, &pcm, &lengths, &rng, spec.speed_perturb);
+    MakeBatchTensors(train, idx, &pcm, &lengths, &rng, spec.speed_perturb, spec.lowpass);
     torch::Tensor feats = LogMel(pcm.to(device), lengths, &frames);
     if (spec.vtlp > 0) Vtlp(feats, rng, spec.vtlp);
     if (spec.spec_augment) SpecAugment(feats, frames, rng);
