@@ -78,7 +78,7 @@ Status CtcModelConfig::FromJson(const std::string& text, CtcModelConfig* out) {
       return Status::Invalid("model architecture " + arch + " is not supported (this build reads " + kArchV1 +
                              " and " + kArchResidual + ")");
     }
-    if (c.residual > 16) return Status::Corruption("model config: more than 16 residual blocks");
+    if (c.residual > kMaxResidualBlocks) return Status::Corruption("model config: too many residual blocks");
     if (c.mels <= 0 || c.channels <= 0 || c.hidden <= 0 || c.layers <= 0 || c.vocab.chars.empty()) {
       return Status::Corruption("model config has a non-positive size or an empty vocabulary");
     }
@@ -252,7 +252,9 @@ Status GrowResidual(CtcModel& from, int64_t residual, CtcModel* out) {
     return Status::Invalid("the model has " + std::to_string(have.residual) + " residual blocks; it cannot shrink to " +
                            std::to_string(residual));
   }
-  if (residual > 16) return Status::Invalid("at most 16 residual blocks");
+  if (residual > kMaxResidualBlocks) {
+    return Status::Invalid("at most " + std::to_string(kMaxResidualBlocks) + " residual blocks");
+  }
   CtcModelConfig config = have;
   config.residual = residual;
   CtcModel grown(config);

@@ -27,6 +27,9 @@ struct Vocabulary {
 // Normalises free text toward a vocabulary: lowercase, whitespace collapsed and trimmed.
 std::string NormalizeText(const std::string& text);
 
+// The most residual blocks a model may have (configs, payloads and GrowResidual check it).
+constexpr int64_t kMaxResidualBlocks = 16;
+
 struct CtcModelConfig {
   std::string features = "logmel80-v1";
   int64_t mels = 80;

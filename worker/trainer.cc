@@ -90,7 +90,7 @@ Status TrainSpec::FromJson(const std::string& text, TrainSpec* out) {
     return Status::Invalid("malformed payload: a train job needs manifest, valid and name");
   }
   if (s.steps < 1 || s.batch_seconds <= 0 || s.lr <= 0 || s.checkpoint_every < 1 || s.valid_every < 1 ||
-      s.channels < 1 || s.hidden < 1 || s.layers < 1 || s.residual < 0 || s.residual > 16 || s.keep < 1 || s.combine < 1 || s.combine > 64 ||
+      s.channels < 1 || s.hidden < 1 || s.layers < 1 || s.residual < 0 || s.residual > kMaxResidualBlocks || s.keep < 1 || s.combine < 1 || s.combine > 64 ||
       s.publish_every < 0 || !(s.adam_eps > 0) || s.beam < 1 || !std::isfinite(s.lm_weight) ||
       !std::isfinite(s.char_bonus) || !std::isfinite(s.oov_penalty) || !(s.speed_perturb >= 0 && s.speed_perturb < 0.5) ||
       !(s.vtlp >= 0 && s.vtlp < 0.5) || !(s.lowpass >= 0 && s.lowpass <= 1)) {
@@ -241,10 +241,9 @@ std::vector<size_t> EpochOrder(size_t n, uint64_t seed, int64_t epoch) {
   return order;
 }
 
-// Pads the utterances `idx` into [B, N] float PCM. With speed > 0 (training) each utterance is
-// first played at a speed drawn from [1 - speed, 1 + speed] (worker/augment.h).
-// Each utterance played at a random speed in 1 ± `speed` and, with probability `lowpass`,
-// low-passed at a random cutoff of 3-7 kHz (worker/augment.h). Without a generator, as it is.
+// Pads the utterances `idx` into [B, N] float PCM. With a generator (training) each utterance is
+// played at a speed drawn from [1 - speed, 1 + speed] and, with probability `lowpass`,
+// low-passed at a random cutoff of 3-7 kHz (worker/augment.h).
 void MakeBatchTensors(const std::vector<Utterance>& data, const std::vector<size_t>& idx, torch::Tensor* pcm,
                       torch::Tensor* lengths, std::mt19937_64* rng = nullptr, double speed = 0, double lowpass = 0) {
   std::vector<double> factor(idx.size(), 1.0), cutoff(idx.size(), 0.0);
@@ -551,13 +550,11 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
   CtcModel model(config);
   if (!spec.init.empty()) {
     ASRF_RETURN_IF_ERROR(LoadModel(spec.init, &model));
-    if (spec.residual > model->config().residual) {
-      const int64_t had = model->config().residual;
+    // 0 keeps the init model's blocks; GrowResidual refuses fewer than it has.
+    const int64_t had = model->config().residual;
+    if (spec.residual > 0 && spec.residual != had) {
       ASRF_RETURN_IF_ERROR(GrowResidual(model, spec.residual, &model));
       LogInfo("model_grown").Kv("job", ctx.job_id).Kv("residual_from", had).Kv("residual", spec.residual);
-    } else if (spec.residual > 0 && spec.residual < model->config().residual) {
-      return Status::Invalid("--residual " + std::to_string(spec.residual) + ": the init model has " +
-                             std::to_string(model->config().residual) + " residual blocks and cannot shrink");
     }
   }
   torch::Device device(torch::kCPU);
