@@ -430,6 +430,12 @@ int RunTrain(const GlobalOptions& g, const std::vector<std::string>& args) {
       ("lowpass", po::value<double>()->default_value(0),
        "share of training utterances low-passed at a random cutoff of 3-7 kHz, as telephone lines and band-limited "
        "recordings leave speech (in [0, 1]); 0 = off")
+      ("reverb", po::value<double>()->default_value(0),
+       "share of training utterances played in a synthetic room (reverberation time 0.2-1.0 s, the direct sound "
+       "-15 to +10 dB against the echo), as far-field recordings leave speech (in [0, 1]); 0 = off")
+      ("noise", po::value<double>()->default_value(0),
+       "share of training utterances given Gaussian background noise (5-30 dB below the speech, from white hiss "
+       "to low rumble) (in [0, 1]); 0 = off")
       ("wait", po::bool_switch(), "follow the job (progress lines) until it ends");
   po::variables_map vm;
   int rc = ParseSub(args, desc, nullptr,
@@ -456,7 +462,8 @@ int RunTrain(const GlobalOptions& g, const std::vector<std::string>& args) {
                   {"combine", vm["combine"].as<int>()}, {"publish_every", vm["publish-every"].as<int>()},
                   {"dropout", vm["dropout"].as<double>()}, {"adam_eps", vm["adam-eps"].as<double>()}, {"spec_augment", !vm["no-spec-augment"].as<bool>()},
                   {"speed_perturb", vm["speed-perturb"].as<double>()}, {"vtlp", vm["vtlp"].as<double>()},
-                  {"lowpass", vm["lowpass"].as<double>()},
+                  {"lowpass", vm["lowpass"].as<double>()}, {"reverb", vm["reverb"].as<double>()},
+                  {"noise", vm["noise"].as<double>()},
                   {"lm", absolute(vm["lm"].as<std::string>())}, {"beam", vm["beam"].as<int>()},
                   {"lm_weight", vm["lm-weight"].as<double>()}, {"char_bonus", vm["char-bonus"].as<double>()},
                   {"oov_penalty", vm["oov-penalty"].as<double>()}};

@@ -1,6 +1,7 @@
 // Training-time augmentation (worker/augment.h): a speed change moves a tone's frequency and the
 // length by the factor; a mel-axis warp by alpha moves a tone's peak to where alpha times its
-// frequency peaks; alpha 1 changes nothing; out-of-range settings are refused in a train payload.
+// frequency peaks; alpha 1 changes nothing; low-pass, noise and reverberation do what their
+// parameters say; out-of-range settings are refused in a train payload.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -110,6 +111,82 @@ TEST(AugmentTest, LowPassKeepsTheBandBelowTheCutoffAndRemovesTheRest) {
   EXPECT_EQ(one[0], 0.25f);
 }
 
+// Noise: the added part holds exactly the asked share of the signal's power; white noise spreads
+// over the band, coloured noise sits low; the same generator state gives the same noise; silence
+// stays silent.
+TEST(AugmentTest, AddNoiseMeetsTheSnrAndItsColour) {
+  const size_t n = 32000;
+  std::vector<float> clean(n);
+  for (size_t t = 0; t < n; ++t) clean[t] = static_cast<float>(0.3 * std::sin(2 * M_PI * 440.0 * t / 16000.0));
+  auto power = [](const std::vector<float>& x) {
+    double e = 0;
+    for (float v : x) e += static_cast<double>(v) * v;
+    return e / static_cast<double>(x.size());
+  };
+  // The share of x's energy below 1 kHz.
+  auto low_share = [&](const std::vector<float>& x) {
+    torch::Tensor spec = torch::fft::rfft(torch::tensor(x)).abs().pow(2);
+    int64_t cut = static_cast<int64_t>(1000.0 * n / 16000.0);
+    return (spec.narrow(0, 0, cut).sum() / spec.sum()).item<double>();
+  };
+  for (double colour : {0.0, 0.9}) {
+    std::mt19937_64 rng(7), again(7);
+    std::vector<float> x = clean, y = clean;
+    AddNoise(x.data(), n, 10.0, colour, rng);
+    AddNoise(y.data(), n, 10.0, colour, again);
+    EXPECT_EQ(x, y);
+    std::vector<float> noise(n);
+    for (size_t t = 0; t < n; ++t) noise[t] = x[t] - clean[t];
+    EXPECT_NEAR(10 * std::log10(power(clean) / power(noise)), 10.0, 0.01) << "colour " << colour;
+    if (colour == 0.0) {
+      EXPECT_NEAR(low_share(noise), 1000.0 / 8000.0, 0.02);
+    } else {
+      EXPECT_GT(low_share(noise), 0.8);
+    }
+  }
+  std::mt19937_64 rng(7);
+  std::vector<float> silence(100, 0.0f);
+  AddNoise(silence.data(), silence.size(), 10.0, 0.0, rng);
+  EXPECT_EQ(silence, std::vector<float>(100, 0.0f));
+}
+
+// Reverberation: a click comes out as the direct sound followed by a tail that holds the asked
+// direct-to-reverberant ratio and decays by 60 dB over rt60, then silence; the level is kept;
+// rt60 0 changes nothing.
+TEST(AugmentTest, ReverberateGivesTheRoomItsDecayAndRatio) {
+  const size_t n = 16000;
+  const double rt60 = 0.5;
+  const size_t taps = static_cast<size_t>(rt60 * 16000);
+  for (double drr : {10.0, -5.0}) {
+    std::mt19937_64 rng(3);
+    std::vector<float> click(n, 0.0f);
+    click[0] = 1.0f;
+    Reverberate(click.data(), n, rt60, drr, rng);
+    double tail = 0, early = 0, late = 0, after = 0;
+    for (size_t t = 1; t < n; ++t) {
+      const double e = static_cast<double>(click[t]) * click[t];
+      if (t < taps) tail += e;
+      if (t < taps / 4) early += e;
+      if (t >= 3 * taps / 4 && t < taps) late += e;
+      if (t >= taps) after += e;
+    }
+    EXPECT_NEAR(10 * std::log10(static_cast<double>(click[0]) * click[0] / tail), drr, 0.01);
+    // 60 dB over rt60: the last quarter sits about 45 dB below the first.
+    EXPECT_LT(late, early * 1e-3);
+    EXPECT_LT(after, tail * 1e-9);
+    // The level is that of the input: the click's energy, 1, over n samples.
+    double mean = 0;
+    for (float v : click) mean += static_cast<double>(v) * v;
+    EXPECT_NEAR(mean, 1.0, 1e-3);
+  }
+  std::mt19937_64 rng(3);
+  std::vector<float> tone(n);
+  for (size_t t = 0; t < n; ++t) tone[t] = static_cast<float>(std::sin(2 * M_PI * 300.0 * t / 16000.0));
+  std::vector<float> same = tone;
+  Reverberate(same.data(), n, 0.0, 0.0, rng);
+  EXPECT_EQ(same, tone);
+}
+
 TEST(AugmentTest, TrainPayloadRefusesOutOfRangeAugmentation) {
   TrainSpec s;
   const std::string base = R"({"manifest": "t.jsonl", "valid": "v.jsonl", "name": "m")";
@@ -133,6 +210,16 @@ TEST(AugmentTest, TrainPayloadRefusesOutOfRangeAugmentation) {
   EXPECT_DOUBLE_EQ(back.lowpass, 0.3);
   EXPECT_EQ(TrainSpec::FromJson(base + R"(, "lowpass": 1.5})", &s).code(), Status::Code::kInvalid);
   EXPECT_EQ(TrainSpec::FromJson(base + R"(, "lowpass": -0.1})", &s).code(), Status::Code::kInvalid);
+  // Room and noise shares: off by default, in [0, 1], round-trip.
+  EXPECT_TRUE(TrainSpec::FromJson(base + "}", &s).ok());
+  EXPECT_DOUBLE_EQ(s.reverb, 0.0);
+  EXPECT_DOUBLE_EQ(s.noise, 0.0);
+  EXPECT_TRUE(TrainSpec::FromJson(base + R"(, "reverb": 0.4, "noise": 0.6})", &s).ok());
+  ASSERT_TRUE(TrainSpec::FromJson(s.ToJson(), &back).ok());
+  EXPECT_DOUBLE_EQ(back.reverb, 0.4);
+  EXPECT_DOUBLE_EQ(back.noise, 0.6);
+  EXPECT_EQ(TrainSpec::FromJson(base + R"(, "reverb": 1.01})", &s).code(), Status::Code::kInvalid);
+  EXPECT_EQ(TrainSpec::FromJson(base + R"(, "noise": -0.5})", &s).code(), Status::Code::kInvalid);
 }
 
 }  // namespace

@@ -46,6 +46,63 @@ void LowPass(float* samples, size_t n, double cutoff_hz) {
   std::memcpy(samples, out.data_ptr<float>(), n * sizeof(float));
 }
 
+namespace {
+
+double MeanPower(const float* samples, size_t n) {
+  double e = 0;
+  for (size_t i = 0; i < n; ++i) e += static_cast<double>(samples[i]) * samples[i];
+  return n > 0 ? e / static_cast<double>(n) : 0.0;
+}
+
+}  // namespace
+
+void AddNoise(float* samples, size_t n, double snr_db, double colour, std::mt19937_64& rng) {
+  const double signal = MeanPower(samples, n);
+  if (!(signal > 0) || !std::isfinite(snr_db)) return;
+  colour = std::clamp(colour, 0.0, 0.999);
+  std::normal_distribution<double> gauss(0.0, 1.0);
+  std::vector<double> noise(n);
+  double state = 0, power = 0;
+  for (size_t i = 0; i < n; ++i) {
+    state = colour * state + gauss(rng);
+    noise[i] = state;
+    power += state * state;
+  }
+  power /= static_cast<double>(n);
+  if (!(power > 0)) return;
+  const double k = std::sqrt(signal / std::pow(10.0, snr_db / 10.0) / power);
+  for (size_t i = 0; i < n; ++i) samples[i] = static_cast<float>(samples[i] + k * noise[i]);
+}
+
+void Reverberate(float* samples, size_t n, double rt60, double drr_db, std::mt19937_64& rng) {
+  const double before = MeanPower(samples, n);
+  const int64_t taps = static_cast<int64_t>(rt60 * kSampleRate);
+  if (!(before > 0) || taps < 2 || !std::isfinite(drr_db)) return;
+  // The tail: Gaussian noise under an exponential decay of 60 dB over rt60, scaled to hold
+  // 10^(-drr/10) of the direct sound's (unit) energy.
+  std::normal_distribution<double> gauss(0.0, 1.0);
+  at::Tensor response = at::zeros({taps}, at::kFloat);
+  float* h = response.data_ptr<float>();
+  double tail = 0;
+  for (int64_t i = 1; i < taps; ++i) {
+    h[i] = static_cast<float>(gauss(rng) * std::pow(10.0, -3.0 * static_cast<double>(i) / static_cast<double>(taps)));
+    tail += static_cast<double>(h[i]) * h[i];
+  }
+  const double scale = std::sqrt(std::pow(10.0, -drr_db / 10.0) / tail);
+  for (int64_t i = 1; i < taps; ++i) h[i] = static_cast<float>(h[i] * scale);
+  h[0] = 1.0f;
+  const int64_t len = static_cast<int64_t>(n), size = len + taps - 1;
+  at::Tensor wet = at::fft_irfft(at::fft_rfft(at::from_blob(samples, {len}, at::kFloat), size) *
+                                     at::fft_rfft(response, size),
+                                 size)
+                       .narrow(0, 0, len)
+                       .contiguous();
+  const float* w = wet.data_ptr<float>();
+  const double after = MeanPower(w, n);
+  const double k = after > 0 ? std::sqrt(before / after) : 0.0;
+  for (size_t i = 0; i < n; ++i) samples[i] = static_cast<float>(w[i] * k);
+}
+
 void WarpMelAxis(torch::Tensor features, double alpha) {
   auto mel = [](double f) { return 2595.0 * std::log10(1.0 + f / 700.0); };
   auto hz = [](double m) { return 700.0 * (std::pow(10.0, m / 2595.0) - 1.0); };

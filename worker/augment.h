@@ -1,11 +1,12 @@
 // Training-time augmentation of audio and features that makes voices and recordings outside the
 // training data less foreign: speed change (tempo, pitch and formants move together), low-pass
-// filtering (band-limited recordings) and vocal tract length perturbation (the spectrum is
-// stretched on the mel axis).
+// filtering (band-limited recordings), room reverberation, background noise and vocal tract
+// length perturbation (the spectrum is stretched on the mel axis).
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <random>
 
 #include <torch/types.h>
 
@@ -22,6 +23,17 @@ void SpeedChange(const int16_t* in, size_t n, double factor, float* out);
 // roll-off over the next 400 Hz, nothing above; what a telephone line or a band-limited recording
 // leaves of speech. A cutoff at or above 8 kHz, or fewer than 2 samples, leaves them as they are.
 void LowPass(float* samples, size_t n, double cutoff_hz);
+
+// Adds Gaussian noise, drawn from `rng`, `snr_db` below the samples' mean power. `colour` in
+// [0, 1) shapes it with a one-pole low-pass: 0 is white (hiss), towards 1 it is ever more hum and
+// rumble. Silent input, or fewer than 1 sample, is left as it is.
+void AddNoise(float* samples, size_t n, double snr_db, double colour, std::mt19937_64& rng);
+
+// Plays `n` samples in a synthetic room, in place: the direct sound plus a tail of Gaussian noise
+// (drawn from `rng`) that decays by 60 dB over `rt60` seconds and holds `drr_db` less energy than
+// the direct sound when positive, more when negative (a distant talker). Convolved by FFT, cut to
+// `n` samples and scaled back to the input's mean power. rt60 <= 0 leaves the samples as they are.
+void Reverberate(float* samples, size_t n, double rt60, double drr_db, std::mt19937_64& rng);
 
 // Stretches one utterance's features [T, 80] (schema/features.md) by `alpha` on the frequency
 // axis: the value at mel bin m becomes the value at the bin whose centre frequency is

@@ -67,6 +67,8 @@ Status TrainSpec::FromJson(const std::string& text, TrainSpec* out) {
     s.speed_perturb = j.value("speed_perturb", s.speed_perturb);
     s.vtlp = j.value("vtlp", s.vtlp);
     s.lowpass = j.value("lowpass", s.lowpass);
+    s.reverb = j.value("reverb", s.reverb);
+    s.noise = j.value("noise", s.noise);
     s.init = j.value("init", "");
     s.evaluate_only = j.value("evaluate_only", false);
     s.lm = j.value("lm", "");
@@ -93,10 +95,11 @@ Status TrainSpec::FromJson(const std::string& text, TrainSpec* out) {
       s.channels < 1 || s.hidden < 1 || s.layers < 1 || s.residual < 0 || s.residual > kMaxResidualBlocks || s.keep < 1 || s.combine < 1 || s.combine > 64 ||
       s.publish_every < 0 || !(s.adam_eps > 0) || s.beam < 1 || !std::isfinite(s.lm_weight) ||
       !std::isfinite(s.char_bonus) || !std::isfinite(s.oov_penalty) || !(s.speed_perturb >= 0 && s.speed_perturb < 0.5) ||
-      !(s.vtlp >= 0 && s.vtlp < 0.5) || !(s.lowpass >= 0 && s.lowpass <= 1)) {
+      !(s.vtlp >= 0 && s.vtlp < 0.5) || !(s.lowpass >= 0 && s.lowpass <= 1) ||
+      !(s.reverb >= 0 && s.reverb <= 1) || !(s.noise >= 0 && s.noise <= 1)) {
     return Status::Invalid(
         "malformed payload: steps, batch_seconds, lr, sizes and intervals must be positive; residual in [0, 16]; "
-        "speed_perturb and vtlp in [0, 0.5); lowpass in [0, 1]");
+        "speed_perturb and vtlp in [0, 0.5); lowpass, reverb and noise in [0, 1]");
   }
   *out = s;
   return Status::Ok();
@@ -108,7 +111,7 @@ std::string TrainSpec::ToJson() const {
             {"checkpoint_every", checkpoint_every}, {"keep", keep}, {"valid_every", valid_every},
             {"valid_max", valid_max}, {"seed", seed}, {"channels", channels}, {"hidden", hidden},
             {"layers", layers}, {"residual", residual}, {"dropout", dropout}, {"max_seconds", max_seconds},
-            {"spec_augment", spec_augment}, {"speed_perturb", speed_perturb}, {"vtlp", vtlp}, {"lowpass", lowpass}, {"init", init}, {"evaluate_only", evaluate_only},
+            {"spec_augment", spec_augment}, {"speed_perturb", speed_perturb}, {"vtlp", vtlp}, {"lowpass", lowpass}, {"reverb", reverb}, {"noise", noise}, {"init", init}, {"evaluate_only", evaluate_only},
             {"lm", lm}, {"beam", beam}, {"lm_weight", lm_weight}, {"char_bonus", char_bonus},
             {"oov_penalty", oov_penalty},
             {"combine", combine}, {"publish_every", publish_every}, {"adam_eps", adam_eps}};
@@ -241,19 +244,37 @@ std::vector<size_t> EpochOrder(size_t n, uint64_t seed, int64_t epoch) {
   return order;
 }
 
+// How one batch's training audio is perturbed (TrainSpec's speed_perturb, lowpass, reverb, noise).
+struct AudioAugment {
+  double speed = 0, lowpass = 0, reverb = 0, noise = 0;
+};
+
 // Pads the utterances `idx` into [B, N] float PCM. With a generator (training) each utterance is
-// played at a speed drawn from [1 - speed, 1 + speed] and, with probability `lowpass`,
-// low-passed at a random cutoff of 3-7 kHz (worker/augment.h).
+// played at a speed drawn from [1 - speed, 1 + speed] and, each with its own probability, played
+// in a synthetic room, low-passed at a random cutoff of 3-7 kHz and given background noise
+// (worker/augment.h), in the order a recording meets them.
 void MakeBatchTensors(const std::vector<Utterance>& data, const std::vector<size_t>& idx, torch::Tensor* pcm,
-                      torch::Tensor* lengths, std::mt19937_64* rng = nullptr, double speed = 0, double lowpass = 0) {
-  std::vector<double> factor(idx.size(), 1.0), cutoff(idx.size(), 0.0);
+                      torch::Tensor* lengths, std::mt19937_64* rng = nullptr, const AudioAugment& aug = {}) {
+  std::vector<double> factor(idx.size(), 1.0), cutoff(idx.size(), 0.0), rt60(idx.size(), 0.0),
+      drr(idx.size(), 0.0), snr(idx.size(), 0.0), colour(idx.size(), 0.0);
+  std::vector<char> noisy(idx.size(), 0);
   std::vector<size_t> len(idx.size());
   size_t longest = 0;
+  auto chance = [&](double p) { return std::uniform_real_distribution<double>(0.0, 1.0)(*rng) < p; };
+  auto uniform = [&](double lo, double hi) { return std::uniform_real_distribution<double>(lo, hi)(*rng); };
   for (size_t b = 0; b < idx.size(); ++b) {
-    if (rng && speed > 0) factor[b] = std::uniform_real_distribution<double>(1.0 - speed, 1.0 + speed)(*rng);
-    // Drawn only when asked for, so runs without it see the same random stream as before.
-    if (rng && lowpass > 0 && std::uniform_real_distribution<double>(0.0, 1.0)(*rng) < lowpass)
-      cutoff[b] = std::uniform_real_distribution<double>(3000.0, 7000.0)(*rng);
+    if (rng && aug.speed > 0) factor[b] = uniform(1.0 - aug.speed, 1.0 + aug.speed);
+    // Each is drawn only when asked for, so runs without it see the same random stream as before.
+    if (rng && aug.lowpass > 0 && chance(aug.lowpass)) cutoff[b] = uniform(3000.0, 7000.0);
+    if (rng && aug.reverb > 0 && chance(aug.reverb)) {
+      rt60[b] = uniform(0.2, 1.0);
+      drr[b] = uniform(-15.0, 10.0);
+    }
+    if (rng && aug.noise > 0 && chance(aug.noise)) {
+      noisy[b] = 1;
+      snr[b] = uniform(5.0, 30.0);
+      colour[b] = uniform(0.0, 0.95);
+    }
     len[b] = SpeedChangedLength(data[idx[b]].pcm.size(), factor[b]);
     longest = std::max(longest, len[b]);
   }
@@ -262,8 +283,11 @@ void MakeBatchTensors(const std::vector<Utterance>& data, const std::vector<size
   float* p = pcm->data_ptr<float>();
   for (size_t b = 0; b < idx.size(); ++b) {
     const auto& s = data[idx[b]].pcm;
-    SpeedChange(s.data(), s.size(), factor[b], p + b * longest);
-    if (cutoff[b] > 0) LowPass(p + b * longest, len[b], cutoff[b]);
+    float* u = p + b * longest;
+    SpeedChange(s.data(), s.size(), factor[b], u);
+    if (rt60[b] > 0) Reverberate(u, len[b], rt60[b], drr[b], *rng);
+    if (cutoff[b] > 0) LowPass(u, len[b], cutoff[b]);
+    if (noisy[b]) AddNoise(u, len[b], snr[b], colour[b], *rng);
     (*lengths)[b] = static_cast<int64_t>(len[b]);
   }
 }
@@ -679,7 +703,7 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
       idx.insert(idx.end(), b.begin(), b.end());
     }
     torch::Tensor pcm, lengths, frames;
-    MakeBatchTensors(train, idx, &pcm, &lengths, &rng, spec.speed_perturb, spec.lowpass);
+    MakeBatchTensors(train, idx, &pcm, &lengths, &rng, {spec.speed_perturb, spec.lowpass, spec.reverb, spec.noise});
     torch::Tensor feats = LogMel(pcm.to(device), lengths, &frames);
     if (spec.vtlp > 0) Vtlp(feats, rng, spec.vtlp);
     if (spec.spec_augment) SpecAugment(feats, frames, rng);

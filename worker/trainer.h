@@ -40,6 +40,8 @@ struct TrainSpec {
   double speed_perturb = 0.15;     // each training utterance is resampled by 1 ± up to this (tempo, pitch, formants)
   double vtlp = 0.12;              // mel axis warped by 1 ± up to this (vocal tract length); 0 = off
   double lowpass = 0;              // share of training utterances low-passed at 3-7 kHz (band-limited audio)
+  double reverb = 0;               // share played in a synthetic room (RT60 0.2-1.0 s, DRR -15..+10 dB)
+  double noise = 0;                // share with Gaussian noise added (SNR 5-30 dB, white to rumble)
   std::string init;                // optional model file to start from (fine-tuning)
   bool evaluate_only = false;      // with init: only measure CER/WER of that model on `valid`
   std::string lm;                  // evaluate_only: also decode with this character LM (beam search)
