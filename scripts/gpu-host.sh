@@ -3,8 +3,9 @@
 # torch') and a compiler, but none of the project's Debian libraries and no network.
 #
 #   scripts/gpu-host.sh prepare [DIR]     on a Debian 12 machine set up by scripts/setup.sh: puts
-#                                         the Debian packages the GPU host lacks (.deb files) and
-#                                         the test speech (asr-synth) in DIR (default .gpu-host/)
+#                                         the Debian packages the GPU host lacks (.deb files,
+#                                         slimmed: see slim_deb) and the test speech (asr-synth)
+#                                         in DIR (default .gpu-host/)
 #   scripts/gpu-host.sh run OUT [DIR]     on the GPU host, from the repository root: unpacks DIR's
 #                                         packages into DIR/root (never into /), builds build-gpu/
 #                                         against python3's CUDA libtorch without asr-synth, runs
@@ -34,6 +35,37 @@ PACKAGES=(
 # packages only the Debian installer uses.
 SKIP='^(libc6|libc6-dev|libc-dev-bin|libgcc|libstdc\+\+|gcc|g\+\+|cpp(-[0-9]+)?$|linux-libc-dev|lib(a|l|t|ub|hwa)san|libitm|libatomic|libquadmath|libcc1|libcrypt|rpcsvc-proto|libnsl|libtirpc|libisl|libmpc|libmpfr|libgmp|binutils|libbinutils|libctf|libgprofng|libjansson|libicu|icu-devtools|debconf|cdebconf|libdebian-installer|libnewt|libslang|libtextwrap|install-info|dpkg|perl|tar|base-files|libselinux1|libpcre2|zlib1g$|libzstd1|liblzma5|libbz2-1.0|libsystemd0|libcap2|libgcrypt20|libgpg-error0|libdb5.3|libunistring2|libidn2-0|libp11-kit0|libtasn1-6|libffi8|libgnutls30|libnettle8|libhogweed6|libsqlite3-0|libaudit|libpam|libmd0|libbsd0|libtinfo6|libncurses|readline-common|libreadline8|debianutils|coreutils|sensible-utils|mawk|libacl1|libattr1|libseccomp2|libudev1|libexpat1|libblkid1|libmount1|libuuid1|util-linux|login|passwd|adduser|lsb-base|init-system-helpers|libxml2)'
 
+# The carried folder travels with the tree, 64 MiB at most together, so each package is slimmed:
+# a static archive whose shared library the same package ships is emptied (nothing here links it,
+# and CMake's target files only check that it exists), and Boost's headers are cut to the
+# directories that <boost/program_options.hpp> and <msgpack.hpp> (its Boost adaptors) reach (whole,
+# so another compiler's choices are there too) and the top-level headers.
+slim_deb() {
+    local deb="$1" x changed=0 a
+    x=$(mktemp -d)
+    dpkg-deb -R "$deb" "$x/p"
+    while IFS= read -r a; do
+        compgen -G "${a%.a}.so*" >/dev/null || continue
+        [[ -s "$a" ]] && { : >"$a"; changed=1; }
+    done < <(find "$x/p" -name 'lib*.a')
+    local inc="$x/p/usr/include"
+    if [[ "$(basename "$deb")" == libboost1.*-dev_* && -d "$inc/boost/program_options" ]]; then
+        printf '#include <boost/program_options.hpp>\n#include <msgpack.hpp>\n' >"$x/t.cc"
+        mkdir -p "$x/keep/boost"
+        c++ -std=c++20 -M -I "$inc" "$x/t.cc" | tr ' \\' '\n\n' | grep "^$inc/boost/.*/" | sed "s|^$inc/||" |
+            cut -d/ -f1-2 | sort -u | while read -r d; do cp -a "$inc/$d" "$x/keep/boost/"; done
+        cp -a "$inc"/boost/*.hpp "$x/keep/boost/"
+        rm -rf "$inc/boost"
+        mv "$x/keep/boost" "$inc/boost"
+        changed=1
+    fi
+    if ((changed)); then
+        rm -f "$x/p/DEBIAN/md5sums"
+        dpkg-deb --root-owner-group -Zxz -b "$x/p" "$deb" >/dev/null
+    fi
+    rm -rf "$x"
+}
+
 prepare() {
     local dir="${1:-.gpu-host}"
     mkdir -p "$dir/debs"
@@ -42,6 +74,10 @@ prepare() {
         --no-enhances "${PACKAGES[@]}" | grep -v '^ ' | grep -v '^<' | sort -u | grep -Ev "$SKIP")
     echo "gpu-host: downloading $(wc -w <<<"$closure") packages into $dir/debs"
     (cd "$dir/debs" && apt-get download $closure >/dev/null)
+    local before deb
+    before=$(du -sm "$dir/debs" | cut -f1)
+    for deb in "$dir"/debs/*.deb; do slim_deb "$deb"; done
+    echo "gpu-host: packages slimmed from $before MB to $(du -sm "$dir/debs" | cut -f1) MB"
     [[ -x build/scripts/synth/asr-synth ]] || die "build asr-synth first (scripts/setup.sh)"
     # infer_test's speech (the options its suite uses), with paths relative to the directory.
     rm -rf "$dir/speech"
