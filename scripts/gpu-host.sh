@@ -42,8 +42,10 @@ SKIP='^(libc6|libc6-dev|libc-dev-bin|libgcc|libstdc\+\+|gcc|g\+\+|cpp(-[0-9]+)?$
 # so another compiler's choices are there too) and the top-level headers.
 slim_deb() {
     local deb="$1" x changed=0 a
-    x=$(mktemp -d)
+    x=$(mktemp -d /tmp/asrf-slim.XXXXXX)  # no spaces: the header list below is split on them
+    trap 'rm -rf "$x"' RETURN
     dpkg-deb -R "$deb" "$x/p"
+    chmod 0755 "$x/p/DEBIAN"  # dpkg-deb -b refuses what a strict umask made of it
     while IFS= read -r a; do
         compgen -G "${a%.a}.so*" >/dev/null || continue
         [[ -s "$a" ]] && { : >"$a"; changed=1; }
@@ -63,7 +65,6 @@ slim_deb() {
         rm -f "$x/p/DEBIAN/md5sums"
         dpkg-deb --root-owner-group -Zxz -b "$x/p" "$deb" >/dev/null
     fi
-    rm -rf "$x"
 }
 
 prepare() {

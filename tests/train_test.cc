@@ -139,8 +139,9 @@ TEST_F(TrainTest, KilledWorkerIsReplacedAndTrainingResumesFromTheCheckpoint) {
   BrokerProc b = StartBroker(tmp_ / "broker", tmp_ / "broker.log", kFastHeartbeats);
   Proc w1 = StartWorker(b.endpoint, tmp_ / "w", tmp_ / "w1.log", With(kFastHeartbeats, {"--threads", "2"}));
   std::vector<std::string> args = TrainArgs("resume", 400, 10);
-  // A model with a residual block, trained on partly low-passed audio, resumes like any other.
-  args.insert(args.end(), {"--residual", "1", "--lowpass", "0.5"});
+  // A model with a residual block, trained on partly low-passed, reverberated and noisy audio,
+  // resumes like any other.
+  args.insert(args.end(), {"--residual", "1", "--lowpass", "0.5", "--reverb", "0.5", "--noise", "0.5"});
   RunResult sub = Submit(b.endpoint, args);
   ASSERT_EQ(sub.code, 0) << sub.err;
   // Past the second checkpoint, then SIGKILL.

@@ -48,6 +48,16 @@ void LowPass(float* samples, size_t n, double cutoff_hz) {
 
 namespace {
 
+// The smallest 2^a 3^b 5^c at or above n: an FFT of that size is fast.
+int64_t FastFftSize(int64_t n) {
+  for (int64_t m = std::max<int64_t>(n, 1);; ++m) {
+    int64_t r = m;
+    for (int64_t p : {2, 3, 5})
+      while (r % p == 0) r /= p;
+    if (r == 1) return m;
+  }
+}
+
 double MeanPower(const float* samples, size_t n) {
   double e = 0;
   for (size_t i = 0; i < n; ++i) e += static_cast<double>(samples[i]) * samples[i];
@@ -75,9 +85,11 @@ void AddNoise(float* samples, size_t n, double snr_db, double colour, std::mt199
 }
 
 void Reverberate(float* samples, size_t n, double rt60, double drr_db, std::mt19937_64& rng) {
+  constexpr double kLongestRt60 = 10.0;  // seconds; longer is no room
+  if (!(rt60 > 0) || !(rt60 <= kLongestRt60) || !std::isfinite(drr_db)) return;
   const double before = MeanPower(samples, n);
   const int64_t taps = static_cast<int64_t>(rt60 * kSampleRate);
-  if (!(before > 0) || taps < 2 || !std::isfinite(drr_db)) return;
+  if (!(before > 0) || taps < 2) return;
   // The tail: Gaussian noise under an exponential decay of 60 dB over rt60, scaled to hold
   // 10^(-drr/10) of the direct sound's (unit) energy.
   std::normal_distribution<double> gauss(0.0, 1.0);
@@ -88,10 +100,12 @@ void Reverberate(float* samples, size_t n, double rt60, double drr_db, std::mt19
     h[i] = static_cast<float>(gauss(rng) * std::pow(10.0, -3.0 * static_cast<double>(i) / static_cast<double>(taps)));
     tail += static_cast<double>(h[i]) * h[i];
   }
+  if (!(tail > 0)) return;
   const double scale = std::sqrt(std::pow(10.0, -drr_db / 10.0) / tail);
   for (int64_t i = 1; i < taps; ++i) h[i] = static_cast<float>(h[i] * scale);
   h[0] = 1.0f;
-  const int64_t len = static_cast<int64_t>(n), size = len + taps - 1;
+  // Linear (not circular) convolution: the FFT spans the input and the whole response.
+  const int64_t len = static_cast<int64_t>(n), size = FastFftSize(len + taps - 1);
   at::Tensor wet = at::fft_irfft(at::fft_rfft(at::from_blob(samples, {len}, at::kFloat), size) *
                                      at::fft_rfft(response, size),
                                  size)

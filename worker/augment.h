@@ -32,7 +32,8 @@ void AddNoise(float* samples, size_t n, double snr_db, double colour, std::mt199
 // Plays `n` samples in a synthetic room, in place: the direct sound plus a tail of Gaussian noise
 // (drawn from `rng`) that decays by 60 dB over `rt60` seconds and holds `drr_db` less energy than
 // the direct sound when positive, more when negative (a distant talker). Convolved by FFT, cut to
-// `n` samples and scaled back to the input's mean power. rt60 <= 0 leaves the samples as they are.
+// `n` samples and scaled back to the input's mean power. An rt60 that is not in (0, 10] s leaves
+// the samples as they are.
 void Reverberate(float* samples, size_t n, double rt60, double drr_db, std::mt19937_64& rng);
 
 // Stretches one utterance's features [T, 80] (schema/features.md) by `alpha` on the frequency
