@@ -95,9 +95,11 @@ void Reverberate(float* samples, size_t n, double rt60, double drr_db, std::mt19
   std::normal_distribution<double> gauss(0.0, 1.0);
   at::Tensor response = at::zeros({taps}, at::kFloat);
   float* h = response.data_ptr<float>();
-  double tail = 0;
+  const double decay = std::pow(10.0, -3.0 / static_cast<double>(taps));  // per sample
+  double tail = 0, envelope = 1;
   for (int64_t i = 1; i < taps; ++i) {
-    h[i] = static_cast<float>(gauss(rng) * std::pow(10.0, -3.0 * static_cast<double>(i) / static_cast<double>(taps)));
+    envelope *= decay;
+    h[i] = static_cast<float>(gauss(rng) * envelope);
     tail += static_cast<double>(h[i]) * h[i];
   }
   if (!(tail > 0)) return;

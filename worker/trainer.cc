@@ -98,8 +98,8 @@ Status TrainSpec::FromJson(const std::string& text, TrainSpec* out) {
       !(s.vtlp >= 0 && s.vtlp < 0.5) || !(s.lowpass >= 0 && s.lowpass <= 1) ||
       !(s.reverb >= 0 && s.reverb <= 1) || !(s.noise >= 0 && s.noise <= 1)) {
     return Status::Invalid(
-        "malformed payload: steps, batch_seconds, lr, sizes and intervals must be positive; residual in [0, 16]; "
-        "speed_perturb and vtlp in [0, 0.5); lowpass, reverb and noise in [0, 1]");
+        "malformed payload: steps, batch_seconds, lr, sizes and intervals must be positive; residual in [0, " +
+        std::to_string(kMaxResidualBlocks) + "]; speed_perturb and vtlp in [0, 0.5); lowpass, reverb and noise in [0, 1]");
   }
   *out = s;
   return Status::Ok();
@@ -256,8 +256,7 @@ struct AudioAugment {
 void MakeBatchTensors(const std::vector<Utterance>& data, const std::vector<size_t>& idx, torch::Tensor* pcm,
                       torch::Tensor* lengths, std::mt19937_64* rng = nullptr, const AudioAugment& aug = {}) {
   std::vector<double> factor(idx.size(), 1.0), cutoff(idx.size(), 0.0), rt60(idx.size(), 0.0),
-      drr(idx.size(), 0.0), snr(idx.size(), 0.0), colour(idx.size(), 0.0);
-  std::vector<char> noisy(idx.size(), 0);
+      drr(idx.size(), 0.0), snr(idx.size(), 0.0), colour(idx.size(), 0.0);  // 0 cutoff, rt60, snr: not applied
   std::vector<size_t> len(idx.size());
   size_t longest = 0;
   auto chance = [&](double p) { return std::uniform_real_distribution<double>(0.0, 1.0)(*rng) < p; };
@@ -271,7 +270,6 @@ void MakeBatchTensors(const std::vector<Utterance>& data, const std::vector<size
       drr[b] = uniform(-15.0, 10.0);
     }
     if (rng && aug.noise > 0 && chance(aug.noise)) {
-      noisy[b] = 1;
       snr[b] = uniform(5.0, 30.0);
       colour[b] = uniform(0.0, 0.95);
     }
@@ -287,7 +285,7 @@ void MakeBatchTensors(const std::vector<Utterance>& data, const std::vector<size
     SpeedChange(s.data(), s.size(), factor[b], u);
     if (rt60[b] > 0) Reverberate(u, len[b], rt60[b], drr[b], *rng);
     if (cutoff[b] > 0) LowPass(u, len[b], cutoff[b]);
-    if (noisy[b]) AddNoise(u, len[b], snr[b], colour[b], *rng);
+    if (snr[b] > 0) AddNoise(u, len[b], snr[b], colour[b], *rng);
     (*lengths)[b] = static_cast<int64_t>(len[b]);
   }
 }
