@@ -1,5 +1,6 @@
 // asr-submit: the command-line client. Global options come before the subcommand:
 //   asr-submit [--broker URL] [--timeout S] SUBCOMMAND [options]
+#include <algorithm>
 #include <csignal>
 #include <cstring>
 #include <iostream>
@@ -34,7 +35,11 @@ int main(int argc, char** argv) {
       ("request-timeout", po::value(&g.request_timeout_s)->default_value(10),
        "seconds to wait for the broker to answer before giving up with exit 3");
   std::string usage = "usage: asr-submit [global options] SUBCOMMAND [options]\n\nsubcommands:\n";
-  for (const auto& c : Commands()) usage += "  " + std::string(c.name) + std::string(10 - std::strlen(c.name), ' ') + c.summary + "\n";
+  std::size_t name_width = 0;
+  for (const auto& c : Commands()) name_width = std::max(name_width, std::strlen(c.name));
+  for (const auto& c : Commands()) {
+    usage += "  " + std::string(c.name) + std::string(name_width + 2 - std::strlen(c.name), ' ') + c.summary + "\n";
+  }
   usage += "\n`asr-submit SUBCOMMAND --help` describes each. Exit codes: 0 all done, 1 a job failed, is dead or "
            "was cancelled, 2 usage error, 3 broker unreachable or --timeout passed.";
   po::variables_map vm;

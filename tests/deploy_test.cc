@@ -443,6 +443,33 @@ TEST(Deploy, SystemdUnitsVerify) {
   while (std::getline(err, line)) EXPECT_EQ(line.find(tmp.path()), std::string::npos) << line;
 }
 
+// asr-submit --help lists its subcommands one per line, the name apart from its summary (a name as
+// long as the column once ran into it), and each one it lists answers its own --help.
+TEST(Deploy, SubmitHelpListsEachSubcommandApartFromItsSummary) {
+  RunResult r = RunCommand({ASRF_SUBMIT_BIN, "--help"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  std::istringstream in(r.out);
+  std::string line;
+  while (std::getline(in, line) && line != "subcommands:") {
+  }
+  static const std::regex row("^  ([a-z]+)  +\\S.*");
+  std::vector<std::string> names;
+  while (std::getline(in, line) && !line.empty()) {
+    std::smatch m;
+    ASSERT_TRUE(std::regex_match(line, m, row)) << "subcommand line without a gap: " << line;
+    names.push_back(m[1].str());
+  }
+  ASSERT_GE(names.size(), 10u) << r.out;
+  EXPECT_NE(std::find(names.begin(), names.end(), "transcribe"), names.end()) << r.out;
+  for (const auto& n : names) {
+    RunResult h = RunCommand({ASRF_SUBMIT_BIN, n, "--help"});
+    EXPECT_EQ(h.code, 0) << n << ": " << h.err;
+    std::string first = h.out.substr(0, h.out.find('\n'));
+    EXPECT_EQ(first.rfind("usage: asr-submit ", 0), 0u) << n << ": " << first;
+    EXPECT_NE(first.find(" " + n + " "), std::string::npos) << n << ": " << first;
+  }
+}
+
 // ---- idle stop ----
 
 // scripts/launch-workers.sh with a stand-in nvidia-smi (two GPUs) and a stand-in worker that
