@@ -16,7 +16,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "client/audio_in.h"
+#include "common/audio_in.h"
 #include "client/commands.h"
 #include "client/segmenter.h"
 #include "client/transcript.h"

@@ -20,7 +20,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "client/audio_in.h"
+#include "common/audio_in.h"
 #include "client/segmenter.h"
 #include "client/transcript.h"
 #include "tests/harness.h"

@@ -3,9 +3,14 @@
 // dir that resumes from the newest checkpoint; bad manifests fail with clear errors.
 #include <gtest/gtest.h>
 #include <signal.h>
+#include <sndfile.h>
 
+#include <cmath>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <string>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -15,6 +20,47 @@ namespace asrf::testing {
 namespace {
 
 using json = nlohmann::json;
+
+// A copy of `manifest` whose audio is at 48 kHz in two channels (each 16 kHz file upsampled 3x by
+// linear interpolation; the right channel at half the left's level), written under `dir`.
+std::string Manifest48kStereo(const std::string& manifest, const std::string& dir) {
+  std::filesystem::create_directories(dir);
+  std::ifstream in(manifest);
+  std::string out_path = dir + "/manifest48k.jsonl";
+  std::ofstream out(out_path);
+  std::string line;
+  int n = 0;
+  while (std::getline(in, line)) {
+    json j = json::parse(line);
+    SF_INFO info{};
+    SNDFILE* f = sf_open(j["audio"].get<std::string>().c_str(), SFM_READ, &info);
+    if (!f || info.samplerate != 16000 || info.channels != 1) return "";
+    std::vector<short> x(static_cast<size_t>(info.frames));
+    sf_read_short(f, x.data(), info.frames);
+    sf_close(f);
+    std::vector<short> y;
+    for (size_t i = 0; i < x.size(); ++i) {
+      double next = i + 1 < x.size() ? x[i + 1] : x[i];
+      for (int k = 0; k < 3; ++k) {
+        short v = static_cast<short>(std::lround(x[i] + (next - x[i]) * k / 3.0));
+        y.push_back(v);
+        y.push_back(static_cast<short>(v / 2));
+      }
+    }
+    SF_INFO oi{};
+    oi.samplerate = 48000;
+    oi.channels = 2;
+    oi.format = SF_FORMAT_WAV | SF_FORMAT_PCM_16;
+    std::string path = dir + "/" + std::to_string(n++) + ".wav";
+    SNDFILE* o = sf_open(path.c_str(), SFM_WRITE, &oi);
+    if (!o) return "";
+    sf_writef_short(o, y.data(), static_cast<sf_count_t>(y.size() / 2));
+    sf_close(o);
+    j["audio"] = path;
+    out << j.dump() << "\n";
+  }
+  return out_path;
+}
 
 // Tiny data shared by the tests of this file (synthesised once).
 class TrainTest : public ::testing::Test {
@@ -89,15 +135,35 @@ TEST_F(TrainTest, ShortRunLowersTheLossAndWritesTheModel) {
                                      "--init", tmp_ / "out/tiny.pt", "--evaluate-only", "--wait"},
                         120000);
   ASSERT_EQ(ev.code, 0) << ev.err;
-  json evr;
-  std::istringstream ein(ev.out);
-  while (std::getline(ein, line)) {
-    auto j = json::parse(line, nullptr, false);
-    if (!j.is_discarded() && j.value("state", "") == "done") evr = j["result"];
-  }
+  // The result of the job an evaluation's --wait output ends with.
+  auto done_result = [](const RunResult& rr) {
+    json found;
+    std::istringstream rin(rr.out);
+    std::string l;
+    while (std::getline(rin, l)) {
+      auto j = json::parse(l, nullptr, false);
+      if (!j.is_discarded() && j.value("state", "") == "done") found = j["result"];
+    }
+    return found;
+  };
+  json evr = done_result(ev);
   ASSERT_TRUE(evr.is_object()) << ev.out;
   EXPECT_NEAR(evr["valid_cer"].get<double>(), result["valid_cer"].get<double>(), 1e-6);
   EXPECT_EQ(result["residual"].get<int>(), 0);
+
+  // The same valid set recorded at 48 kHz in stereo: the worker mixes and resamples it on loading
+  // (no "needs 16000 Hz" refusal), so the model hears nearly what it heard at 16 kHz.
+  std::string m48 = Manifest48kStereo(Valid(), tmp_ / "48k");
+  ASSERT_FALSE(m48.empty());
+  RunResult ev48 = Submit(b.endpoint, {"train", "--manifest", m48, "--valid", m48, "--name", "eval48",
+                                       "--init", tmp_ / "out/tiny.pt", "--evaluate-only", "--wait"},
+                          120000);
+  ASSERT_EQ(ev48.code, 0) << ev48.out << ev48.err << ReadFile(tmp_ / "w.log");
+  json evr48 = done_result(ev48);
+  ASSERT_TRUE(evr48.is_object()) << ev48.out;
+  EXPECT_EQ(evr48["utterances"].get<int>(), evr["utterances"].get<int>());
+  EXPECT_NEAR(evr48["hours"].get<double>(), evr["hours"].get<double>(), 1e-4);
+  EXPECT_NEAR(evr48["valid_cer"].get<double>(), evr["valid_cer"].get<double>(), 0.05);
 
   // Grown by residual blocks (--residual): the same CER before any step, then training goes on with
   // them, and the model cannot shrink again.
@@ -211,7 +277,7 @@ TEST_F(TrainTest, CheckpointsAreIndexedInPostgres) {
 TEST_F(TrainTest, BadManifestsFailWithClearErrorsBeforeTraining) {
   BrokerProc b = StartBroker(tmp_ / "broker", tmp_ / "broker.log");
   Proc w = StartWorker(b.endpoint, tmp_ / "w", tmp_ / "w.log");
-  // Missing file, empty text, text outside the vocabulary, not audio, wrong sample rate.
+  // Missing file, empty text, text outside the vocabulary, not audio, not JSON.
   std::string first_wav;
   {
     std::ifstream in(Train());

@@ -21,6 +21,7 @@
 #include <cuda_runtime_api.h>
 #endif
 
+#include "common/audio_in.h"
 #include "common/clock.h"
 #include "common/log.h"
 #include "worker/audio.h"
@@ -165,8 +166,8 @@ Status ReadManifest(const std::string& path, const std::string& vocabulary, doub
       problem(st.message());
       continue;
     }
-    if (info.sample_rate != kSampleRate) {
-      problem(it.audio + ": sample rate " + std::to_string(info.sample_rate) + " Hz; training needs 16000 Hz");
+    if (info.sample_rate <= 0) {
+      problem(it.audio + ": no sample rate in the file");
       continue;
     }
     if (info.frames <= 0) {
@@ -203,7 +204,14 @@ Status LoadAll(const std::vector<ManifestItem>& items, const Vocabulary& vocab, 
   for (const auto& it : items) {
     Utterance u;
     AudioInfo info;
-    ASRF_RETURN_IF_ERROR(ReadAudio(it.audio, &u.pcm, &info));
+    ASRF_RETURN_IF_ERROR(ProbeAudio(it.audio, &info));
+    if (info.sample_rate == kSampleRate) {
+      ASRF_RETURN_IF_ERROR(ReadAudio(it.audio, &u.pcm, &info));
+    } else {  // any other rate is resampled to 16 kHz as transcription does (common/audio_in.h)
+      DecodedAudio d;
+      ASRF_RETURN_IF_ERROR(DecodeAudio16k(it.audio, &d));
+      u.pcm = std::move(d.pcm);
+    }
     ASRF_RETURN_IF_ERROR(vocab.Encode(it.text, &u.ids));
     u.text = it.text;
     out->push_back(std::move(u));

@@ -89,8 +89,9 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
 // the broker in READY, which places gangs only on workers that can.
 bool GangBackendBuilt(bool on_gpu);
 
-// Reads and checks a manifest: every audio file readable, 16 kHz, non-empty; every text non-empty
-// and inside the vocabulary. Errors list the first problems with their line numbers.
+// Reads and checks a manifest: every audio file readable and non-empty (at any sample rate: other
+// rates than 16 kHz are resampled on loading, as for transcription); every text non-empty and
+// inside the vocabulary. Errors list the first problems with their line numbers.
 struct ManifestItem {
   std::string audio;
   std::string text;

@@ -1,4 +1,4 @@
-#include "client/audio_in.h"
+#include "common/audio_in.h"
 
 #include <sndfile.h>
 #include <soxr.h>
