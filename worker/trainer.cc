@@ -174,6 +174,7 @@ Status ReadManifest(const std::string& path, const std::string& vocabulary, doub
       problem(it.audio + ": no audio");
       continue;
     }
+    it.sample_rate = info.sample_rate;
     it.duration = static_cast<double>(info.frames) / info.sample_rate;
     if (it.duration > max_seconds) {
       problem(it.audio + ": " + std::to_string(it.duration) + " s is longer than max_seconds");
@@ -203,9 +204,8 @@ Status LoadAll(const std::vector<ManifestItem>& items, const Vocabulary& vocab, 
   out->reserve(items.size());
   for (const auto& it : items) {
     Utterance u;
-    AudioInfo info;
-    ASRF_RETURN_IF_ERROR(ProbeAudio(it.audio, &info));
-    if (info.sample_rate == kSampleRate) {
+    if (it.sample_rate == kSampleRate) {  // ReadManifest probed the file
+      AudioInfo info;
       ASRF_RETURN_IF_ERROR(ReadAudio(it.audio, &u.pcm, &info));
     } else {  // any other rate is resampled to 16 kHz as transcription does (common/audio_in.h)
       DecodedAudio d;

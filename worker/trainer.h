@@ -96,6 +96,7 @@ struct ManifestItem {
   std::string audio;
   std::string text;
   double duration = 0;
+  int sample_rate = 0;  // of the file; LoadAll resamples what is not 16 kHz
 };
 Status ReadManifest(const std::string& path, const std::string& vocabulary, double max_seconds,
                     std::vector<ManifestItem>* items);
