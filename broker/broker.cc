@@ -271,7 +271,7 @@ struct Broker::Impl {
     }));
     int64_t now_wall = WallMs();
     for (auto& [id, j] : pending_replay_) {
-      if (j.state == JobState::kDone) std::string().swap(j.payload);
+      if (DropsPayload(j, j.state)) std::string().swap(j.payload);
       if (proto::IsTerminal(j.state) && j.finished_ms > 0 && !j.result_dropped && !j.result.empty()) {
         retention.push_back({j.finished_ms, id});
       }
@@ -363,8 +363,9 @@ struct Broker::Impl {
     if (j.state == JobState::kQueued) table.Unqueue(j);
     j.finishing = true;
     PendingFinish f{j.id, j.epoch, ack_routing, state, std::move(error), std::move(result), run_ms, WallMs()};
-    // Small payloads stay in the job record; a large one (audio) is dropped once the job is done.
-    if (state == JobState::kDone && j.payload.size() > kKeepPayloadBytes) {
+    // Small payloads stay in the job record; a large one (audio) is dropped once nothing can run
+    // the job again: it is done, or cancelled (RETRY takes only dead and failed jobs).
+    if (DropsPayload(j, state) && j.payload.size() > kKeepPayloadBytes) {
       rec::JobRecord jr;
       jr.batch = j.batch;
       jr.kind = j.kind;
@@ -396,6 +397,10 @@ struct Broker::Impl {
     g->finishes.push_back(std::move(f));
   }
   static constexpr size_t kKeepPayloadBytes = 1024;
+  // A cancelled gang rank keeps its payload: RETRY of a failed rank requeues the whole gang.
+  static bool DropsPayload(const Job& j, JobState state) {
+    return state == JobState::kDone || (state == JobState::kCancelled && !IsGangMember(j));
+  }
 
   void CommitFinishes(FinishGroup&& g) {
     if (g.finishes.empty()) return;
@@ -428,7 +433,7 @@ struct Broker::Impl {
     j->result = std::move(f.result);
     j->run_ms = f.run_ms;
     j->finished_ms = f.finished_ms;
-    if (f.state == JobState::kDone) std::string().swap(j->payload);  // others keep it for RETRY
+    if (DropsPayload(*j, f.state)) std::string().swap(j->payload);  // dead and failed keep it for RETRY
     if (f.state == JobState::kDone && j->audio_ms > 0) {
       audio_ms_done += j->audio_ms;
       auto& mt = model_time[j->model.empty() ? proto::kDefaultModel : j->model];
@@ -549,6 +554,9 @@ struct Broker::Impl {
     for (const auto& [name, members] : gangs) {
       if (name.empty() || name.size() > 256) return Status::Invalid("a gang needs a name of 1 to 256 bytes");
       uint32_t k = members.front()->world_size;
+      for (const auto* j : members) {
+        if (j->kind != members.front()->kind) return Status::Invalid("gang " + name + ": every rank must be one job kind");
+      }
       if (k < 2 || k > 1024) return Status::Invalid("gang " + name + ": world_size must be 2 to 1024");
       if (members.size() != k) {
         return Status::Invalid("gang " + name + ": " + std::to_string(members.size()) + " jobs for world_size " +
@@ -576,7 +584,8 @@ struct Broker::Impl {
       return;
     }
     if (Status gs = CheckGangs(m); !gs.ok()) {
-      if (m.request_id.empty() || !requests.count(m.request_id)) {
+      // A resend of a SUBMIT already taken (written, or still being written) is answered below.
+      if (m.request_id.empty() || (!requests.count(m.request_id) && !inflight_requests.count(m.request_id))) {
         SendError(routing, m.req, "bad_request", gs.message());
         return;
       }
@@ -876,7 +885,7 @@ struct Broker::Impl {
     r.req = m.req;
     uint32_t limit = std::clamp<uint32_t>(m.limit, 1, 10000);
     auto consider = [&](const Job& j) {
-      if (!any_state && j.state != want) return true;
+      if (j.id <= m.after || (!any_state && j.state != want)) return true;
       r.jobs.push_back(InfoOf(j, false));
       return r.jobs.size() < limit;
     };
@@ -887,15 +896,40 @@ struct Broker::Impl {
         }
       }
     } else {
-      for (const auto& [id, j] : table.all()) {
+      for (auto it = table.all().upper_bound(m.after); it != table.all().end(); ++it) {
+        const Job& j = it->second;
         if (!consider(j)) break;
       }
     }
     Send(routing, Cmd::kReply, r);
   }
 
-  bool RetryJob(Job& j, JournalBatch* b) {
-    if (j.finishing || (j.state != JobState::kDead && j.state != JobState::kFailed)) return false;
+  static bool Retryable(const Job& j) {
+    return !j.finishing && (j.state == JobState::kDead || j.state == JobState::kFailed);
+  }
+  // RETRY of a gang rank requeues the whole gang (the ranks cancelled with it too): a gang runs
+  // whole or not at all. Refused when a rank ended done, as the gang can no longer run whole.
+  Status RetryGang(const Job& j, JournalBatch* b, uint64_t* n) {
+    std::vector<Job*> members;
+    for (uint64_t id : table.GangMembers(j.gang)) {
+      Job* m = table.Find(id);
+      if (!m) continue;
+      if (m->state == JobState::kDone) {
+        return Status::Invalid("gang " + j.gang + ": rank " + std::to_string(m->rank) + " (job " +
+                               std::to_string(m->id) + ") is done, so the gang cannot run whole again; submit the training again");
+      }
+      if (!proto::IsTerminal(m->state) || m->finishing) {
+        return Status::Invalid("gang " + j.gang + ": rank " + std::to_string(m->rank) + " (job " +
+                               std::to_string(m->id) + ") is still " + proto::StateName(m->state));
+      }
+      members.push_back(m);
+    }
+    for (Job* m : members) *n += RetryJob(*m, b, /*cancelled_too=*/true) ? 1 : 0;
+    return Status::Ok();
+  }
+
+  bool RetryJob(Job& j, JournalBatch* b, bool cancelled_too = false) {
+    if (!Retryable(j) && !(cancelled_too && !j.finishing && j.state == JobState::kCancelled)) return false;
     j.attempts = 0;
     j.error.clear();
     j.result.clear();
@@ -916,18 +950,29 @@ struct Broker::Impl {
     if (m.job != 0) {
       Job* j = table.Find(m.job);
       if (!j) return SendError(routing, m.req, "not_found", "no job " + std::to_string(m.job));
-      if (!RetryJob(*j, &b)) {
+      if (!Retryable(*j)) {
         return SendError(routing, m.req, "bad_request",
                          "job " + std::to_string(m.job) + " is " + proto::StateName(j->state) +
                              "; only dead or failed jobs can be retried");
       }
-      n = 1;
+      if (IsGangMember(*j)) {
+        if (Status gs = RetryGang(*j, &b, &n); !gs.ok()) return SendError(routing, m.req, "bad_request", gs.message());
+      } else {
+        n = RetryJob(*j, &b) ? 1 : 0;
+      }
     } else if (m.all_dead) {
       std::vector<Job*> dead;
       for (const auto& [id, j] : table.all()) {
         if (j.state == JobState::kDead) dead.push_back(table.Find(id));
       }
-      for (Job* j : dead) n += RetryJob(*j, &b) ? 1 : 0;
+      for (Job* j : dead) {
+        if (!Retryable(*j)) continue;  // requeued already, with its gang
+        if (IsGangMember(*j)) {
+          (void)RetryGang(*j, &b, &n);  // a gang that cannot run whole again stays dead
+        } else {
+          n += RetryJob(*j, &b) ? 1 : 0;
+        }
+      }
     } else {
       return SendError(routing, m.req, "bad_request", "RETRY needs a job id or all_dead");
     }
@@ -1176,7 +1221,33 @@ struct Broker::Impl {
     return a;
   }
 
+  // A gang runs whole or not at all, so a member requeued after another member ended `done`
+  // (its worker lost between the two ranks' last words) would wait for ever. It ends instead:
+  // cancelled when rank 0, which writes the model, finished; failed otherwise.
+  void EndStrandedGangs() {
+    for (const auto& [gang, ids] : table.StrandedGangs()) {
+      const Job* done = nullptr;
+      for (uint64_t id : table.GangMembers(gang)) {
+        const Job* m = table.Find(id);
+        if (m && m->state == JobState::kDone && (!done || m->rank == 0)) done = m;
+      }
+      for (uint64_t id : ids) {
+        Job* j = table.Find(id);
+        if (!j || j->state != JobState::kQueued || j->finishing || !done) continue;
+        std::string who = "rank " + std::to_string(done->rank) + " (job " + std::to_string(done->id) + ")";
+        if (done->rank == 0) {
+          FinishOne(*j, JobState::kCancelled, "gang " + gang + ": " + who + " finished the training; nothing is left for this rank");
+        } else {
+          FinishOne(*j, JobState::kFailed,
+                    "gang " + gang + " cannot run whole again: " + who + " finished before this rank was lost; "
+                    "submit the training again");
+        }
+      }
+    }
+  }
+
   void Dispatch() {
+    EndStrandedGangs();
     if (!table.HasReady()) return;
     std::vector<WorkerConn*> order;
     for (auto& [id, w] : workers) {
@@ -1576,8 +1647,11 @@ Status Broker::Open(const BrokerOptions& options, std::unique_ptr<Broker>* out) 
   try {
     impl->sock.set(zmq::sockopt::maxmsgsize, proto::kMaxMessageBytes);
     impl->sock.set(zmq::sockopt::linger, 0);
-    impl->sock.set(zmq::sockopt::sndhwm, 100000);
-    impl->sock.set(zmq::sockopt::rcvhwm, 100000);
+    // Per peer: a client that never reads its replies holds at most this many in the broker's
+    // memory (then they are dropped), and a peer sending faster than the broker reads is held
+    // back by TCP instead of queueing without bound.
+    impl->sock.set(zmq::sockopt::sndhwm, 1000);
+    impl->sock.set(zmq::sockopt::rcvhwm, 1000);
     impl->sock.bind(impl->opt.listen);
     impl->endpoint = impl->sock.get(zmq::sockopt::last_endpoint);
   } catch (const zmq::error_t& e) {

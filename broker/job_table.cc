@@ -143,6 +143,21 @@ std::vector<std::vector<uint64_t>> JobTable::ReadyGangs() const {
   return out;
 }
 
+std::vector<std::pair<std::string, std::vector<uint64_t>>> JobTable::StrandedGangs() const {
+  std::vector<std::pair<std::string, std::vector<uint64_t>>> out;
+  for (const auto& [name, ready] : gang_ready_) {
+    auto g = gangs_.find(name);
+    if (g == gangs_.end()) continue;
+    bool ended = false;
+    for (const auto& [rank, id] : g->second.members) {
+      auto j = jobs_.find(id);
+      if (j != jobs_.end() && j->second.state == JobState::kDone) ended = true;
+    }
+    if (ended) out.push_back({name, std::vector<uint64_t>(ready.begin(), ready.end())});
+  }
+  return out;
+}
+
 std::vector<uint64_t> JobTable::GangMembers(const std::string& gang) const {
   std::vector<uint64_t> ids;
   auto g = gangs_.find(gang);

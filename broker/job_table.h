@@ -101,6 +101,9 @@ class JobTable {
   const Batcher& batcher() const { return batcher_; }
   // Gangs whose every member is queued and runnable, oldest first, with their members by rank.
   std::vector<std::vector<uint64_t>> ReadyGangs() const;
+  // Gangs with queued members that can never run whole again, because another member ended
+  // `done` (one rank reported its end before another was lost): name -> those queued members.
+  std::vector<std::pair<std::string, std::vector<uint64_t>>> StrandedGangs() const;
   // Every member of a gang (any state), by rank.
   std::vector<uint64_t> GangMembers(const std::string& gang) const;
   // Kinds with runnable jobs.

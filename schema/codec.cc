@@ -76,9 +76,32 @@ Status ParseCmd(std::string_view frame, Cmd* out) {
   return Status::Ok();
 }
 
+namespace {
+// Counts the values a body declares before any is built: a decoded value takes about 24 bytes
+// of memory, so 64 MiB of one-byte values would otherwise cost about 1.5 GiB.
+struct ValueCounter : msgpack::null_visitor {
+  size_t values = 0;
+  bool Add(size_t n) { return (values += n) <= kMaxValuesPerMessage; }
+  bool start_array(uint32_t n) { return Add(n); }
+  bool start_map(uint32_t n) { return Add(2 * static_cast<size_t>(n)); }
+};
+}  // namespace
+
 Status DecodeRaw(std::string_view body, msgpack::object_handle* out, size_t max_bin) {
   if (body.empty()) return Status::Invalid("malformed body: empty");
   if (body.size() > static_cast<size_t>(kMaxMessageBytes)) return Status::Invalid("oversized body");
+  {
+    ValueCounter count;
+    std::size_t off = 0;
+    try {
+      msgpack::parse(body.data(), body.size(), off, count);
+    } catch (const std::exception&) {
+      // Malformed input is reported by the decoder below, with its own message.
+    }
+    if (count.values > kMaxValuesPerMessage) {
+      return Status::Invalid("oversized body: more than " + std::to_string(kMaxValuesPerMessage) + " values");
+    }
+  }
   // Bounds on every container so a hostile 10-byte body cannot ask for a 4-billion-entry array.
   msgpack::unpack_limit limit(/*array=*/kMaxJobsPerMessage * 2, /*map=*/256, /*str=*/max_bin,
                               /*bin=*/max_bin, /*ext=*/1024, /*depth=*/16);
@@ -112,7 +135,9 @@ Status Validate(const Submit& m) {
       return Status::Invalid("job payload of " + std::to_string(j.payload.data.size()) + " bytes; the limit is " +
                              std::to_string(kMaxPayloadBytes));
     }
-    if (j.timeout_ms < 0) return Status::Invalid("timeout_ms must be >= 0");
+    if (j.timeout_ms < 0 || j.timeout_ms > kMaxTimeoutMs) {
+      return Status::Invalid("timeout_ms must be 0 (none) to " + std::to_string(kMaxTimeoutMs) + " (30 days)");
+    }
   }
   return Status::Ok();
 }

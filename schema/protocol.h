@@ -27,7 +27,9 @@ inline constexpr int64_t kMaxMessageBytes = 64ll << 20;
 inline constexpr size_t kMaxPayloadBytes = 16u << 20;   // one job's payload
 inline constexpr size_t kMaxResultBytes = 1u << 20;     // one job's result
 inline constexpr size_t kMaxJobsPerMessage = 10000;     // SUBMIT, ASSIGN, RESULT, STARTED
+inline constexpr size_t kMaxValuesPerMessage = 1000000; // MessagePack values in one body, all nested
 inline constexpr size_t kMaxStringBytes = 4096;         // error texts (longer ones are cut)
+inline constexpr int64_t kMaxTimeoutMs = 30ll * 24 * 3600 * 1000;  // one attempt's time limit: 30 days
 
 enum class Cmd : uint8_t {
   // client -> broker (each carries "req", echoed in the REPLY or ERROR)
@@ -178,7 +180,8 @@ struct JobsReq {
   std::string state;
   std::string batch;
   uint32_t limit = 100;
-  MSGPACK_DEFINE_MAP(req, state, batch, limit);
+  uint64_t after = 0;  // only jobs with a larger id: the next page after the last id seen
+  MSGPACK_DEFINE_MAP(req, state, batch, limit, after);
 };
 
 // RETRY: put a dead or failed job (or every dead job) back in the queue with its attempts reset.

@@ -483,5 +483,75 @@ TEST_F(BrokerGangs, AWaitingGangHoldsWorkersWithFreeSlotsUntilTheyDrain) {
   EXPECT_EQ(a.given[2].world_size, 2u);
 }
 
+// A gang runs whole or not at all. When one rank has ended done and another is requeued (its
+// worker lost between the two ranks' last words), the gang can never be placed again: the left
+// rank ends (cancelled when rank 0, which writes the model, is the one done; failed otherwise)
+// instead of waiting for ever beside idle workers. RETRY of a failed rank requeues the whole gang.
+TEST_F(BrokerGangs, ARankLeftAloneEndsAndRetryRequeuesTheWholeGang) {
+  BrokerClient& client = *client_;
+  FakeWorkers& fleet = *fleet_;
+  auto& a = fleet.Connect("a-cpu", "cpu", "");
+  auto& b = fleet.Connect("b-cpu", "cpu", "");
+  auto state_of = [&](uint64_t id) {
+    proto::StatusReq q;
+    q.job = id;
+    proto::Reply r;
+    Status st = client.Call(Cmd::kStatus, q, &r, 5000);
+    return st.ok() && r.jobs.size() == 1 ? r.jobs[0].state + ": " + r.jobs[0].error : st.ToString();
+  };
+  auto answer = [](FakeWorkers::Fake& f, bool ok, bool requeue) {
+    proto::Result r;
+    r.results.push_back({f.given.back().id, f.given.back().epoch, ok, proto::Blob{"{}"}, ok ? "" : "broke", 1, requeue});
+    f.peer->Send(Cmd::kResult, r);
+  };
+
+  // Rank 1 done, rank 0 given back: rank 0 fails, with the reason.
+  const std::vector<uint64_t> g = SubmitGang(client, "g");
+  fleet.Pump(800);
+  ASSERT_EQ(Ids(a.given), std::vector<uint64_t>{g.at(0)});
+  ASSERT_EQ(Ids(b.given), std::vector<uint64_t>{g.at(1)});
+  answer(b, true, false);
+  fleet.Pump(300);
+  answer(a, false, true);
+  fleet.Pump(800);
+  EXPECT_EQ(state_of(g.at(1)).substr(0, 5), "done:");
+  std::string left = state_of(g.at(0));
+  EXPECT_EQ(left.substr(0, 7), "failed:") << left;
+  EXPECT_NE(left.find("cannot run whole again"), std::string::npos) << left;
+  EXPECT_EQ(a.given.size(), 1u) << "a lone rank was placed";
+  // Its RETRY is refused: rank 1 is done, so the gang can never run whole.
+  proto::RetryReq rq;
+  rq.job = g.at(0);
+  proto::Reply rr;
+  Status st = client.Call(Cmd::kRetry, rq, &rr, 5000);
+  EXPECT_FALSE(st.ok());
+  EXPECT_NE(st.message().find("is done"), std::string::npos) << st.ToString();
+
+  // Rank 0 fails: rank 1 is cancelled with it, and RETRY of rank 0 requeues both and places them.
+  const std::vector<uint64_t> h = SubmitGang(client, "h");
+  fleet.Pump(800);
+  ASSERT_EQ(a.given.back().id, h.at(0));
+  ASSERT_EQ(b.given.back().id, h.at(1));
+  answer(a, false, false);
+  fleet.Pump(800);
+  EXPECT_EQ(state_of(h.at(1)).substr(0, 10), "cancelled:");
+  rq.job = h.at(0);
+  ASSERT_TRUE(client.Call(Cmd::kRetry, rq, &rr, 5000).ok());
+  EXPECT_EQ(rr.affected, 2u);
+  fleet.Pump(1000);
+  EXPECT_EQ(a.given.back().id, h.at(0)) << "the retried gang was not placed again";
+  EXPECT_EQ(b.given.back().id, h.at(1));
+  EXPECT_EQ(a.given.back().world_size, 2u);
+
+  // Rank 0 done, rank 1 given back: the training is complete, rank 1 ends cancelled.
+  answer(a, true, false);
+  fleet.Pump(300);
+  answer(b, false, true);
+  fleet.Pump(800);
+  left = state_of(h.at(1));
+  EXPECT_EQ(left.substr(0, 10), "cancelled:") << left;
+  EXPECT_NE(left.find("finished the training"), std::string::npos) << left;
+}
+
 }  // namespace
 }  // namespace asrf

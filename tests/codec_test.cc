@@ -120,6 +120,20 @@ TEST(Codec, HostileSizesAreRefusedBeforeAllocation) {
   Status vs = DecodeBody(EncodeBody(many), &decoded);
   if (vs.ok()) vs = Validate(decoded);
   EXPECT_FALSE(vs.ok());
+  // Many tiny values, each array within its limit: {"x": [[nil x 100] x 20,000]} declares 2 M
+  // values in 2 MB; decoded they would take about 50 MB. Refused by the count, before decoding.
+  std::string body = "\x81\xa1x\xdc\x4e\x20";  // map of 1, "x", array16 of 20,000
+  std::string inner = std::string("\xdc\x00\x64", 3) + std::string(100, '\xc0');  // array16 of 100 nils
+  for (int i = 0; i < 20000; ++i) body += inner;
+  msgpack::object_handle h;
+  Status count = DecodeRaw(body, &h);
+  EXPECT_FALSE(count.ok());
+  EXPECT_NE(count.message().find("values"), std::string::npos) << count.ToString();
+  // The same shape with 40 per inner array (820,000 values) is a well-formed map.
+  std::string small = "\x81\xa1x\xdc\x4e\x20";
+  for (int i = 0; i < 20000; ++i) small += std::string("\xdc\x00\x28", 3) + std::string(40, '\xc0');
+  Status fine = DecodeRaw(small, &h);
+  EXPECT_TRUE(fine.ok()) << fine.ToString();
 }
 
 TEST(Codec, ValidateRejectsBadJobs) {
@@ -132,6 +146,10 @@ TEST(Codec, ValidateRejectsBadJobs) {
   EXPECT_FALSE(Validate(s).ok()) << "negative timeout";
   s.jobs[0].timeout_ms = 0;
   EXPECT_TRUE(Validate(s).ok());
+  s.jobs[0].timeout_ms = kMaxTimeoutMs;
+  EXPECT_TRUE(Validate(s).ok()) << "30 days";
+  s.jobs[0].timeout_ms = INT64_MAX;  // would overflow the deadline (now + timeout)
+  EXPECT_FALSE(Validate(s).ok()) << "timeout over 30 days";
 }
 
 TEST(Codec, TagCarriesTheVersion) {

@@ -65,15 +65,16 @@ Status RegisterTrainKind(JobRegistry* registry, const TrainKindOptions& options)
         if (!st.ok()) LogWarn("checkpoint_index_failed").Kv("job", id).Kv("error", st.message());
         else if (publish) LogInfo("checkpoint_published").Kv("job", id).Kv("step", step);
       };
-      tc.fetch_published = [&, id = ctx.id](std::string* bytes) -> bool {
+      tc.fetch_published = [&, id = ctx.id](int64_t after, int64_t* step, std::string* bytes) -> bool {
         if (!connect()) return false;
         PgResult r;
         Status st = pg->Query(
-            "SELECT bytes FROM checkpoints WHERE job_id = $1 AND published AND bytes IS NOT NULL "
+            "SELECT step, bytes FROM checkpoints WHERE job_id = $1 AND step > $2 AND published AND bytes IS NOT NULL "
             "ORDER BY step DESC LIMIT 1",
-            {std::to_string(id)}, &r);
+            {std::to_string(id), std::to_string(after)}, &r);
         if (!st.ok() || r.rows() == 0) return false;
-        *bytes = DecodeByteaHex(r.get(0, 0));
+        *step = r.get_int(0, 0);
+        *bytes = DecodeByteaHex(r.get(0, 1));
         return true;
       };
       tc.model_finished = [&, id = ctx.id](const std::string& path, const std::string& summary) {

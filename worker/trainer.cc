@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <random>
 #include <sstream>
+#include <thread>
 
 #include <nlohmann/json.hpp>
 #if ASRF_TORCH_GLOO  // worker/CMakeLists.txt: ASRF_GLOO
@@ -510,6 +511,32 @@ class Gang {
     }
     return Status::Unavailable("the gang has no process group");
   }
+  // The gang's last word, so that ranks report their ends together: rank 0, once it has
+  // validated and saved the model, says so and waits (up to a minute) for every other rank to
+  // have heard it; the others wait for it for as long as rank 0 lives. A rank that loses rank 0
+  // here gets Unavailable and gives its job back, and the gang runs again from its checkpoint.
+  Status Finish(const std::atomic<bool>* cancelled) {
+    const std::string finished = "asrf/finished", heard = "asrf/heard";
+    try {
+      if (rank_ == 0) {
+        store_->set(finished, std::vector<uint8_t>{1});
+        for (int64_t until = MonoMs() + 60000; MonoMs() < until;) {
+          if (store_->add(heard, 0) >= world_ - 1) break;
+          std::this_thread::sleep_for(std::chrono::milliseconds(50));
+        }
+        return Status::Ok();
+      }
+      while (!store_->check({finished})) {
+        if (cancelled && cancelled->load()) return Status::Unavailable("cancelled");
+        std::this_thread::sleep_for(std::chrono::milliseconds(200));
+      }
+      store_->add(heard, 1);
+    } catch (const std::exception& e) {
+      if (rank_ == 0) return Status::Ok();  // its own part is done; a lost rank ends as §8.6 says
+      return Status::Unavailable(std::string("rank 0 lost before the end of the training: ") + e.what());
+    }
+    return Status::Ok();
+  }
   // Rank 0 hands `bytes` to every rank (the training state all ranks start from).
   Status Share(const std::string& key, std::string* bytes) {
     try {
@@ -642,14 +669,29 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
   std::string ckpt;
   bool resumed = false;
   if (rank == 0) {
-    if (ctx.store && ctx.store->Latest(ctx.job_id, &ckpt_step, &ckpt).ok()) {
-      resumed = true;
-    } else if (ctx.fetch_published && ctx.fetch_published(&ckpt)) {
-      resumed = true;
-      LogInfo("train_resuming_from_published").Kv("job", ctx.job_id).Kv("bytes", static_cast<uint64_t>(ckpt.size()));
+    // The newest of this worker's own checkpoint and the published one: the job may have run
+    // further on another worker since this one last held it.
+    bool local = ctx.store && ctx.store->Latest(ctx.job_id, &ckpt_step, &ckpt).ok();
+    std::string published;
+    int64_t published_step = 0;
+    bool newer = ctx.fetch_published && ctx.fetch_published(local ? ckpt_step : -1, &published_step, &published);
+    if (newer) {
+      LogInfo("train_resuming_from_published").Kv("job", ctx.job_id).Kv("step", published_step)
+          .Kv("local_step", local ? ckpt_step : -1).Kv("bytes", static_cast<uint64_t>(published.size()));
+      ckpt.swap(published);
     }
-    if (resumed) ASRF_RETURN_IF_ERROR(LoadCheckpoint(ckpt, model, opt, &pos, &rng));
-    if (resumed) PlaceOnDevice(model, opt, device);
+    resumed = local || newer;
+    if (resumed) {
+      Status ls = LoadCheckpoint(ckpt, model, opt, &pos, &rng);
+      if (!ls.ok() && !newer && ctx.fetch_published && ctx.fetch_published(-1, &published_step, &published)) {
+        // This worker's own copy is damaged: the published one, older, beats losing the job.
+        LogError("checkpoint_unreadable").Kv("job", ctx.job_id).Kv("step", ckpt_step).Kv("error", ls.message())
+            .Kv("published_step", published_step);
+        ls = LoadCheckpoint(published, model, opt, &pos, &rng);
+      }
+      ASRF_RETURN_IF_ERROR(ls);
+      PlaceOnDevice(model, opt, device);
+    }
   }
   if (gang) {
     // Every rank starts from rank 0's state: weights, optimizer, position, random generator.
@@ -678,12 +720,14 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
   int64_t t_start = MonoMs();
   double loss_avg = -1;
   int64_t skipped = 0;
-  auto checkpoint = [&](const char* why) -> Status {
+  // `always_publish`: the worker is stopping and gives the job back; whichever worker takes it
+  // next resumes from here, not from an older published checkpoint.
+  auto checkpoint = [&](const char* why, bool always_publish = false) -> Status {
     if (!ctx.store || rank != 0) return Status::Ok();
     std::string bytes = SaveCheckpoint(model, opt, pos, rng, spec);
     ASRF_RETURN_IF_ERROR(ctx.store->Put(ctx.job_id, pos.step, bytes, spec.keep));
     ++ckpt_count;
-    bool publish = spec.publish_every > 0 && ckpt_count % spec.publish_every == 0;
+    bool publish = spec.publish_every > 0 && (always_publish || ckpt_count % spec.publish_every == 0);
     if (ctx.checkpoint_saved) ctx.checkpoint_saved(pos.step, loss_avg, pos.last_cer, bytes, publish);
     LogInfo("checkpoint_saved").Kv("job", ctx.job_id).Kv("step", pos.step).Kv("why", why)
         .Kv("bytes", static_cast<uint64_t>(bytes.size()));
@@ -692,7 +736,7 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
   while (pos.step < spec.steps) {
     if (ctx.cancelled && ctx.cancelled->load()) return Status::Unavailable("cancelled");
     if (ctx.stopping && ctx.stopping->load()) {
-      ASRF_RETURN_IF_ERROR(checkpoint("worker stopping"));
+      ASRF_RETURN_IF_ERROR(checkpoint("worker stopping", /*always_publish=*/true));
       return Status::Busy("interrupted at step " + std::to_string(pos.step) + "; resumes from this checkpoint");
     }
     if (pos.batch >= static_cast<int64_t>(order.size())) {
@@ -824,6 +868,13 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
   }
   *result = r.dump();
   if (rank == 0 && ctx.model_finished) ctx.model_finished(kept, result->c_str());
+  if (gang) {
+    if (Status fs = gang->Finish(ctx.cancelled); !fs.ok()) {
+      LogWarn("gang_finish_failed").Kv("job", ctx.job_id).Kv("rank", rank).Kv("error", fs.message());
+      if (ctx.cancelled && ctx.cancelled->load()) return Status::Unavailable("cancelled");
+      return Status::Busy(fs.message());
+    }
+  }
   LogInfo("train_finished").Kv("job", ctx.job_id).Kv("cer", final.cer).Kv("wer", final.wer).Kv("steps", pos.step);
   return Status::Ok();
 }

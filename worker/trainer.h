@@ -66,8 +66,9 @@ struct TrainContext {
   // the bytes to be published too. May be empty.
   std::function<void(int64_t step, double loss, double valid_cer, const std::string& bytes, bool publish)>
       checkpoint_saved;
-  // The newest published checkpoint of this job (when nothing is stored locally); may be empty.
-  std::function<bool(std::string* bytes)> fetch_published;
+  // The newest published checkpoint of this job if its step is above `after` (-1: any), with its
+  // step; false when there is none. May be empty.
+  std::function<bool(int64_t after, int64_t* step, std::string* bytes)> fetch_published;
   // Called by rank 0 with the finished model file and its summary (JSON), e.g. for the registry.
   std::function<void(const std::string& model_path, const std::string& summary_json)> model_finished;
   int threads = 0;                               // torch threads; 0 = leave as is
