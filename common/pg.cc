@@ -55,9 +55,12 @@ int64_t PgResult::get_int(int row, int col) const {
 
 Status PgConn::Connect(const std::string& conninfo, std::unique_ptr<PgConn>* out, int connect_timeout_s) {
   ASRF_RETURN_IF_ERROR(CheckConninfo(conninfo));
-  const char* keys[] = {"dbname", "connect_timeout", "application_name", nullptr};
+  // TCP keepalives first, so a conninfo's own settings win: a server that vanished without
+  // closing the connection is noticed in about a minute, not after the kernel's two hours.
+  const char* keys[] = {"keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count",
+                        "dbname", "connect_timeout", "application_name", nullptr};
   std::string timeout = std::to_string(connect_timeout_s);
-  const char* vals[] = {conninfo.c_str(), timeout.c_str(), "asr-fleet", nullptr};
+  const char* vals[] = {"1", "30", "10", "3", conninfo.c_str(), timeout.c_str(), "asr-fleet", nullptr};
   pg_conn* c = PQconnectdbParams(keys, vals, /*expand_dbname=*/1);
   if (!c) return Status::Unavailable("PostgreSQL: out of memory");
   if (PQstatus(c) != CONNECTION_OK) {
@@ -86,9 +89,16 @@ static Status ResultStatus(pg_conn* c, pg_result* r, const char* what) {
   return Status::IOError(std::string(what) + ": " + m);
 }
 
+Status PgConn::Check(pg_result* r) {
+  Status st = ResultStatus(c_, r, "query");
+  const char* state = st.ok() || !r ? nullptr : PQresultErrorField(r, PG_DIAG_SQLSTATE);
+  sqlstate_ = state ? state : "";
+  return st;
+}
+
 Status PgConn::Exec(const std::string& sql) {
   pg_result* r = PQexec(c_, sql.c_str());
-  Status st = ResultStatus(c_, r, "query");
+  Status st = Check(r);
   if (r) PQclear(r);
   return st;
 }
@@ -104,7 +114,7 @@ Status PgConn::Query(const std::string& sql, const std::vector<std::optional<std
   }
   pg_result* r = PQexecParams(c_, sql.c_str(), static_cast<int>(params.size()), nullptr, values.data(),
                               lengths.data(), formats.data(), 0);
-  Status st = ResultStatus(c_, r, "query");
+  Status st = Check(r);
   if (out) *out = PgResult(r);
   else if (r) PQclear(r);
   return st;

@@ -51,10 +51,16 @@ class PgConn {
                const std::vector<bool>& binary = {});
   // False once the connection is broken (then reconnect).
   bool healthy() const;
+  // The SQLSTATE of the last failed statement ("" when it succeeded or the server gave none):
+  // class 22 (data) and 23 (constraint) refuse the rows themselves; 40, 53, 55 and 57 (conflict,
+  // resources, locks, timeouts) pass.
+  const std::string& sqlstate() const { return sqlstate_; }
 
  private:
   explicit PgConn(pg_conn* c) : c_(c) {}
+  Status Check(pg_result* r);
   pg_conn* c_;
+  std::string sqlstate_;
 };
 
 // Generated from schema/sql/NNN_*.sql by CMake (see CMakeLists.txt), in version order.

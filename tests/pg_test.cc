@@ -4,6 +4,8 @@
 #include <gtest/gtest.h>
 #include <signal.h>
 
+#include <cstdlib>
+
 #include <nlohmann/json.hpp>
 
 #include "tests/harness.h"
@@ -87,6 +89,32 @@ TEST_F(PgTest, OutboxSurvivesAWorkerRestart) {
   EXPECT_TRUE(WaitFor([&] { return pg_->Query("SELECT count(*) FROM results") == "50"; }, 20000))
       << pg_->Query("SELECT count(*) FROM results") << ReadFile(tmp_ / "w2.log");
   EXPECT_NE(ReadFile(tmp_ / "w2.log").find("result_outbox_found"), std::string::npos);
+}
+
+// PostgreSQL up but refusing the write (here a lock held on the results table and a 300 ms
+// lock_timeout on the worker's connection): the results wait in the outbox and arrive once the
+// lock is gone, instead of being dropped as "refused".
+TEST_F(PgTest, ResultsPostgresRefusesWaitInTheOutboxUntilItTakesThem) {
+  ASSERT_EQ(RunCommand({ASRF_BROKER_BIN, "--migrate", "--pg", pg_->url()}).code, 0);
+  BrokerProc b = StartBroker(tmp_ / "broker", tmp_ / "broker.log", kFastHeartbeats);
+  Proc locker({"/usr/bin/psql", pg_->url(), "-c",
+               "BEGIN; LOCK TABLE results IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(6); COMMIT;"},
+              tmp_ / "locker.log");
+  ASSERT_TRUE(WaitFor([&] {
+    return pg_->Query("SELECT count(*) FROM pg_locks WHERE relation = 'results'::regclass AND granted") == "1";
+  }, 10000)) << ReadFile(tmp_ / "locker.log");
+  setenv("PGOPTIONS", "-c lock_timeout=300", 1);
+  Proc w = StartWorker(b.endpoint, tmp_ / "w", tmp_ / "w.log", With(kFastHeartbeats, {"--pg", pg_->url(), "--slots", "4"}));
+  unsetenv("PGOPTIONS");
+  RunResult r = Submit(b.endpoint, {"submit", "--kind", "echo", "--count", "20", "--wait"}, 60000);
+  ASSERT_EQ(r.code, 0) << r.err;
+  ASSERT_TRUE(WaitFor([&] { return ReadFile(tmp_ / "w.log").find("result_write_refused") != std::string::npos; },
+                      10000)) << ReadFile(tmp_ / "w.log");
+  EXPECT_EQ(locker.Wait(20000), 0) << ReadFile(tmp_ / "locker.log");
+  EXPECT_TRUE(WaitFor([&] { return pg_->Query("SELECT count(*) FROM results") == "20"; }, 40000))
+      << pg_->Query("SELECT count(*) FROM results") << ReadFile(tmp_ / "w.log");
+  EXPECT_EQ(pg_->Query("SELECT count(DISTINCT job_id) FROM results WHERE ok"), "20");
+  EXPECT_EQ(ReadFile(tmp_ / "w.log").find("result_row_refused"), std::string::npos);
 }
 
 TEST_F(PgTest, ResultsPastRetentionComeFromPostgres) {

@@ -5,6 +5,7 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <condition_variable>
 #include <cstdio>
 #include <deque>
@@ -28,6 +29,13 @@ std::string OutboxKey(uint64_t seq) {
   char buf[24];
   std::snprintf(buf, sizeof(buf), "o/%016llx", static_cast<unsigned long long>(seq));
   return buf;
+}
+
+// SQLSTATE classes 22 (data exception) and 23 (integrity constraint): the row itself is refused,
+// and writing it again will not help. Anything else (a lock or statement timeout, a conflict,
+// a full disk, a schema the worker does not expect) may pass later.
+bool RowRefused(const std::string& sqlstate) {
+  return sqlstate.rfind("22", 0) == 0 || sqlstate.rfind("23", 0) == 0;
 }
 
 }  // namespace
@@ -68,6 +76,9 @@ struct ResultSink::Impl {
       std::lock_guard<std::mutex> lock(mu);
       was_up = stats.pg_up;
       stats.pg_up = st.ok();
+    }
+    if (st.ok() && opt.statement_timeout_ms > 0) {
+      st = c->Exec("SET statement_timeout = " + std::to_string(opt.statement_timeout_ms));
     }
     if (st.ok()) {
       pg = std::move(c);
@@ -145,34 +156,89 @@ struct ResultSink::Impl {
   }
 
   // Delivers up to one batch from the outbox; returns false when it is empty or PostgreSQL failed.
+  // Nothing leaves the outbox unless PostgreSQL holds it: a batch PostgreSQL refuses is tried
+  // again later (backing off to a minute), and when it refuses rows for their content it is
+  // written row by row and the refused rows are kept apart under "x/" with an error logged.
   bool DrainOutboxOnce() {
+    int64_t now = MonoMs();
+    if (now < drain_after) return false;
     std::vector<proto::JobResult> rows;
-    std::vector<std::string> keys;
+    std::vector<std::string> keys, unreadable;
     std::unique_ptr<rocksdb::Iterator> it(outbox->NewIterator(rocksdb::ReadOptions()));
     for (it->Seek("o/"); it->Valid() && it->key().starts_with("o/") && rows.size() < opt.max_batch; it->Next()) {
       proto::JobResult r;
-      if (proto::DecodeBody(std::string_view(it->value().data(), it->value().size()), &r).ok()) rows.push_back(r);
-      else LogError("result_outbox_unreadable").Kv("key", it->key().ToString());
-      keys.push_back(it->key().ToString());
+      if (proto::DecodeBody(std::string_view(it->value().data(), it->value().size()), &r).ok()) {
+        rows.push_back(r);
+        keys.push_back(it->key().ToString());
+      } else {
+        LogError("result_outbox_unreadable").Kv("key", it->key().ToString());
+        unreadable.push_back(it->key().ToString());
+      }
     }
-    if (keys.empty()) return false;
+    it.reset();
+    if (rows.empty() && unreadable.empty()) return false;
+    rocksdb::WriteBatch wb;
+    for (const auto& k : unreadable) wb.Delete(k);
+    size_t delivered = 0, set_aside = 0;
     Status st = rows.empty() ? Status::Ok() : Upsert(rows);
-    if (!st.ok() && pg->healthy()) {
-      // PostgreSQL is up but refuses these rows: they are still in the broker's journal; log
-      // them and go on instead of holding every later result behind them.
-      LogError("result_rows_refused").Kv("error", st.message()).Kv("rows", static_cast<uint64_t>(rows.size()));
-    } else if (!st.ok()) {
+    if (st.ok()) {
+      for (const auto& k : keys) wb.Delete(k);
+      delivered = keys.size();
+    } else if (!pg->healthy()) {
       MarkDown(st);
       return false;
+    } else if (!RowRefused(pg->sqlstate())) {
+      return Refused(st, rows.size());
+    } else {
+      for (size_t i = 0; i < rows.size(); ++i) {
+        Status one = Upsert({rows[i]});
+        if (one.ok()) {
+          wb.Delete(keys[i]);
+          delivered++;
+        } else if (pg->healthy() && RowRefused(pg->sqlstate())) {
+          LogError("result_row_refused").Kv("job", rows[i].id).Kv("epoch", rows[i].epoch).Kv("error", one.message());
+          wb.Put("x/" + keys[i].substr(2), proto::EncodeBody(rows[i]));
+          wb.Delete(keys[i]);
+          set_aside++;
+        } else {
+          st = one;
+          break;
+        }
+      }
     }
-    rocksdb::WriteBatch wb;
-    for (const auto& k : keys) wb.Delete(k);
-    rocksdb::Status s = outbox->Write(rocksdb::WriteOptions(), &wb);
+    rocksdb::WriteOptions wo;
+    wo.sync = set_aside > 0;
+    rocksdb::Status s = outbox->Write(wo, &wb);
     if (!s.ok()) LogError("result_outbox_delete_failed").Kv("error", s.ToString());
-    std::lock_guard<std::mutex> lock(mu);
-    stats.delivered += keys.size();
-    stats.outbox_size -= std::min<uint64_t>(stats.outbox_size, keys.size());
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      stats.delivered += delivered;
+      stats.set_aside += set_aside;
+      stats.outbox_size -= std::min<uint64_t>(stats.outbox_size, delivered + set_aside + unreadable.size());
+    }
+    if (delivered + set_aside < rows.size()) {
+      if (!pg || !pg->healthy()) {
+        MarkDown(st);
+        return false;
+      }
+      return Refused(st, rows.size() - delivered - set_aside);
+    }
+    drain_backoff_ms = 0;
     return true;
+  }
+  int64_t drain_after = 0, drain_backoff_ms = 0;
+
+  // PostgreSQL is up but did not take the rows (a lock or statement timeout, a full disk...):
+  // they stay in the outbox and are tried again after a backoff.
+  bool Refused(const Status& st, size_t rows) {
+    drain_backoff_ms = std::clamp<int64_t>(drain_backoff_ms * 2, opt.retry_ms, 60000);
+    drain_after = MonoMs() + drain_backoff_ms;
+    LogWarn("result_write_refused")
+        .Kv("error", st.message())
+        .Kv("sqlstate", pg ? pg->sqlstate() : std::string())
+        .Kv("rows", static_cast<uint64_t>(rows))
+        .Kv("retry_ms", drain_backoff_ms);
+    return false;
   }
 
   void Run() {
@@ -197,7 +263,9 @@ struct ResultSink::Impl {
         // Order: while older results wait in the outbox, new ones queue behind them.
         if (pg && !outbox_waiting) {
           st = Upsert(batch);
-          if (!st.ok()) MarkDown(st);
+          // Refused on a live connection (a timeout, a lock): the outbox keeps them, and its
+          // drain tells refusals apart.
+          if (!st.ok() && !pg->healthy()) MarkDown(st);
         }
         if (st.ok()) {
           std::lock_guard<std::mutex> lock(mu);
@@ -207,9 +275,13 @@ struct ResultSink::Impl {
           if (!st.ok()) {
             // Neither PostgreSQL nor the local disk: keep them and try again; never report them.
             LogError("result_sink_stuck").Kv("error", st.message()).Kv("results", static_cast<uint64_t>(batch.size()));
-            std::lock_guard<std::mutex> lock(mu);
-            for (auto it = batch.rbegin(); it != batch.rend(); ++it) pending.push_front(std::move(*it));
-            in_hand = 0;
+            {
+              std::lock_guard<std::mutex> lock(mu);
+              for (auto it = batch.rbegin(); it != batch.rend(); ++it) pending.push_front(std::move(*it));
+              in_hand = 0;
+            }
+            // Not a busy loop with an error line per pass: wait, then try both again.
+            std::this_thread::sleep_for(std::chrono::milliseconds(opt.retry_ms));
             continue;
           }
         }

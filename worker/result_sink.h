@@ -27,6 +27,7 @@ struct ResultSinkOptions {
   std::string worker_id, host, device;
   size_t max_batch = 2000;       // results per INSERT
   int64_t retry_ms = 1000;       // reconnect interval while PostgreSQL is down
+  int64_t statement_timeout_ms = 30000;  // a write that takes longer goes to the outbox
 };
 
 struct ResultSinkStats {
@@ -34,6 +35,7 @@ struct ResultSinkStats {
   uint64_t outboxed = 0;         // results that went through the outbox
   uint64_t delivered = 0;        // outbox entries delivered later
   uint64_t outbox_size = 0;      // entries waiting now
+  uint64_t set_aside = 0;        // rows PostgreSQL refuses for their content, kept apart in the outbox
   bool pg_up = false;
 };
 
