@@ -383,9 +383,9 @@ int RunTrain(const GlobalOptions& g, const std::vector<std::string>& args) {
   int priority = 0;
   po::options_description desc("train options");
   desc.add_options()
-      ("manifest", po::value(&manifest)->required(), "training manifest (JSONL: audio, text, duration) on storage the worker can read")
+      ("manifest", po::value(&manifest)->default_value(""), "training manifest (JSONL: audio, text, duration) on storage the worker can read; required unless --evaluate-only")
       ("valid", po::value(&valid)->required(), "validation manifest, same format")
-      ("name", po::value(&name)->required(), "model name")
+      ("name", po::value(&name)->default_value(""), "model name; required unless --evaluate-only (then \"eval\")")
       ("out", po::value(&out)->default_value(""), "where the worker writes the final model file (also kept in its state dir)")
       ("steps", po::value(&steps)->default_value(steps), "optimizer steps")
       ("batch-seconds", po::value(&batch_seconds)->default_value(batch_seconds), "padded audio seconds per batch")
@@ -443,6 +443,13 @@ int RunTrain(const GlobalOptions& g, const std::vector<std::string>& args) {
                     "[--batch-seconds S] [--out FILE] [--wait]",
                     &vm);
   if (rc >= 0) return rc;
+  if (vm["evaluate-only"].as<bool>()) {
+    if (manifest.empty()) manifest = valid;  // read for its summary only
+    if (name.empty()) name = "eval";
+  } else if (manifest.empty() || name.empty()) {
+    std::cerr << "asr-submit: train needs --manifest and --name (only --evaluate-only does without them)\n";
+    return kExitUsage;
+  }
   auto absolute = [](const std::string& p) {
     if (p.empty() || p[0] == '/') return p;
     char cwd[4096];

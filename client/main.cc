@@ -5,6 +5,8 @@
 #include <cstring>
 #include <iostream>
 
+#include <zmq.hpp>
+
 #include "client/commands.h"
 #include "common/log.h"
 #include "common/options.h"
@@ -50,6 +52,17 @@ int main(int argc, char** argv) {
     return kExitUsage;
   }
   if (g.request_timeout_s <= 0) g.request_timeout_s = 10;
+  try {
+    // The endpoint's form, checked once here so a typo is a usage error with the option's name.
+    zmq::context_t ctx(1);
+    zmq::socket_t probe(ctx, zmq::socket_type::dealer);
+    probe.set(zmq::sockopt::linger, 0);
+    probe.connect(g.broker);
+  } catch (const zmq::error_t& e) {
+    std::cerr << "asr-submit: --broker \"" << g.broker << "\" (or ASRF_BROKER) is not an endpoint such as "
+              << "tcp://host:5555: " << e.what() << "\n";
+    return kExitUsage;
+  }
   std::string name = argv[split];
   std::vector<std::string> rest(argv + split + 1, argv + argc);
   for (const auto& c : Commands()) {

@@ -119,6 +119,11 @@ void AcceptResult(FileJob& f, const proto::JobEvent& e, const std::vector<std::s
     f.error = "unreadable segment result: " + st.message();
     return;
   }
+  if (file != f.rel || count != f.segments || index < 0 || index >= count) {
+    f.error = "segment result for " + file + " (" + std::to_string(index) + " of " + std::to_string(count) +
+              "), not for this file";
+    return;
+  }
   if (f.parts.emplace(index, std::move(seg)).second) f.received++;
   f.compute_s += run_s;
   if (f.transcript.model.empty()) f.transcript.model = model;
@@ -264,9 +269,28 @@ int RunTranscribe(const GlobalOptions& g, const std::vector<std::string>& args) 
 
   Walk walk = FindFiles(inputs, exts, out_dir, formats, vm["overwrite"].as<bool>());
   std::vector<FileJob>& files = walk.files;
+  bool named = !batch.empty();
   if (batch.empty()) batch = "tx-" + cli::RandomHex(6);
   int64_t start = MonoMs();
   BrokerClient client(g.broker);
+  if (named) {
+    // A batch holds one run: segments are matched to files by the order they were submitted in,
+    // and the outputs of another run's files must never be written as this run's.
+    proto::StatusReq q;
+    q.batch = batch;
+    proto::Reply r;
+    Status st = client.Call(Cmd::kStatus, q, &r, cli::RequestTimeoutMs(g));
+    int64_t jobs = 0;
+    for (const auto& [state, n] : r.counts) jobs += n;
+    if (st.ok() && jobs > 0) {
+      std::cerr << "asr-submit: batch " << batch << " exists already (" << jobs << " segment(s)); `asr-submit collect "
+                << batch << " --out DIR` writes its transcripts. Give this run a new --batch name, or none.\n";
+      return kExitUsage;
+    }
+    if (!st.ok() && st.code() != Status::Code::kNotFound) return cli::ExitFor(st);
+  }
+  // First, so that whatever happens next the batch can be found again (`collect`, `status`).
+  std::cerr << "batch " << batch << ": " << files.size() << " file(s) to transcribe\n";
   ProgressLine progress(start);
   int64_t deadline = g.timeout_s > 0 ? start + static_cast<int64_t>(g.timeout_s * 1000) : INT64_MAX;
 
@@ -361,8 +385,10 @@ int RunTranscribe(const GlobalOptions& g, const std::vector<std::string>& args) 
     if (broker_terminal > static_cast<int64_t>(finished_jobs.size()) && MonoMs() - last_event > 1500) {
       for (const auto& [id, fi] : job_file) {
         if (finished_jobs.count(id)) continue;
+        if (MonoMs() >= deadline) return kExitUnreachable;
         proto::JobInfo i;
-        if (status_of(id, &i)) {
+        if (!status_of(id, &i)) break;  // the silence check above decides whether to give up
+        {
           proto::JobEvent e;
           e.id = i.id;
           e.state = i.state;
@@ -426,7 +452,12 @@ int RunTranscribe(const GlobalOptions& g, const std::vector<std::string>& args) 
       Status cst = client.Call(Cmd::kSubmit, s, &r, cli::RequestTimeoutMs(g));
       if (!cst.ok()) return cst;
       last_answer = MonoMs();
-      for (size_t k = 0; k < r.job_ids.size() && k < lens.size(); ++k) job_file[r.job_ids[k]] = {fi, lens[k]};
+      if (r.job_ids.size() != lens.size() || r.duplicate) {
+        return Status::Corruption("the broker answered " + std::to_string(r.job_ids.size()) + " job id(s)" +
+                                (r.duplicate ? " of an earlier request" : "") + " for " + std::to_string(lens.size()) +
+                                " segment(s) of " + f.path);
+      }
+      for (size_t k = 0; k < r.job_ids.size(); ++k) job_file[r.job_ids[k]] = {fi, lens[k]};
       s.jobs.clear();
       lens.clear();
       bytes = 0;
@@ -466,7 +497,17 @@ int RunTranscribe(const GlobalOptions& g, const std::vector<std::string>& args) 
   }
 
   auto summary = [&]() {
-    size_t errors = files_failed + walk.errors.size();
+    // A submitted file that neither got its outputs nor failed is a failure too, never a silent gap.
+    size_t unfinished = 0;
+    if (wait) {
+      for (auto& f : files) {
+        if (f.submitted && !f.written && f.error.empty()) {
+          f.error = "not finished: " + std::to_string(f.received) + " of " + std::to_string(f.segments) + " segment(s) came back";
+          unfinished++;
+        }
+      }
+    }
+    size_t errors = files_failed + unfinished + walk.errors.size();
     std::cerr << "summary: " << files.size() << " file(s) picked, " << files_done << " transcribed, "
               << errors << " failed, " << walk.skipped_existing << " skipped (outputs exist), " << walk.skipped_ext
               << " skipped (extension not in --ext)\n";
@@ -530,14 +571,26 @@ int RunCollect(const GlobalOptions& g, const std::vector<std::string>& args) {
   // Every job of the batch, then each one's result.
   std::map<std::string, FileJob> by_file;
   size_t failed_segments = 0;
-  for (const char* state : {"done", "failed", "dead", "cancelled"}) {
-    proto::JobsReq jq;
-    jq.state = state;
+  // Page by page: a batch may hold more segments than one JOBS reply lists.
+  std::vector<proto::JobInfo> listed;
+  for (proto::JobsReq jq;;) {
     jq.batch = batch;
     jq.limit = 10000;
     proto::Reply jr;
     if (Status st = client.Call(Cmd::kJobs, jq, &jr, cli::RequestTimeoutMs(g)); !st.ok()) return cli::ExitFor(st);
-    for (const auto& info : jr.jobs) {
+    if (jr.jobs.empty() || jr.jobs.back().id <= jq.after) break;
+    jq.after = jr.jobs.back().id;
+    for (auto& j : jr.jobs) listed.push_back(std::move(j));
+  }
+  int64_t total = 0;
+  for (const auto& [state, n] : counts.counts) total += n;
+  if (static_cast<int64_t>(listed.size()) < total) {
+    std::cerr << "asr-submit: the broker listed " << listed.size() << " of the " << total << " jobs of batch " << batch
+              << " (a broker older than this client lists at most 10,000)\n";
+    return kExitJobsFailed;
+  }
+  {
+    for (const auto& info : listed) {
       if (info.kind != proto::kTranscribeKind) continue;
       proto::StatusReq q;
       q.job = info.id;
@@ -568,8 +621,12 @@ int RunCollect(const GlobalOptions& g, const std::vector<std::string>& args) {
     }
   }
   size_t written = 0, incomplete = 0;
+  // Output names as `transcribe` chose them: a file whose stem another file shares keeps its
+  // extension (a.wav.txt beside a.mp3.txt), so neither overwrites the other.
+  std::map<std::string, int> stems;
+  for (const auto& [file, f] : by_file) stems[OutputBase(file, ".", out_dir, false)]++;
   for (auto& [file, f] : by_file) {
-    f.base = OutputBase(file, ".", out_dir, false);
+    f.base = OutputBase(file, ".", out_dir, stems[OutputBase(file, ".", out_dir, false)] > 1);
     if (f.received != f.segments) {
       incomplete++;
       std::cerr << "  error: " << file << ": " << f.received << " of " << f.segments << " segments\n";

@@ -88,7 +88,7 @@ if ((do_pg)); then
     if [[ -z "$pg" ]]; then
         pg="$("$repo/scripts/pg-local.sh" url "$state")" || die "no --pg, no ASRF_PG, and scripts/pg-local.sh url failed"
     fi
-    if [[ "$pg" =~ (^|[[:space:]?\&])password= || "$pg" =~ ^postgres(ql)?://[^/@]*:[^/@]*@ ]]; then
+    if [[ "$pg" =~ (^|[[:space:]?\&])password[[:space:]]*= || "$pg" =~ ^postgres(ql)?://[^/@]*:[^/@]*@ ]]; then
         die "the conninfo holds a password (it would show in ps): put it in PGPASSFILE or PGPASSWORD instead"
     fi
 fi

@@ -468,6 +468,10 @@ TEST(Deploy, SubmitHelpListsEachSubcommandApartFromItsSummary) {
     EXPECT_EQ(first.rfind("usage: asr-submit ", 0), 0u) << n << ": " << first;
     EXPECT_NE(first.find(" " + n + " "), std::string::npos) << n << ": " << first;
   }
+  // A mistyped endpoint is a usage error that names the option, not "Invalid argument" and exit 3.
+  RunResult bad = RunCommand({ASRF_SUBMIT_BIN, "--broker", "bogus", "status"});
+  EXPECT_EQ(bad.code, 2) << bad.err;
+  EXPECT_NE(bad.err.find("--broker \"bogus\""), std::string::npos) << bad.err;
 }
 
 // ---- idle stop ----

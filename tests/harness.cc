@@ -121,6 +121,13 @@ RunResult RunCommand(const std::vector<std::string>& argv, int timeout_ms) {
   pid_t pid = Spawn(argv, out[1], err[1]);
   close(out[1]);
   close(err[1]);
+  if (pid <= 0) {
+    // Not started (e.g. the binary is missing): never waitpid(-1), which waits for any child.
+    close(out[0]);
+    close(err[0]);
+    r.err = "cannot start " + argv[0];
+    return r;
+  }
   pollfd fds[2] = {{out[0], POLLIN, 0}, {err[0], POLLIN, 0}};
   int open_fds = 2;
   int64_t deadline = t0 + timeout_ms;

@@ -235,6 +235,14 @@ TEST_F(TranscribeTest, FolderToTranscriptsWithBadFilesLongFilesAndPostgres) {
   RunResult col = Submit(b.endpoint, {"collect", "later-1", "--out", t / "later"}, 60000);
   EXPECT_EQ(col.code, 0) << col.err;
   EXPECT_EQ(Trim(ReadFile(t / "later/u1.txt")), Trim(ReadFile(out + "/calls/a/u1.txt")));
+
+  // A batch holds one run: another run naming it would get the first run's segments back as its
+  // own (the same request ids), so it is refused and nothing is written.
+  RunResult reuse = Submit(b.endpoint, {"transcribe", in + "/calls/a/u2.wav", "--out", t / "reuse",
+                                        "--batch", "later-1", "--wait"}, 60000);
+  EXPECT_EQ(reuse.code, 2) << reuse.err;
+  EXPECT_NE(reuse.err.find("batch later-1 exists already"), std::string::npos) << reuse.err;
+  EXPECT_FALSE(fs::exists(t / "reuse/u2.txt"));
 }
 
 TEST_F(TranscribeTest, AJobForAModelNoWorkerHasWaitsAndSaysWhy) {
