@@ -217,6 +217,32 @@ struct Broker::Impl {
 
   // ---- replay ---------------------------------------------------------------------------------
 
+  // A new journal beside a PostgreSQL that may hold an earlier journal's jobs (the broker's state
+  // dir was lost or wiped, PostgreSQL kept): job ids continue after the highest one there, so new
+  // results and history never meet old rows under the same id (the results upsert keeps the row
+  // with the newer lease epoch, and a new journal's epochs start low again). Only then does the
+  // start wait for PostgreSQL, at most its connect timeout.
+  void ContinueIdsAfterPostgres() {
+    std::unique_ptr<PgConn> c;
+    bool migrated = false;
+    PgResult r;
+    Status st = ConnectAndMigrate(opt.pg, &migrated, &c);
+    if (st.ok()) {
+      st = c->Query("SELECT greatest((SELECT coalesce(max(id), 0) FROM jobs), (SELECT coalesce(max(job_id), 0) FROM "
+                    "results), (SELECT coalesce(max(job_id), 0) FROM checkpoints))", {}, &r);
+    }
+    if (!st.ok() || r.rows() != 1) {
+      LogWarn("job_ids_from_one").Kv("error", st.message())
+          .Kv("detail", "a new journal, and PostgreSQL did not say which job ids it holds: if it holds an earlier "
+                        "journal's jobs, their rows meet the new ones");
+      return;
+    }
+    uint64_t top = static_cast<uint64_t>(r.get_int(0, 0));
+    if (top == 0) return;
+    next_job_id = top + 1;
+    LogInfo("job_ids_continue").Kv("after", top).Kv("detail", "a new journal; PostgreSQL holds jobs up to this id");
+  }
+
   Status Replay() {
     int64_t loaded = 0;
     ASRF_RETURN_IF_ERROR(journal->Scan("j/", [&](std::string_view key, std::string_view value) -> Status {
@@ -1644,6 +1670,7 @@ Status Broker::Open(const BrokerOptions& options, std::unique_ptr<Broker>* out) 
     LogWarn("no_postgresql").Kv("detail", "no --pg / ASRF_PG: job history is kept only in the journal");
   }
   ASRF_RETURN_IF_ERROR(impl->Replay());
+  if (!impl->opt.pg.empty() && impl->next_job_id == 1) impl->ContinueIdsAfterPostgres();
   try {
     impl->sock.set(zmq::sockopt::maxmsgsize, proto::kMaxMessageBytes);
     impl->sock.set(zmq::sockopt::linger, 0);

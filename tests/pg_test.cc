@@ -117,6 +117,26 @@ TEST_F(PgTest, ResultsPostgresRefusesWaitInTheOutboxUntilItTakesThem) {
   EXPECT_EQ(ReadFile(tmp_ / "w.log").find("result_row_refused"), std::string::npos);
 }
 
+// The broker's state dir lost (or wiped) while PostgreSQL kept everything: the new journal's job
+// ids continue after PostgreSQL's, so the new results land beside the old ones. With ids from 1
+// again, job 1's new result met the old row and, its lease epoch being lower, was silently kept out.
+TEST_F(PgTest, ANewJournalContinuesJobIdsAfterThoseInPostgres) {
+  {
+    BrokerProc b = StartBroker(tmp_ / "broker", tmp_ / "broker.log", {"--pg", pg_->url()});
+    Proc w = StartWorker(b.endpoint, tmp_ / "w", tmp_ / "w.log", {"--pg", pg_->url()});
+    ASSERT_EQ(Submit(b.endpoint, {"submit", "--kind", "echo", "--count", "3", "--payload", "{\"run\":1}", "--wait"}).code, 0);
+  }
+  RemoveTree(tmp_ / "broker");
+  BrokerProc b = StartBroker(tmp_ / "broker", tmp_ / "broker2.log", {"--pg", pg_->url()});
+  ASSERT_FALSE(b.endpoint.empty()) << ReadFile(tmp_ / "broker2.log");
+  Proc w = StartWorker(b.endpoint, tmp_ / "w2", tmp_ / "w2.log", {"--pg", pg_->url()});
+  RunResult r = Submit(b.endpoint, {"submit", "--kind", "echo", "--payload", "{\"run\":2}", "--wait"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(pg_->Query("SELECT count(*) FROM results"), "4");
+  EXPECT_EQ(pg_->Query("SELECT job_id FROM results WHERE convert_from(payload, 'UTF8') = '{\"run\":2}'"), "4");
+  EXPECT_NE(ReadFile(tmp_ / "broker2.log").find("job_ids_continue"), std::string::npos) << ReadFile(tmp_ / "broker2.log");
+}
+
 TEST_F(PgTest, ResultsPastRetentionComeFromPostgres) {
   BrokerProc b = StartBroker(tmp_ / "broker", tmp_ / "broker.log", {"--pg", pg_->url(), "--result-retention-s", "0"});
   Proc w = StartWorker(b.endpoint, tmp_ / "w", tmp_ / "w.log", {"--pg", pg_->url()});

@@ -405,11 +405,28 @@ std::string SaveCheckpoint(CtcModel& model, torch::optim::Adam& opt, const Posit
   return os.str();
 }
 
+// `spec_json`, when given, must name the training the checkpoint was saved by: a worker's checkpoints
+// are keyed by job id, and a broker that lost its journal numbers jobs from 1 again. A checkpoint
+// of another training is refused with NotFound before anything is loaded.
 Status LoadCheckpoint(const std::string& bytes, CtcModel& model, torch::optim::Adam& opt, Position* pos,
-                      std::mt19937_64* rng) {
+                      std::mt19937_64* rng, const std::string* spec_json = nullptr) {
   try {
     torch::serialize::InputArchive ar;
     ar.load_from(bytes.data(), bytes.size(), torch::Device(torch::kCPU));  // saved on a GPU, read anywhere
+    if (spec_json) {
+      c10::IValue m;
+      ar.read("meta", m);
+      json meta = json::parse(m.toStringRef());
+      // What names a training, not every setting: a newer worker may write more settings.
+      json saved = json::parse(meta.value("spec", std::string("{}")), nullptr, false);
+      json want = json::parse(*spec_json, nullptr, false);
+      for (const char* k : {"name", "manifest", "valid", "init"}) {
+        if (saved.is_discarded() || !saved.is_object() || saved.value(k, json()) != want.value(k, json())) {
+          return Status::NotFound(std::string("the checkpoint is of another training under the same job id (its ") + k +
+                                  " differs)");
+        }
+      }
+    }
     torch::serialize::InputArchive weights, optim;
     ar.read("model", weights);
     model->load(weights);
@@ -682,15 +699,20 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
     }
     resumed = local || newer;
     if (resumed) {
-      Status ls = LoadCheckpoint(ckpt, model, opt, &pos, &rng);
+      const std::string spec_json = spec.ToJson();
+      Status ls = LoadCheckpoint(ckpt, model, opt, &pos, &rng, newer ? nullptr : &spec_json);
       if (!ls.ok() && !newer && ctx.fetch_published && ctx.fetch_published(-1, &published_step, &published)) {
         // This worker's own copy is damaged: the published one, older, beats losing the job.
         LogError("checkpoint_unreadable").Kv("job", ctx.job_id).Kv("step", ckpt_step).Kv("error", ls.message())
             .Kv("published_step", published_step);
         ls = LoadCheckpoint(published, model, opt, &pos, &rng);
+      } else if (ls.code() == Status::Code::kNotFound) {
+        LogWarn("checkpoint_ignored").Kv("job", ctx.job_id).Kv("step", ckpt_step).Kv("error", ls.message());
+        ls = Status::Ok();
+        resumed = false;
       }
       ASRF_RETURN_IF_ERROR(ls);
-      PlaceOnDevice(model, opt, device);
+      if (resumed) PlaceOnDevice(model, opt, device);
     }
   }
   if (gang) {
