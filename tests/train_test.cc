@@ -285,8 +285,39 @@ TEST_F(TrainTest, CheckpointsAreIndexedInPostgres) {
   args.push_back("--wait");
   RunResult r = Submit(b.endpoint, args, 240000);
   ASSERT_EQ(r.code, 0) << r.err << ReadFile(tmp_ / "w.log");
-  EXPECT_EQ(pg.Query("SELECT string_agg(step::text, ',' ORDER BY step) FROM checkpoints WHERE job_id = 1"), "10,20");
-  EXPECT_EQ(pg.Query("SELECT count(*) FROM checkpoints WHERE loss > 0 AND worker <> ''"), "2");
+  // Every 10 steps, and the end state (so a run again only validates and registers).
+  EXPECT_EQ(pg.Query("SELECT string_agg(step::text, ',' ORDER BY step) FROM checkpoints WHERE job_id = 1"), "10,20,30");
+  EXPECT_EQ(pg.Query("SELECT count(*) FROM checkpoints WHERE loss > 0 AND worker <> ''"), "3");
+  EXPECT_EQ(pg.Query("SELECT version, data_summary->>'job' FROM models WHERE name = 'indexed'"), "1|1");
+}
+
+// PostgreSQL gone when the training ends: the job fails saying the model is not in the registry
+// (it used to end done with the model registered nowhere), and RETRY registers it from the final
+// checkpoint without training again, once.
+TEST_F(TrainTest, AModelTheRegistryMissedIsRegisteredByRetryWithoutTrainingAgain) {
+  PgCluster pg(tmp_.path());
+  ASSERT_TRUE(pg.Start());
+  BrokerProc b = StartBroker(tmp_ / "broker", tmp_ / "broker.log");
+  Proc w = StartWorker(b.endpoint, tmp_ / "w", tmp_ / "w.log", {"--threads", "2", "--pg", pg.url()});
+  ASSERT_EQ(Submit(b.endpoint, TrainArgs("late", 60, 20)).code, 0);
+  ASSERT_TRUE(WaitFor([&] { return Step(JobStatus(b.endpoint, 1)) >= 5; }, 120000)) << ReadFile(tmp_ / "w.log");
+  ASSERT_TRUE(pg.Stop());
+  json s;
+  ASSERT_TRUE(WaitFor([&] {
+    s = JobStatus(b.endpoint, 1);
+    return s.value("state", "") == "failed";
+  }, 120000)) << s.dump() << ReadFile(tmp_ / "w.log");
+  EXPECT_NE(s.value("error", "").find("registers it without training again"), std::string::npos) << s.dump();
+  ASSERT_TRUE(pg.Start());
+  RunResult retry = Submit(b.endpoint, {"retry", "1"});
+  ASSERT_EQ(retry.code, 0) << retry.err;
+  ASSERT_TRUE(WaitFor([&] { return JobStatus(b.endpoint, 1).value("state", "") == "done"; }, 120000))
+      << ReadFile(tmp_ / "w.log");
+  EXPECT_EQ(pg.Query("SELECT count(*) FROM models WHERE name = 'late'"), "1");
+  std::string log = ReadFile(tmp_ / "w.log");
+  size_t at = log.rfind("train_resumed");
+  ASSERT_NE(at, std::string::npos) << log;
+  EXPECT_NE(log.substr(at, 80).find("\"step\":60"), std::string::npos) << log.substr(at, 200);
 }
 
 TEST_F(TrainTest, BadManifestsFailWithClearErrorsBeforeTraining) {

@@ -77,14 +77,18 @@ Status RegisterTrainKind(JobRegistry* registry, const TrainKindOptions& options)
         *bytes = DecodeByteaHex(r.get(0, 1));
         return true;
       };
-      tc.model_finished = [&, id = ctx.id](const std::string& path, const std::string& summary) {
-        // The finished model goes into the registry as the next version of its name.
+      tc.model_finished = [&, id = ctx.id](const std::string& path, const std::string& summary) -> Status {
+        // The finished model goes into the registry as the next version of its name, once per
+        // job: a job run again finds its version there and adds none.
         std::ifstream in(path, std::ios::binary);
         std::string bytes((std::istreambuf_iterator<char>(in)), {});
         auto j = nlohmann::json::parse(summary, nullptr, false);
-        if (bytes.empty() || j.is_discarded() || !connect()) {
+        if (bytes.empty() || j.is_discarded()) return Status::IOError("cannot read the finished model " + path);
+        if (!connect()) {
           LogWarn("model_not_registered").Kv("job", id).Kv("model", path);
-          return;
+          return Status::Unavailable("PostgreSQL is unreachable, so the model is not in the registry; it is kept at " +
+                                     path + ", and `asr-submit retry " + std::to_string(id) +
+                                     "` registers it without training again");
         }
         nlohmann::json data = {{"utterances", j.value("utterances", 0)}, {"hours", j.value("hours", 0.0)},
                                {"steps", j.value("steps", 0)}, {"manifest", spec.manifest}, {"job", id}};
@@ -92,12 +96,19 @@ Status RegisterTrainKind(JobRegistry* registry, const TrainKindOptions& options)
         Status st = pg->Query(
             "INSERT INTO models (name, version, bytes, sha256, config, valid_cer, data_summary, train_seconds) "
             "SELECT $1, coalesce(max(version), 0) + 1, $2::bytea, encode(sha256($2::bytea), 'hex'), $3::jsonb, $4, "
-            "$5::jsonb, $6 FROM models WHERE name = $1 RETURNING version",
+            "$5::jsonb, $6 FROM models WHERE name = $1 "
+            "HAVING NOT coalesce(bool_or(data_summary->>'job' = $7), false) RETURNING version",
             {spec.name, bytes, spec.ToJson(), std::to_string(j.value("valid_cer", 1.0)), data.dump(),
-             std::to_string(j.value("train_seconds", 0.0))},
-            &r, {false, true, false, false, false, false});
-        if (!st.ok()) LogWarn("model_not_registered").Kv("job", id).Kv("error", st.message());
+             std::to_string(j.value("train_seconds", 0.0)), std::to_string(id)},
+            &r, {false, true, false, false, false, false, false});
+        if (!st.ok()) {
+          LogWarn("model_not_registered").Kv("job", id).Kv("error", st.message());
+          return Status::Unavailable("the model is not in the registry (" + st.message() + "); it is kept at " + path +
+                                     ", and `asr-submit retry " + std::to_string(id) + "` registers it without training again");
+        }
+        if (r.rows() == 0) LogInfo("model_registered_already").Kv("job", id).Kv("name", spec.name);
         else LogInfo("model_registered").Kv("job", id).Kv("name", spec.name).Kv("version", r.get(0, 0));
+        return Status::Ok();
       };
     }
     return RunTraining(spec, tc, result);

@@ -866,6 +866,9 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
     if (pos.step % spec.checkpoint_every == 0 && pos.step < spec.steps) ASRF_RETURN_IF_ERROR(checkpoint("interval"));
   }
 
+  // The end state too: a job run again (its registration failed, its worker was lost before the
+  // broker heard of its end) validates and registers without training again.
+  if (pos.step > resumed_at) ASRF_RETURN_IF_ERROR(checkpoint("final"));
   Evaluation final;
   if (rank == 0) final = Evaluate(model, valid, valid.size(), spec.batch_seconds);
   std::error_code ec;
@@ -889,7 +892,7 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
     r.erase("valid_wer");
   }
   *result = r.dump();
-  if (rank == 0 && ctx.model_finished) ctx.model_finished(kept, result->c_str());
+  if (rank == 0 && ctx.model_finished) ASRF_RETURN_IF_ERROR(ctx.model_finished(kept, *result));
   if (gang) {
     if (Status fs = gang->Finish(ctx.cancelled); !fs.ok()) {
       LogWarn("gang_finish_failed").Kv("job", ctx.job_id).Kv("rank", rank).Kv("error", fs.message());

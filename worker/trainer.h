@@ -70,7 +70,9 @@ struct TrainContext {
   // step; false when there is none. May be empty.
   std::function<bool(int64_t after, int64_t* step, std::string* bytes)> fetch_published;
   // Called by rank 0 with the finished model file and its summary (JSON), e.g. for the registry.
-  std::function<void(const std::string& model_path, const std::string& summary_json)> model_finished;
+  // An error fails the job (the model is kept on disk and a final checkpoint lets a RETRY finish
+  // the registration without training again).
+  std::function<Status(const std::string& model_path, const std::string& summary_json)> model_finished;
   int threads = 0;                               // torch threads; 0 = leave as is
   // "cpu" or "cuda:N": the model, the front end and the loss run there; a gang's all-reduce is
   // Gloo on the CPU and NCCL on CUDA. Checkpoints and models are written so a CPU host reads them.
