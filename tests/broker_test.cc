@@ -2,6 +2,7 @@
 // acknowledgements across a simulated power cut, stale-epoch rejection, and hostile input.
 #include <gtest/gtest.h>
 
+#include <csignal>
 #include <deque>
 #include <map>
 #include <set>
@@ -481,6 +482,59 @@ TEST_F(BrokerGangs, AWaitingGangHoldsWorkersWithFreeSlotsUntilTheyDrain) {
   EXPECT_EQ(a.given[2].id, gang.at(0)) << "the gang runs as soon as its workers are idle";
   EXPECT_EQ(b.given[2].id, gang.at(1));
   EXPECT_EQ(a.given[2].world_size, 2u);
+}
+
+// A worker stopping while the broker is gone: a lease whose STARTED the broker never confirmed
+// never ran, and used to keep the worker waiting for it for ever. Here a stand-in broker (a raw
+// ROUTER) assigns one job and then says nothing.
+TEST(WorkerStop, ALeaseTheBrokerNeverConfirmedDoesNotHoldUpAStop) {
+  TempDir tmp;
+  zmq::context_t ctx(1);
+  zmq::socket_t router(ctx, zmq::socket_type::router);
+  router.set(zmq::sockopt::linger, 0);
+  router.bind("tcp://127.0.0.1:*");
+  std::string endpoint = router.get(zmq::sockopt::last_endpoint);
+  testing::Proc w = testing::StartWorker(endpoint, tmp / "w", tmp / "w.log");
+  // Frames from the worker: routing id, tag, command, body.
+  auto next = [&](Cmd want, std::string* routing) {
+    for (int64_t end = MonoMs() + 15000; MonoMs() < end;) {
+      zmq::pollitem_t item{router.handle(), 0, ZMQ_POLLIN, 0};
+      zmq::poll(&item, 1, std::chrono::milliseconds(100));
+      if (!(item.revents & ZMQ_POLLIN)) continue;
+      std::vector<zmq::message_t> frames;
+      bool more = true;
+      while (more) {
+        zmq::message_t m;
+        (void)router.recv(m);
+        more = m.more();
+        frames.push_back(std::move(m));
+      }
+      if (frames.size() == 4 && frames[2].size() == 1 && static_cast<Cmd>(frames[2].data<char>()[0]) == want) {
+        *routing = frames[0].to_string();
+        return true;
+      }
+    }
+    return false;
+  };
+  std::string routing;
+  ASSERT_TRUE(next(Cmd::kReady, &routing)) << testing::ReadFile(tmp / "w.log");
+  proto::Assign a;
+  proto::Assignment job;
+  job.id = 1;
+  job.epoch = 1;
+  job.kind = "sleep";
+  job.payload.data = "{\"ms\":1}";
+  a.jobs.push_back(job);
+  std::string body = proto::EncodeBody(a);
+  router.send(zmq::buffer(routing), zmq::send_flags::sndmore);
+  router.send(zmq::buffer(std::string(proto::kTag)), zmq::send_flags::sndmore);
+  router.send(zmq::buffer(std::string(1, static_cast<char>(Cmd::kAssign))), zmq::send_flags::sndmore);
+  router.send(zmq::buffer(body), zmq::send_flags::none);
+  ASSERT_TRUE(next(Cmd::kStarted, &routing)) << testing::ReadFile(tmp / "w.log");
+  w.Signal(SIGTERM);
+  EXPECT_EQ(w.Wait(20000), 0) << "the worker did not stop" << testing::ReadFile(tmp / "w.log");
+  EXPECT_NE(testing::ReadFile(tmp / "w.log").find("lease_left_unstarted"), std::string::npos)
+      << testing::ReadFile(tmp / "w.log");
 }
 
 // A gang runs whole or not at all. When one rank has ended done and another is requeued (its

@@ -8,6 +8,7 @@
 #include <deque>
 #include <filesystem>
 #include <mutex>
+#include <set>
 #include <thread>
 #include <unordered_map>
 
@@ -479,6 +480,19 @@ Status Worker::Run(const std::atomic<bool>* stop) {
       drain_started = now;
       s.Send(Cmd::kHeartbeat, proto::Heartbeat{true, 0, 0});
       LogInfo("worker_draining").Kv("running", static_cast<uint64_t>(s.running.size()));
+    }
+    if (s.draining && !s.awaiting_start.empty() && now - drain_started > s.opt.drain_ack_wait_ms) {
+      // Leases the broker never confirmed (it may be gone): they never ran here, and the broker
+      // requeues them when this worker says goodbye. Waiting for them would never end.
+      std::lock_guard<std::mutex> lock(s.mu);
+      std::set<uint64_t> groups;
+      for (const auto& [id, t] : s.awaiting_start) {
+        LogWarn("lease_left_unstarted").Kv("job", id).Kv("epoch", t.a.epoch);
+        s.running.erase(id);
+        if (t.a.group) groups.insert(t.a.group);
+      }
+      s.awaiting_start.clear();
+      for (uint64_t g : groups) s.ReleaseGroupIfComplete(g);
     }
     if (s.draining && s.running.empty() && (!s.sink || s.sink->Pending() == 0) &&
         (s.unacked.empty() || now - drain_started > s.opt.drain_ack_wait_ms)) {
