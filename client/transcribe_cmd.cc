@@ -147,6 +147,18 @@ struct Walk {
   std::vector<std::string> errors;  // inputs that do not exist
 };
 
+// False, with a message, when a --format is not one this client writes.
+bool FormatsKnown(const std::vector<std::string>& formats) {
+  for (const auto& f : formats) {
+    std::string unused;
+    if (!FormatByName(f, Transcript{}, &unused).ok()) {
+      std::cerr << "asr-submit: unknown --format " << f << " (txt, json, srt, vtt, tsv)\n";
+      return false;
+    }
+  }
+  return true;
+}
+
 Walk FindFiles(const std::vector<std::string>& inputs, const std::set<std::string>& exts, const std::string& out_dir,
                const std::vector<std::string>& formats, bool overwrite) {
   Walk w;
@@ -165,6 +177,19 @@ Walk FindFiles(const std::vector<std::string>& inputs, const std::set<std::strin
       std::vector<std::string> here;
       for (auto it = fs::recursive_directory_iterator(p, fs::directory_options::skip_permission_denied, ec);
            !ec && it != fs::recursive_directory_iterator(); it.increment(ec)) {
+        std::error_code lec;
+        if (it->is_symlink(lec)) {
+          // Never silently: a broken link, or a linked folder (not followed: links may loop).
+          if (!fs::exists(it->path(), lec)) {
+            w.errors.push_back(it->path().string() + ": a broken symbolic link");
+            continue;
+          }
+          if (fs::is_directory(it->path(), lec)) {
+            w.errors.push_back(it->path().string() + ": a symbolic link to a folder, not followed; name it on the "
+                               "command line to transcribe it");
+            continue;
+          }
+        }
         if (!it->is_regular_file(ec)) continue;
         if (picked(it->path())) here.push_back(it->path().string());
         else w.skipped_ext++;
@@ -253,13 +278,7 @@ int RunTranscribe(const GlobalOptions& g, const std::vector<std::string>& args) 
     return kExitUsage;
   }
   std::vector<std::string> formats = SplitList(format_list);
-  for (const auto& f : formats) {
-    std::string unused;
-    if (!FormatByName(f, Transcript{}, &unused).ok()) {
-      std::cerr << "asr-submit: unknown --format " << f << " (txt, json, srt, vtt, tsv)\n";
-      return kExitUsage;
-    }
-  }
+  if (!FormatsKnown(formats)) return kExitUsage;
   if (formats.empty()) formats = {"txt"};
   std::set<std::string> exts;
   for (auto& e : SplitList(ext_list)) exts.insert(e[0] == '.' ? e.substr(1) : e);
@@ -557,11 +576,15 @@ int RunCollect(const GlobalOptions& g, const std::vector<std::string>& args) {
                          &vm);
   if (rc >= 0) return rc;
   std::vector<std::string> formats = SplitList(format_list);
+  if (!FormatsKnown(formats)) return kExitUsage;
   BrokerClient client(g.broker);
   proto::StatusReq sq;
   sq.batch = batch;
   proto::Reply counts;
-  if (Status st = client.Call(Cmd::kStatus, sq, &counts, cli::RequestTimeoutMs(g)); !st.ok()) return cli::ExitFor(st);
+  if (Status st = client.Call(Cmd::kStatus, sq, &counts, cli::RequestTimeoutMs(g)); !st.ok()) {
+    // An unknown batch is a usage error, as for `watch`.
+    return st.code() == Status::Code::kNotFound ? (cli::ExitFor(st), kExitUsage) : cli::ExitFor(st);
+  }
   int64_t unfinished = counts.counts["queued"] + counts.counts["leased"];
   if (unfinished > 0) {
     std::cerr << "asr-submit: batch " << batch << " has " << unfinished

@@ -149,6 +149,8 @@ TEST_F(TranscribeTest, FolderToTranscriptsWithBadFilesLongFilesAndPostgres) {
   WritePcm(in + "/calls/empty.wav", {}, 16000, 1, SF_FORMAT_WAV | SF_FORMAT_PCM_16);
   { std::ofstream(in + "/calls/notes.wav") << "this is not audio\n"; }
   { std::ofstream(in + "/calls/README.txt") << "ignored\n"; }
+  // A broken link is named, never skipped in silence.
+  fs::create_symlink(in + "/calls/gone.wav", in + "/calls/dangling.wav");
 
   BrokerProc b = StartBroker(t / "broker", t / "broker.log", {"--pg", pg.url()});
   ASSERT_FALSE(b.endpoint.empty());
@@ -158,10 +160,11 @@ TEST_F(TranscribeTest, FolderToTranscriptsWithBadFilesLongFilesAndPostgres) {
   RunResult r = Submit(b.endpoint, {"transcribe", in, "--out", out, "--format", "txt,json,srt,vtt,tsv",
                                     "--max-segment-s", "6", "--wait"},
                        180000);
-  // Two bad files: exit 1, both named in the summary, everything else written.
+  // Two bad files and a broken link: exit 1, each named in the summary, everything else written.
   EXPECT_EQ(r.code, 1) << r.err << ReadFile(t / "worker.log");
   EXPECT_NE(r.err.find("empty.wav"), std::string::npos) << r.err;
   EXPECT_NE(r.err.find("notes.wav"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("dangling.wav: a broken symbolic link"), std::string::npos) << r.err;
   EXPECT_NE(r.err.find("1 skipped (extension"), std::string::npos) << r.err;
   EXPECT_FALSE(fs::exists(out + "/calls/empty.txt"));
 
