@@ -1248,8 +1248,9 @@ struct Broker::Impl {
   }
 
   // A gang runs whole or not at all, so a member requeued after another member ended `done`
-  // (its worker lost between the two ranks' last words) would wait for ever. It ends instead:
-  // cancelled when rank 0, which writes the model, finished; failed otherwise.
+  // (its worker lost between the two ranks' last words) would wait for ever. A rank reports done
+  // only after rank 0 has validated, saved and registered the model (the gang's last word), so
+  // the training is complete: the left rank ends cancelled, saying so.
   void EndStrandedGangs() {
     for (const auto& [gang, ids] : table.StrandedGangs()) {
       const Job* done = nullptr;
@@ -1260,14 +1261,10 @@ struct Broker::Impl {
       for (uint64_t id : ids) {
         Job* j = table.Find(id);
         if (!j || j->state != JobState::kQueued || j->finishing || !done) continue;
-        std::string who = "rank " + std::to_string(done->rank) + " (job " + std::to_string(done->id) + ")";
-        if (done->rank == 0) {
-          FinishOne(*j, JobState::kCancelled, "gang " + gang + ": " + who + " finished the training; nothing is left for this rank");
-        } else {
-          FinishOne(*j, JobState::kFailed,
-                    "gang " + gang + " cannot run whole again: " + who + " finished before this rank was lost; "
-                    "submit the training again");
-        }
+        FinishOne(*j, JobState::kCancelled,
+                  "gang " + gang + ": rank " + std::to_string(done->rank) + " (job " + std::to_string(done->id) +
+                      ") ended done, which a rank does only once rank 0 has finished the training; this rank "
+                      "was lost before its own report, and nothing is left for it");
       }
     }
   }

@@ -321,6 +321,7 @@ int RunTranscribe(const GlobalOptions& g, const std::vector<std::string>& args) 
   int64_t next_watch = 0, last_answer = MonoMs(), last_event = MonoMs();
   int64_t broker_terminal = 0;
   int submit_seq = 0;
+  const std::string run_id = cli::RandomHex(6);  // request ids are this run's own, whatever the batch
   size_t seen_finished = 0;
   int64_t last_progress = MonoMs(), next_why = 0;
 
@@ -466,15 +467,15 @@ int RunTranscribe(const GlobalOptions& g, const std::vector<std::string>& args) 
     std::vector<double> lens;
     auto flush = [&]() -> Status {
       if (s.jobs.empty()) return Status::Ok();
-      s.request_id = batch + "/" + std::to_string(submit_seq++);
+      s.request_id = batch + "/" + run_id + "/" + std::to_string(submit_seq++);
       proto::Reply r;
       Status cst = client.Call(Cmd::kSubmit, s, &r, cli::RequestTimeoutMs(g));
       if (!cst.ok()) return cst;
       last_answer = MonoMs();
-      if (r.job_ids.size() != lens.size() || r.duplicate) {
-        return Status::Corruption("the broker answered " + std::to_string(r.job_ids.size()) + " job id(s)" +
-                                (r.duplicate ? " of an earlier request" : "") + " for " + std::to_string(lens.size()) +
-                                " segment(s) of " + f.path);
+      // (A duplicate answer is a resend of this run's own request, e.g. across a broker restart.)
+      if (r.job_ids.size() != lens.size()) {
+        return Status::Corruption("the broker answered " + std::to_string(r.job_ids.size()) + " job id(s) for " +
+                                  std::to_string(lens.size()) + " segment(s) of " + f.path);
       }
       for (size_t k = 0; k < r.job_ids.size(); ++k) job_file[r.job_ids[k]] = {fi, lens[k]};
       s.jobs.clear();

@@ -321,5 +321,53 @@ TEST(Gang, AKilledRankRequeuesTheGangWhichResumesFromAPublishedCheckpoint) {
   (void)rank0_worker;
 }
 
+// Rank 0 failing at the very end (here: PostgreSQL gone, so the model cannot be registered)
+// fails the gang once. Rank 1, told so through the gang's store, waits for the broker's cancel;
+// it used to give its job back when rank 0's store closed, which could requeue the whole gang
+// again and again for as long as PostgreSQL stayed away.
+TEST(Gang, Rank0FailingAtTheEndFailsTheGangOnce) {
+  TempDir t;
+  PgCluster pg(t.path());
+  ASSERT_TRUE(pg.Start());
+  RunResult synth = RunCommand({ASRF_SYNTH_BIN, "--out", t / "data", "--utterances", "40", "--seed", "5",
+                                "--valid-fraction", "0.1", "--heldout-fraction", "0", "--max-words", "4"});
+  ASSERT_EQ(synth.code, 0) << synth.err;
+  BrokerProc b = StartBroker(t / "broker", t / "broker.log",
+                             With(kFastHeartbeats, {"--gang-port-base", std::to_string(30000 + (getpid() * 11) % 20000)}));
+  std::vector<std::string> wargs = With(kFastHeartbeats, {"--threads", "1", "--advertise-host", "127.0.0.1",
+                                                          "--pg", pg.url()});
+  Proc w1 = StartWorker(b.endpoint, t / "w1", t / "w1.log", wargs);
+  Proc w2 = StartWorker(b.endpoint, t / "w2", t / "w2.log", wargs);
+  ASSERT_TRUE(WaitFor([&] {
+    std::string out = Submit(b.endpoint, {"workers"}).out;
+    return std::count(out.begin(), out.end(), '\n') >= 2;
+  }, 10000));
+  RunResult r = Submit(b.endpoint, {"train", "--manifest", t / "data/train.jsonl", "--valid", t / "data/valid.jsonl",
+                                    "--name", "endfail", "--world-size", "2", "--steps", "80", "--batch-seconds",
+                                    "8", "--checkpoint-every", "20", "--valid-every", "1000",
+                                    "--channels", "32", "--hidden", "32", "--layers", "1"});
+  ASSERT_EQ(r.code, 0) << r.err;
+  std::string gt = r.out.substr(r.out.find(" batch ") + 7);
+  while (!gt.empty() && (gt.back() == '\n' || gt.back() == ' ')) gt.pop_back();
+  ASSERT_TRUE(WaitFor([&] {
+    json st = json::parse(Submit(b.endpoint, {"status", "1", "--json"}).out, nullptr, false);
+    return st.is_object() && st.contains("progress") && st["progress"].value("step", 0) >= 5;
+  }, 120000)) << ReadFile(t / "w1.log");
+  ASSERT_TRUE(pg.Stop());
+  Counts c;
+  ASSERT_TRUE(WaitFor([&] {
+    c = StatusCounts(b.endpoint, gt);
+    return c.failed == 1 && c.cancelled == 1;
+  }, 180000)) << ReadFile(t / "broker.log") << ReadFile(t / "w1.log") << ReadFile(t / "w2.log");
+  json st = json::parse(Submit(b.endpoint, {"status", "1", "--json"}).out, nullptr, false);
+  EXPECT_NE(st.value("error", "").find("not in the registry"), std::string::npos) << st.dump();
+  std::string log = ReadFile(t / "broker.log");
+  size_t placed = 0;
+  for (size_t at = log.find("gang_placed"); at != std::string::npos; at = log.find("gang_placed", at + 1)) placed++;
+  EXPECT_EQ(placed, 1u) << "the gang ran again after rank 0 failed" << log;
+  std::string workers = ReadFile(t / "w1.log") + ReadFile(t / "w2.log");
+  EXPECT_NE(workers.find("gang_rank0_failed"), std::string::npos) << "rank 1 did not hear of rank 0's failure";
+}
+
 }  // namespace
 }  // namespace asrf::testing

@@ -62,6 +62,15 @@ Status CheckpointStore::Put(uint64_t job, int64_t step, const std::string& bytes
   return s.ok() ? Status::Ok() : Status::IOError("checkpoint write: " + s.ToString());
 }
 
+Status CheckpointStore::Drop(uint64_t job) {
+  rocksdb::WriteBatch wb;
+  for (int64_t step : Steps(job)) wb.Delete(Key(job, step));
+  rocksdb::WriteOptions wo;
+  wo.sync = true;
+  rocksdb::Status s = db_->Write(wo, &wb);
+  return s.ok() ? Status::Ok() : Status::IOError("checkpoint delete: " + s.ToString());
+}
+
 Status CheckpointStore::Latest(uint64_t job, int64_t* step, std::string* bytes) {
   std::vector<int64_t> steps = Steps(job);
   if (steps.empty()) return Status::NotFound("no checkpoint for job " + std::to_string(job));

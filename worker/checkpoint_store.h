@@ -24,6 +24,8 @@ class CheckpointStore {
   Status Put(uint64_t job, int64_t step, const std::string& bytes, int keep);
   // The newest checkpoint of a job; NotFound when there is none.
   Status Latest(uint64_t job, int64_t* step, std::string* bytes);
+  // Deletes every checkpoint of a job (synced).
+  Status Drop(uint64_t job);
   // Steps stored for a job, oldest first.
   std::vector<int64_t> Steps(uint64_t job);
 

@@ -79,7 +79,8 @@ Status RegisterTrainKind(JobRegistry* registry, const TrainKindOptions& options)
       };
       tc.model_finished = [&, id = ctx.id](const std::string& path, const std::string& summary) -> Status {
         // The finished model goes into the registry as the next version of its name, once per
-        // job: a job run again finds its version there and adds none.
+        // job: a job run again finds its version there (same job id, same training spec) and
+        // adds none.
         std::ifstream in(path, std::ios::binary);
         std::string bytes((std::istreambuf_iterator<char>(in)), {});
         auto j = nlohmann::json::parse(summary, nullptr, false);
@@ -97,7 +98,7 @@ Status RegisterTrainKind(JobRegistry* registry, const TrainKindOptions& options)
             "INSERT INTO models (name, version, bytes, sha256, config, valid_cer, data_summary, train_seconds) "
             "SELECT $1, coalesce(max(version), 0) + 1, $2::bytea, encode(sha256($2::bytea), 'hex'), $3::jsonb, $4, "
             "$5::jsonb, $6 FROM models WHERE name = $1 "
-            "HAVING NOT coalesce(bool_or(data_summary->>'job' = $7), false) RETURNING version",
+            "HAVING NOT coalesce(bool_or(data_summary->>'job' = $7 AND config = $3::jsonb), false) RETURNING version",
             {spec.name, bytes, spec.ToJson(), std::to_string(j.value("valid_cer", 1.0)), data.dump(),
              std::to_string(j.value("train_seconds", 0.0)), std::to_string(id)},
             &r, {false, true, false, false, false, false, false});

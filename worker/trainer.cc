@@ -529,14 +529,18 @@ class Gang {
     return Status::Unavailable("the gang has no process group");
   }
   // The gang's last word, so that ranks report their ends together: rank 0, once it has
-  // validated and saved the model, says so and waits (up to a minute) for every other rank to
-  // have heard it; the others wait for it for as long as rank 0 lives. A rank that loses rank 0
-  // here gets Unavailable and gives its job back, and the gang runs again from its checkpoint.
-  Status Finish(const std::atomic<bool>* cancelled) {
+  // validated, saved and registered the model (`ok`) or failed at it, says which and waits (up
+  // to a minute) for every other rank to have heard it. The others wait for it for as long as
+  // rank 0 lives. Rank 0 lost here: Unavailable, and that rank gives its job back (the gang runs
+  // again). Rank 0 failed: *rank0_failed, and that rank waits for the broker to cancel it, since rank
+  // 0's failure ends the gang (a rank given back instead would requeue the gang, rank 0 too,
+  // for as long as the cause lasts).
+  Status Finish(bool ok, const std::atomic<bool>* cancelled, bool* rank0_failed) {
+    *rank0_failed = false;
     const std::string finished = "asrf/finished", heard = "asrf/heard";
     try {
       if (rank_ == 0) {
-        store_->set(finished, std::vector<uint8_t>{1});
+        store_->set(finished, std::vector<uint8_t>{static_cast<uint8_t>(ok ? 1 : 0)});
         for (int64_t until = MonoMs() + 60000; MonoMs() < until;) {
           if (store_->add(heard, 0) >= world_ - 1) break;
           std::this_thread::sleep_for(std::chrono::milliseconds(50));
@@ -547,9 +551,11 @@ class Gang {
         if (cancelled && cancelled->load()) return Status::Unavailable("cancelled");
         std::this_thread::sleep_for(std::chrono::milliseconds(200));
       }
+      std::vector<uint8_t> v = store_->get(finished);
       store_->add(heard, 1);
+      *rank0_failed = v.empty() || v[0] != 1;
     } catch (const std::exception& e) {
-      if (rank_ == 0) return Status::Ok();  // its own part is done; a lost rank ends as §8.6 says
+      if (rank_ == 0) return Status::Ok();  // its own part is done; a lost rank ends as the broker decides
       return Status::Unavailable(std::string("rank 0 lost before the end of the training: ") + e.what());
     }
     return Status::Ok();
@@ -686,34 +692,48 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
   std::string ckpt;
   bool resumed = false;
   if (rank == 0) {
-    // The newest of this worker's own checkpoint and the published one: the job may have run
-    // further on another worker since this one last held it.
+    // The newest of this worker's own checkpoint and the published one (the job may have run
+    // further on another worker since this one last held it); the other one if that fails. A
+    // checkpoint of another training under the same job id is skipped, and a local one dropped,
+    // or it would outrank (and, kept as the newest, delete) every checkpoint this job writes.
+    const std::string spec_json = spec.ToJson();
     bool local = ctx.store && ctx.store->Latest(ctx.job_id, &ckpt_step, &ckpt).ok();
     std::string published;
     int64_t published_step = 0;
     bool newer = ctx.fetch_published && ctx.fetch_published(local ? ckpt_step : -1, &published_step, &published);
-    if (newer) {
-      LogInfo("train_resuming_from_published").Kv("job", ctx.job_id).Kv("step", published_step)
-          .Kv("local_step", local ? ckpt_step : -1).Kv("bytes", static_cast<uint64_t>(published.size()));
-      ckpt.swap(published);
-    }
-    resumed = local || newer;
-    if (resumed) {
-      const std::string spec_json = spec.ToJson();
-      Status ls = LoadCheckpoint(ckpt, model, opt, &pos, &rng, newer ? nullptr : &spec_json);
-      if (!ls.ok() && !newer && ctx.fetch_published && ctx.fetch_published(-1, &published_step, &published)) {
-        // This worker's own copy is damaged: the published one, older, beats losing the job.
-        LogError("checkpoint_unreadable").Kv("job", ctx.job_id).Kv("step", ckpt_step).Kv("error", ls.message())
-            .Kv("published_step", published_step);
-        ls = LoadCheckpoint(published, model, opt, &pos, &rng);
-      } else if (ls.code() == Status::Code::kNotFound) {
-        LogWarn("checkpoint_ignored").Kv("job", ctx.job_id).Kv("step", ckpt_step).Kv("error", ls.message());
-        ls = Status::Ok();
-        resumed = false;
+    bool published_tried = false;
+    auto try_published = [&]() -> Status {
+      published_tried = true;
+      Status ls = LoadCheckpoint(published, model, opt, &pos, &rng, &spec_json);
+      if (ls.ok()) {
+        LogInfo("train_resuming_from_published").Kv("job", ctx.job_id).Kv("step", published_step)
+            .Kv("local_step", local ? ckpt_step : -1).Kv("bytes", static_cast<uint64_t>(published.size()));
+      } else {
+        LogWarn(ls.code() == Status::Code::kNotFound ? "checkpoint_ignored" : "checkpoint_unreadable")
+            .Kv("job", ctx.job_id).Kv("published_step", published_step).Kv("error", ls.message());
       }
-      ASRF_RETURN_IF_ERROR(ls);
-      if (resumed) PlaceOnDevice(model, opt, device);
+      return ls;
+    };
+    Status ls = Status::NotFound("no checkpoint");
+    if (newer) ls = try_published();
+    if (!ls.ok() && local) {
+      ls = LoadCheckpoint(ckpt, model, opt, &pos, &rng, &spec_json);
+      if (!ls.ok()) {
+        LogWarn(ls.code() == Status::Code::kNotFound ? "checkpoint_ignored" : "checkpoint_unreadable")
+            .Kv("job", ctx.job_id).Kv("step", ckpt_step).Kv("error", ls.message());
+      }
+      if (ls.code() == Status::Code::kNotFound) ASRF_RETURN_IF_ERROR(ctx.store->Drop(ctx.job_id));
+      if (!ls.ok() && ls.code() != Status::Code::kNotFound && !published_tried && ctx.fetch_published &&
+          ctx.fetch_published(-1, &published_step, &published)) {
+        ls = try_published();  // this worker's own copy is damaged: an older published one beats losing the job
+      }
     }
+    // Nothing usable of this training: start afresh. A damaged checkpoint with nothing to fall
+    // back on fails the job rather than silently starting over.
+    if (ls.code() == Status::Code::kNotFound) ls = Status::Ok();
+    else if (ls.ok()) resumed = true;
+    ASRF_RETURN_IF_ERROR(ls);
+    if (resumed) PlaceOnDevice(model, opt, device);
   }
   if (gang) {
     // Every rank starts from rank 0's state: weights, optimizer, position, random generator.
@@ -866,40 +886,54 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
     if (pos.step % spec.checkpoint_every == 0 && pos.step < spec.steps) ASRF_RETURN_IF_ERROR(checkpoint("interval"));
   }
 
-  // The end state too: a job run again (its registration failed, its worker was lost before the
-  // broker heard of its end) validates and registers without training again.
-  if (pos.step > resumed_at) ASRF_RETURN_IF_ERROR(checkpoint("final"));
+  // The end state too, published: a job run again (its registration failed, its worker was lost
+  // before the broker heard of its end) validates and registers without training again.
+  if (pos.step > resumed_at) ASRF_RETURN_IF_ERROR(checkpoint("final", /*always_publish=*/true));
   Evaluation final;
-  if (rank == 0) final = Evaluate(model, valid, valid.size(), spec.batch_seconds);
-  std::error_code ec;
   std::string kept = ctx.state_dir + "/models/" + spec.name + ".pt";
-  std::filesystem::create_directories(ctx.state_dir + "/models", ec);
-  ASRF_RETURN_IF_ERROR(SaveModel(model, kept));
-  if (!spec.out.empty() && rank == 0) {
-    std::filesystem::path out(spec.out);
-    if (out.has_parent_path()) std::filesystem::create_directories(out.parent_path(), ec);
-    ASRF_RETURN_IF_ERROR(SaveModel(model, spec.out));
-  }
-  json r = {{"name", spec.name},          {"steps", pos.step},
-            {"valid_cer", final.cer},     {"valid_wer", final.wer},
-            {"train_seconds", pos.train_seconds}, {"utterances", train.size()},
-            {"hours", hours},             {"final_loss", loss_avg},
-            {"model", kept},              {"out", spec.out},
-            {"resumed_at", resumed_at}, {"skipped_steps", skipped},
-            {"rank", rank}, {"world_size", world}, {"residual", model->config().residual}};
-  if (rank != 0) {
-    r.erase("valid_cer");
-    r.erase("valid_wer");
-  }
-  *result = r.dump();
-  if (rank == 0 && ctx.model_finished) ASRF_RETURN_IF_ERROR(ctx.model_finished(kept, *result));
+  // Every exit from here reaches the gang's last word (Gang::Finish), failures included.
+  auto end = [&]() -> Status {
+    if (rank == 0) final = Evaluate(model, valid, valid.size(), spec.batch_seconds);
+    std::error_code ec;
+    std::filesystem::create_directories(ctx.state_dir + "/models", ec);
+    ASRF_RETURN_IF_ERROR(SaveModel(model, kept));
+    if (!spec.out.empty() && rank == 0) {
+      std::filesystem::path out(spec.out);
+      if (out.has_parent_path()) std::filesystem::create_directories(out.parent_path(), ec);
+      ASRF_RETURN_IF_ERROR(SaveModel(model, spec.out));
+    }
+    json r = {{"name", spec.name},          {"steps", pos.step},
+              {"valid_cer", final.cer},     {"valid_wer", final.wer},
+              {"train_seconds", pos.train_seconds}, {"utterances", train.size()},
+              {"hours", hours},             {"final_loss", loss_avg},
+              {"model", kept},              {"out", spec.out},
+              {"resumed_at", resumed_at}, {"skipped_steps", skipped},
+              {"rank", rank}, {"world_size", world}, {"residual", model->config().residual}};
+    if (rank != 0) {
+      r.erase("valid_cer");
+      r.erase("valid_wer");
+    }
+    *result = r.dump();
+    if (rank == 0 && ctx.model_finished) ASRF_RETURN_IF_ERROR(ctx.model_finished(kept, *result));
+    return Status::Ok();
+  };
+  Status ended = end();
   if (gang) {
-    if (Status fs = gang->Finish(ctx.cancelled); !fs.ok()) {
-      LogWarn("gang_finish_failed").Kv("job", ctx.job_id).Kv("rank", rank).Kv("error", fs.message());
+    bool rank0_failed = false;
+    Status fs = gang->Finish(ended.ok(), ctx.cancelled, &rank0_failed);
+    if (!fs.ok()) LogWarn("gang_finish_failed").Kv("job", ctx.job_id).Kv("rank", rank).Kv("error", fs.message());
+    if (ended.ok() && rank0_failed) {
+      LogWarn("gang_rank0_failed").Kv("job", ctx.job_id).Kv("rank", rank);
+      // Rank 0's failure ends the gang: wait for the broker's cancel rather than give the job back.
+      while (ctx.cancelled && !ctx.cancelled->load()) std::this_thread::sleep_for(std::chrono::milliseconds(200));
+      return Status::Unavailable("cancelled");
+    }
+    if (ended.ok() && !fs.ok()) {
       if (ctx.cancelled && ctx.cancelled->load()) return Status::Unavailable("cancelled");
       return Status::Busy(fs.message());
     }
   }
+  ASRF_RETURN_IF_ERROR(ended);
   LogInfo("train_finished").Kv("job", ctx.job_id).Kv("cer", final.cer).Kv("wer", final.wer).Kv("steps", pos.step);
   return Status::Ok();
 }
