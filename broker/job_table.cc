@@ -62,6 +62,7 @@ void JobTable::Unqueue(Job& job) {
   }
   auto r = ready_.find(job.kind);
   if (r != ready_.end() && r->second.erase({-static_cast<int64_t>(job.priority), job.id}) > 0) {
+    if (r->second.empty()) ready_.erase(r);
     ready_count_--;
     return;
   }
@@ -107,15 +108,16 @@ int64_t JobTable::Promote(int64_t now_mono) {
 }
 
 uint64_t JobTable::PopReady(const std::unordered_set<std::string>& kinds) {
-  std::set<Key>* best = nullptr;
-  for (auto& [kind, set] : ready_) {
-    if (set.empty()) continue;
-    if (!kinds.empty() && !kinds.count(kind)) continue;
-    if (!best || *set.begin() < *best->begin()) best = &set;
+  // Kinds without runnable jobs are not kept (see Unqueue), so this scans only kinds with work.
+  auto best = ready_.end();
+  for (auto it = ready_.begin(); it != ready_.end(); ++it) {
+    if (!kinds.empty() && !kinds.count(it->first)) continue;
+    if (best == ready_.end() || *it->second.begin() < *best->second.begin()) best = it;
   }
-  if (!best) return 0;
-  uint64_t id = best->begin()->second;
-  best->erase(best->begin());
+  if (best == ready_.end()) return 0;
+  uint64_t id = best->second.begin()->second;
+  best->second.erase(best->second.begin());
+  if (best->second.empty()) ready_.erase(best);
   ready_count_--;
   return id;
 }
