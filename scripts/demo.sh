@@ -188,7 +188,10 @@ endpoint_file="$STATE/broker/broker.endpoint"
 rm -f "$endpoint_file"
 
 say "starting broker on tcp://127.0.0.1:$PORT (state $STATE/broker, log $LOGS/broker.log)"
-start_process broker "$BROKER_BIN" --listen "tcp://127.0.0.1:$PORT" --state-dir "$STATE/broker" --pg "$PG_URL"
+# The status page on any free port (a fixed 9100 may be node-exporter's, or an installed fleet's).
+rm -f "$STATE/broker/http.endpoint"
+start_process broker "$BROKER_BIN" --listen "tcp://127.0.0.1:$PORT" --state-dir "$STATE/broker" --pg "$PG_URL" \
+    --http 127.0.0.1:0
 BROKER_PID=$STARTED_PID
 echo "$BROKER_PID" >"$PIDS_FILE"
 
@@ -203,6 +206,9 @@ done
 [[ -s "$endpoint_file" ]] || { show_logs; die "the broker did not write $endpoint_file within 60 s"; }
 ENDPOINT="$(<"$endpoint_file")"
 say "broker is listening on $ENDPOINT"
+if [[ -s "$STATE/broker/http.endpoint" ]]; then
+    say "status page: http://$(head -n 1 "$STATE/broker/http.endpoint")/"
+fi
 
 say "starting workers: scripts/launch-workers.sh (one per GPU, or $CPU_WORKERS CPU workers; model $MODEL)"
 mapfile -t WORKER_PIDS < <(scripts/launch-workers.sh --broker "$ENDPOINT" --state-dir "$STATE" --log-dir "$LOGS" \

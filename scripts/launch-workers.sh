@@ -6,7 +6,8 @@
 #   scripts/launch-workers.sh --broker ENDPOINT [--state-dir DIR] [--log-dir DIR] [--cpu-workers N]
 #                             [--model-file FILE] [--gpus LIST] [-- EXTRA WORKER OPTIONS]
 #
-#   --state-dir    root of the workers' state (worker-gpuN/ or worker-cpuN/ under it; default asrf-state)
+#   --state-dir    root of the workers' state (worker-gpuN/ or worker-cpuN/ under it; default
+#                  $ASRF_STATE_DIR, else asrf-state)
 #   --log-dir      where worker logs go (default STATE/logs)
 #   --cpu-workers  CPU workers when no GPU is visible (default 2); each gets nproc/N threads
 #   --model-file   acoustic model every worker loads (default models/en-small.pt)
@@ -18,10 +19,12 @@
 # in flight, so the GPU runs one batch while the worker unpacks and answers the other.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-broker="" state="asrf-state" logs="" cpu_workers=2 model="$REPO/models/en-small.pt" gpus="" same_gpu=0
+broker="" state="${ASRF_STATE_DIR:-asrf-state}" logs="" cpu_workers=2 model="$REPO/models/en-small.pt" gpus="" same_gpu=0
 extra=()
 while (($#)); do
     case "$1" in
+        --broker|--state-dir|--log-dir|--cpu-workers|--model-file|--gpus|--same-gpu)
+            (($# >= 2)) || { echo "launch-workers: $1 needs a value (see --help)" >&2; exit 2; } ;;&
         --broker) broker="$2"; shift 2 ;;
         --state-dir) state="$2"; shift 2 ;;
         --log-dir) logs="$2"; shift 2 ;;
@@ -53,11 +56,30 @@ elif [[ -z "$gpus" ]]; then
     fi
 fi
 
+started=()
 start() {  # name, then the environment assignments and command
     local name="$1"; shift
-    setsid env "$@" </dev/null >"$logs/$name.log" 2>&1 &
+    # Appended: a second run must not truncate the log of a worker that is still running.
+    setsid env "$@" </dev/null >>"$logs/$name.log" 2>&1 &
     echo "$!"
+    started+=("$!:$name")
     echo "launch-workers: $name PID $! (log $logs/$name.log)" >&2
+}
+
+# A worker that dies at once (its state dir locked by another worker, a bad option) is reported
+# with the end of its log, and the exit status says so.
+check_started() {
+    sleep 1
+    local failed=0 entry pid name
+    for entry in "${started[@]}"; do
+        pid="${entry%%:*}" name="${entry#*:}"
+        if ! kill -0 "$pid" 2>/dev/null; then
+            echo "launch-workers: $name (PID $pid) exited at start; the end of $logs/$name.log:" >&2
+            tail -n 5 "$logs/$name.log" >&2
+            failed=1
+        fi
+    done
+    return "$failed"
 }
 
 gpu_extra=("${extra[@]}")
@@ -82,3 +104,4 @@ else
             --threads "$threads" --state-dir "$state/worker-cpu$i" --model-file "$model" "${extra[@]}"
     done
 fi
+check_started

@@ -42,15 +42,29 @@ as_owner() {
     fi
 }
 
-url() { printf 'postgresql:///%s?host=%s&port=%s&user=postgres\n' "$db" "$sock" "$port"; }
+# The socket path percent-encoded where a URI needs it (spaces, %, &, #, ?).
+url() {
+    local host
+    host="$(sed -e 's/%/%25/g' -e 's/ /%20/g' -e 's/&/%26/g' -e 's/#/%23/g' -e 's/?/%3F/g' <<<"$sock")"
+    printf 'postgresql:///%s?host=%s&port=%s&user=postgres\n' "$db" "$host" "$port"
+}
 
 running() { [[ -f "$data/PG_VERSION" ]] && as_owner "$bindir/pg_ctl" -D "$data" status >/dev/null 2>&1; }
 
 start() {
     mkdir -p "$pgdir" "$sock"
     if [[ "$(id -u)" -eq 0 ]]; then
-        # The server runs as postgres: it must reach its directories.
-        chmod o+x "$state"
+        # The server runs as postgres: it must reach its directories. A parent it cannot search
+        # (e.g. /root, 0700 on Debian, when the repository is cloned there) is made searchable by
+        # others (o+x: passing through, not listing), and said so.
+        local d="$state"
+        while [[ "$d" != / ]]; do
+            if ! su postgres -s /bin/sh -c "test -x $(printf '%q' "$d")"; then
+                chmod o+x "$d"
+                echo "pg-local: made $d searchable by other users (o+x) so the postgres user reaches $pgdir" >&2
+            fi
+            d="$(dirname "$d")"
+        done
         chown postgres: "$pgdir" "$sock"
     fi
     chmod 0700 "$sock"
@@ -64,7 +78,7 @@ start() {
         return 0
     fi
     as_owner "$bindir/pg_ctl" -D "$data" -l "$log" -w -t 60 \
-        -o "-p $port -k $sock -c listen_addresses= -c unix_socket_permissions=0700" start >/dev/null ||
+        -o "-p $port -k '$sock' -c listen_addresses= -c unix_socket_permissions=0700" start >/dev/null ||
         { tail -n 20 "$log" >&2; exit 1; }
     if ! as_owner "$bindir/psql" -h "$sock" -p "$port" -U postgres -d postgres -Atqc \
             "SELECT 1 FROM pg_database WHERE datname = '$db'" | grep -q 1; then

@@ -48,9 +48,13 @@ if [[ ! -s models/en-small.lm ]]; then
         --out models/en-small.lm
 fi
 
+# A rerun must not read the endpoint the last run left (that broker's port is gone).
+rm -f "$work/broker/broker.endpoint"
+worker=""
 build/broker/asr-broker --listen tcp://127.0.0.1:0 --state-dir "$work/broker" --http "" >>"$work/broker.log" 2>&1 &
 broker=$!
-trap 'kill "$worker" 2>/dev/null; wait "$worker" 2>/dev/null; kill "$broker" 2>/dev/null; wait 2>/dev/null || true' EXIT
+trap 'if [[ -n "${worker:-}" ]]; then kill "$worker" 2>/dev/null; wait "$worker" 2>/dev/null; fi
+      kill "$broker" 2>/dev/null; wait 2>/dev/null || true' EXIT
 for _ in $(seq 100); do [[ -s "$work/broker/broker.endpoint" ]] && break; sleep 0.1; done
 endpoint="$(<"$work/broker/broker.endpoint")"
 build/worker/asr-worker --broker "$endpoint" --state-dir "$work/worker" --threads "$(nproc)" >>"$work/worker.log" 2>&1 &

@@ -30,7 +30,8 @@ build/scripts/synth/asr-synth --out "$work/data" --utterances "$utterances" --se
 
 build/broker/asr-broker --listen tcp://127.0.0.1:0 --state-dir "$work/broker" --http "" >"$work/broker.log" 2>&1 &
 broker=$!
-trap 'kill "$worker" "$broker" 2>/dev/null || true; wait 2>/dev/null || true' EXIT
+worker=""
+trap 'kill ${worker:+"$worker"} "$broker" 2>/dev/null || true; wait 2>/dev/null || true' EXIT
 for _ in $(seq 100); do [[ -s "$work/broker/broker.endpoint" ]] && break; sleep 0.1; done
 endpoint="$(<"$work/broker/broker.endpoint")"
 build/worker/asr-worker --broker "$endpoint" --state-dir "$work/worker" --threads "$(nproc)" >"$work/worker.log" 2>&1 &

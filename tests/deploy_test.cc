@@ -488,7 +488,10 @@ TEST(Deploy, LaunchWorkersPlacesOneWorkerPerGpu) {
   };
   script(d / "bin/nvidia-smi", "printf '0\\n1\\n'\n");
   // Written aside, then renamed in: a call file is complete once it is there.
-  script(d / "worker", "printf '%s|%s\\n' \"$CUDA_VISIBLE_DEVICES\" \"$*\" > \"$CALLS.$$\" && mv \"$CALLS.$$\" \"$CALLS/$$\"\n");
+  // It stays up a little, as a worker does: the script reports workers that exit at once.
+  script(d / "worker", "printf '%s|%s\\n' \"$CUDA_VISIBLE_DEVICES\" \"$*\" > \"$CALLS.$$\" && mv \"$CALLS.$$\" \"$CALLS/$$\"\n"
+                       "sleep 2\n");
+  script(d / "dies", "echo 'state dir locked by another worker' >&2; exit 3\n");
   std::ofstream(d / "model.pt") << "x";
   // Each case: the launch options, then the calls it must make (sorted), or an exit code.
   auto launch = [&](const std::string& name, std::vector<std::string> options, const char* cvd, int want_code,
@@ -540,6 +543,10 @@ TEST(Deploy, LaunchWorkersPlacesOneWorkerPerGpu) {
   EXPECT_EQ(launch("cpu", {"--gpus", "none", "--cpu-workers", "3", "--", "--lm", "none"}, nullptr, 0),
             (V{" cpu worker-cpu1 --lm none", " cpu worker-cpu2 --lm none", " cpu worker-cpu3 --lm none"}));
   launch("contradiction", {"--gpus", "none", "--same-gpu", "2"}, nullptr, 2);
+  launch("no-value", {"--gpus"}, nullptr, 2);
+  // A worker that dies at start is reported, with the end of its log, and fails the launch.
+  launch("dies", {"--gpus", "none", "--cpu-workers", "1"}, nullptr, 1, {"ASRF_WORKER_BIN=" + d / "dies"});
+  EXPECT_NE(ReadFile(d / "st-dies/logs/worker-cpu1.log").find("state dir locked"), std::string::npos);
 }
 
 TEST(Deploy, IdleStopStopsOnlyAfterTheIdleTime) {
