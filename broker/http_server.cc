@@ -1,5 +1,7 @@
 #include "broker/http_server.h"
 
+#include <unistd.h>
+
 #include <thread>
 
 #include <httplib.h>
@@ -58,7 +60,8 @@ Status HttpServer::Start(const std::string& listen, const SnapshotHolder* snapsh
       }
       Status st = checkpoint(dir);
       res.status = st.ok() ? 200 : 500;
-      res.set_content(st.ok() ? "ok\n" : st.ToString() + "\n", "text/plain");
+      // "ok pid=N": the caller checks that the broker it asked is the one holding the journal.
+      res.set_content(st.ok() ? "ok pid=" + std::to_string(::getpid()) + "\n" : st.ToString() + "\n", "text/plain");
       LogInfo("journal_checkpoint").Kv("dir", dir).Kv("ok", st.ok()).Kv("error", st.message());
     });
   }

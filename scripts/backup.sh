@@ -176,6 +176,15 @@ if ((do_journal)); then
             die "the broker at $http refused the checkpoint: it answers only loopback clients (is --http bound to a non-loopback address? use 0.0.0.0 or 127.0.0.1)"
         fi
         [[ "$code" == 200 && "$body" == ok* ]] || die "journal checkpoint failed (HTTP $code): $body"
+        # The broker names itself: another broker's journal must never be saved as this one's.
+        if [[ "$body" == "ok pid="* ]]; then
+            answered="${body#ok pid=}"
+            answered="${answered%%[^0-9]*}"
+            if [[ "$answered" != "$holder" ]]; then
+                rm -rf "$staging"
+                die "the broker at $http is PID $answered, not PID $holder, which holds $broker_dir/journal: give --http HOST:PORT of that broker"
+            fi
+        fi
         [[ -f "$staging/CURRENT" ]] || die "the checkpoint in $staging is missing CURRENT (is $http the broker of $broker_dir?)"
         mv "$staging" "$out/.journal-$ts.partial"
         staging=""

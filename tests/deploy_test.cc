@@ -771,6 +771,14 @@ TEST(Backup, StoppedBrokerRetentionAndRefusals) {
   EXPECT_EQ(r.code, 1);
   EXPECT_NE(r.err.find("is running"), std::string::npos) << r.err;
   EXPECT_EQ(StatusCounts(b.endpoint).queued, 7);
+  // Another broker's HTTP address given by mistake: its journal is never saved as this one's.
+  TempDir other;
+  BrokerProc b2 = StartBroker(other / "broker", other / "broker.log");
+  ASSERT_FALSE(b2.endpoint.empty());
+  r = RunCommand({Script("backup.sh"), "--out", out, "--state-dir", fleet.path(), "--no-pg", "--http",
+                  HttpEndpoint(other / "broker")}, 60000);
+  EXPECT_EQ(r.code, 1) << r.out << r.err;
+  EXPECT_NE(r.err.find("not PID"), std::string::npos) << r.err;
   r = RunCommand({Script("backup.sh"), "--out", out, "--state-dir", fleet.path(), "--pg",
                   "postgresql://asrf:secret@localhost/asrf"});
   EXPECT_EQ(r.code, 1);
