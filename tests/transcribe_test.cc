@@ -280,6 +280,12 @@ TEST_F(TranscribeTest, WorkerDecodesWithTheLanguageModelBesideItsModel) {
   fs::copy_file(kModel, t / "m/digits.pt");
   RunResult lm = RunCommand({ASRF_LM_BIN, "--input", t / "lmtext/train.jsonl", "--order", "5", "--out", t / "m/digits.lm"});
   ASSERT_EQ(lm.code, 0) << lm.err;
+  // Nothing to measure or build from is an error, never a perplexity of 1 with exit 0.
+  { std::ofstream(t / "empty.txt") << "\n"; }
+  RunResult none = RunCommand({ASRF_LM_BIN, "--perplexity", t / "m/digits.lm", "--input", t / "empty.txt"});
+  EXPECT_EQ(none.code, 1) << none.out;
+  EXPECT_NE(none.err.find("no sentence"), std::string::npos) << none.err;
+  EXPECT_EQ(RunCommand({ASRF_LM_BIN, "--perplexity", t / "m/digits.lm", "--input", t / "m"}).code, 1) << "a folder";
 
   BrokerProc b = StartBroker(t / "broker", t / "broker.log");
   Proc w = StartWorker(b.endpoint, t / "worker", t / "worker.log", {"--model-file", t / "m/digits.pt"});

@@ -1,6 +1,9 @@
 // asr-lm: builds the character language model the CTC beam search uses (worker/char_lm.h) from
 // sentences, and measures a model's perplexity on other sentences. See `asr-lm --help`.
+#include <algorithm>
+#include <cctype>
 #include <cmath>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <set>
@@ -16,6 +19,11 @@ namespace {
 
 // Sentences of a file: the "text" field of each line of a .jsonl manifest, otherwise each line.
 bool ReadSentences(const std::string& path, std::vector<std::string>* out, std::string* error) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) {
+    *error = path + " is a folder; give sentence files";
+    return false;
+  }
   std::ifstream in(path);
   if (!in) {
     *error = "cannot read " + path;
@@ -70,11 +78,17 @@ int main(int argc, char** argv) {
   };
   if (inputs.empty()) return fail("give at least one --input file (run with --help)", 2);
   if (model.empty() == out.empty()) return fail("give either --out (build) or --perplexity MODEL", 2);
+  std::error_code ec;
+  if (!out.empty() && std::filesystem::is_directory(out, ec)) return fail("--out " + out + " is a folder; give a file", 2);
+  // The acoustic model's vocabulary is lower case; sentences are lower-cased as they are read.
+  std::transform(alphabet.begin(), alphabet.end(), alphabet.begin(),
+                 [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
   std::vector<std::string> sentences;
   for (const auto& p : inputs) {
     std::string error;
     if (!ReadSentences(p, &sentences, &error)) return fail(error, 1);
   }
+  if (sentences.empty()) return fail("the --input files hold no sentence", 1);
   if (!model.empty()) {
     CharLm lm;
     if (Status s = CharLm::Load(model, &lm); !s.ok()) return fail(s.ToString(), 1);
@@ -116,6 +130,6 @@ int main(int argc, char** argv) {
   if (Status s = CharLm::Build(unique, alphabet, order, &lm); !s.ok()) return fail(s.ToString(), 1);
   if (Status s = lm.Save(out); !s.ok()) return fail(s.ToString(), 1);
   std::cout << "{\"sentences\": " << unique.size() << ", \"order\": " << order << ", \"ngrams\": " << lm.ngrams()
-            << ", \"out\": \"" << out << "\"}\n";
+            << ", \"out\": " << nlohmann::json(out).dump() << "}\n";
   return 0;
 }
