@@ -456,15 +456,12 @@ int RunTranscribe(const GlobalOptions& g, const std::vector<std::string>& args) 
     so.min_s = std::min(5.0, max_segment_s / 2);
     std::vector<SegmentBounds> segs = SplitAtQuietPoints(audio.pcm.data(), static_cast<int64_t>(audio.pcm.size()), so);
     f.segments = static_cast<int>(segs.size());
-    // With or without --wait: the broker holds at most --max-inflight-s of this client's audio.
-    while (finished_jobs.size() < job_file.size() && inflight_s + f.duration_s > max_inflight_s) {
-      if (int r = pump(100); r >= 0) return r;
-    }
     // One SUBMIT per ~8 MiB of audio; each with its own request id, so a resend is harmless.
     proto::Submit s;
     s.batch = batch;
     size_t bytes = 0;
     std::vector<double> lens;
+    double pending_s = 0;  // audio in `s`, not yet submitted
     auto flush = [&]() -> Status {
       if (s.jobs.empty()) return Status::Ok();
       s.request_id = batch + "/" + run_id + "/" + std::to_string(submit_seq++);
@@ -481,6 +478,8 @@ int RunTranscribe(const GlobalOptions& g, const std::vector<std::string>& args) 
       s.jobs.clear();
       lens.clear();
       bytes = 0;
+      inflight_s += pending_s;
+      pending_s = 0;
       return Status::Ok();
     };
     for (size_t k = 0; k < segs.size(); ++k) {
@@ -492,6 +491,17 @@ int RunTranscribe(const GlobalOptions& g, const std::vector<std::string>& args) 
       seg.pcm.data.assign(reinterpret_cast<const char*>(audio.pcm.data() + segs[k].begin),
                           static_cast<size_t>(segs[k].end - segs[k].begin) * 2);
       double len_s = static_cast<double>(segs[k].end - segs[k].begin) / kTargetRate;
+      // With or without --wait, the broker holds at most --max-inflight-s of this client's audio,
+      // counted by segment, so one long file cannot exceed it either. With nothing in flight a
+      // segment always goes (--max-inflight-s is at least --max-segment-s).
+      while (inflight_s + pending_s + len_s > max_inflight_s) {
+        if (!s.jobs.empty()) {
+          if (Status fst = flush(); !fst.ok()) return cli::ExitFor(fst);
+          continue;
+        }
+        if (finished_jobs.size() >= job_file.size()) break;
+        if (int r = pump(100); r >= 0) return r;
+      }
       proto::SubmitJob job;
       job.kind = proto::kTranscribeKind;
       job.payload.data = proto::EncodeBody(seg);
@@ -502,6 +512,7 @@ int RunTranscribe(const GlobalOptions& g, const std::vector<std::string>& args) 
       bytes += job.payload.data.size();
       s.jobs.push_back(std::move(job));
       lens.push_back(len_s);
+      pending_s += len_s;
       if (bytes > (8u << 20)) {
         if (Status fst = flush(); !fst.ok()) return cli::ExitFor(fst);
       }
@@ -509,7 +520,6 @@ int RunTranscribe(const GlobalOptions& g, const std::vector<std::string>& args) 
     if (Status fst = flush(); !fst.ok()) return cli::ExitFor(fst);
     f.submitted = true;
     f.submitted_ms = MonoMs();
-    inflight_s += f.duration_s;
     audio_total += f.duration_s;
     if (wait) {
       if (int r = pump(0); r >= 0) return r;

@@ -351,6 +351,23 @@ TEST_F(TranscribeTest, AudioInFlightStaysBoundedWithoutWait) {
   RunResult col = Submit(b.endpoint, {"collect", "bp", "--out", t / "out", "--format", "txt"}, 60000);
   EXPECT_EQ(col.code, 0) << col.err;
   for (int i = 0; i < 8; ++i) EXPECT_FALSE(Trim(ReadFile(t / ("out/u" + std::to_string(i) + ".txt"))).empty()) << i;
+
+  // One long file is bounded too, segment by segment (it used to go out whole).
+  std::vector<int16_t> all;
+  for (int i = 0; i < 8; ++i) {
+    int rate = 0;
+    std::vector<int16_t> pcm = ReadPcm((*utts_)[i].wav, &rate);
+    all.insert(all.end(), pcm.begin(), pcm.end());
+    all.insert(all.end(), 16000, 0);
+  }
+  fs::create_directories(t / "long");
+  WritePcm(t / "long/all.wav", all, 16000, 1, SF_FORMAT_WAV | SF_FORMAT_PCM_16);
+  r = Submit(b.endpoint, {"transcribe", t / "long", "--out", t / "out-long", "--max-segment-s", "5",
+                          "--max-inflight-s", "5", "--batch", "bp-long"}, 120000);
+  ASSERT_EQ(r.code, 0) << r.err;
+  at_exit = StatusCounts(b.endpoint, "bp-long");
+  EXPECT_GE(at_exit.total(), 3) << "the long file was not split";
+  EXPECT_GE(at_exit.done, at_exit.total() / 2) << "done " << at_exit.done << " of " << at_exit.total();
 }
 
 }  // namespace
