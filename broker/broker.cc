@@ -1430,14 +1430,31 @@ struct Broker::Impl {
     }
   }
 
+  static constexpr size_t kMaxKindSeries = 50;
+
   void PublishSnapshot(int64_t now) {
     auto s = std::make_shared<FleetSnapshot>();
     s->taken_ms = WallMs();
     const auto& c = table.counts();
     for (int i = 0; i < proto::kNumStates; ++i) s->counts[i] = c[i];
-    for (const auto& [kind, kc] : table.kind_counts()) {
-      auto& row = s->by_kind[kind];
-      for (int i = 0; i < proto::kNumStates; ++i) row[i] = kc[i];
+    // At most kMaxKindSeries kinds by name, those with the most jobs (queued and leased first);
+    // the rest are summed under kind "other", so clients cannot grow the metrics without bound.
+    {
+      const auto& all = table.kind_counts();
+      std::vector<std::pair<std::pair<int64_t, int64_t>, const std::string*>> rank;
+      rank.reserve(all.size());
+      for (const auto& [kind, kc] : all) {
+        int64_t live = kc[static_cast<int>(JobState::kQueued)] + kc[static_cast<int>(JobState::kLeased)], total = 0;
+        for (int i = 0; i < proto::kNumStates; ++i) total += kc[i];
+        rank.push_back({{-live, -total}, &kind});
+      }
+      size_t keep = std::min(rank.size(), kMaxKindSeries);
+      std::partial_sort(rank.begin(), rank.begin() + static_cast<std::ptrdiff_t>(keep), rank.end());
+      for (size_t k = 0; k < rank.size(); ++k) {
+        const auto& kc = all.at(*rank[k].second);
+        auto& row = s->by_kind[k < keep ? *rank[k].second : std::string("other")];
+        for (int i = 0; i < proto::kNumStates; ++i) row[i] += kc[i];
+      }
     }
     s->finished_total = finished_total;
     s->submitted_total = submitted_total;
@@ -1685,7 +1702,20 @@ Status Broker::Open(const BrokerOptions& options, std::unique_ptr<Broker>* out) 
     impl->PublishSnapshot(MonoMs());
     Journal* journal = impl->journal.get();
     ASRF_RETURN_IF_ERROR(HttpServer::Start(
-        impl->opt.http, &impl->snapshots, [journal](const std::string& dir) { return journal->Checkpoint(dir); },
+        impl->opt.http, &impl->snapshots,
+        [journal, state = impl->opt.state_dir](const std::string& dir) -> Status {
+          // Only a new folder inside the state dir (the journal holds every job's payload), and
+          // readable by the broker's user only.
+          std::error_code ec;
+          std::filesystem::path root = std::filesystem::weakly_canonical(state, ec);
+          std::filesystem::path want = std::filesystem::weakly_canonical(dir, ec);
+          if (ec || want.parent_path() != root) {
+            return Status::Invalid("dir must be a new folder directly inside the state dir " + root.string());
+          }
+          ASRF_RETURN_IF_ERROR(journal->Checkpoint(want.string()));
+          std::filesystem::permissions(want, std::filesystem::perms::owner_all, ec);
+          return Status::Ok();
+        },
         &impl->http));
     std::ofstream f(impl->opt.state_dir + "/http.endpoint.tmp");
     f << impl->opt.http.substr(0, impl->opt.http.rfind(':')) << ":" << impl->http->port() << "\n";

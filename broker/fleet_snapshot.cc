@@ -5,13 +5,18 @@
 
 #include <nlohmann/json.hpp>
 
+#include "common/pg.h"
+
 namespace asrf {
 
 namespace {
 
 const char* const kStates[6] = {"queued", "leased", "done", "failed", "dead", "cancelled"};
 
-std::string Label(const std::string& v) {
+// A label value in the exposition format: valid UTF-8 (peers name kinds, devices and models, and
+// one invalid byte would make Prometheus refuse the whole scrape), \, " and newline escaped.
+std::string Label(const std::string& raw) {
+  const std::string v = ValidUtf8(raw);
   std::string out;
   for (char c : v) {
     if (c == '\\' || c == '"') out.push_back('\\');

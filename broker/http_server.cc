@@ -2,6 +2,8 @@
 
 #include <unistd.h>
 
+#include <atomic>
+#include <functional>
 #include <thread>
 
 #include <httplib.h>
@@ -9,6 +11,37 @@
 #include "common/log.h"
 
 namespace asrf {
+
+namespace {
+
+// httplib's pool queues every accepted connection without bound, each holding a file descriptor:
+// a client opening thousands of idle connections could use up the broker's descriptors and stop
+// its journal. Here at most `max_waiting` wait for a thread; past that the accepting thread
+// serves the connection itself, so no more are accepted meanwhile and the rest wait in the
+// kernel's listen backlog, not in this process.
+class BoundedQueue : public httplib::TaskQueue {
+ public:
+  BoundedQueue(size_t threads, size_t max_waiting) : pool_(threads), max_waiting_(max_waiting) {}
+  void enqueue(std::function<void()> fn) override {
+    if (waiting_.load() >= max_waiting_) {
+      fn();
+      return;
+    }
+    waiting_++;
+    pool_.enqueue([this, fn = std::move(fn)] {
+      waiting_--;
+      fn();
+    });
+  }
+  void shutdown() override { pool_.shutdown(); }
+
+ private:
+  httplib::ThreadPool pool_;
+  std::atomic<size_t> waiting_{0};
+  const size_t max_waiting_;
+};
+
+}  // namespace
 
 struct HttpServer::Impl {
   httplib::Server server;
@@ -29,6 +62,14 @@ Status HttpServer::Start(const std::string& listen, const SnapshotHolder* snapsh
   std::unique_ptr<HttpServer> s(new HttpServer());
   s->impl_ = std::make_unique<Impl>();
   httplib::Server& srv = s->impl_->server;
+  // Bounds on what a client can make the broker hold: no request here has a body over a few
+  // hundred bytes, a slow or silent client is dropped after 5 s, and connections are bounded.
+  srv.new_task_queue = [] { return new BoundedQueue(8, 64); };
+  srv.set_payload_max_length(64 * 1024);
+  srv.set_read_timeout(5, 0);
+  srv.set_write_timeout(5, 0);
+  srv.set_keep_alive_timeout(5);
+  srv.set_keep_alive_max_count(20);
   srv.Get("/healthz", [](const httplib::Request&, httplib::Response& res) { res.set_content("ok\n", "text/plain"); });
   srv.Get("/readyz", [snapshots](const httplib::Request&, httplib::Response& res) {
     std::string why;
@@ -50,6 +91,13 @@ Status HttpServer::Start(const std::string& listen, const SnapshotHolder* snapsh
       if (req.remote_addr != "127.0.0.1" && req.remote_addr != "::1") {
         res.status = 403;
         res.set_content("only from this host\n", "text/plain");
+        return;
+      }
+      // A web page open in a browser on this host could post here too (a cross-site form): a
+      // browser always names the page's origin, curl and backup.sh never do.
+      if (req.has_header("Origin")) {
+        res.status = 403;
+        res.set_content("not from a web page\n", "text/plain");
         return;
       }
       std::string dir = req.get_param_value("dir");

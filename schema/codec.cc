@@ -1,3 +1,4 @@
+#include <cctype>
 #include <string>
 
 #include "schema/protocol.h"
@@ -131,6 +132,11 @@ Status Validate(const Submit& m) {
   if (m.request_id.size() > 256 || m.batch.size() > 256) return Status::Invalid("request_id or batch over 256 bytes");
   for (const auto& j : m.jobs) {
     if (j.kind.empty() || j.kind.size() > 64) return Status::Invalid("job kind must be 1 to 64 bytes");
+    for (char c : j.kind) {
+      if (!std::isalnum(static_cast<unsigned char>(c)) && c != '_' && c != '-' && c != '.' && c != ':') {
+        return Status::Invalid("job kind \"" + j.kind + "\": only letters, digits, _ - . and : (it names metrics)");
+      }
+    }
     if (j.payload.data.size() > kMaxPayloadBytes) {
       return Status::Invalid("job payload of " + std::to_string(j.payload.data.size()) + " bytes; the limit is " +
                              std::to_string(kMaxPayloadBytes));

@@ -63,6 +63,43 @@ TEST(Http, HealthReadinessAndMetricsFromTheStart) {
   EXPECT_GT(Metric(m, "asrf_jobs_per_second"), 0);
 }
 
+// What a hostile or careless HTTP client can make the broker hold or do is bounded: a body over
+// 64 KiB is refused, a job kind that is not a metric-safe name is refused at SUBMIT, and the
+// journal checkpoint is taken neither for a web page (an Origin header) nor outside the state dir.
+TEST(Http, BoundsAgainstHostileClients) {
+  if (!std::filesystem::exists("/usr/bin/curl")) GTEST_SKIP() << "curl is not installed";
+  TempDir tmp;
+  BrokerProc b = StartBroker(tmp / "broker", tmp / "broker.log");
+  std::string http = HttpEndpoint(tmp / "broker");
+  ASSERT_FALSE(http.empty()) << ReadFile(tmp / "broker.log");
+  RunResult big = RunCommand({"/usr/bin/curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST",
+                              "-H", "Content-Length: 100000000000", "--data-binary", "x", "--max-time", "10",
+                              "http://" + http + "/"});
+  EXPECT_EQ(big.out, "413") << big.err;
+  RunResult bad = Submit(b.endpoint, {"submit", "--kind", "bad\xff\"kind"});
+  EXPECT_NE(bad.code, 0);
+  EXPECT_NE(bad.err.find("only letters, digits"), std::string::npos) << bad.err;
+  auto post = [&](const std::string& dir, bool from_page) {
+    std::vector<std::string> argv = {"/usr/bin/curl", "-s", "-w", "\n%{http_code}", "-X", "POST",
+                                     "--data-urlencode", "dir=" + dir};
+    if (from_page) argv.insert(argv.end(), {"-H", "Origin: http://evil.example"});
+    argv.push_back("http://" + http + "/admin/journal-checkpoint");
+    return RunCommand(argv).out;
+  };
+  std::string page = post(tmp / "broker/from-page", true);
+  EXPECT_NE(page.find("403"), std::string::npos) << page;
+  EXPECT_FALSE(std::filesystem::exists(tmp / "broker/from-page"));
+  std::string outside = post(tmp / "elsewhere", false);
+  EXPECT_NE(outside.find("inside the state dir"), std::string::npos) << outside;
+  EXPECT_FALSE(std::filesystem::exists(tmp / "elsewhere"));
+  std::string ok = post(tmp / "broker/cp", false);
+  EXPECT_EQ(ok.rfind("ok pid=", 0), 0u) << ok;
+  EXPECT_TRUE(std::filesystem::exists(tmp / "broker/cp/CURRENT"));
+  EXPECT_EQ(std::filesystem::status(tmp / "broker/cp").permissions() & std::filesystem::perms::others_all,
+            std::filesystem::perms::none);
+  EXPECT_EQ(Curl("http://" + http + "/healthz").out, "ok\n\n200") << "the broker stopped answering";
+}
+
 TEST(Http, StatusPageShowsWhatMetricsSay) {
   const char* chromium = "/usr/bin/chromium";
   if (!std::filesystem::exists(chromium)) GTEST_SKIP() << "chromium is not installed (scripts/setup.sh installs it)";
