@@ -534,6 +534,12 @@ Status Worker::Run(const std::atomic<bool>* stop) {
   proto::Disconnect d;
   d.reason = "drained";
   s.Send(Cmd::kDisconnect, d);
+  // The last RESULT and the DISCONNECT may still sit in the socket's queue: give them a second
+  // to leave (linger 0, set for reconnects, would drop them when the socket closes).
+  try {
+    s.sock->set(zmq::sockopt::linger, 1000);
+  } catch (const zmq::error_t&) {
+  }
   LogInfo("worker_stopped").Kv("worker", s.opt.worker_id);
   return Status::Ok();
 }
