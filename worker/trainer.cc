@@ -886,13 +886,13 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
     if (pos.step % spec.checkpoint_every == 0 && pos.step < spec.steps) ASRF_RETURN_IF_ERROR(checkpoint("interval"));
   }
 
-  // The end state too, published: a job run again (its registration failed, its worker was lost
-  // before the broker heard of its end) validates and registers without training again.
-  if (pos.step > resumed_at) ASRF_RETURN_IF_ERROR(checkpoint("final", /*always_publish=*/true));
   Evaluation final;
   std::string kept = ctx.state_dir + "/models/" + spec.name + ".pt";
   // Every exit from here reaches the gang's last word (Gang::Finish), failures included.
   auto end = [&]() -> Status {
+    // The end state too, published: a job run again (its registration failed, its worker was
+    // lost before the broker heard of its end) validates and registers without training again.
+    if (pos.step > resumed_at) ASRF_RETURN_IF_ERROR(checkpoint("final", /*always_publish=*/true));
     if (rank == 0) final = Evaluate(model, valid, valid.size(), spec.batch_seconds);
     std::error_code ec;
     std::filesystem::create_directories(ctx.state_dir + "/models", ec);
