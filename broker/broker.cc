@@ -38,6 +38,7 @@ Status BrokerOptions::Sanitize() {
   backoff_ms = std::clamp<int64_t>(backoff_ms, 0, 3600000);
   backoff_max_ms = std::max(backoff_max_ms, backoff_ms);
   result_retention_s = std::max<int64_t>(result_retention_s, 0);
+  forget_after_s = forget_after_s <= 0 ? 0 : std::max(forget_after_s, result_retention_s);
   watch_max_ms = std::clamp<int64_t>(watch_max_ms, 1000, 3600000);
   batch_budget_s = std::clamp(batch_budget_s, 1.0, 1000.0);  // 1,000 s of PCM is 32 MB: one message
   batch_max_items = std::clamp(batch_max_items, 1, 1000);
@@ -156,6 +157,8 @@ struct Broker::Impl {
   std::unordered_map<uint64_t, std::vector<PendingFinish>> pending_finishes;  // by journal token
   std::unordered_map<uint64_t, PendingReply> pending_replies;
   std::deque<std::pair<int64_t, uint64_t>> retention;  // (finished wall ms, job id)
+  std::deque<std::pair<int64_t, uint64_t>> forgetting;  // every finished job: (finished wall ms, job id)
+  static constexpr const char* kNextIdKey = "m/next_job_id";
   std::set<std::pair<int64_t, uint64_t>> deadlines;     // (deadline mono, job id)
 
   int64_t next_heartbeat = 0;
@@ -290,6 +293,11 @@ struct Broker::Impl {
       j.worker = r.worker;
       return Status::Ok();
     }));
+    // Ids are never given twice, though the jobs holding the highest ones may have been forgotten.
+    ASRF_RETURN_IF_ERROR(journal->Scan("m/", [&](std::string_view key, std::string_view value) -> Status {
+      if (key == kNextIdKey) next_job_id = std::max<uint64_t>(next_job_id, std::strtoull(std::string(value).c_str(), nullptr, 10));
+      return Status::Ok();
+    }));
     ASRF_RETURN_IF_ERROR(journal->Scan("r/", [&](std::string_view key, std::string_view value) -> Status {
       rec::RequestRecord r;
       if (proto::DecodeBody(value, &r).ok()) requests[std::string(key.substr(2))] = r;
@@ -301,12 +309,14 @@ struct Broker::Impl {
       if (proto::IsTerminal(j.state) && j.finished_ms > 0 && !j.result_dropped && !j.result.empty()) {
         retention.push_back({j.finished_ms, id});
       }
+      if (proto::IsTerminal(j.state) && j.finished_ms > 0) forgetting.push_back({j.finished_ms, id});
       (void)now_wall;
       table.Add(std::move(j));
       loaded++;
     }
     pending_replay_.clear();
     std::sort(retention.begin(), retention.end());
+    std::sort(forgetting.begin(), forgetting.end());
     const auto& c = table.counts();
     LogInfo("journal_replayed")
         .Kv("jobs", loaded)
@@ -473,6 +483,7 @@ struct Broker::Impl {
       if (recent_failures.size() > 20) recent_failures.pop_back();
     }
     if (!j->result.empty()) retention.push_back({j->finished_ms, j->id});
+    forgetting.push_back({j->finished_ms, j->id});
     if (f.state != JobState::kDone) {
       LogInfo("job_finished")
           .Kv("job", j->id)
@@ -681,6 +692,7 @@ struct Broker::Impl {
       j.world_size = r.world_size;
       p.jobs.push_back(std::move(j));
     }
+    b.Put(kNextIdKey, std::to_string(next_job_id));  // the next id, should these jobs be forgotten
     if (sink) {
       std::vector<records::JobRow> rows;
       rows.reserve(p.jobs.size());
@@ -773,6 +785,15 @@ struct Broker::Impl {
     return i;
   }
 
+  std::string NoJob(uint64_t id) const {
+    if (id < next_job_id && opt.forget_after_s > 0) {
+      return "no job " + std::to_string(id) + " here: it ended more than --forget-after-s (" +
+             std::to_string(opt.forget_after_s) + " s) ago and was forgotten, or never existed" +
+             (sink ? "; its history and result are in PostgreSQL (tables jobs, results)" : "");
+    }
+    return "no job " + std::to_string(id);
+  }
+
   void OnStatus(const std::string& routing, std::string_view body) {
     proto::StatusReq m;
     Status st = proto::DecodeBody(body, &m);
@@ -781,7 +802,7 @@ struct Broker::Impl {
     r.req = m.req;
     if (m.job != 0) {
       Job* j = table.Find(m.job);
-      if (!j) return SendError(routing, m.req, "not_found", "no job " + std::to_string(m.job));
+      if (!j) return SendError(routing, m.req, "not_found", NoJob(m.job));
       if (j->result_dropped && sink) {
         // Past the retention period: the result is only in PostgreSQL; answered from there.
         ResultLookup l;
@@ -827,7 +848,7 @@ struct Broker::Impl {
     uint64_t n = 0;
     if (m.job != 0) {
       Job* j = table.Find(m.job);
-      if (!j) return SendError(routing, m.req, "not_found", "no job " + std::to_string(m.job));
+      if (!j) return SendError(routing, m.req, "not_found", NoJob(m.job));
       n += CancelJob(*j) ? 1 : 0;
     } else {
       const auto* ids = table.BatchJobs(m.batch);
@@ -975,7 +996,7 @@ struct Broker::Impl {
     uint64_t n = 0;
     if (m.job != 0) {
       Job* j = table.Find(m.job);
-      if (!j) return SendError(routing, m.req, "not_found", "no job " + std::to_string(m.job));
+      if (!j) return SendError(routing, m.req, "not_found", NoJob(m.job));
       if (!Retryable(*j)) {
         return SendError(routing, m.req, "bad_request",
                          "job " + std::to_string(m.job) + " is " + proto::StateName(j->state) +
@@ -1427,6 +1448,7 @@ struct Broker::Impl {
         it = list.empty() ? watchers.erase(it) : std::next(it);
       }
       DropExpiredResults();
+      ForgetOldJobs();
     }
   }
 
@@ -1517,6 +1539,41 @@ struct Broker::Impl {
       s->event_backlog = es.records_behind;
     }
     snapshots.Set(std::move(s));
+  }
+
+  // Finished jobs leave the broker --forget-after-s after their end: memory and journal would
+  // otherwise grow with every job ever run (about 1 KB each). Their history and results stay in
+  // PostgreSQL. A gang leaves whole, once every rank has ended.
+  void ForgetOldJobs() {
+    if (opt.forget_after_s <= 0) return;
+    int64_t cutoff = WallMs() - opt.forget_after_s * 1000;
+    JournalBatch b;
+    uint64_t n = 0;
+    while (!forgetting.empty() && forgetting.front().first <= cutoff && b.ops.size() < 10000) {
+      uint64_t id = forgetting.front().second;
+      forgetting.pop_front();
+      Job* j = table.Find(id);
+      if (!j || !proto::IsTerminal(j->state) || j->finishing || j->finished_ms > cutoff) continue;
+      std::vector<uint64_t> ids = {id};
+      if (IsGangMember(*j)) {
+        ids = table.GangMembers(j->gang);
+        bool ended = std::all_of(ids.begin(), ids.end(), [&](uint64_t m) {
+          const Job* x = table.Find(m);
+          return x && proto::IsTerminal(x->state) && !x->finishing;
+        });
+        if (!ended) continue;  // the last rank's end brings the gang here again
+      }
+      for (uint64_t m : ids) {
+        table.Forget(m);
+        b.Erase(rec::JobKey(m));
+        b.Erase(rec::StateKey(m));
+        n++;
+      }
+    }
+    if (!b.empty()) {
+      journal->Write(std::move(b), /*sync=*/false, 0);
+      LogInfo("jobs_forgotten").Kv("jobs", n).Kv("forget_after_s", opt.forget_after_s);
+    }
   }
 
   void DropExpiredResults() {

@@ -55,7 +55,7 @@ class Writer {
 
 std::string RenderMetrics(const FleetSnapshot& s) {
   Writer w;
-  w.Family("asrf_jobs", "gauge", "Jobs the broker holds, by state (every job its journal accepted).");
+  w.Family("asrf_jobs", "gauge", "Jobs the broker holds, by state (finished ones until --forget-after-s).");
   for (int i = 0; i < 6; ++i) w.Sample("asrf_jobs", std::string("state=\"") + kStates[i] + "\"", s.counts[i]);
   w.Family("asrf_jobs_by_kind", "gauge", "Jobs by kind and state.");
   for (const auto& [kind, c] : s.by_kind) {

@@ -160,6 +160,36 @@ std::vector<std::pair<std::string, std::vector<uint64_t>>> JobTable::StrandedGan
   return out;
 }
 
+void JobTable::Forget(uint64_t id) {
+  auto it = jobs_.find(id);
+  if (it == jobs_.end()) return;
+  const Job& j = it->second;
+  const int s = static_cast<int>(j.state);
+  counts_[s]--;
+  if (auto k = kind_counts_.find(j.kind); k != kind_counts_.end()) {
+    k->second[s]--;
+    if (std::all_of(k->second.begin(), k->second.end(), [](int64_t n) { return n == 0; })) kind_counts_.erase(k);
+  }
+  if (IsGangMember(j)) {
+    if (auto g = gangs_.find(j.gang); g != gangs_.end()) {
+      g->second.members.erase(j.rank);
+      if (g->second.members.empty()) gangs_.erase(g);
+    }
+  }
+  std::string batch = j.batch;
+  jobs_.erase(it);
+  if (auto b = batches_.find(batch); b != batches_.end()) {
+    b->second.counts[s]--;
+    if (++b->second.forgotten >= b->second.ids.size()) {
+      batches_.erase(b);
+    } else if (b->second.forgotten * 2 > b->second.ids.size()) {
+      auto& ids = b->second.ids;
+      ids.erase(std::remove_if(ids.begin(), ids.end(), [this](uint64_t x) { return !jobs_.count(x); }), ids.end());
+      b->second.forgotten = 0;
+    }
+  }
+}
+
 std::vector<uint64_t> JobTable::GangMembers(const std::string& gang) const {
   std::vector<uint64_t> ids;
   auto g = gangs_.find(gang);

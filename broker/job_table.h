@@ -104,6 +104,8 @@ class JobTable {
   // Gangs with queued members that can never run whole again, because another member ended
   // `done` (one rank reported its end before another was lost): name -> those queued members.
   std::vector<std::pair<std::string, std::vector<uint64_t>>> StrandedGangs() const;
+  // Removes a finished job for good (counts, its batch, its gang). REQUIRES: terminal, not queued.
+  void Forget(uint64_t id);
   // Every member of a gang (any state), by rank.
   std::vector<uint64_t> GangMembers(const std::string& gang) const;
   // Kinds with runnable jobs.
@@ -137,8 +139,9 @@ class JobTable {
   std::unordered_map<std::string, Counts> kind_counts_;
   std::set<uint64_t> queued_ids_;
   struct BatchInfo {
-    std::vector<uint64_t> ids;
+    std::vector<uint64_t> ids;  // may hold forgotten ids until compacted
     Counts counts{};
+    size_t forgotten = 0;
   };
   std::unordered_map<std::string, BatchInfo> batches_;
 };

@@ -35,6 +35,9 @@ int main(int argc, char** argv) {
       ("backoff-max-ms", po::value(&o.backoff_max_ms)->default_value(o.backoff_max_ms), "longest retry delay")
       ("result-retention-s", po::value(&o.result_retention_s)->default_value(o.result_retention_s),
        "seconds a finished job's result is kept for clients")
+      ("forget-after-s", po::value(&o.forget_after_s)->default_value(o.forget_after_s),
+       "seconds after which a finished job leaves the broker's memory and journal (its history and "
+       "result stay in PostgreSQL); at least --result-retention-s; 0 = never")
       ("pg", po::value(&o.pg)->default_value(""),
        "PostgreSQL conninfo (key=value or postgresql:// URI; PGHOST, PGPASSFILE... honoured; never a password "
        "here) for the job history; empty: the broker runs without it")

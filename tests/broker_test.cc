@@ -6,6 +6,7 @@
 #include <deque>
 #include <map>
 #include <set>
+#include <thread>
 
 #include <zmq.hpp>
 
@@ -158,6 +159,54 @@ TEST(Broker, RepeatedSubmitReturnsTheOriginalIds) {
   proto::Reply third;
   ASSERT_TRUE(c2.Call(Cmd::kSubmit, Jobs(5, "echo", "req-1"), &third, 5000).ok());
   EXPECT_EQ(third.job_ids, first.job_ids);
+}
+
+// Finished jobs leave the broker's memory and journal --forget-after-s after their end (here 1 s),
+// and the ids they held are never given again, across a restart too.
+TEST(Broker, FinishedJobsAreForgottenAndTheirIdsNeverReused) {
+  TempDir tmp;
+  BrokerOptions o = TestOptions(tmp / "b");
+  o.result_retention_s = 0;
+  o.forget_after_s = 1;
+  InProcBroker broker(o);
+  ASSERT_TRUE(broker.open_status().ok());
+  BrokerClient client(broker.endpoint());
+  proto::Reply sub, r, kept;
+  ASSERT_TRUE(client.Call(Cmd::kSubmit, Jobs(3, "sleep"), &kept, 5000).ok());  // still queued: stays
+  ASSERT_TRUE(client.Call(Cmd::kSubmit, Jobs(500), &sub, 5000).ok());          // the highest ids: forgotten
+  ASSERT_EQ(sub.job_ids.size(), 500u);
+  proto::CancelReq c;
+  for (uint64_t id : sub.job_ids) {
+    c.job = id;
+    ASSERT_TRUE(client.Call(Cmd::kCancel, c, &r, 5000).ok());
+  }
+  auto total = [&] {
+    proto::Reply st;
+    if (!client.Call(Cmd::kStatus, proto::StatusReq{}, &st, 5000).ok()) return int64_t{-1};
+    int64_t n = 0;
+    for (const auto& [state, k] : st.counts) n += k;
+    return n;
+  };
+  int64_t end = MonoMs() + 10000;
+  while (total() != 3 && MonoMs() < end) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  EXPECT_EQ(total(), 3) << "the finished jobs were not forgotten";
+  proto::StatusReq one;
+  one.job = sub.job_ids.front();
+  Status st = client.Call(Cmd::kStatus, one, &r, 5000);
+  EXPECT_FALSE(st.ok());
+  EXPECT_NE(st.message().find("forgotten"), std::string::npos) << st.ToString();
+  // After a restart the journal holds only the queued jobs, and new ids continue after all of them.
+  broker.Stop();
+  InProcBroker again(o);
+  ASSERT_TRUE(again.open_status().ok());
+  BrokerClient c2(again.endpoint());
+  proto::Reply status, next;
+  ASSERT_TRUE(c2.Call(Cmd::kStatus, proto::StatusReq{}, &status, 5000).ok());
+  EXPECT_EQ(status.counts["queued"], 3);
+  EXPECT_EQ(status.counts["cancelled"], 0);
+  ASSERT_TRUE(c2.Call(Cmd::kSubmit, Jobs(1), &next, 5000).ok());
+  ASSERT_EQ(next.job_ids.size(), 1u);
+  EXPECT_GT(next.job_ids[0], sub.job_ids.back()) << "an id of a forgotten job was given again";
 }
 
 // A worker whose lease expired sends its result late: rejected; the new lease holder's is kept.
