@@ -794,6 +794,13 @@ struct Broker::Impl {
     return "no job " + std::to_string(id);
   }
 
+  std::string NoBatch(const std::string& batch) const {
+    if (opt.forget_after_s <= 0) return "no batch " + batch;
+    return "no batch " + batch + " (a batch whose jobs all ended more than --forget-after-s, " +
+           std::to_string(opt.forget_after_s) + " s, ago is forgotten" +
+           (sink ? "; its history and results are in PostgreSQL)" : ")");
+  }
+
   void OnStatus(const std::string& routing, std::string_view body) {
     proto::StatusReq m;
     Status st = proto::DecodeBody(body, &m);
@@ -816,7 +823,7 @@ struct Broker::Impl {
       r.batch = j->batch;
       r.counts = CountsMap(table.counts());
     } else if (!m.batch.empty()) {
-      if (!table.BatchJobs(m.batch)) return SendError(routing, m.req, "not_found", "no batch " + m.batch);
+      if (!table.BatchJobs(m.batch)) return SendError(routing, m.req, "not_found", NoBatch(m.batch));
       r.batch = m.batch;
       r.counts = CountsMap(table.BatchCounts(m.batch));
     } else {
@@ -852,7 +859,7 @@ struct Broker::Impl {
       n += CancelJob(*j) ? 1 : 0;
     } else {
       const auto* ids = table.BatchJobs(m.batch);
-      if (!ids) return SendError(routing, m.req, "not_found", "no batch " + m.batch);
+      if (!ids) return SendError(routing, m.req, "not_found", NoBatch(m.batch));
       for (uint64_t id : *ids) {
         if (Job* j = table.Find(id)) n += CancelJob(*j) ? 1 : 0;
       }
@@ -875,7 +882,7 @@ struct Broker::Impl {
     proto::WatchReq m;
     Status st = proto::DecodeBody(body, &m);
     if (!st.ok()) return SendError(routing, PeekReq(body), "bad_request", st.message());
-    if (!table.BatchJobs(m.batch)) return SendError(routing, m.req, "not_found", "no batch " + m.batch);
+    if (!table.BatchJobs(m.batch)) return SendError(routing, m.req, "not_found", NoBatch(m.batch));
     auto& list = watchers[m.batch];
     int64_t expires = now + std::clamp<int64_t>(m.watch_ms, 1000, opt.watch_max_ms);
     bool found = false;
