@@ -37,8 +37,10 @@ Status BrokerOptions::Sanitize() {
   heartbeat_misses = std::clamp(heartbeat_misses, 1, 100);
   backoff_ms = std::clamp<int64_t>(backoff_ms, 0, 3600000);
   backoff_max_ms = std::max(backoff_max_ms, backoff_ms);
-  result_retention_s = std::max<int64_t>(result_retention_s, 0);
-  forget_after_s = forget_after_s <= 0 ? 0 : std::max(forget_after_s, result_retention_s);
+  constexpr int64_t kCentury = 100ll * 365 * 24 * 3600;  // seconds; more would overflow as ms
+  result_retention_s = std::clamp<int64_t>(result_retention_s, 0, kCentury);
+  if (forget_after_s < 0) forget_after_s = pg.empty() ? 0 : 3 * 24 * 3600;
+  forget_after_s = forget_after_s == 0 ? 0 : std::clamp<int64_t>(forget_after_s, result_retention_s, kCentury);
   watch_max_ms = std::clamp<int64_t>(watch_max_ms, 1000, 3600000);
   batch_budget_s = std::clamp(batch_budget_s, 1.0, 1000.0);  // 1,000 s of PCM is 32 MB: one message
   batch_max_items = std::clamp(batch_max_items, 1, 1000);
@@ -1548,9 +1550,9 @@ struct Broker::Impl {
     snapshots.Set(std::move(s));
   }
 
-  // Finished jobs leave the broker --forget-after-s after their end: memory and journal would
-  // otherwise grow with every job ever run (about 1 KB each). Their history and results stay in
-  // PostgreSQL. A gang leaves whole, once every rank has ended.
+  // Done and cancelled jobs leave the broker --forget-after-s after their end: memory and journal
+  // would otherwise grow with every job ever run (about 1 KB each). Their history and results stay
+  // in PostgreSQL. A gang leaves whole, once every rank has ended.
   void ForgetOldJobs() {
     if (opt.forget_after_s <= 0) return;
     int64_t cutoff = WallMs() - opt.forget_after_s * 1000;
@@ -1559,15 +1561,17 @@ struct Broker::Impl {
     while (!forgetting.empty() && forgetting.front().first <= cutoff && b.ops.size() < 10000) {
       uint64_t id = forgetting.front().second;
       forgetting.pop_front();
+      // Dead and failed jobs stay: they wait for an operator's RETRY (the dead-letter list).
+      auto forgettable = [&](const Job* x) {
+        return x && (x->state == JobState::kDone || x->state == JobState::kCancelled) && !x->finishing &&
+               x->finished_ms <= cutoff;
+      };
       Job* j = table.Find(id);
-      if (!j || !proto::IsTerminal(j->state) || j->finishing || j->finished_ms > cutoff) continue;
+      if (!forgettable(j)) continue;
       std::vector<uint64_t> ids = {id};
       if (IsGangMember(*j)) {
         ids = table.GangMembers(j->gang);
-        bool ended = std::all_of(ids.begin(), ids.end(), [&](uint64_t m) {
-          const Job* x = table.Find(m);
-          return x && proto::IsTerminal(x->state) && !x->finishing;
-        });
+        bool ended = std::all_of(ids.begin(), ids.end(), [&](uint64_t m) { return forgettable(table.Find(m)); });
         if (!ended) continue;  // the last rank's end brings the gang here again
       }
       for (uint64_t m : ids) {
@@ -1578,6 +1582,9 @@ struct Broker::Impl {
       }
     }
     if (!b.empty()) {
+      // The next id too: the highest ids may be among these (a journal older than m/next_job_id
+      // would otherwise replay to a lower next id).
+      b.Put(kNextIdKey, std::to_string(next_job_id));
       journal->Write(std::move(b), /*sync=*/false, 0);
       LogInfo("jobs_forgotten").Kv("jobs", n).Kv("forget_after_s", opt.forget_after_s);
     }

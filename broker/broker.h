@@ -30,7 +30,9 @@ struct BrokerOptions {
   int64_t backoff_ms = 500;             // first retry delay; doubles per attempt
   int64_t backoff_max_ms = 30000;
   int64_t result_retention_s = 86400;   // results are kept this long after a job ends
-  int64_t forget_after_s = 259200;      // finished jobs leave memory and journal this long after; 0 = never
+  // Done and cancelled jobs leave memory and journal this long after their end; 0 = never; < 0:
+  // three days with --pg (their history is there), never without.
+  int64_t forget_after_s = -1;
   int64_t watch_max_ms = 60000;         // longest WATCH subscription without renewal
   int max_messages_per_wake = 2000;     // fairness cap per poll wake-up
   std::string pg;                       // libpq conninfo for the job-history sink; empty: none

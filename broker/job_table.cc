@@ -178,8 +178,9 @@ void JobTable::Forget(uint64_t id) {
   }
   std::string batch = j.batch;
   jobs_.erase(it);
+  // A batch's counts keep its forgotten jobs (in their final states) until every job of it is
+  // forgotten and the batch with them: a client following it sees its total never shrink.
   if (auto b = batches_.find(batch); b != batches_.end()) {
-    b->second.counts[s]--;
     if (++b->second.forgotten >= b->second.ids.size()) {
       batches_.erase(b);
     } else if (b->second.forgotten * 2 > b->second.ids.size()) {

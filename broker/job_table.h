@@ -104,7 +104,8 @@ class JobTable {
   // Gangs with queued members that can never run whole again, because another member ended
   // `done` (one rank reported its end before another was lost): name -> those queued members.
   std::vector<std::pair<std::string, std::vector<uint64_t>>> StrandedGangs() const;
-  // Removes a finished job for good (counts, its batch, its gang). REQUIRES: terminal, not queued.
+  // Removes a finished job for good (counts, its gang; its batch's counts keep it until the whole
+  // batch is forgotten). REQUIRES: terminal, not queued.
   void Forget(uint64_t id);
   // Every member of a gang (any state), by rank.
   std::vector<uint64_t> GangMembers(const std::string& gang) const;

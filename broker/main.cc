@@ -35,9 +35,10 @@ int main(int argc, char** argv) {
       ("backoff-max-ms", po::value(&o.backoff_max_ms)->default_value(o.backoff_max_ms), "longest retry delay")
       ("result-retention-s", po::value(&o.result_retention_s)->default_value(o.result_retention_s),
        "seconds a finished job's result is kept for clients")
-      ("forget-after-s", po::value(&o.forget_after_s)->default_value(o.forget_after_s),
-       "seconds after which a finished job leaves the broker's memory and journal (its history and "
-       "result stay in PostgreSQL); at least --result-retention-s; 0 = never")
+      ("forget-after-s", po::value(&o.forget_after_s)->default_value(o.forget_after_s, "3 days with --pg, else 0"),
+       "seconds after which a done or cancelled job leaves the broker's memory and journal (its history and "
+       "result stay in PostgreSQL); at least --result-retention-s; 0 = never; default: 3 days with --pg, "
+       "never without")
       ("pg", po::value(&o.pg)->default_value(""),
        "PostgreSQL conninfo (key=value or postgresql:// URI; PGHOST, PGPASSFILE... honoured; never a password "
        "here) for the job history; empty: the broker runs without it")

@@ -130,6 +130,11 @@ int WaitBatch(const GlobalOptions& g, BrokerClient& client, const std::string& b
       if (in.cmd == Cmd::kReply && in.reply.req == watch_req) {
         last_answer = MonoMs();
         counts = in.reply.counts;
+        // The broker may hold fewer jobs of the batch than there were (finished ones forgotten,
+        // after a restart): wait for those it holds, not for ever.
+        int64_t held = 0;
+        for (const auto& [state, n] : counts) held += n;
+        if (held > 0 && held < total) total = held;
       } else if (in.cmd == Cmd::kReply) {
         last_answer = MonoMs();
       } else if (in.cmd == Cmd::kError) {

@@ -195,6 +195,13 @@ TEST(Broker, FinishedJobsAreForgottenAndTheirIdsNeverReused) {
   Status st = client.Call(Cmd::kStatus, one, &r, 5000);
   EXPECT_FALSE(st.ok());
   EXPECT_NE(st.message().find("forgotten"), std::string::npos) << st.ToString();
+  // The batch (all 503 jobs are in batch "t") keeps counting its forgotten jobs while it has others:
+  // a client following it must never see its total shrink.
+  proto::StatusReq of_batch;
+  of_batch.batch = "t";
+  ASSERT_TRUE(client.Call(Cmd::kStatus, of_batch, &r, 5000).ok());
+  EXPECT_EQ(r.counts["cancelled"], 500);
+  EXPECT_EQ(r.counts["queued"], 3);
   // After a restart the journal holds only the queued jobs, and new ids continue after all of them.
   broker.Stop();
   InProcBroker again(o);
