@@ -52,6 +52,8 @@ sample() {
     awk -v want="$1" '$1 == want { print $2; exit }' <<<"$metrics"
 }
 
+# Without curl every check would read as "broker not reachable" and the fleet would never stop.
+command -v curl >/dev/null 2>&1 || { echo "idle-stop: curl not found (apt-get install curl)" >&2; exit 1; }
 if ! metrics="$(curl -fsS --max-time 5 "http://$http/metrics" 2>&1)"; then
     say "broker not reachable at http://$http/metrics (${metrics:-no answer}); not idle"
     reset
