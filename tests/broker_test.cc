@@ -21,6 +21,19 @@ using proto::Cmd;
 using testing::InProcBroker;
 using testing::TempDir;
 
+// Every frame of the next message on `sock` (one is ready).
+std::vector<zmq::message_t> ReadFrames(zmq::socket_t& sock) {
+  std::vector<zmq::message_t> frames;
+  bool more = true;
+  while (more) {
+    zmq::message_t m;
+    (void)sock.recv(m);
+    more = m.more();
+    frames.push_back(std::move(m));
+  }
+  return frames;
+}
+
 // A peer speaking raw frames, for fake workers and hostile clients.
 class RawPeer {
  public:
@@ -44,17 +57,7 @@ class RawPeer {
       zmq::pollitem_t item{sock_.handle(), 0, ZMQ_POLLIN, 0};
       zmq::poll(&item, 1, std::chrono::milliseconds(50));
       if (!(item.revents & ZMQ_POLLIN)) continue;
-      std::vector<zmq::message_t> frames;
-      zmq::message_t m;
-      (void)sock_.recv(m);
-      bool more = m.more();
-      frames.push_back(std::move(m));
-      while (more) {
-        zmq::message_t p;
-        (void)sock_.recv(p);
-        more = p.more();
-        frames.push_back(std::move(p));
-      }
+      std::vector<zmq::message_t> frames = ReadFrames(sock_);
       if (frames.size() == 3 && frames[1].size() == 1 && static_cast<Cmd>(frames[1].data<char>()[0]) == want) {
         *body = frames[2].to_string();
         return true;
@@ -557,14 +560,7 @@ TEST(WorkerStop, ALeaseTheBrokerNeverConfirmedDoesNotHoldUpAStop) {
       zmq::pollitem_t item{router.handle(), 0, ZMQ_POLLIN, 0};
       zmq::poll(&item, 1, std::chrono::milliseconds(100));
       if (!(item.revents & ZMQ_POLLIN)) continue;
-      std::vector<zmq::message_t> frames;
-      bool more = true;
-      while (more) {
-        zmq::message_t m;
-        (void)router.recv(m);
-        more = m.more();
-        frames.push_back(std::move(m));
-      }
+      std::vector<zmq::message_t> frames = ReadFrames(router);
       if (frames.size() == 4 && frames[2].size() == 1 && static_cast<Cmd>(frames[2].data<char>()[0]) == want) {
         *routing = frames[0].to_string();
         return true;

@@ -267,31 +267,52 @@ TEST(Gang, ARendezvousPortInUseMovesTheGangToAnotherPort) {
   EXPECT_EQ(c.dead, 0);
 }
 
-TEST(Gang, AKilledRankRequeuesTheGangWhichResumesFromAPublishedCheckpoint) {
-  TempDir t;
-  PgCluster pg(t.path());
-  ASSERT_TRUE(pg.Start());
-  RunResult synth = RunCommand({ASRF_SYNTH_BIN, "--out", t / "data", "--utterances", "40", "--seed", "3",
+// The tests below train a tiny network as a gang of two CPU workers with --pg: a synthetic corpus
+// under t/data, both workers on the broker, the training submitted; each step ASSERTs.
+void SynthTinyCorpus(const TempDir& t, const std::string& seed) {
+  RunResult synth = RunCommand({ASRF_SYNTH_BIN, "--out", t / "data", "--utterances", "40", "--seed", seed,
                                 "--valid-fraction", "0.1", "--heldout-fraction", "0", "--max-words", "4"});
   ASSERT_EQ(synth.code, 0) << synth.err;
-  BrokerProc b = StartBroker(t / "broker", t / "broker.log",
-                             With(kFastHeartbeats, {"--pg", pg.url(), "--gang-port-base",
-                                                    std::to_string(30000 + (getpid() * 7) % 20000)}));
+}
+
+void StartTwoPgWorkers(const BrokerProc& b, const TempDir& t, const std::string& pg_url, Proc* w1, Proc* w2) {
   std::vector<std::string> wargs = With(kFastHeartbeats, {"--threads", "1", "--advertise-host", "127.0.0.1",
-                                                          "--pg", pg.url()});
-  Proc w1 = StartWorker(b.endpoint, t / "w1", t / "w1.log", wargs);
-  Proc w2 = StartWorker(b.endpoint, t / "w2", t / "w2.log", wargs);
+                                                          "--pg", pg_url});
+  *w1 = StartWorker(b.endpoint, t / "w1", t / "w1.log", wargs);
+  *w2 = StartWorker(b.endpoint, t / "w2", t / "w2.log", wargs);
   ASSERT_TRUE(WaitFor([&] {
     std::string out = Submit(b.endpoint, {"workers"}).out;
     return std::count(out.begin(), out.end(), '\n') >= 2;
   }, 10000));
-  RunResult r = Submit(b.endpoint, {"train", "--manifest", t / "data/train.jsonl", "--valid", t / "data/valid.jsonl",
-                                    "--name", "gangmodel", "--world-size", "2", "--steps", "200", "--batch-seconds",
-                                    "8", "--checkpoint-every", "5", "--publish-every", "1", "--valid-every", "1000",
-                                    "--channels", "32", "--hidden", "32", "--layers", "1"});
+}
+
+// `asr-submit train --world-size 2` of the tiny network with `args` added; *batch gets its batch.
+void SubmitTinyGang(const BrokerProc& b, const TempDir& t, const std::vector<std::string>& args, std::string* batch) {
+  std::vector<std::string> words = With({"train", "--manifest", t / "data/train.jsonl", "--valid",
+                                         t / "data/valid.jsonl", "--world-size", "2", "--batch-seconds", "8",
+                                         "--valid-every", "1000", "--channels", "32", "--hidden", "32", "--layers", "1"},
+                                        args);
+  RunResult r = Submit(b.endpoint, words);
   ASSERT_EQ(r.code, 0) << r.err;
-  std::string gt = r.out.substr(r.out.find(" batch ") + 7);
-  while (!gt.empty() && (gt.back() == '\n' || gt.back() == ' ')) gt.pop_back();
+  *batch = r.out.substr(r.out.find(" batch ") + 7);
+  while (!batch->empty() && (batch->back() == '\n' || batch->back() == ' ')) batch->pop_back();
+}
+
+TEST(Gang, AKilledRankRequeuesTheGangWhichResumesFromAPublishedCheckpoint) {
+  TempDir t;
+  PgCluster pg(t.path());
+  ASSERT_TRUE(pg.Start());
+  ASSERT_NO_FATAL_FAILURE(SynthTinyCorpus(t, "3"));
+  BrokerProc b = StartBroker(t / "broker", t / "broker.log",
+                             With(kFastHeartbeats, {"--pg", pg.url(), "--gang-port-base",
+                                                    std::to_string(30000 + (getpid() * 7) % 20000)}));
+  Proc w1, w2;
+  ASSERT_NO_FATAL_FAILURE(StartTwoPgWorkers(b, t, pg.url(), &w1, &w2));
+  std::string gt;
+  ASSERT_NO_FATAL_FAILURE(SubmitTinyGang(b, t, {"--name", "gangmodel", "--steps", "200", "--checkpoint-every", "5",
+                                                "--publish-every", "1"}, &gt));
+  std::vector<std::string> wargs = With(kFastHeartbeats, {"--threads", "1", "--advertise-host", "127.0.0.1",
+                                                          "--pg", pg.url()});
   // Rank 0 is job 1. Wait until it has published a checkpoint, then kill the worker running it:
   // its local checkpoints go with it.
   auto published = [&] {
@@ -329,26 +350,13 @@ TEST(Gang, Rank0FailingAtTheEndFailsTheGangOnce) {
   TempDir t;
   PgCluster pg(t.path());
   ASSERT_TRUE(pg.Start());
-  RunResult synth = RunCommand({ASRF_SYNTH_BIN, "--out", t / "data", "--utterances", "40", "--seed", "5",
-                                "--valid-fraction", "0.1", "--heldout-fraction", "0", "--max-words", "4"});
-  ASSERT_EQ(synth.code, 0) << synth.err;
+  ASSERT_NO_FATAL_FAILURE(SynthTinyCorpus(t, "5"));
   BrokerProc b = StartBroker(t / "broker", t / "broker.log",
                              With(kFastHeartbeats, {"--gang-port-base", std::to_string(30000 + (getpid() * 11) % 20000)}));
-  std::vector<std::string> wargs = With(kFastHeartbeats, {"--threads", "1", "--advertise-host", "127.0.0.1",
-                                                          "--pg", pg.url()});
-  Proc w1 = StartWorker(b.endpoint, t / "w1", t / "w1.log", wargs);
-  Proc w2 = StartWorker(b.endpoint, t / "w2", t / "w2.log", wargs);
-  ASSERT_TRUE(WaitFor([&] {
-    std::string out = Submit(b.endpoint, {"workers"}).out;
-    return std::count(out.begin(), out.end(), '\n') >= 2;
-  }, 10000));
-  RunResult r = Submit(b.endpoint, {"train", "--manifest", t / "data/train.jsonl", "--valid", t / "data/valid.jsonl",
-                                    "--name", "endfail", "--world-size", "2", "--steps", "80", "--batch-seconds",
-                                    "8", "--checkpoint-every", "20", "--valid-every", "1000",
-                                    "--channels", "32", "--hidden", "32", "--layers", "1"});
-  ASSERT_EQ(r.code, 0) << r.err;
-  std::string gt = r.out.substr(r.out.find(" batch ") + 7);
-  while (!gt.empty() && (gt.back() == '\n' || gt.back() == ' ')) gt.pop_back();
+  Proc w1, w2;
+  ASSERT_NO_FATAL_FAILURE(StartTwoPgWorkers(b, t, pg.url(), &w1, &w2));
+  std::string gt;
+  ASSERT_NO_FATAL_FAILURE(SubmitTinyGang(b, t, {"--name", "endfail", "--steps", "80", "--checkpoint-every", "20"}, &gt));
   ASSERT_TRUE(WaitFor([&] {
     json st = json::parse(Submit(b.endpoint, {"status", "1", "--json"}).out, nullptr, false);
     return st.is_object() && st.contains("progress") && st["progress"].value("step", 0) >= 5;

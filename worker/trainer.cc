@@ -413,10 +413,10 @@ Status LoadCheckpoint(const std::string& bytes, CtcModel& model, torch::optim::A
   try {
     torch::serialize::InputArchive ar;
     ar.load_from(bytes.data(), bytes.size(), torch::Device(torch::kCPU));  // saved on a GPU, read anywhere
+    c10::IValue m;
+    ar.read("meta", m);
+    json meta = json::parse(m.toStringRef());
     if (spec_json) {
-      c10::IValue m;
-      ar.read("meta", m);
-      json meta = json::parse(m.toStringRef());
       // What names a training, not every setting: a newer worker may write more settings.
       json saved = json::parse(meta.value("spec", std::string("{}")), nullptr, false);
       json want = json::parse(*spec_json, nullptr, false);
@@ -432,9 +432,6 @@ Status LoadCheckpoint(const std::string& bytes, CtcModel& model, torch::optim::A
     model->load(weights);
     ar.read("optimizer", optim);
     opt.load(optim);
-    c10::IValue m;
-    ar.read("meta", m);
-    json meta = json::parse(m.toStringRef());
     pos->step = meta["step"];
     pos->epoch = meta["epoch"];
     pos->batch = meta["batch"];
