@@ -1750,6 +1750,7 @@ Status Broker::Open(const BrokerOptions& options, std::unique_ptr<Broker>* out) 
     ASRF_RETURN_IF_ERROR(CheckConninfo(impl->opt.pg).WithContext("--pg"));
     EventSinkOptions eo;
     eo.conninfo = impl->opt.pg;
+    eo.forget_after_s = impl->opt.forget_after_s;
     impl->sink = std::make_unique<EventSink>(eo, impl->journal.get());
   } else {
     LogWarn("no_postgresql").Kv("detail", "no --pg / ASRF_PG: job history is kept only in the journal");

@@ -159,6 +159,7 @@ struct EventSink::Impl {
       st = UpsertRows(rows, seqs, chunk);
     }
     if (st.ok()) st = pg->Exec("COMMIT");
+    if (st.ok()) ClearDoneCheckpoints(rows, keep);
     uint64_t written = keep.size();
     if (!st.ok()) {
       (void)pg->Exec("ROLLBACK");
@@ -291,8 +292,40 @@ struct EventSink::Impl {
     stats.records_behind = behind;
   }
 
+  // A done job never runs again (RETRY takes only failed and dead ones): the bytes of its
+  // published checkpoints, tens of MB each, are dead weight. Best effort, after the rows are
+  // committed (a failure here must not hold the job history back); the sweep catches what it misses.
+  void ClearDoneCheckpoints(const std::vector<records::JobRow>& rows, const std::vector<size_t>& which) {
+    std::string done = "{";
+    for (size_t i : which) {
+      if (rows[i].state != static_cast<uint8_t>(proto::JobState::kDone)) continue;
+      if (done.size() > 1) done += ',';
+      done += std::to_string(rows[i].id);
+    }
+    done += '}';
+    if (done.size() == 2) return;
+    Status st =
+        pg->Query("UPDATE checkpoints SET bytes = NULL WHERE job_id = ANY($1::bigint[]) AND bytes IS NOT NULL", {done});
+    if (!st.ok()) LogWarn("checkpoint_clear_failed").Kv("error", st.message());
+  }
+
+  // Every 10 minutes: checkpoint bytes of done jobs the clearing above missed, and of cancelled
+  // jobs the broker has forgotten (no RETRY of their gang can bring them back any more).
+  void SweepCheckpoints() {
+    PgResult r;
+    Status st = pg->Query(
+        "WITH c AS (UPDATE checkpoints SET bytes = NULL FROM jobs WHERE checkpoints.job_id = jobs.id "
+        "AND checkpoints.bytes IS NOT NULL AND (jobs.state = 'done' OR ($1::double precision > 0 AND "
+        "jobs.state = 'cancelled' AND jobs.finished_at < now() - make_interval(secs => $1::double precision))) "
+        "RETURNING 1) SELECT count(*) FROM c",
+        {std::to_string(opt.forget_after_s)}, &r);
+    if (!st.ok()) LogWarn("checkpoint_sweep_failed").Kv("error", st.message());
+    else if (r.rows() && r.get(0, 0) != "0") LogInfo("checkpoints_cleared").Kv("checkpoints", r.get(0, 0));
+  }
+
   void Run() {
     int64_t next_count = 0;
+    int64_t next_sweep = 0;
     for (;;) {
       {
         std::unique_lock<std::mutex> lock(mu);
@@ -308,6 +341,10 @@ struct EventSink::Impl {
       if (MonoMs() >= next_count) {
         CountBehind();
         next_count = MonoMs() + 2000;
+      }
+      if (MonoMs() >= next_sweep && Connect()) {
+        SweepCheckpoints();
+        next_sweep = MonoMs() + 600000;
       }
     }
   }

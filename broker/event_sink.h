@@ -2,7 +2,9 @@
 // on its own thread, in batches (one multi-row upsert per batch), then erases what it copied.
 // While PostgreSQL is down the rows simply stay in the journal and are caught up later; nothing
 // on the broker's poll thread ever waits for PostgreSQL. The same thread answers result lookups
-// for jobs whose result the broker has dropped after its retention period.
+// for jobs whose result the broker has dropped after its retention period. It also clears the
+// bytes of training checkpoints no job can resume from any more: at once when their job is done,
+// --forget-after-s after its end when it was cancelled (the index rows stay).
 //
 // Thread-safety: Notify, Lookup, TakeLookups and GetStats may be called from any thread.
 #pragma once
@@ -23,6 +25,10 @@ struct EventSinkOptions {
   std::string conninfo;
   size_t max_rows = 2000;   // rows per upsert
   int64_t retry_ms = 1000;  // reconnect interval while PostgreSQL is down
+  // The broker's --forget-after-s (0: never). A cancelled job's checkpoint bytes are kept that
+  // long after its end (RETRY of a gang brings its cancelled ranks back), then cleared; a done
+  // job's at once.
+  int64_t forget_after_s = 0;
 };
 
 struct EventSinkStats {

@@ -15,6 +15,7 @@
 #include <nlohmann/json.hpp>
 
 #include "tests/harness.h"
+#include "worker/checkpoint_store.h"
 
 namespace asrf::testing {
 namespace {
@@ -276,19 +277,71 @@ TEST_F(TrainTest, KilledWorkerIsReplacedAndTrainingResumesFromTheCheckpoint) {
   EXPECT_EQ(ReadFile(tmp_ / "w3.log").find("train_resumed"), std::string::npos) << ReadFile(tmp_ / "w3.log");
 }
 
+// The broker here has no --pg, so nothing clears the bytes of the done job's checkpoints: what
+// is left is what the worker wrote.
 TEST_F(TrainTest, CheckpointsAreIndexedInPostgres) {
   PgCluster pg(tmp_.path());
   ASSERT_TRUE(pg.Start());
-  BrokerProc b = StartBroker(tmp_ / "broker", tmp_ / "broker.log", {"--pg", pg.url()});
+  BrokerProc b = StartBroker(tmp_ / "broker", tmp_ / "broker.log");
   Proc w = StartWorker(b.endpoint, tmp_ / "w", tmp_ / "w.log", {"--threads", "2", "--pg", pg.url()});
   std::vector<std::string> args = TrainArgs("indexed", 30, 10);
-  args.push_back("--wait");
+  args.insert(args.end(), {"--publish-every", "1", "--wait"});
   RunResult r = Submit(b.endpoint, args, 240000);
   ASSERT_EQ(r.code, 0) << r.err << ReadFile(tmp_ / "w.log");
   // Every 10 steps, and the end state (so a run again only validates and registers).
   EXPECT_EQ(pg.Query("SELECT string_agg(step::text, ',' ORDER BY step) FROM checkpoints WHERE job_id = 1"), "10,20,30");
-  EXPECT_EQ(pg.Query("SELECT count(*) FROM checkpoints WHERE loss > 0 AND worker <> ''"), "3");
+  EXPECT_EQ(pg.Query("SELECT count(*) FROM checkpoints WHERE loss > 0 AND worker <> '' AND published"), "3");
+  // All three were published; only the newest keeps its bytes, the only one a resume would take.
+  EXPECT_EQ(pg.Query("SELECT string_agg(step::text, ',') FROM checkpoints WHERE bytes IS NOT NULL"), "30");
   EXPECT_EQ(pg.Query("SELECT version, data_summary->>'job' FROM models WHERE name = 'indexed'"), "1|1");
+}
+
+// A done job's checkpoints, tens of MB each in real trainings, used to stay for ever: in the
+// RocksDB of every worker that ran part of it and, for the published ones, in PostgreSQL. Now the
+// worker that finished it drops its own once the broker has the result, a worker that gave the
+// job back drops its own at its next start, and the broker clears the published bytes.
+TEST_F(TrainTest, ADoneJobsCheckpointsAreDroppedByEveryWorkerAndInPostgres) {
+  PgCluster pg(tmp_.path());
+  ASSERT_TRUE(pg.Start());
+  BrokerProc b = StartBroker(tmp_ / "broker", tmp_ / "broker.log", With(kFastHeartbeats, {"--pg", pg.url()}));
+  std::vector<std::string> wargs = With(kFastHeartbeats, {"--threads", "2", "--pg", pg.url()});
+  Proc a = StartWorker(b.endpoint, tmp_ / "wa", tmp_ / "a1.log", wargs);
+  std::vector<std::string> args = TrainArgs("tidy", 60, 10);
+  args.insert(args.end(), {"--publish-every", "1"});
+  ASSERT_EQ(Submit(b.endpoint, args).code, 0);
+  ASSERT_TRUE(WaitFor([&] { return Step(JobStatus(b.endpoint, 1)) >= 15; }, 120000)) << ReadFile(tmp_ / "a1.log");
+  a.Signal(SIGTERM);  // checkpoints and gives the job back
+  ASSERT_EQ(a.Wait(60000), 0) << ReadFile(tmp_ / "a1.log");
+  {
+    std::unique_ptr<CheckpointStore> store;
+    ASSERT_TRUE(CheckpointStore::Open(tmp_ / "wa/checkpoints", &store).ok());
+    EXPECT_FALSE(store->Steps(1).empty()) << "the drained worker kept no checkpoint";
+  }
+  Proc w = StartWorker(b.endpoint, tmp_ / "wb", tmp_ / "b.log", wargs);
+  ASSERT_TRUE(WaitFor([&] { return JobStatus(b.endpoint, 1).value("state", "") == "done"; }, 180000))
+      << ReadFile(tmp_ / "b.log");
+  EXPECT_NE(ReadFile(tmp_ / "b.log").find("train_resumed"), std::string::npos) << ReadFile(tmp_ / "b.log");
+  ASSERT_TRUE(WaitFor([&] { return ReadFile(tmp_ / "b.log").find("checkpoints_dropped") != std::string::npos; }, 30000))
+      << ReadFile(tmp_ / "b.log");
+  ASSERT_TRUE(WaitFor([&] { return pg.Query("SELECT count(*) FROM checkpoints WHERE bytes IS NOT NULL") == "0"; },
+                      30000))
+      << pg.Query("SELECT string_agg(step::text, ',') FROM checkpoints WHERE bytes IS NOT NULL");
+  EXPECT_EQ(pg.Query("SELECT max(step) FROM checkpoints WHERE job_id = 1"), "60") << "the index rows stay";
+  EXPECT_EQ(pg.Query("SELECT count(*) FROM models WHERE name = 'tidy'"), "1");
+  // The worker that gave the job back, started again, finds it done in the job history.
+  Proc a2 = StartWorker(b.endpoint, tmp_ / "wa", tmp_ / "a2.log", wargs);
+  ASSERT_TRUE(WaitFor([&] { return ReadFile(tmp_ / "a2.log").find("checkpoints_dropped") != std::string::npos; },
+                      30000))
+      << ReadFile(tmp_ / "a2.log");
+  a2.Signal(SIGTERM);
+  w.Signal(SIGTERM);
+  ASSERT_EQ(a2.Wait(30000), 0);
+  ASSERT_EQ(w.Wait(30000), 0);
+  for (const char* dir : {"wa", "wb"}) {
+    std::unique_ptr<CheckpointStore> store;
+    ASSERT_TRUE(CheckpointStore::Open(tmp_ / (std::string(dir) + "/checkpoints"), &store).ok()) << dir;
+    EXPECT_TRUE(store->Jobs().empty()) << dir;
+  }
 }
 
 // PostgreSQL gone when the training ends: the job fails saying the model is not in the registry

@@ -1,5 +1,6 @@
 #include "worker/checkpoint_store.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 
@@ -68,7 +69,23 @@ Status CheckpointStore::Drop(uint64_t job) {
   rocksdb::WriteOptions wo;
   wo.sync = true;
   rocksdb::Status s = db_->Write(wo, &wb);
-  return s.ok() ? Status::Ok() : Status::IOError("checkpoint delete: " + s.ToString());
+  if (!s.ok()) return Status::IOError("checkpoint delete: " + s.ToString());
+  std::string from = Prefix(job), to = Prefix(job + 1);
+  rocksdb::Slice begin(from), end(to);
+  s = db_->CompactRange(rocksdb::CompactRangeOptions(), &begin, &end);
+  return s.ok() ? Status::Ok() : Status::IOError("checkpoint compaction: " + s.ToString());
+}
+
+std::vector<uint64_t> CheckpointStore::Jobs() {
+  std::vector<uint64_t> jobs;
+  std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(rocksdb::ReadOptions()));
+  for (it->Seek("c/"); it->Valid() && it->key().starts_with("c/");) {
+    uint64_t job = std::strtoull(it->key().ToString().substr(2, 16).c_str(), nullptr, 16);
+    jobs.push_back(job);
+    if (job == UINT64_MAX) break;
+    it->Seek(Prefix(job + 1));
+  }
+  return jobs;
 }
 
 Status CheckpointStore::Latest(uint64_t job, int64_t* step, std::string* bytes) {

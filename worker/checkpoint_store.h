@@ -24,8 +24,11 @@ class CheckpointStore {
   Status Put(uint64_t job, int64_t step, const std::string& bytes, int keep);
   // The newest checkpoint of a job; NotFound when there is none.
   Status Latest(uint64_t job, int64_t* step, std::string* bytes);
-  // Deletes every checkpoint of a job (synced).
+  // Deletes every checkpoint of a job (synced) and compacts their key range, so the disk space
+  // is given back now rather than at some later compaction.
   Status Drop(uint64_t job);
+  // Jobs with at least one checkpoint here, ascending.
+  std::vector<uint64_t> Jobs();
   // Steps stored for a job, oldest first.
   std::vector<int64_t> Steps(uint64_t job);
 

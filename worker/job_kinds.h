@@ -57,6 +57,14 @@ class JobRegistry {
     auto it = batch_kinds_.find(kind);
     return it == batch_kinds_.end() ? nullptr : &it->second;
   }
+  // Called on the worker's poll thread once the broker has recorded a job of `kind` as done (it
+  // acknowledged this worker's successful result): what the kind kept to resume the job can go.
+  // Must not block.
+  void OnDone(const std::string& kind, std::function<void(uint64_t id)> fn) { on_done_[kind] = std::move(fn); }
+  void Done(const std::string& kind, uint64_t id) const {
+    auto it = on_done_.find(kind);
+    if (it != on_done_.end()) it->second(id);
+  }
   // Models this worker holds (advertised to the broker); the first is its default.
   void AddModel(std::string name) { models_.push_back(std::move(name)); }
   const std::vector<std::string>& models() const { return models_; }
@@ -73,6 +81,7 @@ class JobRegistry {
  private:
   std::map<std::string, JobFn> kinds_;
   std::map<std::string, BatchFn> batch_kinds_;
+  std::map<std::string, std::function<void(uint64_t)>> on_done_;
   std::vector<std::string> models_;
 };
 

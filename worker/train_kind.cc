@@ -1,7 +1,11 @@
 #include "worker/train_kind.h"
 
+#include <condition_variable>
+#include <deque>
 #include <fstream>
 #include <memory>
+#include <mutex>
+#include <thread>
 
 #include <nlohmann/json.hpp>
 
@@ -12,10 +16,87 @@
 
 namespace asrf {
 
+namespace {
+
+// Drops local checkpoints on a thread of its own (a drop compacts, which may take a while): those
+// of each job the broker has recorded as done here, and, with --pg, once at start, those of jobs
+// PostgreSQL's job history has as done (a job this worker gave back or lost that finished
+// elsewhere). Checkpoints of failed jobs stay for RETRY, cancelled ones for RETRY of their gang.
+class CheckpointCleaner {
+ public:
+  CheckpointCleaner(std::shared_ptr<CheckpointStore> store, std::string pg)
+      : store_(std::move(store)), pg_(std::move(pg)), thread_([this] { Loop(); }) {}
+  ~CheckpointCleaner() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stopping_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+  void Drop(uint64_t job) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      queue_.push_back(job);
+    }
+    cv_.notify_all();
+  }
+
+ private:
+  void DropNow(uint64_t job, const char* why) {
+    if (store_->Steps(job).empty()) return;
+    Status st = store_->Drop(job);
+    if (st.ok()) LogInfo("checkpoints_dropped").Kv("job", job).Kv("why", why);
+    else LogWarn("checkpoint_drop_failed").Kv("job", job).Kv("error", st.message());
+  }
+  void DropDoneElsewhere() {
+    std::vector<uint64_t> jobs = store_->Jobs();
+    if (jobs.empty() || pg_.empty()) return;
+    std::string ids = "{";
+    for (uint64_t j : jobs) ids += (ids.size() > 1 ? "," : "") + std::to_string(j);
+    ids += '}';
+    std::unique_ptr<PgConn> pg;
+    bool migrated = false;
+    PgResult r;
+    Status st = ConnectAndMigrate(pg_, &migrated, &pg);
+    if (st.ok()) st = pg->Query("SELECT id FROM jobs WHERE id = ANY($1::bigint[]) AND state = 'done'", {ids}, &r);
+    if (!st.ok()) {
+      LogWarn("checkpoint_cleanup_skipped").Kv("error", st.message());
+      return;
+    }
+    for (int i = 0; i < r.rows(); ++i) DropNow(r.get_int(i, 0), "the job is done");
+  }
+  void Loop() {
+    DropDoneElsewhere();
+    std::unique_lock<std::mutex> lock(mu_);
+    for (;;) {
+      cv_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
+      if (queue_.empty()) return;
+      uint64_t job = queue_.front();
+      queue_.pop_front();
+      lock.unlock();
+      DropNow(job, "the job is done");
+      lock.lock();
+    }
+  }
+
+  std::shared_ptr<CheckpointStore> store_;
+  std::string pg_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<uint64_t> queue_;  // GUARDED_BY(mu_)
+  bool stopping_ = false;       // GUARDED_BY(mu_)
+  std::thread thread_;
+};
+
+}  // namespace
+
 Status RegisterTrainKind(JobRegistry* registry, const TrainKindOptions& options) {
   std::unique_ptr<CheckpointStore> store;
   ASRF_RETURN_IF_ERROR(CheckpointStore::Open(options.state_dir + "/checkpoints", &store));
   std::shared_ptr<CheckpointStore> shared(std::move(store));
+  auto cleaner = std::make_shared<CheckpointCleaner>(shared, options.pg);
+  registry->OnDone("train", [cleaner](uint64_t id) { cleaner->Drop(id); });
   registry->Register("train", [shared, options](std::string_view payload, const JobContext& ctx, std::string* result) {
     TrainSpec spec;
     ASRF_RETURN_IF_ERROR(TrainSpec::FromJson(std::string(payload), &spec));
@@ -62,6 +143,12 @@ Status RegisterTrainKind(JobRegistry* registry, const TrainKindOptions& options)
              cer >= 0 ? std::optional<std::string>(std::to_string(cer)) : std::nullopt, publish ? "t" : "f",
              publish ? std::optional<std::string>(bytes) : std::nullopt},
             nullptr, {false, false, false, false, false, false, true});
+        if (st.ok() && publish) {
+          // Only the newest published checkpoint is ever resumed from: the bytes of older ones go
+          // (their index rows stay).
+          st = pg->Query("UPDATE checkpoints SET bytes = NULL WHERE job_id = $1 AND step < $2 AND bytes IS NOT NULL",
+                         {std::to_string(id), std::to_string(step)});
+        }
         if (!st.ok()) LogWarn("checkpoint_index_failed").Kv("job", id).Kv("error", st.message());
         else if (publish) LogInfo("checkpoint_published").Kv("job", id).Kv("step", step);
       };

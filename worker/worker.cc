@@ -53,7 +53,15 @@ struct Work {
 
 struct Done {
   proto::Lease lease;
+  std::string kind;
   proto::JobResult result;
+};
+
+// A result sent and not yet acknowledged.
+struct Unacked {
+  uint64_t epoch = 0;
+  std::string kind;
+  bool done = false;  // ok and not given back: acknowledged, the job is done
 };
 
 }  // namespace
@@ -79,7 +87,7 @@ struct Worker::Impl {
   std::unordered_map<uint64_t, std::pair<uint64_t, std::shared_ptr<std::atomic<bool>>>> running;  // id -> epoch
   std::unordered_map<uint64_t, Task> awaiting_start;  // assigned, STARTED sent, not yet confirmed
   std::unordered_map<uint64_t, std::vector<Task>> confirmed_groups;  // batch members confirmed so far
-  std::unordered_map<uint64_t, uint64_t> unacked;  // id -> epoch, results sent but not acknowledged
+  std::unordered_map<uint64_t, Unacked> unacked;  // id -> result sent but not acknowledged
   int64_t last_broker_seen = 0;
   int64_t next_heartbeat = 0;
   bool draining = false;
@@ -167,6 +175,7 @@ struct Worker::Impl {
   Done RunOne(Task& t) {
     Done d;
     d.lease = {t.a.id, t.a.epoch};
+    d.kind = t.a.kind;
     d.result.id = t.a.id;
     d.result.epoch = t.a.epoch;
     int64_t t0 = MonoUs();
@@ -241,6 +250,7 @@ struct Worker::Impl {
       Done& d = out[i];
       const proto::Assignment& a = w.tasks[i].a;
       d.lease = {a.id, a.epoch};
+      d.kind = a.kind;
       d.result.id = a.id;
       d.result.epoch = a.epoch;
       double share = total_bytes ? static_cast<double>(a.payload.data.size()) / total_bytes : 1.0 / n;
@@ -335,7 +345,12 @@ struct Worker::Impl {
   void OnResultAck(std::string_view body) {
     proto::ResultAck m;
     if (!proto::DecodeBody(body, &m).ok()) return;
-    for (const auto& l : m.accepted) unacked.erase(l.id);
+    for (const auto& l : m.accepted) {
+      auto it = unacked.find(l.id);
+      if (it == unacked.end() || it->second.epoch != l.epoch) continue;
+      if (it->second.done) registry.Done(it->second.kind, l.id);
+      unacked.erase(it);
+    }
     for (const auto& r : m.rejected) {
       unacked.erase(r.id);
       LogWarn("result_rejected").Kv("job", r.id).Kv("epoch", r.epoch).Kv("reason", r.reason);
@@ -404,7 +419,7 @@ struct Worker::Impl {
       // Only this lease: the job may have been leased again (new epoch) meanwhile.
       auto it = running.find(d.lease.id);
       if (it != running.end() && it->second.first == d.lease.epoch) running.erase(it);
-      unacked[d.lease.id] = d.lease.epoch;
+      unacked[d.lease.id] = {d.lease.epoch, d.kind, d.result.ok && !d.result.requeue};
       if (!d.result.ok) LogInfo("job_failed").Kv("job", d.lease.id).Kv("error", d.result.error);
       results.push_back(std::move(d.result));
     }
