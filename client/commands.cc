@@ -425,6 +425,11 @@ int RunTrain(const GlobalOptions& g, const std::vector<std::string>& args) {
        "every Nth checkpoint is also published to PostgreSQL (workers with --pg), so a gang placed on other "
        "machines can resume from it; 0 = never")
       ("dropout", po::value<double>()->default_value(0.1), "dropout inside the model while training")
+      ("max-seconds", po::value<double>()->default_value(20),
+       "longest utterance allowed in --manifest and --valid (seconds, at most 3600); a longer one fails the job "
+       "before training, naming its line")
+      ("valid-max", po::value<int64_t>()->default_value(500),
+       "utterances of --valid measured at each --valid-every (the end measures all of them)")
       ("adam-eps", po::value<double>()->default_value(1e-8), "Adam's epsilon")
       ("no-spec-augment", po::bool_switch(), "train without SpecAugment masking")
       ("speed-perturb", po::value<double>()->default_value(0.15),
@@ -455,6 +460,12 @@ int RunTrain(const GlobalOptions& g, const std::vector<std::string>& args) {
     std::cerr << "asr-submit: train needs --manifest and --name (only --evaluate-only does without them)\n";
     return kExitUsage;
   }
+  if (!name.empty()) {
+    if (Status st = proto::ValidModelName(name); !st.ok()) {
+      std::cerr << "asr-submit: --name: " << st.message() << "\n";
+      return kExitUsage;
+    }
+  }
   auto absolute = [](const std::string& p) {
     if (p.empty() || p[0] == '/') return p;
     char cwd[4096];
@@ -475,7 +486,8 @@ int RunTrain(const GlobalOptions& g, const std::vector<std::string>& args) {
                   {"dropout", vm["dropout"].as<double>()}, {"adam_eps", vm["adam-eps"].as<double>()}, {"spec_augment", !vm["no-spec-augment"].as<bool>()},
                   {"speed_perturb", vm["speed-perturb"].as<double>()}, {"vtlp", vm["vtlp"].as<double>()},
                   {"lowpass", vm["lowpass"].as<double>()}, {"reverb", vm["reverb"].as<double>()},
-                  {"noise", vm["noise"].as<double>()},
+                  {"noise", vm["noise"].as<double>()}, {"max_seconds", vm["max-seconds"].as<double>()},
+                  {"valid_max", vm["valid-max"].as<int64_t>()},
                   {"lm", absolute(vm["lm"].as<std::string>())}, {"beam", vm["beam"].as<int>()},
                   {"lm_weight", vm["lm-weight"].as<double>()}, {"char_bonus", vm["char-bonus"].as<double>()},
                   {"oov_penalty", vm["oov-penalty"].as<double>()}};

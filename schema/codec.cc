@@ -123,6 +123,14 @@ Status DecodeRaw(std::string_view body, msgpack::object_handle* out, size_t max_
   return Status::Ok();
 }
 
+Status ValidModelName(std::string_view name) {
+  bool ok = !name.empty() && name.size() <= 128 && name[0] != '.';
+  for (char c : name) ok = ok && (std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '-' || c == '.');
+  if (ok) return Status::Ok();
+  return Status::Invalid("model name \"" + std::string(name.substr(0, 128)) +
+                         "\": 1 to 128 letters, digits, _ - and ., not starting with . (it names files)");
+}
+
 Status Validate(const Submit& m) {
   if (m.jobs.empty()) return Status::Invalid("SUBMIT carries no jobs");
   if (m.jobs.size() > kMaxJobsPerMessage) {

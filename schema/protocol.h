@@ -439,6 +439,9 @@ std::string EncodeBody(const T& msg) {
 
 // Semantic limits on decoded messages (sizes of payloads, results and lists).
 Status Validate(const Submit& m);
+// A model name: 1 to 128 letters, digits, '_', '-' and '.', not starting with '.'. Names become
+// file names (a worker's STATE_DIR/models/NAME.pt and its registry cache), so nothing else.
+Status ValidModelName(std::string_view name);
 Status Validate(const Result& m);
 
 }  // namespace asrf::proto

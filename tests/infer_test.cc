@@ -22,6 +22,7 @@
 
 #include "tests/harness.h"
 #include "worker/acoustic_model.h"
+#include "common/audio_in.h"
 #include "worker/audio.h"
 #include "worker/char_lm.h"
 #include "worker/ctc_model.h"
@@ -102,10 +103,11 @@ class InferTest : public ::testing::Test {
       if (!audio.empty() && audio[0] != '/') audio = speech + "/" + audio;
       Utterance u;
       u.text = j["text"].get<std::string>();
-      AudioInfo info;
-      Status st = ReadAudio(audio, &u.pcm, &info);
+      DecodedAudio d;
+      Status st = DecodeAudio16k(audio, &d);
       ASSERT_TRUE(st.ok()) << st.ToString();
-      ASSERT_EQ(info.sample_rate, kSampleRate);
+      ASSERT_EQ(d.source_rate, kSampleRate);
+      u.pcm = std::move(d.pcm);
       data_->push_back(std::move(u));
     }
     ASSERT_EQ(data_->size(), 12u);

@@ -63,6 +63,37 @@ std::string Manifest48kStereo(const std::string& manifest, const std::string& di
   return out_path;
 }
 
+// A copy of `manifest` whose audio is 32-bit float WAV at the same 16 kHz, written under `dir`.
+std::string ManifestFloat(const std::string& manifest, const std::string& dir) {
+  std::filesystem::create_directories(dir);
+  std::ifstream in(manifest);
+  std::string out_path = dir + "/manifest-float.jsonl";
+  std::ofstream out(out_path);
+  std::string line;
+  int n = 0;
+  while (std::getline(in, line)) {
+    json j = json::parse(line);
+    SF_INFO info{};
+    SNDFILE* f = sf_open(j["audio"].get<std::string>().c_str(), SFM_READ, &info);
+    if (!f || info.samplerate != 16000 || info.channels != 1) return "";
+    std::vector<float> x(static_cast<size_t>(info.frames));
+    sf_readf_float(f, x.data(), info.frames);
+    sf_close(f);
+    SF_INFO oi{};
+    oi.samplerate = 16000;
+    oi.channels = 1;
+    oi.format = SF_FORMAT_WAV | SF_FORMAT_FLOAT;
+    std::string path = dir + "/" + std::to_string(n++) + ".wav";
+    SNDFILE* o = sf_open(path.c_str(), SFM_WRITE, &oi);
+    if (!o) return "";
+    sf_writef_float(o, x.data(), static_cast<sf_count_t>(x.size()));
+    sf_close(o);
+    j["audio"] = path;
+    out << j.dump() << "\n";
+  }
+  return out_path;
+}
+
 // Tiny data shared by the tests of this file (synthesised once).
 class TrainTest : public ::testing::Test {
  protected:
@@ -165,6 +196,22 @@ TEST_F(TrainTest, ShortRunLowersTheLossAndWritesTheModel) {
   EXPECT_EQ(evr48["utterances"].get<int>(), evr["utterances"].get<int>());
   EXPECT_NEAR(evr48["hours"].get<double>(), evr["hours"].get<double>(), 1e-4);
   EXPECT_NEAR(evr48["valid_cer"].get<double>(), evr["valid_cer"].get<double>(), 0.05);
+  // And as 32-bit float at 16 kHz, the same samples: the same CER, measured with the shipped
+  // model, which hears this speech (a tiny model's CER may be 1 on speech and silence alike).
+  // Training read 16 kHz files as 16-bit integers, which turned float audio, all below 1.0, into
+  // silence.
+  std::string mf = ManifestFloat(Valid(), tmp_ / "float");
+  ASSERT_FALSE(mf.empty());
+  const std::string shipped = std::string(ASRF_SOURCE_DIR) + "/models/en-small.pt";
+  RunResult evs = Submit(b.endpoint, {"train", "--valid", Valid(), "--init", shipped, "--evaluate-only", "--wait"},
+                         120000);
+  RunResult evf = Submit(b.endpoint, {"train", "--valid", mf, "--init", shipped, "--evaluate-only", "--wait"}, 120000);
+  ASSERT_EQ(evs.code, 0) << evs.out << evs.err << ReadFile(tmp_ / "w.log");
+  ASSERT_EQ(evf.code, 0) << evf.out << evf.err << ReadFile(tmp_ / "w.log");
+  json evrs = done_result(evs), evrf = done_result(evf);
+  ASSERT_TRUE(evrs.is_object() && evrf.is_object()) << evs.out << evf.out;
+  EXPECT_LT(evrs["valid_cer"].get<double>(), 0.5) << evs.out;
+  EXPECT_NEAR(evrf["valid_cer"].get<double>(), evrs["valid_cer"].get<double>(), 1e-6);
 
   // Grown by residual blocks (--residual): the same CER before any step, then training goes on with
   // them, and the model cannot shrink again.
@@ -394,6 +441,9 @@ TEST_F(TrainTest, BadManifestsFailWithClearErrorsBeforeTraining) {
   bad << json{{"audio", first_wav}, {"text", "caf\xc3\xa9 42"}}.dump() << "\n";
   bad << json{{"audio", tmp_ / "junk.wav"}, {"text", "hello"}}.dump() << "\n";
   bad << "{not json\n";
+  std::string chatter;
+  for (int i = 0; i < 200; ++i) chatter += "ab";
+  bad << json{{"audio", first_wav}, {"text", chatter}}.dump() << "\n";  // 400 characters in a few seconds
   bad.close();
   std::vector<std::string> args = TrainArgs("bad", 10, 5);
   args[2] = tmp_ / "bad.jsonl";
@@ -403,7 +453,8 @@ TEST_F(TrainTest, BadManifestsFailWithClearErrorsBeforeTraining) {
   RunResult failed = Submit(b.endpoint, {"jobs", "--state", "failed", "--json"});
   auto j = json::parse(failed.out.substr(0, failed.out.find('\n')));
   std::string error = j["error"];
-  EXPECT_NE(error.find("5 bad line(s)"), std::string::npos) << error;
+  EXPECT_NE(error.find("6 bad line(s)"), std::string::npos) << error;
+  EXPECT_NE(error.find("the model can emit at most"), std::string::npos) << error;
   EXPECT_NE(error.find("line 1"), std::string::npos) << error;
   EXPECT_NE(error.find("empty text"), std::string::npos) << error;
   EXPECT_NE(error.find("not in the vocabulary"), std::string::npos) << error;
@@ -412,6 +463,11 @@ TEST_F(TrainTest, BadManifestsFailWithClearErrorsBeforeTraining) {
   std::vector<std::string> missing = TrainArgs("bad", 10, 5);
   missing[2] = tmp_ / "nope.jsonl";
   EXPECT_EQ(Submit(b.endpoint, missing).code, 2);
+  // So is a model name that is not a plain file name (it becomes STATE_DIR/models/NAME.pt).
+  std::vector<std::string> slash = TrainArgs("../bad", 10, 5);
+  RunResult refused = Submit(b.endpoint, slash);
+  EXPECT_EQ(refused.code, 2);
+  EXPECT_NE(refused.err.find("it names files"), std::string::npos) << refused.err;
 }
 
 }  // namespace

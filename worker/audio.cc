@@ -15,26 +15,6 @@ Status ProbeAudio(const std::string& path, AudioInfo* info) {
   return Status::Ok();
 }
 
-Status ReadAudio(const std::string& path, std::vector<int16_t>* mono, AudioInfo* info) {
-  SF_INFO sfi{};
-  SNDFILE* f = sf_open(path.c_str(), SFM_READ, &sfi);
-  if (!f) return Status::Invalid(path + ": not readable audio (" + sf_strerror(nullptr) + ")");
-  info->sample_rate = sfi.samplerate;
-  info->channels = sfi.channels;
-  info->frames = sfi.frames;
-  std::vector<int16_t> buf(static_cast<size_t>(sfi.frames) * std::max(sfi.channels, 1));
-  sf_count_t got = sf_readf_short(f, buf.data(), sfi.frames);
-  sf_close(f);
-  if (got < 0) return Status::Invalid(path + ": read error");
-  mono->resize(static_cast<size_t>(got));
-  for (sf_count_t i = 0; i < got; ++i) {
-    int sum = 0;
-    for (int c = 0; c < sfi.channels; ++c) sum += buf[i * sfi.channels + c];
-    (*mono)[i] = static_cast<int16_t>(sum / std::max(sfi.channels, 1));
-  }
-  return Status::Ok();
-}
-
 Status WriteWav(const std::string& path, const std::vector<int16_t>& mono, int sample_rate) {
   SF_INFO sfi{};
   sfi.samplerate = sample_rate;

@@ -15,8 +15,6 @@ struct AudioInfo {
   int64_t frames = 0;
 };
 
-// Reads a whole file as 16-bit samples, channels averaged to mono.
-Status ReadAudio(const std::string& path, std::vector<int16_t>* mono, AudioInfo* info);
 // Only the header.
 Status ProbeAudio(const std::string& path, AudioInfo* info);
 // Writes 16-bit mono PCM WAV.

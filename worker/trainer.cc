@@ -25,6 +25,7 @@
 #include "common/audio_in.h"
 #include "common/clock.h"
 #include "common/log.h"
+#include "schema/protocol.h"
 #include "worker/audio.h"
 #include "worker/augment.h"
 #include "worker/char_lm.h"
@@ -92,6 +93,12 @@ Status TrainSpec::FromJson(const std::string& text, TrainSpec* out) {
   }
   if (!s.evaluate_only && (s.manifest.empty() || s.valid.empty() || s.name.empty())) {
     return Status::Invalid("malformed payload: a train job needs manifest, valid and name");
+  }
+  if (!s.name.empty()) ASRF_RETURN_IF_ERROR(proto::ValidModelName(s.name));
+  if (!(s.dropout >= 0 && s.dropout < 1)) return Status::Invalid("malformed payload: dropout must be in [0, 1)");
+  if (s.valid_max < 1) return Status::Invalid("malformed payload: valid_max must be at least 1");
+  if (!(s.max_seconds > 0 && s.max_seconds <= 3600)) {
+    return Status::Invalid("malformed payload: max_seconds must be above 0 and at most 3600");
   }
   if (s.steps < 1 || s.batch_seconds <= 0 || s.lr <= 0 || s.checkpoint_every < 1 || s.valid_every < 1 ||
       s.channels < 1 || s.hidden < 1 || s.layers < 1 || s.residual < 0 || s.residual > kMaxResidualBlocks || s.keep < 1 || s.combine < 1 || s.combine > 64 ||
@@ -178,7 +185,18 @@ Status ReadManifest(const std::string& path, const std::string& vocabulary, doub
     it.sample_rate = info.sample_rate;
     it.duration = static_cast<double>(info.frames) / info.sample_rate;
     if (it.duration > max_seconds) {
-      problem(it.audio + ": " + std::to_string(it.duration) + " s is longer than max_seconds");
+      problem(it.audio + ": " + std::to_string(it.duration) + " s is longer than max_seconds (asr-submit train --max-seconds)");
+      continue;
+    }
+    // CTC needs an output frame per character, and one more between two equal ones; the model
+    // gives one per 20 ms (10 ms frames, halved). A text too long for its audio could never be
+    // learnt: its loss would be silently zeroed.
+    int64_t frames = (NumFrames(static_cast<int64_t>(it.duration * kSampleRate)) + 1) / 2;
+    int64_t need = static_cast<int64_t>(ids.size());
+    for (size_t i = 1; i < ids.size(); ++i) need += ids[i] == ids[i - 1];
+    if (frames < need) {
+      problem(it.audio + ": " + std::to_string(ids.size()) + " characters of text in " + std::to_string(it.duration) +
+              " s of audio; the model can emit at most " + std::to_string(frames) + " here (50 per second)");
       continue;
     }
     items->push_back(std::move(it));
@@ -201,18 +219,21 @@ struct Utterance {
   std::string text;
 };
 
-Status LoadAll(const std::vector<ManifestItem>& items, const Vocabulary& vocab, std::vector<Utterance>* out) {
+// Loading a large corpus takes minutes: a cancel or a drain is heard between files.
+Status LoadAll(const std::vector<ManifestItem>& items, const Vocabulary& vocab, const TrainContext& ctx,
+               std::vector<Utterance>* out) {
   out->reserve(items.size());
   for (const auto& it : items) {
-    Utterance u;
-    if (it.sample_rate == kSampleRate) {  // ReadManifest probed the file
-      AudioInfo info;
-      ASRF_RETURN_IF_ERROR(ReadAudio(it.audio, &u.pcm, &info));
-    } else {  // any other rate is resampled to 16 kHz as transcription does (common/audio_in.h)
-      DecodedAudio d;
-      ASRF_RETURN_IF_ERROR(DecodeAudio16k(it.audio, &d));
-      u.pcm = std::move(d.pcm);
+    if (ctx.cancelled && ctx.cancelled->load()) return Status::Unavailable("cancelled");
+    if (ctx.stopping && ctx.stopping->load()) {
+      return Status::Busy("interrupted while loading the audio, before any step; runs again from its checkpoint or the start");
     }
+    Utterance u;
+    // Read as transcription reads it (common/audio_in.h): any encoding, float included, channels
+    // averaged, other rates resampled to 16 kHz.
+    DecodedAudio d;
+    ASRF_RETURN_IF_ERROR(DecodeAudio16k(it.audio, &d));
+    u.pcm = std::move(d.pcm);
     ASRF_RETURN_IF_ERROR(vocab.Encode(it.text, &u.ids));
     u.text = it.text;
     out->push_back(std::move(u));
@@ -645,7 +666,7 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
     std::vector<ManifestItem> items;
     ASRF_RETURN_IF_ERROR(ReadManifest(spec.valid, vocab.chars, spec.max_seconds, &items));
     std::vector<Utterance> data;
-    ASRF_RETURN_IF_ERROR(LoadAll(items, vocab, &data));
+    ASRF_RETURN_IF_ERROR(LoadAll(items, vocab, ctx, &data));
     double hours = 0;
     for (const auto& u : data) hours += u.pcm.size() / static_cast<double>(kSampleRate) / 3600.0;
     BeamOptions beam;
@@ -670,8 +691,8 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
   ASRF_RETURN_IF_ERROR(ReadManifest(spec.manifest, vocab.chars, spec.max_seconds, &train_items));
   ASRF_RETURN_IF_ERROR(ReadManifest(spec.valid, vocab.chars, spec.max_seconds, &valid_items));
   std::vector<Utterance> train, valid;
-  ASRF_RETURN_IF_ERROR(LoadAll(train_items, vocab, &train));
-  ASRF_RETURN_IF_ERROR(LoadAll(valid_items, vocab, &valid));
+  ASRF_RETURN_IF_ERROR(LoadAll(train_items, vocab, ctx, &train));
+  ASRF_RETURN_IF_ERROR(LoadAll(valid_items, vocab, ctx, &valid));
   double hours = 0;
   for (const auto& u : train) hours += u.pcm.size() / static_cast<double>(kSampleRate) / 3600.0;
   std::vector<std::vector<size_t>> batches = MakeBatches(train, spec.batch_seconds);
