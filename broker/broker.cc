@@ -1236,6 +1236,7 @@ struct Broker::Impl {
       st = Status::Invalid("op must be list, export or import, not \"" + m.op.substr(0, 64) + "\"");
     }
     if (st.ok() && m.op != "list" && (m.name.empty() || m.name.size() > 256)) st = Status::Invalid("name must be 1 to 256 bytes");
+    if (st.ok() && m.op == "import") st = proto::ValidModelName(m.name);
     if (st.ok() && m.op == "import" && m.bytes.data.empty()) st = Status::Invalid("import needs the model's bytes");
     if (!st.ok()) return SendError(routing, PeekReq(body), "bad_request", st.message());
     if (!sink) {

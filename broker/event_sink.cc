@@ -263,19 +263,39 @@ struct EventSink::Impl {
         l.error = "no model " + m.name + (m.version ? " version " + std::to_string(m.version) : "") + " in the registry";
         return;
       }
+      if (st.ok() && static_cast<uint64_t>(r.get_int(0, 3)) > proto::kMaxModelBytes) {
+        // It would not fit in a message; workers read it from PostgreSQL directly (--model NAME).
+        l.error_code = "bad_request";
+        l.error = "model " + m.name + " version " + r.get(0, 1) + " is " + r.get(0, 3) + " bytes, over the " +
+                  std::to_string(proto::kMaxModelBytes >> 20) + " MiB a message carries; workers still load it " +
+                  "with --model " + m.name + ", and psql can export it";
+        return;
+      }
       if (st.ok()) {
         l.reply.models.push_back(InfoFromRow(r, 0));
         l.reply.blob.data = DecodeByteaHex(r.get(0, 8));
       }
     } else if (m.op == "import") {
-      st = pg->Query(
-          "INSERT INTO models (name, version, bytes, sha256, config, vocabulary, valid_cer, data_summary, "
-          "train_seconds) SELECT $1, coalesce(max(version), 0) + 1, $2::bytea, encode(sha256($2::bytea), 'hex'), "
-          "$3::jsonb, $4, $5, $6::jsonb, $7 FROM models WHERE name = $1 RETURNING " + kCols,
-          {m.name, m.bytes.data, m.config.empty() ? "{}" : m.config, m.vocabulary,
-           m.valid_cer < 0 ? std::nullopt : std::optional<std::string>(std::to_string(m.valid_cer)),
-           m.data_summary.empty() ? "{}" : m.data_summary, std::to_string(m.train_seconds)},
-          &r, {false, true, false, false, false, false, false});
+      // An import identical to the newest version (bytes and what is said of them) adds none: a
+      // client resends a request it has no answer to yet (a large upload, a busy sink), and
+      // every copy arrives here.
+      const std::string same =
+          "sha256 = encode(sha256($2::bytea), 'hex') AND config = $3::jsonb AND vocabulary = $4 AND "
+          "valid_cer IS NOT DISTINCT FROM $5::double precision AND data_summary = $6::jsonb";
+      for (int attempt = 0; attempt < 5; ++attempt) {  // a version a training took meanwhile: the next one
+        st = pg->Query(
+            "WITH newest AS (SELECT * FROM models WHERE name = $1 ORDER BY version DESC LIMIT 1), "
+            "ins AS (INSERT INTO models (name, version, bytes, sha256, config, vocabulary, valid_cer, data_summary, "
+            "train_seconds) SELECT $1, coalesce((SELECT version FROM newest), 0) + 1, $2::bytea, "
+            "encode(sha256($2::bytea), 'hex'), $3::jsonb, $4, $5, $6::jsonb, $7 WHERE NOT EXISTS (SELECT 1 FROM newest "
+            "WHERE " + same + ") RETURNING " + kCols + ") "
+            "SELECT * FROM ins UNION ALL SELECT " + kCols + " FROM newest WHERE " + same,
+            {m.name, m.bytes.data, m.config.empty() ? "{}" : m.config, m.vocabulary,
+             m.valid_cer < 0 ? std::nullopt : std::optional<std::string>(std::to_string(m.valid_cer)),
+             m.data_summary.empty() ? "{}" : m.data_summary, std::to_string(m.train_seconds)},
+            &r, {false, true, false, false, false, false, false});
+        if (st.ok() || pg->sqlstate() != "23505") break;
+      }
       if (st.ok() && r.rows() > 0) l.reply.models.push_back(InfoFromRow(r, 0));
     }
     if (!st.ok()) {

@@ -744,6 +744,10 @@ int RunModels(const GlobalOptions& g, const std::vector<std::string>& args) {
       std::cerr << "asr-submit: models import needs FILE and --name NAME\n" << usage << "\n";
       return kExitUsage;
     }
+    if (Status st = proto::ValidModelName(name); !st.ok()) {
+      std::cerr << "asr-submit: --name: " << st.message() << "\n";
+      return kExitUsage;
+    }
     std::ifstream in(target, std::ios::binary);
     if (!in) {
       std::cerr << "asr-submit: cannot read " << target << "\n";
@@ -752,6 +756,13 @@ int RunModels(const GlobalOptions& g, const std::vector<std::string>& args) {
     m.bytes.data.assign(std::istreambuf_iterator<char>(in), {});
     if (m.bytes.data.empty() || m.bytes.data.size() > proto::kMaxModelBytes) {
       std::cerr << "asr-submit: " << target << " is empty or over " << (proto::kMaxModelBytes >> 20) << " MiB\n";
+      return kExitUsage;
+    }
+    // Every model a worker loads (the project's own, TorchScript) is a PyTorch zip archive: refuse
+    // anything else here, before it becomes the newest version every `--model NAME` worker takes.
+    if (m.bytes.data.compare(0, 4, "PK\x03\x04") != 0) {
+      std::cerr << "asr-submit: " << target << " is not a model file (a PyTorch archive, as training and `models "
+                << "export` write, or a TorchScript module)\n";
       return kExitUsage;
     }
     m.name = name;

@@ -44,10 +44,24 @@ TEST(Registry, ImportExportRoundTripAndAWorkerLoadsByName) {
   RunResult again = Submit(b.endpoint, {"models", "import", t / "back.pt", "--name", "digits", "--valid-cer", "0.031"});
   ASSERT_EQ(again.code, 0) << again.err;
   EXPECT_NE(again.out.find("version 2"), std::string::npos) << again.out;
+  // The same import once more (as a client's resend of an unanswered request arrives) adds no version.
+  RunResult resent = Submit(b.endpoint, {"models", "import", t / "back.pt", "--name", "digits", "--valid-cer", "0.031"});
+  ASSERT_EQ(resent.code, 0) << resent.err;
+  EXPECT_NE(resent.out.find("version 2"), std::string::npos) << resent.out;
+  // Names become file names: one that is not a plain name is refused before anything is sent.
+  RunResult badname = Submit(b.endpoint, {"models", "import", t / "back.pt", "--name", "../digits"});
+  EXPECT_EQ(badname.code, 2) << badname.out;
+  EXPECT_NE(badname.err.find("it names files"), std::string::npos) << badname.err;
+  // Nor is a file that is no model at all (it would become the version every --model worker takes).
+  RunResult notmodel = Submit(b.endpoint, {"models", "import", std::string(ASRF_SOURCE_DIR) + "/README.md",
+                                           "--name", "digits"});
+  EXPECT_EQ(notmodel.code, 2) << notmodel.out;
+  EXPECT_NE(notmodel.err.find("is not a model file"), std::string::npos) << notmodel.err;
   RunResult list = Submit(b.endpoint, {"models", "list", "--json"});
   ASSERT_EQ(list.code, 0) << list.err;
   EXPECT_NE(list.out.find("\"version\":1"), std::string::npos) << list.out;
   EXPECT_NE(list.out.find("\"version\":2"), std::string::npos) << list.out;
+  EXPECT_EQ(list.out.find("\"version\":3"), std::string::npos) << list.out;
   EXPECT_NE(list.out.find("\"valid_cer\":0.031"), std::string::npos) << list.out;
   RunResult missing = Submit(b.endpoint, {"models", "export", "nope", "--out", t / "x.pt"});
   EXPECT_NE(missing.code, 0);

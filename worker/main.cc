@@ -7,6 +7,7 @@
 #include "common/log.h"
 #include "common/options.h"
 #include "cuda/device_info.h"
+#include "schema/protocol.h"
 #include "worker/device.h"
 #include "worker/model_cache.h"
 #include "worker/train_kind.h"
@@ -119,6 +120,10 @@ int main(int argc, char** argv) {
       std::cerr << "asr-worker: give --model NAME or --model-file PATH, not both\n";
       return 2;
     }
+    if (Status st = proto::ValidModelName(registry_name); !st.ok()) {
+      std::cerr << "asr-worker: --model: " << st.message() << "\n";
+      return 2;
+    }
     if (Status st = FetchRegistryModel(o.pg, registry_name, o.state_dir + "/models", &path); !st.ok()) {
       std::cerr << "asr-worker: --model " << registry_name << ": " << st.message() << "\n";
       return st.code() == Status::Code::kNotFound ? 2 : 1;
@@ -152,7 +157,8 @@ int main(int argc, char** argv) {
     if (name.empty()) name = registry_name.empty() ? std::filesystem::path(path).stem().string() : registry_name;
     std::unique_ptr<AcousticModel> model;
     if (Status st = LoadAcousticModel(path, name, mo, &model); !st.ok()) {
-      std::cerr << "asr-worker: cannot load --model-file " << path << ": " << st.message() << "\n";
+      std::cerr << "asr-worker: cannot load " << (registry_name.empty() ? "--model-file " : "--model " + registry_name + " (")
+                << path << (registry_name.empty() ? "" : ")") << ": " << st.message() << "\n";
       return 2;
     }
     LogInfo("model_loaded").Kv("model", name).Kv("file", path).Kv("device", model->device())

@@ -81,6 +81,7 @@ Status FetchRegistryModel(const std::string& conninfo, const std::string& name, 
     std::smatch m;
     std::string fname = e.path().filename().string();
     if (!std::regex_match(fname, m, re)) continue;
+    if (m[1].length() > 9) continue;  // no version of ours; std::stoi would throw
     int v = std::stoi(m[1].str());
     std::string base = cache_dir + "/" + name + ".v" + m[1].str();
     std::string sha = ReadAll(base + ".sha256");

@@ -181,14 +181,20 @@ Status RegisterTrainKind(JobRegistry* registry, const TrainKindOptions& options)
         nlohmann::json data = {{"utterances", j.value("utterances", 0)}, {"hours", j.value("hours", 0.0)},
                                {"steps", j.value("steps", 0)}, {"manifest", spec.manifest}, {"job", id}};
         PgResult r;
-        Status st = pg->Query(
-            "INSERT INTO models (name, version, bytes, sha256, config, valid_cer, data_summary, train_seconds) "
-            "SELECT $1, coalesce(max(version), 0) + 1, $2::bytea, encode(sha256($2::bytea), 'hex'), $3::jsonb, $4, "
-            "$5::jsonb, $6 FROM models WHERE name = $1 "
-            "HAVING NOT coalesce(bool_or(data_summary->>'job' = $7 AND config = $3::jsonb), false) RETURNING version",
-            {spec.name, bytes, spec.ToJson(), std::to_string(j.value("valid_cer", 1.0)), data.dump(),
-             std::to_string(j.value("train_seconds", 0.0)), std::to_string(id)},
-            &r, {false, true, false, false, false, false, false});
+        Status st;
+        // Two registrations of one name at once (another job, an import) can both take the next
+        // version: the loser tries again with the one after.
+        for (int attempt = 0; attempt < 5; ++attempt) {
+          st = pg->Query(
+              "INSERT INTO models (name, version, bytes, sha256, config, valid_cer, data_summary, train_seconds) "
+              "SELECT $1, coalesce(max(version), 0) + 1, $2::bytea, encode(sha256($2::bytea), 'hex'), $3::jsonb, $4, "
+              "$5::jsonb, $6 FROM models WHERE name = $1 "
+              "HAVING NOT coalesce(bool_or(data_summary->>'job' = $7 AND config = $3::jsonb), false) RETURNING version",
+              {spec.name, bytes, spec.ToJson(), std::to_string(j.value("valid_cer", 1.0)), data.dump(),
+               std::to_string(j.value("train_seconds", 0.0)), std::to_string(id)},
+              &r, {false, true, false, false, false, false, false});
+          if (st.ok() || pg->sqlstate() != "23505") break;
+        }
         if (!st.ok()) {
           LogWarn("model_not_registered").Kv("job", id).Kv("error", st.message());
           return Status::Unavailable("the model is not in the registry (" + st.message() + "); it is kept at " + path +
