@@ -21,6 +21,10 @@
 namespace asrf::testing {
 namespace {
 
+// A --gang-port-base for this test process: below Linux's ephemeral ports (32768 and up), where
+// Gloo's own connections in tests running beside this one could hold the port.
+int GangPortBase(int k) { return 20000 + static_cast<int>((static_cast<long>(getpid()) * k) % 12000); }
+
 using json = nlohmann::json;
 
 TEST(Gang, NeverStartsPartiallyAndTwoGangsDoNotDeadlock) {
@@ -180,7 +184,7 @@ TEST(Gang, TwoRanksTrainWhatOneProcessTrainsOnTheCombinedBatches) {
   }
   // Two ranks, one batch each per step.
   {
-    BrokerProc b = StartBroker(t / "b2", t / "b2.log", {"--gang-port-base", std::to_string(30000 + getpid() % 20000)});
+    BrokerProc b = StartBroker(t / "b2", t / "b2.log", {"--gang-port-base", std::to_string(GangPortBase(1))});
     Proc w1 = StartWorker(b.endpoint, t / "r1", t / "r1.log", {"--threads", "1", "--advertise-host", "127.0.0.1"});
     Proc w2 = StartWorker(b.endpoint, t / "r2", t / "r2.log", {"--threads", "1", "--advertise-host", "127.0.0.1"});
     ASSERT_TRUE(WaitFor([&] {
@@ -305,7 +309,7 @@ TEST(Gang, AKilledRankRequeuesTheGangWhichResumesFromAPublishedCheckpoint) {
   ASSERT_NO_FATAL_FAILURE(SynthTinyCorpus(t, "3"));
   BrokerProc b = StartBroker(t / "broker", t / "broker.log",
                              With(kFastHeartbeats, {"--pg", pg.url(), "--gang-port-base",
-                                                    std::to_string(30000 + (getpid() * 7) % 20000)}));
+                                                    std::to_string(GangPortBase(7))}));
   Proc w1, w2;
   ASSERT_NO_FATAL_FAILURE(StartTwoPgWorkers(b, t, pg.url(), &w1, &w2));
   std::string gt;
@@ -352,7 +356,7 @@ TEST(Gang, Rank0FailingAtTheEndFailsTheGangOnce) {
   ASSERT_TRUE(pg.Start());
   ASSERT_NO_FATAL_FAILURE(SynthTinyCorpus(t, "5"));
   BrokerProc b = StartBroker(t / "broker", t / "broker.log",
-                             With(kFastHeartbeats, {"--gang-port-base", std::to_string(30000 + (getpid() * 11) % 20000)}));
+                             With(kFastHeartbeats, {"--gang-port-base", std::to_string(GangPortBase(11))}));
   Proc w1, w2;
   ASSERT_NO_FATAL_FAILURE(StartTwoPgWorkers(b, t, pg.url(), &w1, &w2));
   std::string gt;
@@ -370,9 +374,13 @@ TEST(Gang, Rank0FailingAtTheEndFailsTheGangOnce) {
   json st = json::parse(Submit(b.endpoint, {"status", "1", "--json"}).out, nullptr, false);
   EXPECT_NE(st.value("error", "").find("not in the registry"), std::string::npos) << st.dump();
   std::string log = ReadFile(t / "broker.log");
-  size_t placed = 0;
+  // Placements, less those on a port another process held (rank 0 gives its job back at once and
+  // the gang moves to the next port: a placement that never ran).
+  size_t placed = 0, port_taken = 0;
   for (size_t at = log.find("gang_placed"); at != std::string::npos; at = log.find("gang_placed", at + 1)) placed++;
-  EXPECT_EQ(placed, 1u) << "the gang ran again after rank 0 failed" << log;
+  const std::string taken = "\"reason\":\"gang rendezvous at";
+  for (size_t at = log.find(taken); at != std::string::npos; at = log.find(taken, at + 1)) port_taken++;
+  EXPECT_EQ(placed - std::min(placed, port_taken), 1u) << "the gang ran again after rank 0 failed" << log;
   std::string workers = ReadFile(t / "w1.log") + ReadFile(t / "w2.log");
   EXPECT_NE(workers.find("gang_rank0_failed"), std::string::npos) << "rank 1 did not hear of rank 0's failure";
 }

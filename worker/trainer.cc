@@ -472,6 +472,11 @@ Status LoadCheckpoint(const std::string& bytes, CtcModel& model, torch::optim::A
 // GPU). libtorch errors (a rank that died, a timeout) become Unavailable.
 class Gang {
  public:
+  // How long a rank waits in a step's all-reduce for the others. Rank 0 validates (valid_max
+  // utterances) and publishes checkpoints (tens of MB to PostgreSQL) between steps while the
+  // others wait: 30 s was less than that takes for a large model on a CPU, and every such
+  // step requeued the gang. A rank that dies closes its connections, which ends the wait at once.
+  static constexpr std::chrono::seconds kCollectiveTimeout{600};
   static Status Join(const std::string& rendezvous, int rank, int world, const torch::Device& device,
                      std::unique_ptr<Gang>* out) {
 #if !ASRF_TORCH_NCCL
@@ -505,14 +510,14 @@ class Gang {
 #if ASRF_TORCH_NCCL
       if (device.is_cuda()) {
         auto po = c10d::ProcessGroupNCCL::Options::create();
-        po->timeout = std::chrono::seconds(30);
+        po->timeout = kCollectiveTimeout;
         g->nccl_ = c10::make_intrusive<c10d::ProcessGroupNCCL>(g->store_, rank, world, po);
       }
 #endif
 #if ASRF_TORCH_GLOO
       if (!device.is_cuda()) {
         auto po = c10d::ProcessGroupGloo::Options::create();
-        po->timeout = std::chrono::seconds(30);
+        po->timeout = kCollectiveTimeout;
         po->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(host));
         g->pg_ = c10::make_intrusive<c10d::ProcessGroupGloo>(g->store_, rank, world, po);
       }
@@ -578,12 +583,30 @@ class Gang {
     }
     return Status::Ok();
   }
-  // Rank 0 hands `bytes` to every rank (the training state all ranks start from).
+  // Waits, for as long as it takes, until every rank has arrived here (each rank's own pace, e.g.
+  // loading its audio). Cancelled: Unavailable; the worker draining: Busy (the job goes back);
+  // rank 0's store lost: Busy (the gang runs again).
+  Status WaitForAll(const std::string& key, const std::atomic<bool>* cancelled, const std::atomic<bool>* stopping) {
+    try {
+      store_->add(key, 1);
+      while (store_->add(key, 0) < world_) {
+        if (cancelled && cancelled->load()) return Status::Unavailable("cancelled");
+        if (stopping && stopping->load()) return Status::Busy("interrupted while the gang's ranks got ready");
+        std::this_thread::sleep_for(std::chrono::milliseconds(200));
+      }
+    } catch (const std::exception& e) {
+      return Status::Busy(std::string("gang lost while its ranks got ready: ") + e.what());
+    }
+    return Status::Ok();
+  }
+  // Rank 0 hands `bytes` to every rank (the training state all ranks start from). The others wait
+  // for it as long as rank 0 lives: it may first fetch a published checkpoint of tens of MB.
   Status Share(const std::string& key, std::string* bytes) {
     try {
       if (rank_ == 0) {
         store_->set(key, std::vector<uint8_t>(bytes->begin(), bytes->end()));
       } else {
+        while (!store_->check({key})) std::this_thread::sleep_for(std::chrono::milliseconds(100));
         std::vector<uint8_t> v = store_->get(key);
         bytes->assign(v.begin(), v.end());
       }
@@ -686,6 +709,16 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
     return Status::Ok();
   }
 
+  // A gang's ranks meet first, while they start together: loading the audio takes minutes on a
+  // large corpus, and not the same on every machine (they met after it, with a 10 s connect
+  // timeout, so a gang whose ranks loaded at different speeds was requeued, and loaded again,
+  // for ever).
+  const int world = std::max(1, ctx.world_size), rank = ctx.rank;
+  std::unique_ptr<Gang> gang;
+  if (world > 1) {
+    ASRF_RETURN_IF_ERROR(Gang::Join(ctx.rendezvous, rank, world, device, &gang));
+    LogInfo("gang_joined").Kv("job", ctx.job_id).Kv("rank", rank).Kv("world", world).Kv("rendezvous", ctx.rendezvous);
+  }
   // Check both manifests completely before any training.
   std::vector<ManifestItem> train_items, valid_items;
   ASRF_RETURN_IF_ERROR(ReadManifest(spec.manifest, vocab.chars, spec.max_seconds, &train_items));
@@ -693,6 +726,7 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
   std::vector<Utterance> train, valid;
   ASRF_RETURN_IF_ERROR(LoadAll(train_items, vocab, ctx, &train));
   ASRF_RETURN_IF_ERROR(LoadAll(valid_items, vocab, ctx, &valid));
+  if (gang) ASRF_RETURN_IF_ERROR(gang->WaitForAll("asrf/loaded", ctx.cancelled, ctx.stopping));
   double hours = 0;
   for (const auto& u : train) hours += u.pcm.size() / static_cast<double>(kSampleRate) / 3600.0;
   std::vector<std::vector<size_t>> batches = MakeBatches(train, spec.batch_seconds);
@@ -700,12 +734,6 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
   torch::optim::Adam opt(model->parameters(), torch::optim::AdamOptions(spec.lr).eps(spec.adam_eps));
   Position pos;
   std::mt19937_64 rng(spec.seed);
-  const int world = std::max(1, ctx.world_size), rank = ctx.rank;
-  std::unique_ptr<Gang> gang;
-  if (world > 1) {
-    ASRF_RETURN_IF_ERROR(Gang::Join(ctx.rendezvous, rank, world, device, &gang));
-    LogInfo("gang_joined").Kv("job", ctx.job_id).Kv("rank", rank).Kv("world", world).Kv("rendezvous", ctx.rendezvous);
-  }
   int64_t ckpt_step = 0;
   std::string ckpt;
   bool resumed = false;
