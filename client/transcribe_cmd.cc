@@ -137,6 +137,10 @@ Status WriteFile(FileJob& f, const std::vector<std::string>& formats) {
   f.transcript.segments.clear();
   for (auto& [i, s] : f.parts) f.transcript.segments.push_back(s);
   f.written = true;
+  if (auto used = ModelsUsed(f.transcript); used.size() > 1) {
+    std::cerr << "\nasr-submit: " << f.path << ": its segments were transcribed by " << used.size()
+              << " different models (workers with different model files; \"models\" in its .json lists them)\n";
+  }
   return WriteOutputs(f.transcript, f.base, formats);
 }
 

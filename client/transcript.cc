@@ -149,8 +149,14 @@ Status ParseSegmentResult(const std::string& text, SegmentOut* out, std::string*
   }
   if (off < 0 || dur < 0) return Status::Invalid("segment result: negative offset_s or duration_s");
   if (j.contains("infer_ms") && !GetInt(j, "infer_ms", &inf, &why)) return Status::Invalid("segment result: " + why);
+  std::string sha;
+  if (j.contains("model_sha256") && !GetString(j, "model_sha256", &sha, &why)) {
+    return Status::Invalid("segment result: " + why);
+  }
 
   SegmentOut seg;
+  seg.model = m;
+  seg.model_sha256 = std::move(sha);
   seg.start = off;
   seg.end = off + dur;
   seg.text = std::move(t);
@@ -182,6 +188,15 @@ Status ParseSegmentResult(const std::string& text, SegmentOut* out, std::string*
   return Status::Ok();
 }
 
+std::vector<std::pair<std::string, std::string>> ModelsUsed(const Transcript& t) {
+  std::vector<std::pair<std::string, std::string>> used;
+  for (const SegmentOut& seg : t.segments) {
+    std::pair<std::string, std::string> m{seg.model.empty() ? t.model : seg.model, seg.model_sha256};
+    if (std::find(used.begin(), used.end(), m) == used.end()) used.push_back(std::move(m));
+  }
+  return used;
+}
+
 std::string FormatTxt(const Transcript& t) {
   std::string out;
   for (const SegmentOut& seg : t.segments) {
@@ -206,10 +221,18 @@ std::string FormatJson(const Transcript& t) {
     }
     segs.push_back({{"start", RoundMs(seg.start)}, {"end", RoundMs(seg.end)}, {"text", text}, {"words", std::move(words)}});
   }
-  json j = {{"source", t.source},          {"model", t.model},
+  auto used = ModelsUsed(t);
+  json j = {{"source", t.source},          {"model", used.empty() ? t.model : used.front().first},
             {"duration_s", RoundMs(t.duration_s)}, {"wall_s", RoundMs(t.wall_s)},
             {"compute_s", RoundMs(t.compute_s)},   {"text", all},
             {"segments", std::move(segs)}};
+  if (!used.empty() && !used.front().second.empty()) j["model_sha256"] = used.front().second;
+  if (used.size() > 1) {
+    // Segments of this file were transcribed by different models: each one, in order of first use.
+    json models = json::array();
+    for (const auto& [name, sha] : used) models.push_back({{"model", name}, {"model_sha256", sha}});
+    j["models"] = std::move(models);
+  }
   // Invalid UTF-8 from a model or a file name becomes U+FFFD instead of throwing.
   return j.dump(2, ' ', false, json::error_handler_t::replace) + "\n";
 }

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "common/status.h"
@@ -20,6 +21,7 @@ struct SegmentOut {
   double start = 0, end = 0;  // seconds on the file's timeline
   std::string text;
   std::vector<WordOut> words;
+  std::string model, model_sha256;  // what transcribed it (the sha256 of the worker's model file)
 };
 
 struct Transcript {
@@ -33,14 +35,20 @@ struct Transcript {
 
 // A segment result as the worker returns it (JSON, schema/protocol.md "transcribe"):
 //   {"file": str, "index": int, "count": int, "offset_s": num, "duration_s": num, "model": str,
-//    "text": str, "words": [{"w": str, "s": num, "e": num, "c": num}], "infer_ms": int}
+//    "model_sha256": str, "text": str, "words": [{"w": str, "s": num, "e": num, "c": num}],
+//    "infer_ms": int}
 // Word times are relative to the segment. On success *out spans [offset_s, offset_s + duration_s]
 // on the file's timeline, its words shifted by offset_s and clamped into that span (confidence
-// into [0, 1]). "words" and "infer_ms" may be absent (none; 0). Returns Invalid for JSON that does
+// into [0, 1]). "words", "model_sha256" and "infer_ms" may be absent (none; ""; 0). Returns Invalid for JSON that does
 // not follow the schema (missing or mistyped field, index outside [0, count), negative times),
 // leaving the outputs untouched. Any of the pointers after `out` may be null.
 Status ParseSegmentResult(const std::string& json, SegmentOut* out, std::string* file, int* index, int* count,
                           double* offset_s, std::string* model, int64_t* infer_ms = nullptr);
+
+// The distinct models (name, sha256) that transcribed a transcript's segments, in order of first
+// use. More than one means workers with different model files served one file (e.g. during a
+// rolling upgrade after `asr-submit models import`).
+std::vector<std::pair<std::string, std::string>> ModelsUsed(const Transcript& t);
 
 // Segments whose text is empty (after trimming whitespace) are left out of txt, srt, vtt and tsv;
 // json keeps every segment. Times in json are rounded to milliseconds.

@@ -389,6 +389,41 @@ TEST(Transcript, ParseSegmentResultShiftsWordsByOffset) {
   EXPECT_DOUBLE_EQ(seg2.end, 65.0);
 }
 
+// Each segment says which model file transcribed it; a file whose segments came from workers with
+// different model files says so in its JSON instead of passing for one model's work.
+TEST(Transcript, TheModelsThatTranscribedAFileAreNamedWithTheirChecksums) {
+  const std::string a(64, 'a'), b(64, 'b');
+  auto seg = [](int i, const std::string& sha) {
+    json j = json::parse(SegmentJson("f.wav", i, 3, i * 10.0, 10.0, "x", json::array()));
+    if (!sha.empty()) j["model_sha256"] = sha;
+    return j.dump();
+  };
+  Transcript one, mixed;
+  for (int i = 0; i < 3; ++i) {
+    SegmentOut s1, s2;
+    ASSERT_TRUE(ParseSegmentResult(seg(i, a), &s1, nullptr, nullptr, nullptr, nullptr, &one.model).ok());
+    ASSERT_TRUE(ParseSegmentResult(seg(i, i == 2 ? b : a), &s2, nullptr, nullptr, nullptr, nullptr, &mixed.model).ok());
+    one.segments.push_back(s1);
+    mixed.segments.push_back(s2);
+  }
+  json j1 = json::parse(FormatJson(one));
+  EXPECT_EQ(j1["model"], "en-small");
+  EXPECT_EQ(j1["model_sha256"], a);
+  EXPECT_FALSE(j1.contains("models"));
+  ASSERT_EQ(ModelsUsed(mixed).size(), 2u);
+  json j2 = json::parse(FormatJson(mixed));
+  EXPECT_EQ(j2["model_sha256"], a);
+  ASSERT_TRUE(j2.contains("models"));
+  ASSERT_EQ(j2["models"].size(), 2u);
+  EXPECT_EQ(j2["models"][1]["model_sha256"], b);
+  // A worker that does not send a checksum: no field, not an empty one.
+  SegmentOut bare;
+  Transcript old;
+  ASSERT_TRUE(ParseSegmentResult(seg(0, ""), &bare, nullptr, nullptr, nullptr, nullptr, &old.model).ok());
+  old.segments.push_back(bare);
+  EXPECT_FALSE(json::parse(FormatJson(old)).contains("model_sha256"));
+}
+
 TEST(Transcript, BadSegmentResultsAreInvalid) {
   const json good = json::parse(SegmentJson("a.wav", 0, 1, 0.0, 3.0, "hi", json::array({{{"w", "hi"}, {"s", 0.1}, {"e", 0.4}, {"c", 0.9}}})));
   std::vector<std::pair<std::string, std::string>> cases = {

@@ -14,6 +14,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "common/sha256.h"
 #include "tests/harness.h"
 
 namespace asrf::testing {
@@ -184,6 +185,9 @@ TEST_F(TranscribeTest, FolderToTranscriptsWithBadFilesLongFilesAndPostgres) {
   json j = json::parse(ReadFile(out + "/long.json"), nullptr, false);
   ASSERT_FALSE(j.is_discarded());
   ASSERT_GE(j["segments"].size(), 3u);
+  // It names the model file that made it, by checksum: one model for all of its segments.
+  EXPECT_EQ(j.value("model_sha256", ""), Sha256Hex(ReadFile(kModel)));
+  EXPECT_FALSE(j.contains("models")) << j.dump();
   double prev_end = 0, prev_word = 0;
   std::string joined;
   for (const auto& seg : j["segments"]) {

@@ -2,10 +2,12 @@
 #include <cmath>
 #include <csignal>
 #include <filesystem>
+#include <fstream>
 #include <iostream>
 
 #include "common/log.h"
 #include "common/options.h"
+#include "common/sha256.h"
 #include "cuda/device_info.h"
 #include "schema/protocol.h"
 #include "worker/device.h"
@@ -161,9 +163,12 @@ int main(int argc, char** argv) {
                 << path << (registry_name.empty() ? "" : ")") << ": " << st.message() << "\n";
       return 2;
     }
-    LogInfo("model_loaded").Kv("model", name).Kv("file", path).Kv("device", model->device())
+    std::ifstream in(path, std::ios::binary);
+    std::string bytes((std::istreambuf_iterator<char>(in)), {});
+    std::string sha = Sha256Hex(bytes);
+    LogInfo("model_loaded").Kv("model", name).Kv("file", path).Kv("sha256", sha).Kv("device", model->device())
         .Kv("decoding", lm.empty() ? "greedy" : "beam search with " + lm);
-    RegisterTranscribeKind(std::shared_ptr<AcousticModel>(std::move(model)), &registry);
+    RegisterTranscribeKind(std::shared_ptr<AcousticModel>(std::move(model)), &registry, sha);
   } else {
     LogInfo("no_model").Kv("detail", "no --model-file: this worker does not take transcription jobs");
   }

@@ -16,10 +16,11 @@ double Ms(double s) { return std::round(s * 1000.0) / 1000.0; }
 
 }  // namespace
 
-void RegisterTranscribeKind(std::shared_ptr<AcousticModel> model, JobRegistry* registry) {
+void RegisterTranscribeKind(std::shared_ptr<AcousticModel> model, JobRegistry* registry,
+                            const std::string& model_sha256) {
   registry->AddModel(model->name());
   auto mu = std::make_shared<std::mutex>();
-  registry->RegisterBatch(proto::kTranscribeKind, [model, mu](const std::vector<std::string_view>& payloads,
+  registry->RegisterBatch(proto::kTranscribeKind, [model, mu, model_sha256](const std::vector<std::string_view>& payloads,
                                                               const BatchContext& ctx, std::vector<Status>* statuses,
                                                               std::vector<std::string>* results) {
     size_t n = payloads.size();
@@ -81,6 +82,7 @@ void RegisterTranscribeKind(std::shared_ptr<AcousticModel> model, JobRegistry* r
                           {"text", h.text},
                           {"words", std::move(words)},
                           {"infer_ms", infer_ms}};
+      if (!model_sha256.empty()) j["model_sha256"] = model_sha256;
       (*results)[i] = j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
     }
   });

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <memory>
+#include <string>
 
 #include "worker/acoustic_model.h"
 #include "worker/job_kinds.h"
@@ -10,7 +11,9 @@
 namespace asrf {
 
 // Registers the batched kind and advertises the model under model->name(). Calls into the model
-// are serialised (one device batch at a time per model).
-void RegisterTranscribeKind(std::shared_ptr<AcousticModel> model, JobRegistry* registry);
+// are serialised (one device batch at a time per model). `model_sha256` (the model file's) goes
+// into every segment result, so a transcript says exactly which model made it.
+void RegisterTranscribeKind(std::shared_ptr<AcousticModel> model, JobRegistry* registry,
+                            const std::string& model_sha256 = "");
 
 }  // namespace asrf
