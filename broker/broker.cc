@@ -1559,6 +1559,7 @@ struct Broker::Impl {
     int64_t cutoff = WallMs() - opt.forget_after_s * 1000;
     JournalBatch b;
     uint64_t n = 0;
+    std::vector<uint64_t> cancelled;  // their checkpoints can go: nothing can bring them back now
     while (!forgetting.empty() && forgetting.front().first <= cutoff && b.ops.size() < 10000) {
       uint64_t id = forgetting.front().second;
       forgetting.pop_front();
@@ -1576,6 +1577,7 @@ struct Broker::Impl {
         if (!ended) continue;  // the last rank's end brings the gang here again
       }
       for (uint64_t m : ids) {
+        if (const Job* x = table.Find(m); x && x->state == JobState::kCancelled) cancelled.push_back(m);
         table.Forget(m);
         b.Erase(rec::JobKey(m));
         b.Erase(rec::StateKey(m));
@@ -1588,6 +1590,7 @@ struct Broker::Impl {
       b.Put(kNextIdKey, std::to_string(next_job_id));
       journal->Write(std::move(b), /*sync=*/false, 0);
       LogInfo("jobs_forgotten").Kv("jobs", n).Kv("forget_after_s", opt.forget_after_s);
+      if (sink) sink->ForgetCheckpoints(std::move(cancelled));
     }
   }
 
@@ -1751,7 +1754,6 @@ Status Broker::Open(const BrokerOptions& options, std::unique_ptr<Broker>* out) 
     ASRF_RETURN_IF_ERROR(CheckConninfo(impl->opt.pg).WithContext("--pg"));
     EventSinkOptions eo;
     eo.conninfo = impl->opt.pg;
-    eo.forget_after_s = impl->opt.forget_after_s;
     impl->sink = std::make_unique<EventSink>(eo, impl->journal.get());
   } else {
     LogWarn("no_postgresql").Kv("detail", "no --pg / ASRF_PG: job history is kept only in the journal");

@@ -39,6 +39,7 @@ struct EventSink::Impl {
   bool notified = false;                 // GUARDED_BY(mu)
   bool stopping = false;                 // GUARDED_BY(mu)
   std::deque<ResultLookup> lookups;      // GUARDED_BY(mu)
+  std::vector<uint64_t> forgotten;       // cancelled jobs forgotten; GUARDED_BY(mu)
   std::vector<ResultLookup> answered;    // GUARDED_BY(mu)
   EventSinkStats stats;                  // GUARDED_BY(mu)
   std::thread thread;
@@ -329,18 +330,42 @@ struct EventSink::Impl {
     if (!st.ok()) LogWarn("checkpoint_clear_failed").Kv("error", st.message());
   }
 
-  // Every 10 minutes: checkpoint bytes of done jobs the clearing above missed, and of cancelled
-  // jobs the broker has forgotten (no RETRY of their gang can bring them back any more).
+  // Every 10 minutes: checkpoint bytes of done jobs the clearing above missed.
   void SweepCheckpoints() {
     PgResult r;
     Status st = pg->Query(
         "WITH c AS (UPDATE checkpoints SET bytes = NULL FROM jobs WHERE checkpoints.job_id = jobs.id "
-        "AND checkpoints.bytes IS NOT NULL AND (jobs.state = 'done' OR ($1::double precision > 0 AND "
-        "jobs.state = 'cancelled' AND jobs.finished_at < now() - make_interval(secs => $1::double precision))) "
-        "RETURNING 1) SELECT count(*) FROM c",
-        {std::to_string(opt.forget_after_s)}, &r);
+        "AND checkpoints.bytes IS NOT NULL AND jobs.state = 'done' RETURNING 1) SELECT count(*) FROM c",
+        {}, &r);
     if (!st.ok()) LogWarn("checkpoint_sweep_failed").Kv("error", st.message());
     else if (r.rows() && r.get(0, 0) != "0") LogInfo("checkpoints_cleared").Kv("checkpoints", r.get(0, 0));
+  }
+
+  // Those of cancelled jobs the broker forgot (EventSink::ForgetCheckpoints).
+  void ClearForgottenCheckpoints() {
+    std::vector<uint64_t> ids;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      ids.swap(forgotten);
+    }
+    for (size_t from = 0; from < ids.size(); from += 10000) {
+      std::string list = "{";
+      for (size_t i = from; i < std::min(ids.size(), from + 10000); ++i) {
+        list += (list.size() > 1 ? "," : "") + std::to_string(ids[i]);
+      }
+      list += '}';
+      Status st = pg->Query("UPDATE checkpoints SET bytes = NULL WHERE job_id = ANY($1::bigint[]) AND bytes IS NOT NULL",
+                            {list});
+      if (!st.ok()) {
+        LogWarn("checkpoint_clear_failed").Kv("error", st.message());
+        return;
+      }
+    }
+  }
+
+  bool HasForgotten() {
+    std::lock_guard<std::mutex> lock(mu);
+    return !forgotten.empty();
   }
 
   void Run() {
@@ -362,6 +387,7 @@ struct EventSink::Impl {
         CountBehind();
         next_count = MonoMs() + 2000;
       }
+      if (HasForgotten() && Connect()) ClearForgottenCheckpoints();
       if (MonoMs() >= next_sweep && Connect()) {
         SweepCheckpoints();
         next_sweep = MonoMs() + 600000;
@@ -392,6 +418,15 @@ void EventSink::Notify() {
   {
     std::lock_guard<std::mutex> lock(impl_->mu);
     impl_->notified = true;
+  }
+  impl_->cv.notify_one();
+}
+
+void EventSink::ForgetCheckpoints(std::vector<uint64_t> job_ids) {
+  if (job_ids.empty()) return;
+  {
+    std::lock_guard<std::mutex> lock(impl_->mu);
+    impl_->forgotten.insert(impl_->forgotten.end(), job_ids.begin(), job_ids.end());
   }
   impl_->cv.notify_one();
 }

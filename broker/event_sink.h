@@ -3,8 +3,8 @@
 // While PostgreSQL is down the rows simply stay in the journal and are caught up later; nothing
 // on the broker's poll thread ever waits for PostgreSQL. The same thread answers result lookups
 // for jobs whose result the broker has dropped after its retention period. It also clears the
-// bytes of training checkpoints no job can resume from any more: at once when their job is done,
-// --forget-after-s after its end when it was cancelled (the index rows stay).
+// bytes of training checkpoints no job can resume from any more: those of done jobs, and of
+// cancelled jobs the broker has forgotten (ForgetCheckpoints); the index rows stay.
 //
 // Thread-safety: Notify, Lookup, TakeLookups and GetStats may be called from any thread.
 #pragma once
@@ -25,10 +25,6 @@ struct EventSinkOptions {
   std::string conninfo;
   size_t max_rows = 2000;   // rows per upsert
   int64_t retry_ms = 1000;  // reconnect interval while PostgreSQL is down
-  // The broker's --forget-after-s (0: never). A cancelled job's checkpoint bytes are kept that
-  // long after its end (RETRY of a gang brings its cancelled ranks back), then cleared; a done
-  // job's at once.
-  int64_t forget_after_s = 0;
 };
 
 struct EventSinkStats {
@@ -60,6 +56,9 @@ class EventSink {
 
   // New "e/" records were queued to the journal.
   void Notify();
+  // Cancelled jobs the broker has forgotten: no RETRY can bring them back (a gang is forgotten
+  // only once every rank is done or cancelled), so their checkpoints' bytes go. Best effort.
+  void ForgetCheckpoints(std::vector<uint64_t> job_ids);
   void Lookup(ResultLookup lookup);
   int wake_fd() const;
   std::vector<ResultLookup> TakeLookups();

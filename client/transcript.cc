@@ -189,10 +189,21 @@ Status ParseSegmentResult(const std::string& text, SegmentOut* out, std::string*
 }
 
 std::vector<std::pair<std::string, std::string>> ModelsUsed(const Transcript& t) {
+  // A segment without a checksum (an older worker) is taken for any model file of its name.
   std::vector<std::pair<std::string, std::string>> used;
+  auto named = [&used](const std::string& name) {
+    return std::find_if(used.begin(), used.end(), [&](const auto& u) { return u.first == name; });
+  };
   for (const SegmentOut& seg : t.segments) {
-    std::pair<std::string, std::string> m{seg.model.empty() ? t.model : seg.model, seg.model_sha256};
-    if (std::find(used.begin(), used.end(), m) == used.end()) used.push_back(std::move(m));
+    const std::string& name = seg.model.empty() ? t.model : seg.model;
+    const std::string& sha = seg.model_sha256;
+    if (sha.empty()) {
+      if (named(name) == used.end()) used.push_back({name, ""});
+    } else if (std::find(used.begin(), used.end(), std::make_pair(name, sha)) == used.end()) {
+      auto unknown = std::find(used.begin(), used.end(), std::make_pair(name, std::string()));
+      if (unknown != used.end()) unknown->second = sha;
+      else used.push_back({name, sha});
+    }
   }
   return used;
 }

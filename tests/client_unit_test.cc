@@ -416,6 +416,15 @@ TEST(Transcript, TheModelsThatTranscribedAFileAreNamedWithTheirChecksums) {
   ASSERT_TRUE(j2.contains("models"));
   ASSERT_EQ(j2["models"].size(), 2u);
   EXPECT_EQ(j2["models"][1]["model_sha256"], b);
+  // A segment from a worker that sends no checksum is no second model beside one that does.
+  Transcript upgrade;
+  for (int i = 0; i < 3; ++i) {
+    SegmentOut s;
+    ASSERT_TRUE(ParseSegmentResult(seg(i, i == 0 ? "" : a), &s, nullptr, nullptr, nullptr, nullptr, &upgrade.model).ok());
+    upgrade.segments.push_back(s);
+  }
+  ASSERT_EQ(ModelsUsed(upgrade).size(), 1u);
+  EXPECT_EQ(json::parse(FormatJson(upgrade))["model_sha256"], a);
   // A worker that does not send a checksum: no field, not an empty one.
   SegmentOut bare;
   Transcript old;

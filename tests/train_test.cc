@@ -391,6 +391,28 @@ TEST_F(TrainTest, ADoneJobsCheckpointsAreDroppedByEveryWorkerAndInPostgres) {
   }
 }
 
+// A cancelled job's published checkpoint stays while the broker holds the job (RETRY of a gang
+// can bring a cancelled rank back), and goes when the broker forgets it.
+TEST_F(TrainTest, ACancelledJobsPublishedCheckpointGoesWhenTheBrokerForgetsIt) {
+  PgCluster pg(tmp_.path());
+  ASSERT_TRUE(pg.Start());
+  BrokerProc b = StartBroker(tmp_ / "broker", tmp_ / "broker.log",
+                             {"--pg", pg.url(), "--result-retention-s", "4", "--forget-after-s", "4"});
+  Proc w = StartWorker(b.endpoint, tmp_ / "w", tmp_ / "w.log", {"--threads", "2", "--pg", pg.url()});
+  std::vector<std::string> args = TrainArgs("dropped", 400, 5);
+  args.insert(args.end(), {"--publish-every", "1"});
+  ASSERT_EQ(Submit(b.endpoint, args).code, 0);
+  auto published = [&] { return pg.Query("SELECT count(*) FROM checkpoints WHERE job_id = 1 AND bytes IS NOT NULL"); };
+  ASSERT_TRUE(WaitFor([&] { return published() == "1"; }, 120000)) << ReadFile(tmp_ / "w.log");
+  ASSERT_EQ(Submit(b.endpoint, {"cancel", "1"}).code, 0);
+  ASSERT_TRUE(WaitFor([&] { return JobStatus(b.endpoint, 1).value("state", "") == "cancelled"; }, 30000));
+  EXPECT_EQ(published(), "1") << "cleared while the broker still holds the job";
+  ASSERT_TRUE(WaitFor([&] { return ReadFile(tmp_ / "broker.log").find("jobs_forgotten") != std::string::npos; },
+                      30000));
+  EXPECT_TRUE(WaitFor([&] { return published() == "0"; }, 10000)) << published();
+  EXPECT_NE(pg.Query("SELECT count(*) FROM checkpoints WHERE job_id = 1"), "0") << "the index rows stay";
+}
+
 // PostgreSQL gone when the training ends: the job fails saying the model is not in the registry
 // (it used to end done with the model registered nowhere), and RETRY registers it from the final
 // checkpoint without training again, once.

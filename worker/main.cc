@@ -165,7 +165,7 @@ int main(int argc, char** argv) {
     }
     std::ifstream in(path, std::ios::binary);
     std::string bytes((std::istreambuf_iterator<char>(in)), {});
-    std::string sha = Sha256Hex(bytes);
+    std::string sha = in.bad() || bytes.empty() ? std::string() : Sha256Hex(bytes);  // loaded, so readable
     LogInfo("model_loaded").Kv("model", name).Kv("file", path).Kv("sha256", sha).Kv("device", model->device())
         .Kv("decoding", lm.empty() ? "greedy" : "beam search with " + lm);
     RegisterTranscribeKind(std::shared_ptr<AcousticModel>(std::move(model)), &registry, sha);

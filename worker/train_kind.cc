@@ -50,8 +50,9 @@ class CheckpointCleaner {
     else LogWarn("checkpoint_drop_failed").Kv("job", job).Kv("error", st.message());
   }
   void DropDoneElsewhere() {
+    if (pg_.empty()) return;
     std::vector<uint64_t> jobs = store_->Jobs();
-    if (jobs.empty() || pg_.empty()) return;
+    if (jobs.empty()) return;
     std::string ids = "{";
     for (uint64_t j : jobs) ids += (ids.size() > 1 ? "," : "") + std::to_string(j);
     ids += '}';
@@ -64,7 +65,11 @@ class CheckpointCleaner {
       LogWarn("checkpoint_cleanup_skipped").Kv("error", st.message());
       return;
     }
-    for (int i = 0; i < r.rows(); ++i) DropNow(r.get_int(i, 0), "the job is done");
+    for (int i = 0; i < r.rows() && !Stopping(); ++i) DropNow(r.get_int(i, 0), "the job is done");
+  }
+  bool Stopping() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return stopping_;
   }
   void Loop() {
     DropDoneElsewhere();

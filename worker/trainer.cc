@@ -130,7 +130,7 @@ std::string TrainSpec::ToJson() const {
 // ---- data -------------------------------------------------------------------------------------
 
 Status ReadManifest(const std::string& path, const std::string& vocabulary, double max_seconds,
-                    std::vector<ManifestItem>* items) {
+                    std::vector<ManifestItem>* items, bool for_training) {
   std::ifstream in(path);
   if (!in) return Status::Invalid("manifest " + path + " cannot be read (it must be on storage the worker sees)");
   Vocabulary vocab;
@@ -190,11 +190,11 @@ Status ReadManifest(const std::string& path, const std::string& vocabulary, doub
     }
     // CTC needs an output frame per character, and one more between two equal ones; the model
     // gives one per 20 ms (10 ms frames, halved). A text too long for its audio could never be
-    // learnt: its loss would be silently zeroed.
+    // learnt: its loss would be silently zeroed. (Validation computes no loss: not checked.)
     int64_t frames = (NumFrames(static_cast<int64_t>(it.duration * kSampleRate)) + 1) / 2;
     int64_t need = static_cast<int64_t>(ids.size());
     for (size_t i = 1; i < ids.size(); ++i) need += ids[i] == ids[i - 1];
-    if (frames < need) {
+    if (for_training && frames < need) {
       problem(it.audio + ": " + std::to_string(ids.size()) + " characters of text in " + std::to_string(it.duration) +
               " s of audio; the model can emit at most " + std::to_string(frames) + " here (50 per second)");
       continue;
@@ -475,7 +475,8 @@ class Gang {
   // How long a rank waits in a step's all-reduce for the others. Rank 0 validates (valid_max
   // utterances) and publishes checkpoints (tens of MB to PostgreSQL) between steps while the
   // others wait: 30 s was less than that takes for a large model on a CPU, and every such
-  // step requeued the gang. A rank that dies closes its connections, which ends the wait at once.
+  // step requeued the gang. With Gloo a rank that dies closes its connections, which ends the
+  // wait at once; NCCL waits the timeout out.
   static constexpr std::chrono::seconds kCollectiveTimeout{600};
   static Status Join(const std::string& rendezvous, int rank, int world, const torch::Device& device,
                      std::unique_ptr<Gang>* out) {
@@ -595,18 +596,28 @@ class Gang {
         std::this_thread::sleep_for(std::chrono::milliseconds(200));
       }
     } catch (const std::exception& e) {
+      // Rank 0's store is gone. If rank 0 failed (a file it cannot read), the broker cancels this
+      // rank once it hears: wait a little for that rather than give the job back at once, which
+      // could reach the broker first and requeue the gang, rank 0's failure with it, for ever.
+      for (int64_t until = MonoMs() + 10000; MonoMs() < until;) {
+        if (cancelled && cancelled->load()) return Status::Unavailable("cancelled");
+        std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      }
       return Status::Busy(std::string("gang lost while its ranks got ready: ") + e.what());
     }
     return Status::Ok();
   }
   // Rank 0 hands `bytes` to every rank (the training state all ranks start from). The others wait
   // for it as long as rank 0 lives: it may first fetch a published checkpoint of tens of MB.
-  Status Share(const std::string& key, std::string* bytes) {
+  Status Share(const std::string& key, std::string* bytes, const std::atomic<bool>* cancelled) {
     try {
       if (rank_ == 0) {
         store_->set(key, std::vector<uint8_t>(bytes->begin(), bytes->end()));
       } else {
-        while (!store_->check({key})) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+        while (!store_->check({key})) {
+          if (cancelled && cancelled->load()) return Status::Unavailable("cancelled");
+          std::this_thread::sleep_for(std::chrono::milliseconds(100));
+        }
         std::vector<uint8_t> v = store_->get(key);
         bytes->assign(v.begin(), v.end());
       }
@@ -721,7 +732,7 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
   }
   // Check both manifests completely before any training.
   std::vector<ManifestItem> train_items, valid_items;
-  ASRF_RETURN_IF_ERROR(ReadManifest(spec.manifest, vocab.chars, spec.max_seconds, &train_items));
+  ASRF_RETURN_IF_ERROR(ReadManifest(spec.manifest, vocab.chars, spec.max_seconds, &train_items, /*for_training=*/true));
   ASRF_RETURN_IF_ERROR(ReadManifest(spec.valid, vocab.chars, spec.max_seconds, &valid_items));
   std::vector<Utterance> train, valid;
   ASRF_RETURN_IF_ERROR(LoadAll(train_items, vocab, ctx, &train));
@@ -784,7 +795,7 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
   if (gang) {
     // Every rank starts from rank 0's state: weights, optimizer, position, random generator.
     std::string state = rank == 0 ? SaveCheckpoint(model, opt, pos, rng, spec) : std::string();
-    ASRF_RETURN_IF_ERROR(gang->Share("state/" + ctx.rendezvous, &state));
+    ASRF_RETURN_IF_ERROR(gang->Share("state/" + ctx.rendezvous, &state, ctx.cancelled));
     if (rank != 0) ASRF_RETURN_IF_ERROR(LoadCheckpoint(state, model, opt, &pos, &rng));
     if (rank != 0) PlaceOnDevice(model, opt, device);
     resumed = pos.step > 0;

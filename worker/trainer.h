@@ -101,7 +101,8 @@ struct ManifestItem {
   double duration = 0;
   int sample_rate = 0;  // of the file; LoadAll resamples what is not 16 kHz
 };
+// `for_training`: also refuse a text too long for its audio (CTC could never align it).
 Status ReadManifest(const std::string& path, const std::string& vocabulary, double max_seconds,
-                    std::vector<ManifestItem>* items);
+                    std::vector<ManifestItem>* items, bool for_training = false);
 
 }  // namespace asrf
