@@ -68,6 +68,12 @@ TEST(Registry, ImportExportRoundTripAndAWorkerLoadsByName) {
   EXPECT_NE(missing.err.find("no model nope"), std::string::npos) << missing.err;
 
   // A worker loads "digits" by name: fetched, cached, verified, advertised, and it transcribes.
+  // An older cached version goes; a model a training wrote under a look-alike name (no .sha256
+  // beside it) stays.
+  fs::create_directories(t / "worker/models");
+  { std::ofstream(t / "worker/models/digits.v1.pt") << "an older version"; }
+  { std::ofstream(t / "worker/models/digits.v1.sha256") << "0\n"; }
+  { std::ofstream(t / "worker/models/digits.v0.pt") << "a model trained as digits.v0"; }
   Proc w = StartWorker(b.endpoint, t / "worker", t / "worker.log", {"--model", "digits", "--pg", pg.url()});
   RunResult synth = RunCommand({ASRF_SYNTH_BIN, "--out", t / "audio", "--utterances", "2", "--seed", "5",
                                 "--numbers-fraction", "1", "--valid-fraction", "0", "--heldout-fraction", "0"});
@@ -77,6 +83,9 @@ TEST(Registry, ImportExportRoundTripAndAWorkerLoadsByName) {
   EXPECT_EQ(tx.code, 0) << tx.err << ReadFile(t / "worker.log");
   EXPECT_TRUE(fs::exists(t / "worker/models/digits.v2.pt")) << ReadFile(t / "worker.log");
   EXPECT_EQ(ReadFile(t / "worker/models/digits.v2.pt"), original);
+  EXPECT_FALSE(fs::exists(t / "worker/models/digits.v1.pt"));
+  EXPECT_FALSE(fs::exists(t / "worker/models/digits.v1.sha256"));
+  EXPECT_TRUE(fs::exists(t / "worker/models/digits.v0.pt"));
   w.Signal(SIGTERM);
   EXPECT_EQ(w.Wait(30000), 0);
 

@@ -4,6 +4,7 @@
 #include <fstream>
 #include <memory>
 #include <regex>
+#include <vector>
 
 #include "common/log.h"
 #include "common/pg.h"
@@ -37,6 +38,27 @@ Status WriteAtomically(const std::string& path, const std::string& bytes) {
   return ec ? Status::IOError("cannot rename " + tmp + ": " + ec.message()) : Status::Ok();
 }
 
+// Older cached versions of `name` than `version` go: every import would otherwise leave one more
+// copy of tens of MB. Only cache entries (a .pt with its .sha256 beside it): a model a training
+// job wrote to the same folder under a name like "NAME.v1" has no .sha256 and stays.
+void EvictOlder(const std::string& cache_dir, const std::string& name, int64_t version) {
+  std::regex re(std::regex_replace(name, std::regex(R"([.^$|()\[\]{}*+?\\])"), R"(\$&)") + R"(\.v(\d{1,9})\.sha256)");
+  std::error_code ec;
+  std::vector<fs::path> old;
+  for (const auto& e : fs::directory_iterator(cache_dir, ec)) {
+    std::smatch m;
+    std::string fname = e.path().filename().string();
+    if (std::regex_match(fname, m, re) && std::stoll(m[1].str()) < version) old.push_back(e.path());
+  }
+  for (const auto& sha : old) {
+    fs::path pt = sha;
+    pt.replace_extension(".pt");
+    fs::remove(pt, ec);
+    fs::remove(sha, ec);
+    LogInfo("model_cache_evicted").Kv("model", name).Kv("file", pt.string());
+  }
+}
+
 }  // namespace
 
 Status FetchRegistryModel(const std::string& conninfo, const std::string& name, const std::string& cache_dir,
@@ -57,6 +79,7 @@ Status FetchRegistryModel(const std::string& conninfo, const std::string& name, 
       if (Verified(base + ".pt", sha)) {
         *path = base + ".pt";
         LogInfo("model_cached").Kv("model", name).Kv("version", version).Kv("file", *path);
+        EvictOlder(cache_dir, name, r.get_int(0, 0));
         return Status::Ok();
       }
       PgResult b;
@@ -70,6 +93,7 @@ Status FetchRegistryModel(const std::string& conninfo, const std::string& name, 
         ASRF_RETURN_IF_ERROR(WriteAtomically(base + ".pt", bytes));
         *path = base + ".pt";
         LogInfo("model_fetched").Kv("model", name).Kv("version", version).Kv("bytes", static_cast<uint64_t>(bytes.size()));
+        EvictOlder(cache_dir, name, r.get_int(0, 0));
         return Status::Ok();
       }
     }
