@@ -844,32 +844,41 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
       order = EpochOrder(batches.size(), spec.seed, pos.epoch);
     }
     int64_t t0 = MonoMs();
-    // This rank's share of the step: `combine` batches, disjoint from the other ranks'.
-    std::vector<size_t> idx;
+    // This rank's share of the step: `combine` batches, disjoint from the other ranks'. Each goes
+    // through the model on its own, padded to its own longest utterance as a rank's would be
+    // (padded together, a bucket of short clips took the length of a bucket of long ones), and
+    // their gradients add up.
+    opt.zero_grad();
+    double local_sum = 0;
+    bool local_finite = true;
+    size_t utterances = 0;
     for (int c = 0; c < spec.combine; ++c) {
       size_t k = static_cast<size_t>(pos.batch + rank * spec.combine + c) % order.size();
-      const auto& b = batches[order[k]];
-      idx.insert(idx.end(), b.begin(), b.end());
+      const std::vector<size_t>& idx = batches[order[k]];
+      utterances += idx.size();
+      torch::Tensor pcm, lengths, frames;
+      MakeBatchTensors(train, idx, &pcm, &lengths, &rng, {spec.speed_perturb, spec.lowpass, spec.reverb, spec.noise});
+      torch::Tensor feats = LogMel(pcm.to(device), lengths, &frames);
+      if (spec.vtlp > 0) Vtlp(feats, rng, spec.vtlp);
+      if (spec.spec_augment) SpecAugment(feats, frames, rng);
+      std::vector<int64_t> targets, target_lengths;
+      for (size_t i : idx) {
+        targets.insert(targets.end(), train[i].ids.begin(), train[i].ids.end());
+        target_lengths.push_back(static_cast<int64_t>(train[i].ids.size()));
+      }
+      auto [lp, out_frames] = model->forward(feats, frames);
+      torch::Tensor tl = torch::tensor(target_lengths, torch::kInt64);
+      torch::Tensor per = ctc(CtcModelImpl::ForCtc(lp, out_frames), torch::tensor(targets, torch::kInt64).to(device),
+                              out_frames, tl);
+      torch::Tensor loss_sum = (per / tl.to(per.device(), per.dtype())).sum();
+      double v = loss_sum.item<double>();
+      if (!std::isfinite(v)) {
+        local_finite = false;  // the step is skipped on every rank; no need to go on
+        break;
+      }
+      local_sum += v;
+      loss_sum.backward();
     }
-    torch::Tensor pcm, lengths, frames;
-    MakeBatchTensors(train, idx, &pcm, &lengths, &rng, {spec.speed_perturb, spec.lowpass, spec.reverb, spec.noise});
-    torch::Tensor feats = LogMel(pcm.to(device), lengths, &frames);
-    if (spec.vtlp > 0) Vtlp(feats, rng, spec.vtlp);
-    if (spec.spec_augment) SpecAugment(feats, frames, rng);
-    std::vector<int64_t> targets, target_lengths;
-    for (size_t i : idx) {
-      targets.insert(targets.end(), train[i].ids.begin(), train[i].ids.end());
-      target_lengths.push_back(static_cast<int64_t>(train[i].ids.size()));
-    }
-    auto [lp, out_frames] = model->forward(feats, frames);
-    torch::Tensor tl = torch::tensor(target_lengths, torch::kInt64);
-    torch::Tensor per = ctc(CtcModelImpl::ForCtc(lp, out_frames), torch::tensor(targets, torch::kInt64).to(device),
-                            out_frames, tl);
-    torch::Tensor loss_sum = (per / tl.to(per.device(), per.dtype())).sum();
-    opt.zero_grad();
-    double local_sum = loss_sum.item<double>();
-    bool local_finite = std::isfinite(local_sum);
-    if (local_finite) loss_sum.backward();
     // One all-reduce per step: every gradient, then [non-finite ranks, loss sum, utterances].
     std::vector<torch::Tensor> params = model->parameters();
     std::vector<torch::Tensor> parts;
@@ -878,7 +887,7 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
       parts.push_back(p.grad().reshape({-1}));
     }
     parts.push_back(torch::tensor({local_finite ? 0.0f : 1.0f, local_finite ? static_cast<float>(local_sum) : 0.0f,
-                                   static_cast<float>(idx.size())})
+                                   static_cast<float>(utterances)})
                         .to(device));
     torch::Tensor flat = torch::cat(parts);
     if (gang) {
