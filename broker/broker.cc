@@ -762,15 +762,21 @@ struct Broker::Impl {
     i.worker = j.worker;
     i.progress = j.progress;
     if (j.state == JobState::kQueued) {
-      bool runnable = false, has_model = false;
+      bool runnable = false, has_model = false, model_only_draining = false;
       std::string model = j.model.empty() ? proto::kDefaultModel : j.model;
       for (const auto& [id, w] : workers) {
         if (w.kinds.empty() || w.kinds.count(j.kind)) runnable = true;
-        if (w.HasModel(model)) has_model = true;
+        if (w.HasModel(model)) {
+          model_only_draining = !has_model ? w.draining : model_only_draining && w.draining;
+          has_model = true;
+        }
       }
       if (workers.empty()) i.why = "no worker is connected";
       else if (!runnable) i.why = "no connected worker runs kind " + j.kind;
       else if (IsBatched(j) && !has_model) i.why = "no worker has model " + model;
+      else if (IsBatched(j) && model_only_draining) {
+        i.why = "only draining workers have model " + model + "; it waits for one that takes new work";
+      }
       else if (IsGangMember(j)) {
         size_t able = 0;
         for (const auto& [id, w] : workers) if (w.kinds.empty() || w.kinds.count(j.kind)) able++;

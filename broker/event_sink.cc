@@ -256,9 +256,10 @@ struct EventSink::Impl {
       st = pg->Query("SELECT " + kCols + " FROM models ORDER BY name, version", {}, &r);
       if (st.ok()) for (int i = 0; i < r.rows(); ++i) l.reply.models.push_back(InfoFromRow(r, i));
     } else if (m.op == "export") {
-      st = pg->Query("SELECT " + kCols + ", bytes FROM models WHERE name = $1 AND ($2 = 0 OR version = $2) "
-                     "ORDER BY version DESC LIMIT 1",
-                     {m.name, std::to_string(m.version)}, &r);
+      // The bytes only when they fit in a message: the size is checked first.
+      st = pg->Query("SELECT " + kCols + ", CASE WHEN octet_length(bytes) <= $3 THEN bytes END FROM models "
+                     "WHERE name = $1 AND ($2 = 0 OR version = $2) ORDER BY version DESC LIMIT 1",
+                     {m.name, std::to_string(m.version), std::to_string(proto::kMaxModelBytes)}, &r);
       if (st.ok() && r.rows() == 0) {
         l.error_code = "not_found";
         l.error = "no model " + m.name + (m.version ? " version " + std::to_string(m.version) : "") + " in the registry";

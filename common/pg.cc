@@ -70,6 +70,15 @@ Status PgConn::Connect(const std::string& conninfo, std::unique_ptr<PgConn>* out
     return Status::Unavailable("cannot connect to PostgreSQL: " + m);
   }
   PQsetNoticeProcessor(c, [](void*, const char*) {}, nullptr);
+  // Binary columns are read back as hex (DecodeByteaHex), whatever the server's own setting.
+  pg_result* r = PQexec(c, "SET bytea_output = 'hex'");
+  bool set = r && PQresultStatus(r) == PGRES_COMMAND_OK;
+  if (r) PQclear(r);
+  if (!set) {
+    std::string m = PQerrorMessage(c);
+    PQfinish(c);
+    return Status::Unavailable("PostgreSQL: cannot set bytea_output: " + m);
+  }
   out->reset(new PgConn(c));
   return Status::Ok();
 }

@@ -27,6 +27,10 @@ TEST(Registry, ImportExportRoundTripAndAWorkerLoadsByName) {
   TempDir t;
   PgCluster pg(t.path());
   ASSERT_TRUE(pg.Start());
+  // A server whose sessions print bytea as escapes, not hex: every reader sets hex for itself.
+  pg.Query("ALTER ROLE CURRENT_USER SET bytea_output = 'escape'");
+  ASSERT_EQ(pg.Query("SELECT setting FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = s.setrole, "
+                     "unnest(s.setconfig) AS setting WHERE r.rolname = current_user"), "bytea_output=escape");
   BrokerProc b = StartBroker(t / "broker", t / "broker.log", {"--pg", pg.url()});
   ASSERT_FALSE(b.endpoint.empty());
 

@@ -5,6 +5,7 @@
 // skipping on re-run, PostgreSQL rows, and `collect`.
 #include <gtest/gtest.h>
 
+#include <signal.h>
 #include <sndfile.h>
 
 #include <filesystem>
@@ -269,6 +270,21 @@ TEST_F(TranscribeTest, AJobForAModelNoWorkerHasWaitsAndSaysWhy) {
   RunResult one = Submit(b.endpoint, {"status", "--job", "1", "--json"});
   EXPECT_NE(one.out.find("no worker has model klingon"), std::string::npos) << one.out << one.err;
   EXPECT_EQ(StatusCounts(b.endpoint, "k1").queued, 1);
+
+  // The only worker holding a model drains (it finishes its running job, takes nothing new): a
+  // job for that model says so, not "waiting for a free worker slot".
+  RunResult sleep = Submit(b.endpoint, {"submit", "--kind", "sleep", "--payload", "{\"ms\":20000}"});
+  ASSERT_EQ(sleep.code, 0) << sleep.err;
+  ASSERT_TRUE(WaitFor([&] { return Submit(b.endpoint, {"status", "--job", "2", "--json"}).out.find("leased") !=
+                                   std::string::npos; }, 30000));
+  w.Signal(SIGTERM);
+  ASSERT_TRUE(WaitFor([&] { return Submit(b.endpoint, {"workers"}).out.find("draining") != std::string::npos; },
+                      10000)) << Submit(b.endpoint, {"workers"}).out;
+  RunResult own = Submit(b.endpoint, {"transcribe", in, "--out", t / "out2", "--batch", "k2"});
+  ASSERT_EQ(own.code, 0) << own.err;
+  usleep(500000);
+  RunResult why = Submit(b.endpoint, {"status", "--job", "3", "--json"});
+  EXPECT_NE(why.out.find("only draining workers have model"), std::string::npos) << why.out << why.err;
 }
 
 // A worker finds MODEL.lm beside its --model-file and decodes by beam search with it (here a
