@@ -263,6 +263,38 @@ TEST(CtcBeamTest, AWordOutsideTheLexiconCostsTheOovPenalty) {
   EXPECT_EQ(a.Decode(&lm, o), "the cat");
 }
 
+// A segment of silence (long recordings are cut into segments at pauses, and some hold nothing):
+// blank nearly certain on every frame, letters faint. Greedy decoding says nothing, and so must
+// the beam search with the language model; it used to charge the empty result the LM's price of
+// an empty sentence and say a letter instead.
+TEST(CtcBeamTest, SilenceDecodesToNothingWithTheLanguageModelToo) {
+  // The shipped LM: built from many sentences, none empty, it gives an empty one almost nothing.
+  CharLm lm;
+  Status loaded = CharLm::Load(std::string(ASRF_SOURCE_DIR) + "/models/en-small.lm", &lm);
+  ASSERT_TRUE(loaded.ok()) << loaded.ToString();
+  const int64_t V = static_cast<int64_t>(kAlphabet.size()) + 1, T = 60;
+  std::vector<int> symbols(static_cast<size_t>(V), 0);
+  for (size_t k = 0; k < kAlphabet.size(); ++k) symbols[k + 1] = lm.Symbol(kAlphabet[k]);
+  std::mt19937_64 rng(17);
+  std::uniform_real_distribution<double> faint(-16.0, -10.0);
+  for (int trial = 0; trial < 5; ++trial) {
+    std::vector<float> lp;
+    for (int64_t t = 0; t < T; ++t) {
+      std::vector<double> l(static_cast<size_t>(V));
+      double rest = 0;
+      for (int64_t v = 1; v < V; ++v) rest += std::exp(l[v] = faint(rng));
+      l[0] = std::log(1.0 - rest);
+      for (double x : l) lp.push_back(static_cast<float>(x));
+    }
+    BeamOptions o;
+    EXPECT_TRUE(CtcBeamSearch(lp.data(), T, V, symbols, nullptr, o).empty()) << "trial " << trial;
+    std::vector<int64_t> ids = CtcBeamSearch(lp.data(), T, V, symbols, &lm, o);
+    std::string said;
+    for (int64_t id : ids) said += kAlphabet[static_cast<size_t>(id - 1)];
+    EXPECT_EQ(said, "") << "trial " << trial;
+  }
+}
+
 TEST(CtcBeamTest, AlignmentPutsTokensOnTheirFrames) {
   // Frames: a a _ b b _ _ a (3 classes: blank, a, b); peaks at 0.9.
   const int64_t V = 3;

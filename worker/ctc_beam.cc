@@ -124,12 +124,16 @@ std::vector<int64_t> CtcBeamSearch(const float* lp, int64_t T, int64_t V, const 
     next.resize(keep);
     beam.swap(next);
   }
-  // The end of the sentence is part of the LM's score.
+  // The end of the sentence is part of the LM's score, except for the empty prefix: the LM never
+  // saw an empty sentence, and the price of ending one (tens of nats) made a silent segment come
+  // out as a made-up letter or word. Nothing said is the acoustic model's call alone.
   int64_t best = 0;
   double best_score = kNegInf;
   for (const Entry& e : beam) {
     double s = LogAdd(e.pb, e.pnb);
-    if (lm) s += o.lm_weight * lm->LogProb(nodes[e.node].context, lm->End()) + unknown(nodes[e.node].word);
+    if (lm && e.node != 0) {
+      s += o.lm_weight * lm->LogProb(nodes[e.node].context, lm->End()) + unknown(nodes[e.node].word);
+    }
     if (s > best_score) {
       best_score = s;
       best = e.node;
