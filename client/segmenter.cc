@@ -8,16 +8,22 @@ namespace {
 
 constexpr int kSmoothFrames = 10;  // 10 frames of 10 ms: the ~100 ms smoothing window
 
-// Prefix sums of per-frame mean energy (mean square), frames of `frame` samples; a trailing
-// partial frame is averaged over the samples it has.
+// Prefix sums of per-frame energy, frames of `frame` samples; a trailing partial frame is
+// averaged over the samples it has. The energy is the frame's variance, its mean removed: a DC
+// offset (a cheap recorder's) adds the same to every frame and made soft speech look as quiet
+// as a pause.
 std::vector<double> FrameEnergyPrefix(const int16_t* pcm, int64_t n, int64_t frame) {
   int64_t frames = (n + frame - 1) / frame;
   std::vector<double> prefix(static_cast<size_t>(frames) + 1, 0.0);
   for (int64_t f = 0; f < frames; ++f) {
     int64_t b = f * frame, e = std::min(n, b + frame);
-    double sum = 0;
-    for (int64_t i = b; i < e; ++i) sum += static_cast<double>(pcm[i]) * pcm[i];
-    prefix[f + 1] = prefix[f] + sum / static_cast<double>(e - b);
+    double sum = 0, sq = 0;
+    for (int64_t i = b; i < e; ++i) {
+      sum += pcm[i];
+      sq += static_cast<double>(pcm[i]) * pcm[i];
+    }
+    const double k = static_cast<double>(e - b), mean = sum / k;
+    prefix[f + 1] = prefix[f] + std::max(0.0, sq / k - mean * mean);
   }
   return prefix;
 }
@@ -51,7 +57,10 @@ std::vector<SegmentBounds> SplitAtQuietPoints(const int16_t* pcm, int64_t n, con
 
   int64_t start = 0;
   while (n - start > max_len) {
-    const int64_t lo = start + min_len, hi = start + max_len;
+    // The cut also leaves at least min_len after it: the last segment of a file just over a
+    // multiple of max_s was otherwise a fragment (under one frame at worst, transcribed as
+    // nothing), its words cut off from the rest.
+    const int64_t lo = start + min_len, hi = std::min(start + max_len, std::max(lo, n - min_len));
     // Candidate frames lie wholly inside [lo, hi]; a cut goes at a frame's middle.
     const int64_t f_lo = (lo + frame - 1) / frame, f_hi = hi / frame - 1;
     int64_t cut = hi;

@@ -19,7 +19,9 @@ struct SegmenterOptions {
 
 // Covers [0, n) with consecutive segments (no gaps, no overlap), each at most max_s long. A file
 // no longer than max_s is one segment (an empty file gives none). Each cut is placed at the
-// quietest point (lowest short-time energy, smoothed over ~100 ms) inside the search window.
+// quietest point (lowest short-time energy, DC removed, smoothed over ~100 ms) inside the search
+// window, and leaves at least min_s after it (when max_s >= 2 min_s), so no segment but a whole
+// short file is shorter than min_s.
 std::vector<SegmentBounds> SplitAtQuietPoints(const int16_t* pcm, int64_t n, const SegmenterOptions& opt);
 
 }  // namespace asrf

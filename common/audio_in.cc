@@ -126,6 +126,8 @@ Status DecodeAudio16k(const std::string& path, DecodedAudio* out) {
       float sum = 0.0f;
       for (int c = 0; c < ch; ++c) sum += frame[c];
       mono[i] = sum / static_cast<float>(ch);
+      // Before the resampler: one NaN or infinity in there spreads over the whole filter length.
+      if (!std::isfinite(mono[i])) mono[i] = 0.0f;
     }
     if (resample) {
       ASRF_RETURN_IF_ERROR(resampler.Process(mono.data(), static_cast<size_t>(got), &out->pcm).WithContext(path));

@@ -178,6 +178,31 @@ TEST(DecodeAudio, FloatSourceBeyondFullScaleIsClipped) {
   EXPECT_EQ(a.pcm, want);
 }
 
+// One NaN in a float file at another rate used to reach the resampler, which spread it over its
+// whole filter: everything around it came out as silence.
+TEST(DecodeAudio, ANanInAFileToResampleSilencesOnlyItself) {
+  TempDir dir;
+  std::vector<float> in(44100);
+  for (size_t i = 0; i < in.size(); ++i) in[i] = 0.5f * std::sin(2 * kPi * 440 * i / 44100.0);
+  in[22050] = std::nanf("");
+  SF_INFO info{};
+  info.samplerate = 44100;
+  info.channels = 1;
+  info.format = SF_FORMAT_WAV | SF_FORMAT_FLOAT;
+  SNDFILE* f = sf_open((dir / "nan.wav").c_str(), SFM_WRITE, &info);
+  ASSERT_NE(f, nullptr);
+  ASSERT_EQ(sf_writef_float(f, in.data(), static_cast<sf_count_t>(in.size())), static_cast<sf_count_t>(in.size()));
+  sf_close(f);
+  DecodedAudio a;
+  Status st = DecodeAudio16k(dir / "nan.wav", &a);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  ASSERT_GE(a.pcm.size(), 15000u);
+  // Around the NaN (at 0.5 s: sample 8000 here) the tone is still there.
+  int peak = 0;
+  for (size_t i = 7900; i < 8100; ++i) peak = std::max(peak, std::abs(static_cast<int>(a.pcm[i])));
+  EXPECT_GT(peak, 10000);
+}
+
 TEST(DecodeAudio, EmptyWavIsInvalid) {
   TempDir dir;
   SF_INFO info{};
@@ -320,6 +345,44 @@ TEST(Segmenter, NoSilenceStillCutsWithinMax) {
   segs = SplitAtQuietPoints(tone.data(), static_cast<int64_t>(tone.size()), SegmenterOptions{});
   ExpectCover(segs, static_cast<int64_t>(tone.size()), 30.0);
   EXPECT_GE(segs.size(), 3u);
+}
+
+// A file just over max_s whose quietest point is near its end: the cut leaves min_s after it, not
+// a fragment of a fraction of a second (cut off from its words, or under one frame and lost).
+TEST(Segmenter, TheLastSegmentIsNoFragment) {
+  std::mt19937 rng(5);
+  std::normal_distribution<double> loud(0, 4000);
+  std::vector<int16_t> pcm(static_cast<size_t>(30.3 * kTargetRate));
+  for (auto& x : pcm) x = static_cast<int16_t>(std::clamp(loud(rng), -32768.0, 32767.0));
+  for (size_t i = static_cast<size_t>(29.9 * kTargetRate); i < static_cast<size_t>(30.0 * kTargetRate); ++i) pcm[i] = 0;
+  SegmenterOptions opt;
+  auto segs = SplitAtQuietPoints(pcm.data(), static_cast<int64_t>(pcm.size()), opt);
+  ExpectCover(segs, static_cast<int64_t>(pcm.size()), opt.max_s);
+  for (const auto& s : segs) EXPECT_GE(s.end - s.begin, static_cast<int64_t>(opt.min_s * kTargetRate));
+}
+
+// A DC offset adds the same energy to every frame; it must not make soft speech look like the
+// pause before it. Loud speech, a 200 ms pause at 14 s, 2 s of soft speech, loud again.
+TEST(Segmenter, ADcOffsetDoesNotMoveTheCutIntoSoftSpeech) {
+  std::mt19937 rng(8);
+  std::normal_distribution<double> loud(0, 4000), soft(0, 520), hush(0, 20);
+  const int64_t n = static_cast<int64_t>(40 * kTargetRate);
+  const int64_t pause_b = 14 * kTargetRate, pause_e = pause_b + kTargetRate / 5, soft_e = pause_e + 2 * kTargetRate;
+  for (int dc : {0, 2000}) {
+    SCOPED_TRACE("dc " + std::to_string(dc));
+    std::vector<int16_t> pcm(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) {
+      double v = i >= pause_b && i < pause_e ? hush(rng) : i >= pause_e && i < soft_e ? soft(rng) : loud(rng);
+      pcm[i] = static_cast<int16_t>(std::clamp(v + dc, -32768.0, 32767.0));
+    }
+    SegmenterOptions opt;
+    opt.max_s = 16;
+    opt.min_s = 5;
+    auto segs = SplitAtQuietPoints(pcm.data(), n, opt);
+    ASSERT_GE(segs.size(), 2u);
+    EXPECT_GT(segs[0].end, pause_b);
+    EXPECT_LT(segs[0].end, pause_e) << "cut at " << segs[0].end / double(kTargetRate) << " s";
+  }
 }
 
 TEST(Segmenter, ShortAndEmptyInputs) {
