@@ -4,6 +4,8 @@
 // hypotheses, and bad files and devices fail with the documented codes. A TorchScript model built
 // here (a fixed log-probability pattern) checks the TorchScript path and the timestamps exactly.
 #include <gtest/gtest.h>
+#include <algorithm>
+#include <random>
 #include <torch/script.h>
 #include <torch/torch.h>
 
@@ -369,6 +371,32 @@ TEST_F(InferTest, GpuMatchesCpu) {
 
 // Growing by residual blocks changes nothing at first (their projection is zero), a model cannot
 // shrink, and the config says which architecture a file holds; neither needs speech.
+// Faint steady noise and digital silence hold no speech; quiet speech-like bursts with pauses,
+// or a level above -40 dBFS, do.
+TEST(NoSpeechTest, FaintSteadyNoiseIsNoSpeechQuietBurstsAre) {
+  std::mt19937 rng(21);
+  auto noise = [&](double rms, size_t n) {
+    std::normal_distribution<double> g(0, rms);
+    std::vector<int16_t> x(n);
+    for (auto& v : x) v = static_cast<int16_t>(std::clamp(g(rng), -32768.0, 32767.0));
+    return x;
+  };
+  const size_t ten_s = 160000;
+  EXPECT_TRUE(NoSpeech(std::vector<int16_t>(ten_s, 0)));
+  EXPECT_TRUE(NoSpeech(noise(33, ten_s)));    // -60 dBFS hiss
+  EXPECT_TRUE(NoSpeech(noise(180, ten_s)));   // -45 dBFS hiss
+  std::vector<int16_t> dc = noise(180, ten_s);
+  for (auto& v : dc) v = static_cast<int16_t>(v + 3000);  // a DC offset is no sound
+  EXPECT_TRUE(NoSpeech(dc));
+  EXPECT_FALSE(NoSpeech(noise(1000, ten_s)));  // -30 dBFS: loud enough to be anything
+  // Quiet bursts (-46 dBFS) over a -66 dBFS floor: pauses between words, so not steady.
+  std::vector<int16_t> bursts = noise(16, ten_s);
+  std::vector<int16_t> word = noise(160, 4000);
+  for (size_t at = 0; at + word.size() < ten_s; at += 8000) std::copy(word.begin(), word.end(), bursts.begin() + at);
+  EXPECT_FALSE(NoSpeech(bursts));
+  EXPECT_FALSE(NoSpeech(std::vector<int16_t>(1000, 0)));  // under 100 ms: the model decides
+}
+
 TEST(ResidualTest, GrowingIsTheIdentityAndConfigsSayWhatTheyHold) {
   torch::manual_seed(3);
   CtcModelConfig c;

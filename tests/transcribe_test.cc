@@ -10,6 +10,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <random>
 #include <regex>
 #include <sstream>
 
@@ -251,6 +252,25 @@ TEST_F(TranscribeTest, FolderToTranscriptsWithBadFilesLongFilesAndPostgres) {
   EXPECT_EQ(reuse.code, 2) << reuse.err;
   EXPECT_NE(reuse.err.find("batch later-1 exists already"), std::string::npos) << reuse.err;
   EXPECT_FALSE(fs::exists(t / "reuse/u2.txt"));
+}
+
+// A recording's silent stretch (faint hiss): the shipped model, which never heard noise alone,
+// wrote words for it ("one one one ..."); it now comes back empty without reaching the model.
+TEST_F(TranscribeTest, FaintHissGivesAnEmptyTranscript) {
+  TempDir t;
+  BrokerProc b = StartBroker(t / "broker", t / "broker.log");
+  Proc w = StartWorker(b.endpoint, t / "worker", t / "worker.log",
+                       {"--model-file", std::string(ASRF_SOURCE_DIR) + "/models/en-small.pt", "--threads", "2"});
+  fs::create_directories(t / "in");
+  std::mt19937 rng(4);
+  std::normal_distribution<double> hiss(0, 180);  // -45 dBFS
+  std::vector<int16_t> pcm(10 * 16000);
+  for (auto& v : pcm) v = static_cast<int16_t>(hiss(rng));
+  WritePcm(t / "in/hiss.wav", pcm, 16000, 1, SF_FORMAT_WAV | SF_FORMAT_PCM_16);
+  RunResult r = Submit(b.endpoint, {"transcribe", t / "in", "--out", t / "out", "--wait"}, 120000);
+  ASSERT_EQ(r.code, 0) << r.err << ReadFile(t / "worker.log");
+  ASSERT_TRUE(fs::exists(t / "out/hiss.txt")) << r.out << r.err;
+  EXPECT_EQ(Trim(ReadFile(t / "out/hiss.txt")), "");
 }
 
 TEST_F(TranscribeTest, AJobForAModelNoWorkerHasWaitsAndSaysWhy) {

@@ -282,10 +282,11 @@ std::vector<std::vector<size_t>> CtcAcousticModel::Plan(const std::vector<std::s
 Status CtcAcousticModel::Transcribe(const std::vector<std::span<const int16_t>>& utterances,
                                     std::vector<Hypothesis>* out) {
   std::vector<Hypothesis> result(utterances.size());
-  // Utterances shorter than one frame give empty hypotheses without reaching the model.
+  // Utterances shorter than one frame, and segments without speech (NoSpeech), give empty
+  // hypotheses without reaching the model.
   std::vector<size_t> order;
   for (size_t i = 0; i < utterances.size(); ++i)
-    if (NumFrames(static_cast<int64_t>(utterances[i].size())) > 0) order.push_back(i);
+    if (NumFrames(static_cast<int64_t>(utterances[i].size())) > 0 && !NoSpeech(utterances[i])) order.push_back(i);
   std::stable_sort(order.begin(), order.end(),
                    [&](size_t a, size_t b) { return utterances[a].size() > utterances[b].size(); });
   Status st = CatchTorch(&Status::IOError, "transcription on " + device(), [&] {
@@ -575,6 +576,36 @@ class ScriptModel : public CtcAcousticModel {
 };
 
 }  // namespace
+
+// The front end normalises every utterance to unit variance, so a segment of faint hiss reached
+// the model as loud as speech, and the model, which never heard noise alone, wrote words for it.
+bool NoSpeech(std::span<const int16_t> pcm) {
+  constexpr int64_t kFrame = 160, kWindow = 10;  // 10 ms frames, 100 ms windows
+  constexpr double kQuietLevel = 327.68 * 327.68;  // -40 dBFS as a mean square, full scale 32768
+  constexpr double kSteady = 3.98;                  // 6 dB as a ratio of mean squares
+  const int64_t frames = static_cast<int64_t>(pcm.size()) / kFrame;
+  if (frames < kWindow) return false;  // too short to tell: the model decides
+  std::vector<double> energy(static_cast<size_t>(frames));
+  for (int64_t f = 0; f < frames; ++f) {
+    double sum = 0, sq = 0;
+    for (int64_t i = f * kFrame; i < (f + 1) * kFrame; ++i) {
+      sum += pcm[static_cast<size_t>(i)];
+      sq += static_cast<double>(pcm[static_cast<size_t>(i)]) * pcm[static_cast<size_t>(i)];
+    }
+    const double mean = sum / kFrame;
+    energy[static_cast<size_t>(f)] = std::max(0.0, sq / kFrame - mean * mean);
+  }
+  double window = 0, loudest = 0, quietest = 0;
+  for (int64_t f = 0; f < frames; ++f) {
+    window += energy[static_cast<size_t>(f)];
+    if (f >= kWindow) window -= energy[static_cast<size_t>(f - kWindow)];
+    if (f + 1 < kWindow) continue;
+    const double w = window / kWindow;
+    loudest = f + 1 == kWindow ? w : std::max(loudest, w);
+    quietest = f + 1 == kWindow ? w : std::min(quietest, w);
+  }
+  return loudest < kQuietLevel && loudest <= kSteady * quietest;
+}
 
 Status LoadAcousticModel(const std::string& path, const std::string& name, const AcousticModelOptions& options,
                          std::unique_ptr<AcousticModel>* out) {

@@ -49,14 +49,20 @@ class AcousticModel {
   virtual ~AcousticModel() = default;
   // Transcribes each utterance (16 kHz mono PCM). Utterances are sorted by length and run in
   // device micro-batches of at most max_batch_frames padded frames; the results are in input
-  // order and do not depend on how the inputs were batched. An empty utterance gives an empty
-  // hypothesis. Errors: IOError for a libtorch failure (with its message).
+  // order and do not depend on how the inputs were batched. An empty utterance, and one without
+  // speech (NoSpeech), gives an empty hypothesis. Errors: IOError for a libtorch failure (with
+  // its message).
   virtual Status Transcribe(const std::vector<std::span<const int16_t>>& utterances,
                             std::vector<Hypothesis>* out) = 0;
   // "name" as given to Load (file stem unless set).
   virtual const std::string& name() const = 0;
   virtual std::string device() const = 0;
 };
+
+// True when 16 kHz audio holds no speech to speak of: no 100 ms stretch of it is above -40 dBFS
+// or more than 6 dB above its quietest stretch (faint steady hiss or hum, digital silence).
+// Audio under 100 ms: false (the model decides).
+bool NoSpeech(std::span<const int16_t> pcm);
 
 // Loads `path`: a project model file (config + weights) or, failing that, a TorchScript module
 // (which then needs options.vocabulary). Errors: Invalid for a file that is neither, NotFound
