@@ -135,6 +135,17 @@ TEST(CharLmTest, KnowsTheWordsOfItsSentences) {
   EXPECT_EQ(CharLm::Load(dir / "cut.lm", &back).code(), Status::Code::kCorruption);
 }
 
+// Text from a word processor writes "don’t" with U+2019: the lexicon learns "don't", not "don"
+// and "t".
+TEST(CharLmTest, TypographicApostrophesAreApostrophes) {
+  CharLm lm;
+  ASSERT_TRUE(CharLm::Build({"don\xE2\x80\x99t stop", "\xE2\x80\x98tis the season"}, kAlphabet, 3, &lm).ok());
+  EXPECT_TRUE(lm.HasWord(CharLm::WordHash("don't")));
+  EXPECT_TRUE(lm.HasWord(CharLm::WordHash("'tis")));
+  EXPECT_FALSE(lm.HasWord(CharLm::WordHash("don")));
+  EXPECT_FALSE(lm.HasWord(CharLm::WordHash("t")));
+}
+
 TEST(CharLmTest, BadBuildArguments) {
   CharLm lm;
   EXPECT_EQ(CharLm::Build(Corpus(), kAlphabet, 0, &lm).code(), Status::Code::kInvalid);

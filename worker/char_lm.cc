@@ -99,7 +99,14 @@ Status CharLm::Build(const std::vector<std::string>& sentences, const std::strin
   const int bos = static_cast<int>(alphabet.size()) + 1, eos = bos + 1;
   std::vector<int> seq;
   size_t used = 0;
-  for (const std::string& s : sentences) {
+  for (const std::string& sentence : sentences) {
+    // Typographic apostrophes (U+2018, U+2019: "don’t" as word processors write it) are the
+    // apostrophe; left as they are, their bytes split the word ("don t") and the lexicon learnt
+    // "don" and "t".
+    std::string s = sentence;
+    for (const char* curly : {"\xE2\x80\x98", "\xE2\x80\x99"}) {
+      for (size_t at = s.find(curly); at != std::string::npos; at = s.find(curly, at + 1)) s.replace(at, 3, "'");
+    }
     seq.assign(static_cast<size_t>(order - 1), bos);
     for (char raw : s) {
       char c = static_cast<char>(std::tolower(static_cast<unsigned char>(raw)));
