@@ -38,6 +38,14 @@
 namespace asrf::testing {
 namespace {
 
+// Audio for models that ignore what they hear (pattern models): loud enough not to be taken for
+// silence, which the transcription path skips without running the model (NoSpeech).
+std::vector<int16_t> Audible(size_t n) {
+  std::vector<int16_t> x(n);
+  for (size_t i = 0; i < n; ++i) x[i] = static_cast<int16_t>(i % 2 ? 8000 : -8000);
+  return x;
+}
+
 // ---------------------------------------------------------------------------------------------
 // The CTC greedy reference's outputs for one batch, as vectors.
 struct Greedy {
@@ -288,7 +296,7 @@ def forward(self, features: Tensor, lengths: Tensor) -> Tuple[Tensor, Tensor]:
   const std::vector<int64_t> outs = {P, 61, 1};
   std::vector<std::vector<int16_t>> pcm;
   std::vector<std::span<const int16_t>> spans;
-  for (int64_t out : outs) pcm.emplace_back(kFrameLength + (2 * out - 1) * kHop, 100);
+  for (int64_t out : outs) pcm.push_back(Audible(static_cast<size_t>(kFrameLength + (2 * out - 1) * kHop)));
   for (const auto& p : pcm) spans.emplace_back(p);
   std::vector<Hypothesis> hyps;
   st = model->Transcribe(spans, &hyps);
