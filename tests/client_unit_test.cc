@@ -35,23 +35,29 @@ constexpr double kPi = std::numbers::pi;
 // ---------------------------------------------------------------------------------------------
 // Decoding
 
-// Writes `seconds` of a sine at `freq` Hz, channel c with amplitude amps[c] (full scale 1.0).
-void WriteSine(const std::string& path, int format, int rate, double seconds, double freq,
-               const std::vector<double>& amps) {
+// Writes interleaved float samples (full scale 1.0) in `format`.
+void WriteFloats(const std::string& path, int format, int rate, int channels, const std::vector<float>& buf) {
   SF_INFO info{};
   info.samplerate = rate;
-  info.channels = static_cast<int>(amps.size());
+  info.channels = channels;
   info.format = format;
   SNDFILE* f = sf_open(path.c_str(), SFM_WRITE, &info);
   ASSERT_NE(f, nullptr) << path << ": " << sf_strerror(nullptr);
+  const sf_count_t frames = static_cast<sf_count_t>(buf.size()) / channels;
+  EXPECT_EQ(sf_writef_float(f, buf.data(), frames), frames);
+  sf_close(f);
+}
+
+// Writes `seconds` of a sine at `freq` Hz, channel c with amplitude amps[c] (full scale 1.0).
+void WriteSine(const std::string& path, int format, int rate, double seconds, double freq,
+               const std::vector<double>& amps) {
   const int64_t frames = static_cast<int64_t>(std::llround(seconds * rate));
   std::vector<float> buf(static_cast<size_t>(frames) * amps.size());
   for (int64_t i = 0; i < frames; ++i) {
     double s = std::sin(2 * kPi * freq * static_cast<double>(i) / rate);
     for (size_t c = 0; c < amps.size(); ++c) buf[i * amps.size() + c] = static_cast<float>(amps[c] * s);
   }
-  EXPECT_EQ(sf_writef_float(f, buf.data(), frames), frames);
-  sf_close(f);
+  WriteFloats(path, format, rate, static_cast<int>(amps.size()), buf);
 }
 
 // Least-squares fit of a*sin + b*cos at `freq` over pcm[b, e) at 16 kHz: the tone's amplitude and
@@ -162,15 +168,8 @@ TEST(DecodeAudio, Source16kIsNotResampled) {
 
 TEST(DecodeAudio, FloatSourceBeyondFullScaleIsClipped) {
   TempDir dir;
-  std::vector<float> in = {1.5f, -1.5f, 0.25f, -0.25f, 0.0f, 1.0f, -1.0f};
-  SF_INFO info{};
-  info.samplerate = 16000;
-  info.channels = 1;
-  info.format = SF_FORMAT_WAV | SF_FORMAT_FLOAT;
-  SNDFILE* f = sf_open((dir / "f.wav").c_str(), SFM_WRITE, &info);
-  ASSERT_NE(f, nullptr);
-  ASSERT_EQ(sf_writef_float(f, in.data(), static_cast<sf_count_t>(in.size())), static_cast<sf_count_t>(in.size()));
-  sf_close(f);
+  ASSERT_NO_FATAL_FAILURE(WriteFloats(dir / "f.wav", SF_FORMAT_WAV | SF_FORMAT_FLOAT, 16000, 1,
+                                      {1.5f, -1.5f, 0.25f, -0.25f, 0.0f, 1.0f, -1.0f}));
   DecodedAudio a;
   Status st = DecodeAudio16k(dir / "f.wav", &a);
   ASSERT_TRUE(st.ok()) << st.ToString();
@@ -185,14 +184,7 @@ TEST(DecodeAudio, ANanInAFileToResampleSilencesOnlyItself) {
   std::vector<float> in(44100);
   for (size_t i = 0; i < in.size(); ++i) in[i] = 0.5f * std::sin(2 * kPi * 440 * i / 44100.0);
   in[22050] = std::nanf("");
-  SF_INFO info{};
-  info.samplerate = 44100;
-  info.channels = 1;
-  info.format = SF_FORMAT_WAV | SF_FORMAT_FLOAT;
-  SNDFILE* f = sf_open((dir / "nan.wav").c_str(), SFM_WRITE, &info);
-  ASSERT_NE(f, nullptr);
-  ASSERT_EQ(sf_writef_float(f, in.data(), static_cast<sf_count_t>(in.size())), static_cast<sf_count_t>(in.size()));
-  sf_close(f);
+  ASSERT_NO_FATAL_FAILURE(WriteFloats(dir / "nan.wav", SF_FORMAT_WAV | SF_FORMAT_FLOAT, 44100, 1, in));
   DecodedAudio a;
   Status st = DecodeAudio16k(dir / "nan.wav", &a);
   ASSERT_TRUE(st.ok()) << st.ToString();

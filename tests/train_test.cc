@@ -8,6 +8,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -22,12 +23,13 @@ namespace {
 
 using json = nlohmann::json;
 
-// A copy of `manifest` whose audio is at 48 kHz in two channels (each 16 kHz file upsampled 3x by
-// linear interpolation; the right channel at half the left's level), written under `dir`.
-std::string Manifest48kStereo(const std::string& manifest, const std::string& dir) {
+// A copy of `manifest` (16 kHz mono audio) under `dir`, each file re-encoded: `convert` gets its
+// samples as floats in [-1, 1) and sets the copy's frames (interleaved), rate, channels and format.
+using Reencode = std::function<void(const std::vector<float>& in, std::vector<float>* out, SF_INFO* info)>;
+std::string CopyManifest(const std::string& manifest, const std::string& dir, const Reencode& convert) {
   std::filesystem::create_directories(dir);
   std::ifstream in(manifest);
-  std::string out_path = dir + "/manifest48k.jsonl";
+  std::string out_path = dir + "/manifest.jsonl";
   std::ofstream out(out_path);
   std::string line;
   int n = 0;
@@ -36,26 +38,15 @@ std::string Manifest48kStereo(const std::string& manifest, const std::string& di
     SF_INFO info{};
     SNDFILE* f = sf_open(j["audio"].get<std::string>().c_str(), SFM_READ, &info);
     if (!f || info.samplerate != 16000 || info.channels != 1) return "";
-    std::vector<short> x(static_cast<size_t>(info.frames));
-    sf_read_short(f, x.data(), info.frames);
+    std::vector<float> x(static_cast<size_t>(info.frames)), y;
+    sf_readf_float(f, x.data(), info.frames);
     sf_close(f);
-    std::vector<short> y;
-    for (size_t i = 0; i < x.size(); ++i) {
-      double next = i + 1 < x.size() ? x[i + 1] : x[i];
-      for (int k = 0; k < 3; ++k) {
-        short v = static_cast<short>(std::lround(x[i] + (next - x[i]) * k / 3.0));
-        y.push_back(v);
-        y.push_back(static_cast<short>(v / 2));
-      }
-    }
     SF_INFO oi{};
-    oi.samplerate = 48000;
-    oi.channels = 2;
-    oi.format = SF_FORMAT_WAV | SF_FORMAT_PCM_16;
+    convert(x, &y, &oi);
     std::string path = dir + "/" + std::to_string(n++) + ".wav";
     SNDFILE* o = sf_open(path.c_str(), SFM_WRITE, &oi);
     if (!o) return "";
-    sf_writef_short(o, y.data(), static_cast<sf_count_t>(y.size() / 2));
+    sf_writef_float(o, y.data(), static_cast<sf_count_t>(y.size() / oi.channels));
     sf_close(o);
     j["audio"] = path;
     out << j.dump() << "\n";
@@ -63,35 +54,28 @@ std::string Manifest48kStereo(const std::string& manifest, const std::string& di
   return out_path;
 }
 
-// A copy of `manifest` whose audio is 32-bit float WAV at the same 16 kHz, written under `dir`.
+// At 48 kHz in two channels, 16-bit (upsampled 3x by linear interpolation; the right channel at
+// half the left's level).
+std::string Manifest48kStereo(const std::string& manifest, const std::string& dir) {
+  return CopyManifest(manifest, dir, [](const std::vector<float>& x, std::vector<float>* y, SF_INFO* info) {
+    for (size_t i = 0; i < x.size(); ++i) {
+      float next = i + 1 < x.size() ? x[i + 1] : x[i];
+      for (int k = 0; k < 3; ++k) {
+        float v = x[i] + (next - x[i]) * static_cast<float>(k) / 3.0f;
+        y->push_back(v);
+        y->push_back(v / 2);
+      }
+    }
+    *info = SF_INFO{0, 48000, 2, SF_FORMAT_WAV | SF_FORMAT_PCM_16, 0, 0};
+  });
+}
+
+// The same samples as 32-bit float WAV at 16 kHz.
 std::string ManifestFloat(const std::string& manifest, const std::string& dir) {
-  std::filesystem::create_directories(dir);
-  std::ifstream in(manifest);
-  std::string out_path = dir + "/manifest-float.jsonl";
-  std::ofstream out(out_path);
-  std::string line;
-  int n = 0;
-  while (std::getline(in, line)) {
-    json j = json::parse(line);
-    SF_INFO info{};
-    SNDFILE* f = sf_open(j["audio"].get<std::string>().c_str(), SFM_READ, &info);
-    if (!f || info.samplerate != 16000 || info.channels != 1) return "";
-    std::vector<float> x(static_cast<size_t>(info.frames));
-    sf_readf_float(f, x.data(), info.frames);
-    sf_close(f);
-    SF_INFO oi{};
-    oi.samplerate = 16000;
-    oi.channels = 1;
-    oi.format = SF_FORMAT_WAV | SF_FORMAT_FLOAT;
-    std::string path = dir + "/" + std::to_string(n++) + ".wav";
-    SNDFILE* o = sf_open(path.c_str(), SFM_WRITE, &oi);
-    if (!o) return "";
-    sf_writef_float(o, x.data(), static_cast<sf_count_t>(x.size()));
-    sf_close(o);
-    j["audio"] = path;
-    out << j.dump() << "\n";
-  }
-  return out_path;
+  return CopyManifest(manifest, dir, [](const std::vector<float>& x, std::vector<float>* y, SF_INFO* info) {
+    *y = x;
+    *info = SF_INFO{0, 16000, 1, SF_FORMAT_WAV | SF_FORMAT_FLOAT, 0, 0};
+  });
 }
 
 // Tiny data shared by the tests of this file (synthesised once).
