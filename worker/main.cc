@@ -117,6 +117,7 @@ int main(int argc, char** argv) {
   }
   std::string path = vm["model-file"].as<std::string>();
   std::string registry_name = vm["model"].as<std::string>();
+  std::string sha;  // the model file's SHA-256, named in every transcription result
   if (!registry_name.empty()) {
     if (!path.empty()) {
       std::cerr << "asr-worker: give --model NAME or --model-file PATH, not both\n";
@@ -126,7 +127,7 @@ int main(int argc, char** argv) {
       std::cerr << "asr-worker: --model: " << st.message() << "\n";
       return 2;
     }
-    if (Status st = FetchRegistryModel(o.pg, registry_name, o.state_dir + "/models", &path); !st.ok()) {
+    if (Status st = FetchRegistryModel(o.pg, registry_name, o.state_dir + "/models", &path, &sha); !st.ok()) {
       std::cerr << "asr-worker: --model " << registry_name << ": " << st.message() << "\n";
       return st.code() == Status::Code::kNotFound ? 2 : 1;
     }
@@ -163,9 +164,11 @@ int main(int argc, char** argv) {
                 << path << (registry_name.empty() ? "" : ")") << ": " << st.message() << "\n";
       return 2;
     }
-    std::ifstream in(path, std::ios::binary);
-    std::string bytes((std::istreambuf_iterator<char>(in)), {});
-    std::string sha = in.bad() || bytes.empty() ? std::string() : Sha256Hex(bytes);  // loaded, so readable
+    if (sha.empty()) {  // --model-file; a registry copy's was verified on fetching
+      std::ifstream in(path, std::ios::binary);
+      std::string bytes((std::istreambuf_iterator<char>(in)), {});
+      if (!in.bad() && !bytes.empty()) sha = Sha256Hex(bytes);
+    }
     LogInfo("model_loaded").Kv("model", name).Kv("file", path).Kv("sha256", sha).Kv("device", model->device())
         .Kv("decoding", lm.empty() ? "greedy" : "beam search with " + lm);
     RegisterTranscribeKind(std::shared_ptr<AcousticModel>(std::move(model)), &registry, sha);

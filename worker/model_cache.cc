@@ -38,17 +38,25 @@ Status WriteAtomically(const std::string& path, const std::string& bytes) {
   return ec ? Status::IOError("cannot rename " + tmp + ": " + ec.message()) : Status::Ok();
 }
 
+// Cache file names of `name`: NAME.vN.EXT, N captured.
+std::regex VersionPattern(const std::string& name, const std::string& ext) {
+  return std::regex(std::regex_replace(name, std::regex(R"([.^$|()\[\]{}*+?\\])"), R"(\$&)") + R"(\.v(\d+)\.)" +
+                    ext);
+}
+
 // Older cached versions of `name` than `version` go: every import would otherwise leave one more
 // copy of tens of MB. Only cache entries (a .pt with its .sha256 beside it): a model a training
 // job wrote to the same folder under a name like "NAME.v1" has no .sha256 and stays.
 void EvictOlder(const std::string& cache_dir, const std::string& name, int64_t version) {
-  std::regex re(std::regex_replace(name, std::regex(R"([.^$|()\[\]{}*+?\\])"), R"(\$&)") + R"(\.v(\d{1,9})\.sha256)");
+  std::regex re = VersionPattern(name, "sha256");
   std::error_code ec;
   std::vector<fs::path> old;
   for (const auto& e : fs::directory_iterator(cache_dir, ec)) {
     std::smatch m;
     std::string fname = e.path().filename().string();
-    if (std::regex_match(fname, m, re) && std::stoll(m[1].str()) < version) old.push_back(e.path());
+    if (std::regex_match(fname, m, re) && m[1].length() <= 9 && std::stoll(m[1].str()) < version) {
+      old.push_back(e.path());
+    }
   }
   for (const auto& sha : old) {
     fs::path pt = sha;
@@ -62,7 +70,7 @@ void EvictOlder(const std::string& cache_dir, const std::string& name, int64_t v
 }  // namespace
 
 Status FetchRegistryModel(const std::string& conninfo, const std::string& name, const std::string& cache_dir,
-                          std::string* path) {
+                          std::string* path, std::string* sha256) {
   std::error_code ec;
   fs::create_directories(cache_dir, ec);
   if (ec) return Status::IOError("cannot create " + cache_dir + ": " + ec.message());
@@ -78,6 +86,7 @@ Status FetchRegistryModel(const std::string& conninfo, const std::string& name, 
       std::string base = cache_dir + "/" + name + ".v" + version;
       if (Verified(base + ".pt", sha)) {
         *path = base + ".pt";
+        if (sha256) *sha256 = sha;
         LogInfo("model_cached").Kv("model", name).Kv("version", version).Kv("file", *path);
         EvictOlder(cache_dir, name, r.get_int(0, 0));
         return Status::Ok();
@@ -92,6 +101,7 @@ Status FetchRegistryModel(const std::string& conninfo, const std::string& name, 
         ASRF_RETURN_IF_ERROR(WriteAtomically(base + ".sha256", sha + "\n"));
         ASRF_RETURN_IF_ERROR(WriteAtomically(base + ".pt", bytes));
         *path = base + ".pt";
+        if (sha256) *sha256 = sha;
         LogInfo("model_fetched").Kv("model", name).Kv("version", version).Kv("bytes", static_cast<uint64_t>(bytes.size()));
         EvictOlder(cache_dir, name, r.get_int(0, 0));
         return Status::Ok();
@@ -99,7 +109,7 @@ Status FetchRegistryModel(const std::string& conninfo, const std::string& name, 
     }
   }
   // PostgreSQL unreachable: the newest verified cached copy.
-  std::regex re(std::regex_replace(name, std::regex(R"([.^$|()\[\]{}*+?\\])"), R"(\$&)") + R"(\.v(\d+)\.pt)");
+  std::regex re = VersionPattern(name, "pt");
   int best = -1;
   for (const auto& e : fs::directory_iterator(cache_dir, ec)) {
     std::smatch m;
@@ -113,6 +123,7 @@ Status FetchRegistryModel(const std::string& conninfo, const std::string& name, 
     if (v > best && Verified(base + ".pt", sha)) {
       best = v;
       *path = base + ".pt";
+      if (sha256) *sha256 = sha;
     }
   }
   if (best >= 0) {

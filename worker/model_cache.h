@@ -13,8 +13,8 @@ namespace asrf {
 // newest version (a cached copy is used when its checksum matches, else it is fetched again).
 // Without: the newest cached version whose checksum still matches, if any. Errors: NotFound (no
 // such model), Unavailable (PostgreSQL unreachable and nothing cached), Corruption (bytes that do
-// not match their checksum).
+// not match their checksum). *sha256, when given, is set to the copy's checksum (verified).
 Status FetchRegistryModel(const std::string& conninfo, const std::string& name, const std::string& cache_dir,
-                          std::string* path);
+                          std::string* path, std::string* sha256 = nullptr);
 
 }  // namespace asrf
