@@ -1,9 +1,11 @@
 // Training-time augmentation (worker/augment.h): a speed change moves a tone's frequency and the
 // length by the factor; a mel-axis warp by alpha moves a tone's peak to where alpha times its
 // frequency peaks; alpha 1 changes nothing; low-pass, noise and reverberation do what their
-// parameters say; out-of-range settings are refused in a train payload.
+// parameters say; background without speech is of many kinds at a plausible level; out-of-range
+// settings are refused in a train payload.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -151,6 +153,46 @@ TEST(AugmentTest, AddNoiseMeetsTheSnrAndItsColour) {
   EXPECT_EQ(silence, std::vector<float>(100, 0.0f));
 }
 
+// Background without speech: every draw sits at -50 to -10 dBFS and is finite; the same generator
+// state gives the same samples; over many draws there is hiss (much power above 4 kHz), rumble
+// and hum (nearly all of it below 500 Hz), and hum alone (most power in 50 or 60 Hz harmonics).
+TEST(AugmentTest, NonSpeechIsBackgroundOfManyKindsAtAPlausibleLevel) {
+  const size_t n = 32000;  // 2 s: frequency bin k is k / 2 Hz
+  int hiss = 0, low = 0, hum = 0;
+  for (uint64_t seed = 1; seed <= 80; ++seed) {
+    std::mt19937_64 rng(seed), again(seed);
+    std::vector<float> x(n), y(n);
+    NonSpeech(x.data(), n, rng);
+    NonSpeech(y.data(), n, again);
+    ASSERT_EQ(x, y);
+    double e = 0;
+    for (float v : x) {
+      ASSERT_TRUE(std::isfinite(v));
+      e += static_cast<double>(v) * v;
+    }
+    const double dbfs = 10 * std::log10(e / n);
+    EXPECT_GE(dbfs, -50.01) << "seed " << seed;
+    EXPECT_LE(dbfs, -9.99) << "seed " << seed;
+    for (float v : x) ASSERT_LE(std::fabs(v), 1.0f);
+    torch::Tensor spec = torch::fft::rfft(torch::tensor(x)).abs().pow(2);
+    const double total = spec.sum().item<double>();
+    hiss += spec.narrow(0, 8000, spec.size(0) - 8000).sum().item<double>() / total > 0.3;
+    low += spec.narrow(0, 0, 1000).sum().item<double>() / total > 0.9;
+    double mains = 0;  // the larger of the two grids' harmonics (300 Hz is on both)
+    for (int f : {50, 60}) {
+      double grid = 0;
+      for (int h = 1; h <= 8; ++h) grid += spec.narrow(0, 2 * f * h - 2, 5).sum().item<double>();
+      mains = std::max(mains, grid);
+    }
+    hum += mains / total > 0.5;
+  }
+  EXPECT_GT(hiss, 5);
+  EXPECT_GT(low, 5);
+  EXPECT_GT(hum, 3);
+  std::mt19937_64 rng(1);
+  NonSpeech(nullptr, 0, rng);  // nothing to write
+}
+
 // Reverberation: a click comes out as the direct sound followed by a tail that holds the asked
 // direct-to-reverberant ratio and decays by 60 dB over rt60, then silence; the level is kept;
 // rt60 0 changes nothing.
@@ -237,6 +279,14 @@ TEST(AugmentTest, TrainPayloadRefusesOutOfRangeAugmentation) {
   EXPECT_DOUBLE_EQ(back.noise, 0.6);
   EXPECT_EQ(TrainSpec::FromJson(base + R"(, "reverb": 1.01})", &s).code(), Status::Code::kInvalid);
   EXPECT_EQ(TrainSpec::FromJson(base + R"(, "noise": -0.5})", &s).code(), Status::Code::kInvalid);
+  // Background-only share: off by default, at most half, round-trips.
+  EXPECT_TRUE(TrainSpec::FromJson(base + "}", &s).ok());
+  EXPECT_DOUBLE_EQ(s.nonspeech, 0.0);
+  EXPECT_TRUE(TrainSpec::FromJson(base + R"(, "nonspeech": 0.05})", &s).ok());
+  ASSERT_TRUE(TrainSpec::FromJson(s.ToJson(), &back).ok());
+  EXPECT_DOUBLE_EQ(back.nonspeech, 0.05);
+  EXPECT_EQ(TrainSpec::FromJson(base + R"(, "nonspeech": 0.6})", &s).code(), Status::Code::kInvalid);
+  EXPECT_EQ(TrainSpec::FromJson(base + R"(, "nonspeech": -0.1})", &s).code(), Status::Code::kInvalid);
 }
 
 }  // namespace

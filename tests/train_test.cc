@@ -237,9 +237,10 @@ TEST_F(TrainTest, KilledWorkerIsReplacedAndTrainingResumesFromTheCheckpoint) {
   BrokerProc b = StartBroker(tmp_ / "broker", tmp_ / "broker.log", kFastHeartbeats);
   Proc w1 = StartWorker(b.endpoint, tmp_ / "w", tmp_ / "w1.log", With(kFastHeartbeats, {"--threads", "2"}));
   std::vector<std::string> args = TrainArgs("resume", 400, 10);
-  // A model with a residual block, trained on partly low-passed, reverberated and noisy audio,
-  // resumes like any other.
-  args.insert(args.end(), {"--residual", "1", "--lowpass", "0.5", "--reverb", "0.5", "--noise", "0.5"});
+  // A model with a residual block, trained on partly low-passed, reverberated and noisy audio and
+  // on background without speech (empty transcripts), resumes like any other.
+  args.insert(args.end(), {"--residual", "1", "--lowpass", "0.5", "--reverb", "0.5", "--noise", "0.5",
+                           "--nonspeech", "0.5"});
   RunResult sub = Submit(b.endpoint, args);
   ASSERT_EQ(sub.code, 0) << sub.err;
   // Past the second checkpoint, then SIGKILL.
@@ -282,6 +283,9 @@ TEST_F(TrainTest, KilledWorkerIsReplacedAndTrainingResumesFromTheCheckpoint) {
       },
       60000));
   EXPECT_LT(loss_after, loss_before * 1.5 + 0.5) << "loss jumped back up after resuming";
+  // Empty transcripts give a finite loss: no step was skipped.
+  for (const char* log : {"w1.log", "w2.log"})
+    EXPECT_EQ(ReadFile(tmp_ / log).find("train_step_skipped"), std::string::npos) << ReadFile(tmp_ / log);
   // Stop it: SIGTERM makes the worker checkpoint and give the job back without an attempt.
   w2.Signal(SIGTERM);
   EXPECT_EQ(w2.Wait(60000), 0);

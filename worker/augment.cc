@@ -119,6 +119,58 @@ void Reverberate(float* samples, size_t n, double rt60, double drr_db, std::mt19
   for (size_t i = 0; i < n; ++i) samples[i] = static_cast<float>(w[i] * k);
 }
 
+void NonSpeech(float* out, size_t n, std::mt19937_64& rng) {
+  if (n == 0) return;
+  std::uniform_real_distribution<double> u(0.0, 1.0);
+  std::normal_distribution<double> gauss(0.0, 1.0);
+  const double colour = 0.99 * u(rng);
+  // 0: noise alone, 1: noise and hum, 2: hum alone (a little hiss under it).
+  const double kind_draw = u(rng);
+  const int kind = kind_draw < 0.67 ? 0 : kind_draw < 0.87 ? 1 : 2;
+  const bool swell = u(rng) < 0.33;
+  const double mains = u(rng) < 0.5 ? 50.0 : 60.0;
+  constexpr int kHarmonics = 8;
+  double amp[kHarmonics], phase[kHarmonics];
+  for (int h = 0; h < kHarmonics; ++h) {
+    amp[h] = u(rng) / (h + 1);
+    phase[h] = 2 * M_PI * u(rng);
+  }
+  const double hum_to_noise = kind == 2 ? 30.0 : -10.0 + 20.0 * u(rng);  // dB, hum's power over the noise's
+  const double swell_hz = 0.3 + 3.7 * u(rng), swell_phase = 2 * M_PI * u(rng), swell_depth = 0.3 + 0.6 * u(rng);
+  const double level_db = -50.0 + 40.0 * u(rng);
+  std::vector<double> noise(n), hum(n, 0.0);
+  double state = 0;
+  for (size_t i = 0; i < n; ++i) {
+    state = colour * state + gauss(rng);
+    noise[i] = state;
+  }
+  if (kind > 0) {
+    for (size_t i = 0; i < n; ++i) {
+      const double t = static_cast<double>(i) / kSampleRate;
+      for (int h = 0; h < kHarmonics; ++h) hum[i] += amp[h] * std::sin(2 * M_PI * mains * (h + 1) * t + phase[h]);
+    }
+  }
+  auto power = [n](const std::vector<double>& v) {
+    double e = 0;
+    for (double x : v) e += x * x;
+    return e / static_cast<double>(n);
+  };
+  const double pn = power(noise), ph = power(hum);
+  const double hum_gain = kind > 0 && ph > 0 && pn > 0 ? std::sqrt(pn / ph * std::pow(10.0, hum_to_noise / 10.0)) : 0.0;
+  std::vector<double> mix(n);
+  for (size_t i = 0; i < n; ++i) {
+    double v = noise[i] + hum_gain * hum[i];
+    if (swell) {
+      const double t = static_cast<double>(i) / kSampleRate;
+      v *= 1.0 - swell_depth * 0.5 * (1.0 + std::sin(2 * M_PI * swell_hz * t + swell_phase));
+    }
+    mix[i] = v;
+  }
+  const double pm = power(mix);
+  const double k = pm > 0 ? std::pow(10.0, level_db / 20.0) / std::sqrt(pm) : 0.0;
+  for (size_t i = 0; i < n; ++i) out[i] = static_cast<float>(std::clamp(mix[i] * k, -1.0, 1.0));  // as recorded
+}
+
 void WarpMelAxis(torch::Tensor features, double alpha) {
   auto mel = [](double f) { return 2595.0 * std::log10(1.0 + f / 700.0); };
   auto hz = [](double m) { return 700.0 * (std::pow(10.0, m / 2595.0) - 1.0); };

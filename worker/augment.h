@@ -36,6 +36,14 @@ void AddNoise(float* samples, size_t n, double snr_db, double colour, std::mt199
 // the samples as they are.
 void Reverberate(float* samples, size_t n, double rt60, double drr_db, std::mt19937_64& rng);
 
+// Writes `n` samples (16 kHz) of background without speech, drawn from `rng`: Gaussian noise
+// coloured by a one-pole low-pass (coefficient in [0, 0.99], white hiss to rumble), with mains hum
+// (50 or 60 Hz and its harmonics) mixed in or alone in about a third of calls, and a slow swell of
+// the level (0.3-4 Hz) in about a third; scaled to a mean level of -50 to -10 dBFS (peaks clipped
+// at full scale, as a recorder would). What a training
+// utterance with an empty transcript is made of, so the model learns to write nothing for it.
+void NonSpeech(float* out, size_t n, std::mt19937_64& rng);
+
 // Stretches one utterance's features [T, 80] (schema/features.md) by `alpha` on the frequency
 // axis: the value at mel bin m becomes the value at the bin whose centre frequency is
 // centre(m) / alpha (interpolated), so a formant at f moves to alpha * f. Beyond the top bin the

@@ -72,6 +72,7 @@ Status TrainSpec::FromJson(const std::string& text, TrainSpec* out) {
     s.lowpass = j.value("lowpass", s.lowpass);
     s.reverb = j.value("reverb", s.reverb);
     s.noise = j.value("noise", s.noise);
+    s.nonspeech = j.value("nonspeech", s.nonspeech);
     s.init = j.value("init", "");
     s.evaluate_only = j.value("evaluate_only", false);
     s.lm = j.value("lm", "");
@@ -105,10 +106,11 @@ Status TrainSpec::FromJson(const std::string& text, TrainSpec* out) {
       s.publish_every < 0 || !(s.adam_eps > 0) || s.beam < 1 || !std::isfinite(s.lm_weight) ||
       !std::isfinite(s.char_bonus) || !std::isfinite(s.oov_penalty) || !(s.speed_perturb >= 0 && s.speed_perturb < 0.5) ||
       !(s.vtlp >= 0 && s.vtlp < 0.5) || !(s.lowpass >= 0 && s.lowpass <= 1) ||
-      !(s.reverb >= 0 && s.reverb <= 1) || !(s.noise >= 0 && s.noise <= 1)) {
+      !(s.reverb >= 0 && s.reverb <= 1) || !(s.noise >= 0 && s.noise <= 1) || !(s.nonspeech >= 0 && s.nonspeech <= 0.5)) {
     return Status::Invalid(
         "malformed payload: steps, batch_seconds, lr, sizes and intervals must be positive; residual in [0, " +
-        std::to_string(kMaxResidualBlocks) + "]; speed_perturb and vtlp in [0, 0.5); lowpass, reverb and noise in [0, 1]");
+        std::to_string(kMaxResidualBlocks) +
+        "]; speed_perturb and vtlp in [0, 0.5); lowpass, reverb and noise in [0, 1]; nonspeech in [0, 0.5]");
   }
   *out = s;
   return Status::Ok();
@@ -120,7 +122,7 @@ std::string TrainSpec::ToJson() const {
             {"checkpoint_every", checkpoint_every}, {"keep", keep}, {"valid_every", valid_every},
             {"valid_max", valid_max}, {"seed", seed}, {"channels", channels}, {"hidden", hidden},
             {"layers", layers}, {"residual", residual}, {"dropout", dropout}, {"max_seconds", max_seconds},
-            {"spec_augment", spec_augment}, {"speed_perturb", speed_perturb}, {"vtlp", vtlp}, {"lowpass", lowpass}, {"reverb", reverb}, {"noise", noise}, {"init", init}, {"evaluate_only", evaluate_only},
+            {"spec_augment", spec_augment}, {"speed_perturb", speed_perturb}, {"vtlp", vtlp}, {"lowpass", lowpass}, {"reverb", reverb}, {"noise", noise}, {"nonspeech", nonspeech}, {"init", init}, {"evaluate_only", evaluate_only},
             {"lm", lm}, {"beam", beam}, {"lm_weight", lm_weight}, {"char_bonus", char_bonus},
             {"oov_penalty", oov_penalty},
             {"combine", combine}, {"publish_every", publish_every}, {"adam_eps", adam_eps}};
@@ -274,19 +276,24 @@ std::vector<size_t> EpochOrder(size_t n, uint64_t seed, int64_t epoch) {
   return order;
 }
 
-// How one batch's training audio is perturbed (TrainSpec's speed_perturb, lowpass, reverb, noise).
+// How one batch's training audio is perturbed (TrainSpec's speed_perturb, lowpass, reverb, noise,
+// nonspeech).
 struct AudioAugment {
-  double speed = 0, lowpass = 0, reverb = 0, noise = 0;
+  double speed = 0, lowpass = 0, reverb = 0, noise = 0, nonspeech = 0;
 };
 
 // Pads the utterances `idx` into [B, N] float PCM. With a generator (training) each utterance is
 // played at a speed drawn from [1 - speed, 1 + speed] and, each with its own probability, played
 // in a synthetic room, low-passed at a random cutoff of 3-7 kHz and given background noise
-// (worker/augment.h), in the order a recording meets them.
+// (worker/augment.h), in the order a recording meets them. A share `nonspeech` of them is
+// replaced by background without speech of the same length (before the room, low-pass and noise);
+// `silent` (when given) marks those with 1: their transcript is empty.
 void MakeBatchTensors(const std::vector<Utterance>& data, const std::vector<size_t>& idx, torch::Tensor* pcm,
-                      torch::Tensor* lengths, std::mt19937_64* rng = nullptr, const AudioAugment& aug = {}) {
+                      torch::Tensor* lengths, std::mt19937_64* rng = nullptr, const AudioAugment& aug = {},
+                      std::vector<char>* silent = nullptr) {
   std::vector<double> factor(idx.size(), 1.0), cutoff(idx.size(), 0.0), rt60(idx.size(), 0.0),
       drr(idx.size(), 0.0), snr(idx.size(), 0.0), colour(idx.size(), 0.0);  // 0 cutoff, rt60, snr: not applied
+  std::vector<char> background(idx.size(), 0);
   std::vector<size_t> len(idx.size());
   size_t longest = 0;
   auto chance = [&](double p) { return std::uniform_real_distribution<double>(0.0, 1.0)(*rng) < p; };
@@ -303,6 +310,7 @@ void MakeBatchTensors(const std::vector<Utterance>& data, const std::vector<size
       snr[b] = uniform(5.0, 30.0);
       colour[b] = uniform(0.0, 0.95);
     }
+    if (rng && aug.nonspeech > 0 && chance(aug.nonspeech)) background[b] = 1;
     len[b] = SpeedChangedLength(data[idx[b]].pcm.size(), factor[b]);
     longest = std::max(longest, len[b]);
   }
@@ -312,12 +320,16 @@ void MakeBatchTensors(const std::vector<Utterance>& data, const std::vector<size
   for (size_t b = 0; b < idx.size(); ++b) {
     const auto& s = data[idx[b]].pcm;
     float* u = p + b * longest;
-    SpeedChange(s.data(), s.size(), factor[b], u);
+    if (background[b])
+      NonSpeech(u, len[b], *rng);
+    else
+      SpeedChange(s.data(), s.size(), factor[b], u);
     if (rt60[b] > 0) Reverberate(u, len[b], rt60[b], drr[b], *rng);
     if (cutoff[b] > 0) LowPass(u, len[b], cutoff[b]);
     if (snr[b] > 0) AddNoise(u, len[b], snr[b], colour[b], *rng);
     (*lengths)[b] = static_cast<int64_t>(len[b]);
   }
+  if (silent) *silent = std::move(background);
 }
 
 // Vocal tract length perturbation: each utterance's mel axis stretched by a factor from
@@ -818,6 +830,13 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
   std::vector<size_t> order = EpochOrder(batches.size(), spec.seed, pos.epoch);
   int64_t t_start = MonoMs();
   double loss_avg = -1;
+  // The mean transcript length of the training data, in characters (for background-only batches).
+  double corpus_chars = 1;
+  if (!train.empty()) {
+    double chars = 0;
+    for (const Utterance& u : train) chars += static_cast<double>(u.ids.size());
+    corpus_chars = chars / static_cast<double>(train.size());
+  }
   int64_t skipped = 0;
   // `always_publish`: the worker is stopping and gives the job back; whichever worker takes it
   // next resumes from here, not from an older published checkpoint.
@@ -857,20 +876,35 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
       const std::vector<size_t>& idx = batches[order[k]];
       utterances += idx.size();
       torch::Tensor pcm, lengths, frames;
-      MakeBatchTensors(train, idx, &pcm, &lengths, &rng, {spec.speed_perturb, spec.lowpass, spec.reverb, spec.noise});
+      std::vector<char> silent;
+      MakeBatchTensors(train, idx, &pcm, &lengths, &rng,
+                       {spec.speed_perturb, spec.lowpass, spec.reverb, spec.noise, spec.nonspeech}, &silent);
       torch::Tensor feats = LogMel(pcm.to(device), lengths, &frames);
       if (spec.vtlp > 0) Vtlp(feats, rng, spec.vtlp);
       if (spec.spec_augment) SpecAugment(feats, frames, rng);
       std::vector<int64_t> targets, target_lengths;
-      for (size_t i : idx) {
-        targets.insert(targets.end(), train[i].ids.begin(), train[i].ids.end());
-        target_lengths.push_back(static_cast<int64_t>(train[i].ids.size()));
+      std::vector<double> per_char;  // what each utterance's loss is divided by
+      int64_t spoken = 0, spoken_chars = 0;
+      for (size_t b = 0; b < idx.size(); ++b) {
+        const std::vector<int64_t>& ids = train[idx[b]].ids;
+        if (!silent[b]) {
+          targets.insert(targets.end(), ids.begin(), ids.end());
+          ++spoken;
+          spoken_chars += static_cast<int64_t>(ids.size());
+        }
+        target_lengths.push_back(silent[b] ? 0 : static_cast<int64_t>(ids.size()));
       }
+      // Losses are per character. An empty transcript (background alone) weighs what an average
+      // transcript of its batch weighs (of the corpus, when the batch has none): its whole loss
+      // divided by that many characters.
+      const double typical =
+          spoken > 0 ? static_cast<double>(spoken_chars) / static_cast<double>(spoken) : corpus_chars;
+      for (int64_t n : target_lengths) per_char.push_back(n > 0 ? static_cast<double>(n) : std::max(typical, 1.0));
       auto [lp, out_frames] = model->forward(feats, frames);
       torch::Tensor tl = torch::tensor(target_lengths, torch::kInt64);
       torch::Tensor per = ctc(CtcModelImpl::ForCtc(lp, out_frames), torch::tensor(targets, torch::kInt64).to(device),
                               out_frames, tl);
-      torch::Tensor loss_sum = (per / tl.to(per.device(), per.dtype())).sum();
+      torch::Tensor loss_sum = (per / torch::tensor(per_char, torch::kFloat64).to(per.device(), per.dtype())).sum();
       double v = loss_sum.item<double>();
       if (!std::isfinite(v)) {
         local_finite = false;  // the step is skipped on every rank; no need to go on
