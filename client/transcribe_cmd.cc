@@ -262,7 +262,7 @@ int RunTranscribe(const GlobalOptions& g, const std::vector<std::string>& args) 
       ("format", po::value(&format_list)->default_value("txt,json"), "comma list of txt, json, srt, vtt, tsv")
       ("model", po::value(&model)->default_value(proto::kDefaultModel),
        "model name as workers advertise it; `default` takes each worker's own")
-      ("ext", po::value(&ext_list)->default_value("wav,flac,ogg,opus,mp3"),
+      ("ext", po::value(&ext_list)->default_value("wav,flac,ogg,oga,opus,mp3,aiff,aif"),
        "file extensions picked in folders (others are skipped and counted)")
       ("max-segment-s", po::value(&max_segment_s)->default_value(max_segment_s),
        "longest segment: longer files are split at quiet points (5..240)")

@@ -135,6 +135,16 @@ TEST_F(TranscribeTest, FolderToTranscriptsWithBadFilesLongFilesAndPostgres) {
     WritePcm(in + "/calls/stereo.flac", up, 44100, 2, SF_FORMAT_FLAC | SF_FORMAT_PCM_16);
     expected["calls/stereo"] = (*utts_)[8].text;
   }
+  // Two more as AIFF and as Ogg Vorbis named .oga: picked by the default --ext too.
+  {
+    int rate = 0;
+    std::vector<int16_t> pcm = ReadPcm((*utts_)[2].wav, &rate);
+    WritePcm(in + "/calls/u2-copy.aif", pcm, rate, 1, SF_FORMAT_AIFF | SF_FORMAT_PCM_16);
+    expected["calls/u2-copy"] = (*utts_)[2].text;
+    pcm = ReadPcm((*utts_)[3].wav, &rate);
+    WritePcm(in + "/calls/u3-copy.oga", pcm, rate, 1, SF_FORMAT_OGG | SF_FORMAT_VORBIS);
+    expected["calls/u3-copy"] = (*utts_)[3].text;
+  }
   // A long file: utterances 9..13 with 2 s of quiet between, split with --max-segment-s 6.
   std::string long_text;
   {
