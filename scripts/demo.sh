@@ -13,7 +13,7 @@
 #   scripts/demo.sh --stop   stop a fleet left running by --keep
 #
 # Environment:
-#   ASRF_STATE_DIR     state root (default: REPO/asrf-state): broker/, worker-N/, pg/, logs/, pids
+#   ASRF_STATE_DIR     state root (default: REPO/asrf-state): broker/, worker-cpuN/ or worker-gpuN/, pg/, logs/, pids
 #   ASRF_PORT          broker TCP port on 127.0.0.1 (default 5555)
 #   ASRF_DEMO_TIMEOUT  seconds the submission may take before giving up (default 300)
 #   ASRF_CPU_WORKERS   CPU workers when no GPU is visible (default 2)
@@ -23,7 +23,7 @@
 set -euo pipefail
 
 usage() {
-    sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 keep=0

@@ -4,14 +4,15 @@
 # with its own state dir and log; their PIDs are printed on stdout, one per line.
 #
 #   scripts/launch-workers.sh --broker ENDPOINT [--state-dir DIR] [--log-dir DIR] [--cpu-workers N]
-#                             [--model-file FILE] [--gpus LIST] [-- EXTRA WORKER OPTIONS]
+#                             [--model-file FILE] [--gpus LIST | --same-gpu N] [-- EXTRA WORKER OPTIONS]
 #
 #   --state-dir    root of the workers' state (worker-gpuN/ or worker-cpuN/ under it; default
 #                  $ASRF_STATE_DIR, else asrf-state)
 #   --log-dir      where worker logs go (default STATE/logs)
 #   --cpu-workers  CPU workers when no GPU is visible (default 2); each gets nproc/N threads
 #   --model-file   acoustic model every worker loads (default models/en-small.pt)
-#   --gpus         GPU indices to use (default: every GPU nvidia-smi lists, or CUDA_VISIBLE_DEVICES);
+#   --gpus         GPU indices to use (default: CUDA_VISIBLE_DEVICES when set, else every GPU
+#                  nvidia-smi lists);
 #                  "none": CPU workers even where GPUs are
 #   --same-gpu N   start N workers on GPU 0 instead (tests several processes on a one-GPU host)
 #
@@ -33,7 +34,7 @@ while (($#)); do
         --gpus) gpus="$2"; shift 2 ;;
         --same-gpu) same_gpu="$2"; shift 2 ;;
         --) shift; extra=("$@"); break ;;
-        -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "launch-workers: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done

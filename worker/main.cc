@@ -37,7 +37,7 @@ int main(int argc, char** argv) {
       ("pg", po::value(&o.pg)->default_value(""),
        "PostgreSQL conninfo (key=value or postgresql:// URI; PGHOST, PGPASSFILE... honoured; never a password "
        "here) for the result sink; empty: results go only to the broker")
-      ("threads", po::value<int>()->default_value(0), "threads for model work (training, inference); 0 = all cores")
+      ("threads", po::value<int>()->default_value(0), "threads for model work (training, inference); 0 = libtorch's own choice (normally one per core)")
       ("model-file", po::value<std::string>()->default_value(""),
        "acoustic model to load at start and keep resident for transcription: a project model file (config + "
        "weights) or a TorchScript CTC model (then --vocabulary); empty: this worker does not transcribe")
