@@ -58,10 +58,23 @@ int64_t FastFftSize(int64_t n) {
   }
 }
 
-double MeanPower(const float* samples, size_t n) {
+template <typename T>
+double MeanPower(const T* samples, size_t n) {
   double e = 0;
   for (size_t i = 0; i < n; ++i) e += static_cast<double>(samples[i]) * samples[i];
   return n > 0 ? e / static_cast<double>(n) : 0.0;
+}
+
+// `n` samples of Gaussian noise through a one-pole low-pass with coefficient `colour`.
+std::vector<double> ColouredNoise(size_t n, double colour, std::mt19937_64& rng) {
+  std::normal_distribution<double> gauss(0.0, 1.0);
+  std::vector<double> noise(n);
+  double state = 0;
+  for (size_t i = 0; i < n; ++i) {
+    state = colour * state + gauss(rng);
+    noise[i] = state;
+  }
+  return noise;
 }
 
 }  // namespace
@@ -69,16 +82,8 @@ double MeanPower(const float* samples, size_t n) {
 void AddNoise(float* samples, size_t n, double snr_db, double colour, std::mt19937_64& rng) {
   const double signal = MeanPower(samples, n);
   if (!(signal > 0) || !std::isfinite(snr_db)) return;
-  colour = std::clamp(colour, 0.0, 0.999);
-  std::normal_distribution<double> gauss(0.0, 1.0);
-  std::vector<double> noise(n);
-  double state = 0, power = 0;
-  for (size_t i = 0; i < n; ++i) {
-    state = colour * state + gauss(rng);
-    noise[i] = state;
-    power += state * state;
-  }
-  power /= static_cast<double>(n);
+  const std::vector<double> noise = ColouredNoise(n, std::clamp(colour, 0.0, 0.999), rng);
+  const double power = MeanPower(noise.data(), n);
   if (!(power > 0)) return;
   const double k = std::sqrt(signal / std::pow(10.0, snr_db / 10.0) / power);
   for (size_t i = 0; i < n; ++i) samples[i] = static_cast<float>(samples[i] + k * noise[i]);
@@ -122,7 +127,6 @@ void Reverberate(float* samples, size_t n, double rt60, double drr_db, std::mt19
 void NonSpeech(float* out, size_t n, std::mt19937_64& rng) {
   if (n == 0) return;
   std::uniform_real_distribution<double> u(0.0, 1.0);
-  std::normal_distribution<double> gauss(0.0, 1.0);
   const double colour = 0.99 * u(rng);
   // 0: noise alone, 1: noise and hum, 2: hum alone (a little hiss under it).
   const double kind_draw = u(rng);
@@ -138,35 +142,23 @@ void NonSpeech(float* out, size_t n, std::mt19937_64& rng) {
   const double hum_to_noise = kind == 2 ? 30.0 : -10.0 + 20.0 * u(rng);  // dB, hum's power over the noise's
   const double swell_hz = 0.3 + 3.7 * u(rng), swell_phase = 2 * M_PI * u(rng), swell_depth = 0.3 + 0.6 * u(rng);
   const double level_db = -50.0 + 40.0 * u(rng);
-  std::vector<double> noise(n), hum(n, 0.0);
-  double state = 0;
-  for (size_t i = 0; i < n; ++i) {
-    state = colour * state + gauss(rng);
-    noise[i] = state;
-  }
+  std::vector<double> mix = ColouredNoise(n, colour, rng), hum(n, 0.0);
   if (kind > 0) {
     for (size_t i = 0; i < n; ++i) {
       const double t = static_cast<double>(i) / kSampleRate;
       for (int h = 0; h < kHarmonics; ++h) hum[i] += amp[h] * std::sin(2 * M_PI * mains * (h + 1) * t + phase[h]);
     }
   }
-  auto power = [n](const std::vector<double>& v) {
-    double e = 0;
-    for (double x : v) e += x * x;
-    return e / static_cast<double>(n);
-  };
-  const double pn = power(noise), ph = power(hum);
+  const double pn = MeanPower(mix.data(), n), ph = MeanPower(hum.data(), n);
   const double hum_gain = kind > 0 && ph > 0 && pn > 0 ? std::sqrt(pn / ph * std::pow(10.0, hum_to_noise / 10.0)) : 0.0;
-  std::vector<double> mix(n);
   for (size_t i = 0; i < n; ++i) {
-    double v = noise[i] + hum_gain * hum[i];
+    mix[i] += hum_gain * hum[i];
     if (swell) {
       const double t = static_cast<double>(i) / kSampleRate;
-      v *= 1.0 - swell_depth * 0.5 * (1.0 + std::sin(2 * M_PI * swell_hz * t + swell_phase));
+      mix[i] *= 1.0 - swell_depth * 0.5 * (1.0 + std::sin(2 * M_PI * swell_hz * t + swell_phase));
     }
-    mix[i] = v;
   }
-  const double pm = power(mix);
+  const double pm = MeanPower(mix.data(), n);
   const double k = pm > 0 ? std::pow(10.0, level_db / 20.0) / std::sqrt(pm) : 0.0;
   for (size_t i = 0; i < n; ++i) out[i] = static_cast<float>(std::clamp(mix[i] * k, -1.0, 1.0));  // as recorded
 }

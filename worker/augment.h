@@ -40,8 +40,8 @@ void Reverberate(float* samples, size_t n, double rt60, double drr_db, std::mt19
 // coloured by a one-pole low-pass (coefficient in [0, 0.99], white hiss to rumble), with mains hum
 // (50 or 60 Hz and its harmonics) mixed in or alone in about a third of calls, and a slow swell of
 // the level (0.3-4 Hz) in about a third; scaled to a mean level of -50 to -10 dBFS (peaks clipped
-// at full scale, as a recorder would). What a training
-// utterance with an empty transcript is made of, so the model learns to write nothing for it.
+// at full scale, as a recorder would). What a training utterance with an empty transcript is made
+// of, so the model learns to write nothing for it.
 void NonSpeech(float* out, size_t n, std::mt19937_64& rng);
 
 // Stretches one utterance's features [T, 80] (schema/features.md) by `alpha` on the frequency
