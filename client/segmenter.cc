@@ -87,4 +87,67 @@ std::vector<SegmentBounds> SplitAtQuietPoints(const int16_t* pcm, int64_t n, con
   return out;
 }
 
+std::vector<SegmentBounds> SplitAtPauses(const int16_t* pcm, int64_t n, const SegmenterOptions& opt) {
+  if (n <= 0 || pcm == nullptr) return {};
+  const int rate = opt.sample_rate > 0 ? opt.sample_rate : 16000;
+  const int64_t frame = std::max(1, rate / 100);
+  const int64_t frames = (n + frame - 1) / frame;
+  const double pause_s = std::isfinite(opt.pause_s) ? opt.pause_s : 0.0;
+  const int64_t pause_frames = static_cast<int64_t>(std::ceil(pause_s * 100));
+  const double min_seg_s = std::isfinite(opt.min_pause_segment_s) ? std::max(0.0, opt.min_pause_segment_s) : 1.0;
+  const int64_t min_seg = static_cast<int64_t>(std::ceil(min_seg_s * rate));
+
+  std::vector<int64_t> cuts;  // pause cuts, increasing, each leaving >= min_seg on both sides
+  if (pause_frames > 0 && frames >= 2 * pause_frames) {
+    const std::vector<double> prefix = FrameEnergyPrefix(pcm, n, frame);
+    // Energy in dB over 30 ms (one frame each side); 1 LSB^2 is the floor of digital silence.
+    std::vector<double> db(static_cast<size_t>(frames));
+    for (int64_t f = 0; f < frames; ++f) {
+      const int64_t b = std::max<int64_t>(0, f - 1), e = std::min(frames, f + 2);
+      db[f] = 10 * std::log10(std::max(1.0, (prefix[e] - prefix[b]) / static_cast<double>(e - b)));
+    }
+    std::vector<double> sorted = db;
+    auto pct = [&](double q) {
+      auto it = sorted.begin() + static_cast<int64_t>(q * static_cast<double>(frames - 1));
+      std::nth_element(sorted.begin(), it, sorted.end());
+      return *it;
+    };
+    const double floor_db = pct(0.10), speech_db = pct(0.95);
+    if (speech_db - floor_db >= 10) {
+      const double thr = floor_db + std::max(6.0, 0.3 * (speech_db - floor_db));
+      int64_t last = 0;  // the previous cut
+      for (int64_t f = 0; f < frames;) {
+        if (db[f] >= thr) {
+          ++f;
+          continue;
+        }
+        int64_t e = f;
+        while (e < frames && db[e] < thr) ++e;
+        // The smoothing spreads each loud stretch one frame into the quiet on both sides: a run
+        // of e - f quiet frames is a pause of about e - f + 2. A pause touching either end of
+        // the file is lead-in or tail, not a boundary.
+        if (e - f + 2 >= pause_frames && f > 0 && e < frames) {
+          const int64_t cut = ((f + e) / 2) * frame;
+          if (cut - last >= min_seg && n - cut >= min_seg) {
+            cuts.push_back(cut);
+            last = cut;
+          }
+        }
+        f = e;
+      }
+    }
+  }
+  cuts.push_back(n);
+
+  std::vector<SegmentBounds> out;
+  int64_t begin = 0;
+  for (int64_t end : cuts) {
+    for (const SegmentBounds& piece : SplitAtQuietPoints(pcm + begin, end - begin, opt)) {
+      out.push_back({begin + piece.begin, begin + piece.end});
+    }
+    begin = end;
+  }
+  return out;
+}
+
 }  // namespace asrf

@@ -15,6 +15,10 @@ struct SegmenterOptions {
   double max_s = 30.0;   // no segment is longer
   double min_s = 5.0;    // a cut is searched in [min_s, max_s] from the segment start
   int sample_rate = 16000;
+  // SplitAtPauses: a quiet stretch at least this long ends a segment (0: split only by length).
+  double pause_s = 0.3;
+  // SplitAtPauses: no pause cut leaves a segment shorter than this.
+  double min_pause_segment_s = 1.0;
 };
 
 // Covers [0, n) with consecutive segments (no gaps, no overlap), each at most max_s long. A file
@@ -23,5 +27,14 @@ struct SegmenterOptions {
 // window, and leaves at least min_s after it (when max_s >= 2 min_s), so no segment but a whole
 // short file is shorter than min_s.
 std::vector<SegmentBounds> SplitAtQuietPoints(const int16_t* pcm, int64_t n, const SegmenterOptions& opt);
+
+// Cuts at pauses first, then by length: every stretch of at least pause_s that is quiet relative
+// to the file's own levels ends a segment, cut at its middle (never leaving a segment shorter
+// than min_pause_segment_s), and any piece still longer than max_s is split by
+// SplitAtQuietPoints. Quiet is judged against the file: with its 10th and 95th percentiles of
+// 10 ms frame energy (DC removed, smoothed over 30 ms) as floor and speech level, a frame is quiet
+// below floor + max(6 dB, 30% of the range); a file whose range is under 10 dB (steady noise, or
+// speech without a pause) has no pauses. Same coverage guarantees as SplitAtQuietPoints.
+std::vector<SegmentBounds> SplitAtPauses(const int16_t* pcm, int64_t n, const SegmenterOptions& opt);
 
 }  // namespace asrf

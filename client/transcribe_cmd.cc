@@ -1,13 +1,15 @@
 // asr-submit transcribe / collect: audio files in, transcripts out, through the fleet.
 //
-// transcribe: walks the inputs, decodes each picked file to 16 kHz mono, splits it at quiet points,
-// submits the segments (kind "transcribe", PCM inside the SUBMIT) while keeping the audio
-// outstanding below --max-inflight-s, follows the batch (WATCH events carry each segment's result),
-// reassembles every file in segment order and writes one output per format. Files that cannot be
-// read are reported in the summary and make the exit non-zero; every other file still goes through.
+// transcribe: walks the inputs, decodes each picked file to 16 kHz mono, splits it at pauses (and
+// long stretches at quiet points), submits the segments (kind "transcribe", PCM inside the SUBMIT)
+// while keeping the audio outstanding below --max-inflight-s, follows the batch (WATCH events carry
+// each segment's result), reassembles every file in segment order and writes one output per
+// format. Files that cannot be read are reported in the summary and make the exit non-zero; every
+// other file still goes through.
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
@@ -253,7 +255,7 @@ const char* kTranscribeUsage =
 int RunTranscribe(const GlobalOptions& g, const std::vector<std::string>& args) {
   std::vector<std::string> inputs;
   std::string out_dir, format_list, model, ext_list, batch;
-  double max_segment_s = 30, max_inflight_s = 1800;
+  double max_segment_s = 30, max_inflight_s = 1800, pause_s = 0.3;
   int priority = 0;
   po::options_description desc("transcribe options");
   desc.add_options()
@@ -265,7 +267,9 @@ int RunTranscribe(const GlobalOptions& g, const std::vector<std::string>& args) 
       ("ext", po::value(&ext_list)->default_value("wav,flac,ogg,oga,opus,mp3,aiff,aif"),
        "file extensions picked in folders (others are skipped and counted)")
       ("max-segment-s", po::value(&max_segment_s)->default_value(max_segment_s),
-       "longest segment: longer files are split at quiet points (5..240)")
+       "longest segment: longer stretches are split at their quietest point (5..240)")
+      ("pause-s", po::value(&pause_s)->default_value(pause_s, "0.3"),
+       "a pause at least this long (quiet relative to the file's speech) ends a segment; 0: split only by length")
       ("max-inflight-s", po::value(&max_inflight_s)->default_value(max_inflight_s),
        "audio seconds submitted but not yet transcribed, at most (bounds the memory the batch holds)")
       ("priority", po::value(&priority)->default_value(0), "higher runs first")
@@ -287,6 +291,7 @@ int RunTranscribe(const GlobalOptions& g, const std::vector<std::string>& args) 
   std::set<std::string> exts;
   for (auto& e : SplitList(ext_list)) exts.insert(e[0] == '.' ? e.substr(1) : e);
   max_segment_s = std::clamp(max_segment_s, 5.0, 240.0);
+  pause_s = std::isfinite(pause_s) ? std::clamp(pause_s, 0.0, 10.0) : 0.3;
   max_inflight_s = std::max(max_inflight_s, max_segment_s);
   bool wait = vm["wait"].as<bool>();
 
@@ -458,7 +463,8 @@ int RunTranscribe(const GlobalOptions& g, const std::vector<std::string>& args) 
     SegmenterOptions so;
     so.max_s = max_segment_s;
     so.min_s = std::min(5.0, max_segment_s / 2);
-    std::vector<SegmentBounds> segs = SplitAtQuietPoints(audio.pcm.data(), static_cast<int64_t>(audio.pcm.size()), so);
+    so.pause_s = pause_s;
+    std::vector<SegmentBounds> segs = SplitAtPauses(audio.pcm.data(), static_cast<int64_t>(audio.pcm.size()), so);
     f.segments = static_cast<int>(segs.size());
     // One SUBMIT per ~8 MiB of audio; each with its own request id, so a resend is harmless.
     proto::Submit s;

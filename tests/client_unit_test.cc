@@ -394,6 +394,91 @@ TEST(Segmenter, ShortAndEmptyInputs) {
   EXPECT_TRUE(SplitAtQuietPoints(nullptr, 0, SegmenterOptions{}).empty());
 }
 
+TEST(Segmenter, EveryPauseEndsASegment) {
+  // Ten minutes of 1-8 s bursts with 0.3-1 s gaps: every gap is a cut, at its middle, and a
+  // 0.15 s dip inside a burst is not.
+  Synthetic s = BurstsAndGaps(600.0, 7);
+  const int64_t n = static_cast<int64_t>(s.pcm.size());
+  std::vector<Span> dips;
+  std::mt19937 rng(8);
+  std::normal_distribution<double> quiet(0, 20);
+  for (size_t i = 0; i + 1 < s.gaps.size(); ++i) {
+    const int64_t mid = (s.gaps[i].end + s.gaps[i + 1].begin) / 2, len = kTargetRate * 15 / 100;
+    if (s.gaps[i + 1].begin - s.gaps[i].end < 2 * kTargetRate) continue;  // bursts under 2 s keep no dip
+    for (int64_t k = mid; k < mid + len; ++k) s.pcm[k] = static_cast<int16_t>(quiet(rng));
+    dips.push_back({mid, mid + len});
+  }
+  ASSERT_GT(dips.size(), 20u);
+  SegmenterOptions opt;  // pause_s 0.3, min_pause_segment_s 1
+  std::vector<SegmentBounds> segs = SplitAtPauses(s.pcm.data(), n, opt);
+  ExpectCover(segs, n, opt.max_s);
+  // Every gap but the file's tail is cut (gaps of 0.3 s and a frame or two over, at 10 ms
+  // frames, may read as just under 0.3 s).
+  size_t inner_gaps = 0;
+  for (const Span& g : s.gaps) {
+    if (g.end >= n) continue;
+    ++inner_gaps;
+    const bool cut = std::any_of(segs.begin(), segs.end(), [&](const SegmentBounds& b) { return b.end > g.begin && b.end < g.end; });
+    EXPECT_TRUE(cut || g.end - g.begin < kTargetRate * 32 / 100)
+        << "no cut in the gap at " << g.begin / double(kTargetRate) << "-" << g.end / double(kTargetRate) << " s";
+  }
+  EXPECT_GE(segs.size(), inner_gaps * 95 / 100);
+  for (size_t i = 0; i + 1 < segs.size(); ++i) {
+    const int64_t cut = segs[i].end;
+    auto g = std::find_if(s.gaps.begin(), s.gaps.end(), [&](const Span& x) { return cut > x.begin && cut < x.end; });
+    ASSERT_NE(g, s.gaps.end()) << "cut " << i << " at " << cut / double(kTargetRate) << " s is not in a gap";
+    // The middle of the gap, to within the 30 ms the energy is smoothed over.
+    EXPECT_NEAR(cut, (g->begin + g->end) / 2, kTargetRate * 3 / 100) << "cut " << i;
+  }
+  // With pause_s 0 the file is split by length only, as SplitAtQuietPoints does.
+  opt.pause_s = 0;
+  std::vector<SegmentBounds> by_length = SplitAtPauses(s.pcm.data(), n, opt);
+  std::vector<SegmentBounds> quiet_points = SplitAtQuietPoints(s.pcm.data(), n, opt);
+  ASSERT_EQ(by_length.size(), quiet_points.size());
+  for (size_t i = 0; i < by_length.size(); ++i) EXPECT_EQ(by_length[i].end, quiet_points[i].end);
+}
+
+TEST(Segmenter, PausesUnderNoiseAndShortWordsAndNoPauses) {
+  std::mt19937 rng(11);
+  std::normal_distribution<double> unit(0, 1);
+  // Loud steady noise (speech 12 dB above it) with 0.5 s pauses every 2 s: cut under noise too.
+  std::vector<int16_t> pcm;
+  std::vector<Span> pauses;
+  for (int k = 0; k < 10; ++k) {
+    for (int i = 0; i < 2 * kTargetRate; ++i) pcm.push_back(static_cast<int16_t>(unit(rng) * 4000));
+    const int64_t p0 = static_cast<int64_t>(pcm.size());
+    for (int i = 0; i < kTargetRate / 2; ++i) pcm.push_back(static_cast<int16_t>(unit(rng) * 1000));
+    pauses.push_back({p0, static_cast<int64_t>(pcm.size())});
+  }
+  const int64_t n = static_cast<int64_t>(pcm.size());
+  std::vector<SegmentBounds> segs = SplitAtPauses(pcm.data(), n, SegmenterOptions{});
+  ExpectCover(segs, n, 30.0);
+  ASSERT_EQ(segs.size(), 10u);  // the last pause is the file's tail
+  for (size_t i = 0; i + 1 < segs.size(); ++i) EXPECT_NEAR(segs[i].end, (pauses[i].begin + pauses[i].end) / 2, 480);
+
+  // 0.4 s words between 0.5 s pauses: no cut leaves a segment under min_pause_segment_s.
+  std::vector<int16_t> words;
+  for (int k = 0; k < 20; ++k) {
+    for (int i = 0; i < kTargetRate * 4 / 10; ++i) words.push_back(static_cast<int16_t>(unit(rng) * 4000));
+    for (int i = 0; i < kTargetRate / 2; ++i) words.push_back(static_cast<int16_t>(unit(rng) * 10));
+  }
+  segs = SplitAtPauses(words.data(), static_cast<int64_t>(words.size()), SegmenterOptions{});
+  ExpectCover(segs, static_cast<int64_t>(words.size()), 30.0);
+  EXPECT_GE(segs.size(), 5u);
+  for (size_t i = 0; i < segs.size(); ++i) EXPECT_GE(segs[i].end - segs[i].begin, kTargetRate) << "segment " << i;
+
+  // Steady noise: no pause, one segment; 95 s of it: split by length only.
+  std::vector<int16_t> steady(static_cast<size_t>(95 * kTargetRate));
+  for (auto& x : steady) x = static_cast<int16_t>(unit(rng) * 3000);
+  segs = SplitAtPauses(steady.data(), 20 * kTargetRate, SegmenterOptions{});
+  EXPECT_EQ(segs.size(), 1u);
+  segs = SplitAtPauses(steady.data(), static_cast<int64_t>(steady.size()), SegmenterOptions{});
+  ExpectCover(segs, static_cast<int64_t>(steady.size()), 30.0);
+  EXPECT_GE(segs.size(), 4u);
+  EXPECT_TRUE(SplitAtPauses(steady.data(), 0, SegmenterOptions{}).empty());
+  EXPECT_TRUE(SplitAtPauses(nullptr, 5, SegmenterOptions{}).empty());
+}
+
 // ---------------------------------------------------------------------------------------------
 // Transcripts
 

@@ -147,12 +147,14 @@ TEST_F(TranscribeTest, FolderToTranscriptsWithBadFilesLongFilesAndPostgres) {
   }
   // A long file: utterances 9..13 with 2 s of quiet between, split with --max-segment-s 6.
   std::string long_text;
+  std::vector<double> gap_mid_s;  // the middle of each 2 s gap between utterances
   {
     std::vector<int16_t> all;
     for (int i = 9; i < static_cast<int>(utts_->size()); ++i) {
       int rate = 0;
       std::vector<int16_t> pcm = ReadPcm((*utts_)[i].wav, &rate);
       all.insert(all.end(), pcm.begin(), pcm.end());
+      if (i + 1 < static_cast<int>(utts_->size())) gap_mid_s.push_back((static_cast<double>(all.size()) + 16000) / 16000);
       all.insert(all.end(), 32000, 0);
       long_text += (long_text.empty() ? "" : " ") + (*utts_)[i].text;
     }
@@ -220,6 +222,39 @@ TEST_F(TranscribeTest, FolderToTranscriptsWithBadFilesLongFilesAndPostgres) {
   double long_cer = static_cast<double>(Edit(long_text, joined)) / long_text.size();
   std::cout << "long file CER " << long_cer << " over " << j["segments"].size() << " segments\n";
   EXPECT_LE(long_cer, 0.2) << joined << " vs " << long_text;
+
+  // With the default --max-segment-s the file is short enough for one segment, yet each pause
+  // ends one: every gap holds a cut (the utterances' own lead-in and tail silence widen the
+  // gaps, so a cut may sit off their middle), and the text is as good as the short files'.
+  {
+    RunResult rp = Submit(b.endpoint, {"transcribe", in + "/long.wav", "--out", t / "out-pauses", "--format", "json",
+                                       "--wait"}, 120000);
+    ASSERT_EQ(rp.code, 0) << rp.err;
+    json jp = json::parse(ReadFile(t / "out-pauses/long.json"), nullptr, false);
+    ASSERT_FALSE(jp.is_discarded());
+    ASSERT_LE(jp["duration_s"].get<double>(), 30.0);
+    ASSERT_GE(jp["segments"].size(), gap_mid_s.size() + 1);
+    std::string text;
+    for (const auto& seg : jp["segments"]) {
+      if (!seg["text"].get<std::string>().empty()) text += (text.empty() ? "" : " ") + seg["text"].get<std::string>();
+    }
+    for (double mid : gap_mid_s) {
+      bool cut = std::any_of(jp["segments"].begin(), jp["segments"].end(), [&](const json& seg) {
+        return std::abs(seg["start"].get<double>() - mid) < 1.0;
+      });
+      EXPECT_TRUE(cut) << "no segment starts in the gap around " << mid << " s: " << jp.dump();
+    }
+    double cer = static_cast<double>(Edit(long_text, text)) / long_text.size();
+    std::cout << "long file at pauses: CER " << cer << " over " << jp["segments"].size() << " segments\n";
+    EXPECT_LE(cer, 0.2) << text << " vs " << long_text;
+    // --pause-s 0 splits by length only: one segment.
+    rp = Submit(b.endpoint, {"transcribe", in + "/long.wav", "--out", t / "out-nopause", "--format", "json",
+                             "--pause-s", "0", "--wait"}, 120000);
+    ASSERT_EQ(rp.code, 0) << rp.err;
+    jp = json::parse(ReadFile(t / "out-nopause/long.json"), nullptr, false);
+    ASSERT_FALSE(jp.is_discarded());
+    EXPECT_EQ(jp["segments"].size(), 1u) << jp.dump();
+  }
 
   // Formats.
   std::regex srt_time(R"(^\d\d:\d\d:\d\d,\d\d\d --> \d\d:\d\d:\d\d,\d\d\d$)");
