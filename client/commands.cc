@@ -449,6 +449,9 @@ int RunTrain(const GlobalOptions& g, const std::vector<std::string>& args) {
       ("nonspeech", po::value<double>()->default_value(0),
        "share of training utterances replaced by background without speech (hiss, rumble, mains hum) with an "
        "empty transcript, so the model writes nothing for noise alone (in [0, 0.5]); 0 = off")
+      ("pad-background", po::value<double>()->default_value(0),
+       "share of training utterances given 0.1-1.5 s of background without speech before and after them, 10-40 dB "
+       "below the speech, as segments cut at the pauses of a long recording hold (in [0, 1]); 0 = off")
       ("wait", po::bool_switch(), "follow the job (progress lines) until it ends");
   po::variables_map vm;
   int rc = ParseSub(args, desc, nullptr,
@@ -489,7 +492,8 @@ int RunTrain(const GlobalOptions& g, const std::vector<std::string>& args) {
                   {"dropout", vm["dropout"].as<double>()}, {"adam_eps", vm["adam-eps"].as<double>()}, {"spec_augment", !vm["no-spec-augment"].as<bool>()},
                   {"speed_perturb", vm["speed-perturb"].as<double>()}, {"vtlp", vm["vtlp"].as<double>()},
                   {"lowpass", vm["lowpass"].as<double>()}, {"reverb", vm["reverb"].as<double>()},
-                  {"noise", vm["noise"].as<double>()}, {"nonspeech", vm["nonspeech"].as<double>()}, {"max_seconds", vm["max-seconds"].as<double>()},
+                  {"noise", vm["noise"].as<double>()}, {"nonspeech", vm["nonspeech"].as<double>()},
+                  {"pad_background", vm["pad-background"].as<double>()}, {"max_seconds", vm["max-seconds"].as<double>()},
                   {"valid_max", vm["valid-max"].as<int64_t>()},
                   {"lm", absolute(vm["lm"].as<std::string>())}, {"beam", vm["beam"].as<int>()},
                   {"lm_weight", vm["lm-weight"].as<double>()}, {"char_bonus", vm["char-bonus"].as<double>()},

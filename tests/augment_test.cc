@@ -193,6 +193,50 @@ TEST(AugmentTest, NonSpeechIsBackgroundOfManyKindsAtAPlausibleLevel) {
   NonSpeech(nullptr, 0, rng);  // nothing to write
 }
 
+// Background around speech: the speech is left as it was, the two sides together hold the asked
+// power under it, both sides come from one stretch of the same background, and silent speech gets
+// silent background.
+TEST(AugmentTest, PadWithBackgroundSurroundsSpeechAtTheAskedLevel) {
+  const size_t before = 8000, speech = 24000, after = 12000;
+  std::mt19937_64 tone_rng(5);
+  std::normal_distribution<double> gauss(0.0, 0.1);
+  std::vector<float> speech_samples(speech);
+  for (auto& v : speech_samples) v = static_cast<float>(gauss(tone_rng));
+  double sp = 0;
+  for (float v : speech_samples) sp += static_cast<double>(v) * v;
+  sp /= speech;
+  for (double below : {10.0, 25.0, 40.0}) {
+    for (uint64_t seed = 1; seed <= 10; ++seed) {
+      std::vector<float> x(before + speech + after, 7.0f);
+      std::copy(speech_samples.begin(), speech_samples.end(), x.begin() + before);
+      std::mt19937_64 rng(seed), again(seed);
+      PadWithBackground(x.data(), before, speech, after, below, rng);
+      ASSERT_TRUE(std::equal(speech_samples.begin(), speech_samples.end(), x.begin() + before));
+      double bp = 0;
+      for (size_t i = 0; i < before; ++i) bp += static_cast<double>(x[i]) * x[i];
+      for (size_t i = 0; i < after; ++i) bp += static_cast<double>(x[before + speech + i]) * x[before + speech + i];
+      bp /= before + after;
+      EXPECT_NEAR(10 * std::log10(sp / bp), below, 1e-3) << "seed " << seed;
+      // The same draw as NonSpeech over before + after samples, scaled: one background.
+      std::vector<float> whole(before + after);
+      NonSpeech(whole.data(), whole.size(), again);
+      const double k = x[0] / whole[0];
+      EXPECT_GT(k, 0);
+      EXPECT_NEAR(x[before - 1], k * whole[before - 1], 1e-6);
+      EXPECT_NEAR(x[before + speech], k * whole[before], 1e-6);
+      EXPECT_NEAR(x.back(), k * whole.back(), 1e-6);
+    }
+  }
+  std::vector<float> quiet(100, 0.0f), none(100, 3.0f);
+  std::mt19937_64 rng(1);
+  std::fill(quiet.begin(), quiet.begin() + 20, 1.0f);
+  std::fill(quiet.begin() + 80, quiet.end(), 1.0f);
+  PadWithBackground(quiet.data(), 20, 60, 20, 20.0, rng);
+  for (float v : quiet) EXPECT_EQ(v, 0.0f);
+  PadWithBackground(none.data(), 0, 100, 0, 20.0, rng);  // nothing around it: unchanged
+  for (float v : none) EXPECT_EQ(v, 3.0f);
+}
+
 // Reverberation: a click comes out as the direct sound followed by a tail that holds the asked
 // direct-to-reverberant ratio and decays by 60 dB over rt60, then silence; the level is kept;
 // rt60 0 changes nothing.
@@ -287,6 +331,14 @@ TEST(AugmentTest, TrainPayloadRefusesOutOfRangeAugmentation) {
   EXPECT_DOUBLE_EQ(back.nonspeech, 0.05);
   EXPECT_EQ(TrainSpec::FromJson(base + R"(, "nonspeech": 0.6})", &s).code(), Status::Code::kInvalid);
   EXPECT_EQ(TrainSpec::FromJson(base + R"(, "nonspeech": -0.1})", &s).code(), Status::Code::kInvalid);
+  // Background around speech: off by default, in [0, 1], round-trips.
+  EXPECT_TRUE(TrainSpec::FromJson(base + "}", &s).ok());
+  EXPECT_DOUBLE_EQ(s.pad_background, 0.0);
+  EXPECT_TRUE(TrainSpec::FromJson(base + R"(, "pad_background": 0.3})", &s).ok());
+  ASSERT_TRUE(TrainSpec::FromJson(s.ToJson(), &back).ok());
+  EXPECT_DOUBLE_EQ(back.pad_background, 0.3);
+  EXPECT_EQ(TrainSpec::FromJson(base + R"(, "pad_background": 1.5})", &s).code(), Status::Code::kInvalid);
+  EXPECT_EQ(TrainSpec::FromJson(base + R"(, "pad_background": -0.1})", &s).code(), Status::Code::kInvalid);
 }
 
 }  // namespace

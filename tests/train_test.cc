@@ -237,10 +237,11 @@ TEST_F(TrainTest, KilledWorkerIsReplacedAndTrainingResumesFromTheCheckpoint) {
   BrokerProc b = StartBroker(tmp_ / "broker", tmp_ / "broker.log", kFastHeartbeats);
   Proc w1 = StartWorker(b.endpoint, tmp_ / "w", tmp_ / "w1.log", With(kFastHeartbeats, {"--threads", "2"}));
   std::vector<std::string> args = TrainArgs("resume", 400, 10);
-  // A model with a residual block, trained on partly low-passed, reverberated and noisy audio and
-  // on background without speech (empty transcripts), resumes like any other.
+  // A model with a residual block, trained on partly low-passed, reverberated and noisy audio, on
+  // background without speech (empty transcripts) and on speech with background around it,
+  // resumes like any other.
   args.insert(args.end(), {"--residual", "1", "--lowpass", "0.5", "--reverb", "0.5", "--noise", "0.5",
-                           "--nonspeech", "0.5"});
+                           "--nonspeech", "0.5", "--pad-background", "0.5"});
   RunResult sub = Submit(b.endpoint, args);
   ASSERT_EQ(sub.code, 0) << sub.err;
   // Past the second checkpoint, then SIGKILL.

@@ -163,6 +163,18 @@ void NonSpeech(float* out, size_t n, std::mt19937_64& rng) {
   for (size_t i = 0; i < n; ++i) out[i] = static_cast<float>(std::clamp(mix[i] * k, -1.0, 1.0));  // as recorded
 }
 
+void PadWithBackground(float* out, size_t before, size_t speech, size_t after, double below_db, std::mt19937_64& rng) {
+  const size_t n = before + after;
+  if (n == 0) return;
+  std::vector<float> background(n);
+  NonSpeech(background.data(), n, rng);
+  const double target = MeanPower(out + before, speech) * std::pow(10.0, -below_db / 10.0);
+  const double power = MeanPower(background.data(), n);
+  const double k = power > 0 && std::isfinite(target) ? std::sqrt(target / power) : 0.0;
+  for (size_t i = 0; i < before; ++i) out[i] = static_cast<float>(k * background[i]);
+  for (size_t i = 0; i < after; ++i) out[before + speech + i] = static_cast<float>(k * background[before + i]);
+}
+
 void WarpMelAxis(torch::Tensor features, double alpha) {
   auto mel = [](double f) { return 2595.0 * std::log10(1.0 + f / 700.0); };
   auto hz = [](double m) { return 700.0 * (std::pow(10.0, m / 2595.0) - 1.0); };

@@ -44,6 +44,13 @@ void Reverberate(float* samples, size_t n, double rt60, double drr_db, std::mt19
 // of, so the model learns to write nothing for it.
 void NonSpeech(float* out, size_t n, std::mt19937_64& rng);
 
+// Surrounds `speech` samples, already at out[before, before + speech), with background without
+// speech (NonSpeech, one stretch split in two, so both sides sound alike): `before` samples ahead
+// and `after` behind, at a mean power `below_db` under the speech's. What a segment cut from a
+// long recording at its pauses holds: the background of the pause on either side of a sentence.
+// Silent speech gets silent background.
+void PadWithBackground(float* out, size_t before, size_t speech, size_t after, double below_db, std::mt19937_64& rng);
+
 // Stretches one utterance's features [T, 80] (schema/features.md) by `alpha` on the frequency
 // axis: the value at mel bin m becomes the value at the bin whose centre frequency is
 // centre(m) / alpha (interpolated), so a formant at f moves to alpha * f. Beyond the top bin the

@@ -73,6 +73,7 @@ Status TrainSpec::FromJson(const std::string& text, TrainSpec* out) {
     s.reverb = j.value("reverb", s.reverb);
     s.noise = j.value("noise", s.noise);
     s.nonspeech = j.value("nonspeech", s.nonspeech);
+    s.pad_background = j.value("pad_background", s.pad_background);
     s.init = j.value("init", "");
     s.evaluate_only = j.value("evaluate_only", false);
     s.lm = j.value("lm", "");
@@ -106,11 +107,13 @@ Status TrainSpec::FromJson(const std::string& text, TrainSpec* out) {
       s.publish_every < 0 || !(s.adam_eps > 0) || s.beam < 1 || !std::isfinite(s.lm_weight) ||
       !std::isfinite(s.char_bonus) || !std::isfinite(s.oov_penalty) || !(s.speed_perturb >= 0 && s.speed_perturb < 0.5) ||
       !(s.vtlp >= 0 && s.vtlp < 0.5) || !(s.lowpass >= 0 && s.lowpass <= 1) ||
-      !(s.reverb >= 0 && s.reverb <= 1) || !(s.noise >= 0 && s.noise <= 1) || !(s.nonspeech >= 0 && s.nonspeech <= 0.5)) {
+      !(s.reverb >= 0 && s.reverb <= 1) || !(s.noise >= 0 && s.noise <= 1) || !(s.nonspeech >= 0 && s.nonspeech <= 0.5) ||
+      !(s.pad_background >= 0 && s.pad_background <= 1)) {
     return Status::Invalid(
         "malformed payload: steps, batch_seconds, lr, sizes and intervals must be positive; residual in [0, " +
         std::to_string(kMaxResidualBlocks) +
-        "]; speed_perturb and vtlp in [0, 0.5); lowpass, reverb and noise in [0, 1]; nonspeech in [0, 0.5]");
+        "]; speed_perturb and vtlp in [0, 0.5); lowpass, reverb, noise and pad_background in [0, 1]; nonspeech in [0, "
+        "0.5]");
   }
   *out = s;
   return Status::Ok();
@@ -122,7 +125,7 @@ std::string TrainSpec::ToJson() const {
             {"checkpoint_every", checkpoint_every}, {"keep", keep}, {"valid_every", valid_every},
             {"valid_max", valid_max}, {"seed", seed}, {"channels", channels}, {"hidden", hidden},
             {"layers", layers}, {"residual", residual}, {"dropout", dropout}, {"max_seconds", max_seconds},
-            {"spec_augment", spec_augment}, {"speed_perturb", speed_perturb}, {"vtlp", vtlp}, {"lowpass", lowpass}, {"reverb", reverb}, {"noise", noise}, {"nonspeech", nonspeech}, {"init", init}, {"evaluate_only", evaluate_only},
+            {"spec_augment", spec_augment}, {"speed_perturb", speed_perturb}, {"vtlp", vtlp}, {"lowpass", lowpass}, {"reverb", reverb}, {"noise", noise}, {"nonspeech", nonspeech}, {"pad_background", pad_background}, {"init", init}, {"evaluate_only", evaluate_only},
             {"lm", lm}, {"beam", beam}, {"lm_weight", lm_weight}, {"char_bonus", char_bonus},
             {"oov_penalty", oov_penalty},
             {"combine", combine}, {"publish_every", publish_every}, {"adam_eps", adam_eps}};
@@ -277,24 +280,27 @@ std::vector<size_t> EpochOrder(size_t n, uint64_t seed, int64_t epoch) {
 }
 
 // How one batch's training audio is perturbed (TrainSpec's speed_perturb, lowpass, reverb, noise,
-// nonspeech).
+// nonspeech, pad_background).
 struct AudioAugment {
-  double speed = 0, lowpass = 0, reverb = 0, noise = 0, nonspeech = 0;
+  double speed = 0, lowpass = 0, reverb = 0, noise = 0, nonspeech = 0, pad = 0;
 };
 
 // Pads the utterances `idx` into [B, N] float PCM. With a generator (training) each utterance is
 // played at a speed drawn from [1 - speed, 1 + speed] and, each with its own probability, played
 // in a synthetic room, low-passed at a random cutoff of 3-7 kHz and given background noise
 // (worker/augment.h), in the order a recording meets them. A share `nonspeech` of them is
-// replaced by background without speech of the same length (before the room, low-pass and noise);
-// `silent` (when given) marks those with 1: their transcript is empty.
+// replaced by background without speech of the same length, and a share `pad` of the others gets
+// 0.1-1.5 s of background on each side, 10-40 dB under the speech (both before the room, low-pass
+// and noise); `silent` (when given) marks the background-only ones with 1: their transcript is
+// empty.
 void MakeBatchTensors(const std::vector<Utterance>& data, const std::vector<size_t>& idx, torch::Tensor* pcm,
                       torch::Tensor* lengths, std::mt19937_64* rng = nullptr, const AudioAugment& aug = {},
                       std::vector<char>* silent = nullptr) {
   std::vector<double> factor(idx.size(), 1.0), cutoff(idx.size(), 0.0), rt60(idx.size(), 0.0),
       drr(idx.size(), 0.0), snr(idx.size(), 0.0), colour(idx.size(), 0.0);  // 0 cutoff, rt60, snr: not applied
   std::vector<char> background(idx.size(), 0);
-  std::vector<size_t> len(idx.size());
+  std::vector<size_t> len(idx.size()), speech(idx.size()), before(idx.size(), 0), after(idx.size(), 0);
+  std::vector<double> below(idx.size(), 0.0);
   size_t longest = 0;
   auto chance = [&](double p) { return std::uniform_real_distribution<double>(0.0, 1.0)(*rng) < p; };
   auto uniform = [&](double lo, double hi) { return std::uniform_real_distribution<double>(lo, hi)(*rng); };
@@ -311,7 +317,13 @@ void MakeBatchTensors(const std::vector<Utterance>& data, const std::vector<size
       colour[b] = uniform(0.0, 0.95);
     }
     if (rng && aug.nonspeech > 0 && chance(aug.nonspeech)) background[b] = 1;
-    len[b] = SpeedChangedLength(data[idx[b]].pcm.size(), factor[b]);
+    if (rng && aug.pad > 0 && !background[b] && chance(aug.pad)) {
+      before[b] = static_cast<size_t>(uniform(0.1, 1.5) * kSampleRate);
+      after[b] = static_cast<size_t>(uniform(0.1, 1.5) * kSampleRate);
+      below[b] = uniform(10.0, 40.0);
+    }
+    speech[b] = SpeedChangedLength(data[idx[b]].pcm.size(), factor[b]);
+    len[b] = before[b] + speech[b] + after[b];
     longest = std::max(longest, len[b]);
   }
   *pcm = torch::zeros({static_cast<int64_t>(idx.size()), static_cast<int64_t>(longest)}, torch::kFloat32);
@@ -320,10 +332,12 @@ void MakeBatchTensors(const std::vector<Utterance>& data, const std::vector<size
   for (size_t b = 0; b < idx.size(); ++b) {
     const auto& s = data[idx[b]].pcm;
     float* u = p + b * longest;
-    if (background[b])
+    if (background[b]) {
       NonSpeech(u, len[b], *rng);
-    else
-      SpeedChange(s.data(), s.size(), factor[b], u);
+    } else {
+      SpeedChange(s.data(), s.size(), factor[b], u + before[b]);
+      if (before[b] + after[b] > 0) PadWithBackground(u, before[b], speech[b], after[b], below[b], *rng);
+    }
     if (rt60[b] > 0) Reverberate(u, len[b], rt60[b], drr[b], *rng);
     if (cutoff[b] > 0) LowPass(u, len[b], cutoff[b]);
     if (snr[b] > 0) AddNoise(u, len[b], snr[b], colour[b], *rng);
@@ -878,7 +892,8 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
       torch::Tensor pcm, lengths, frames;
       std::vector<char> silent;
       MakeBatchTensors(train, idx, &pcm, &lengths, &rng,
-                       {spec.speed_perturb, spec.lowpass, spec.reverb, spec.noise, spec.nonspeech}, &silent);
+                       {spec.speed_perturb, spec.lowpass, spec.reverb, spec.noise, spec.nonspeech, spec.pad_background},
+                       &silent);
       torch::Tensor feats = LogMel(pcm.to(device), lengths, &frames);
       if (spec.vtlp > 0) Vtlp(feats, rng, spec.vtlp);
       if (spec.spec_augment) SpecAugment(feats, frames, rng);

@@ -43,6 +43,7 @@ struct TrainSpec {
   double reverb = 0;               // share played in a synthetic room (RT60 0.2-1.0 s, DRR -15..+10 dB)
   double noise = 0;                // share with Gaussian noise added (SNR 5-30 dB, white to rumble)
   double nonspeech = 0;            // share replaced by background without speech, transcript empty
+  double pad_background = 0;       // share with 0.1-1.5 s of background before and after the speech
   std::string init;                // optional model file to start from (fine-tuning)
   bool evaluate_only = false;      // with init: only measure CER/WER of that model on `valid`
   std::string lm;                  // evaluate_only: also decode with this character LM (beam search)
