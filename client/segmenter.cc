@@ -97,7 +97,12 @@ std::vector<SegmentBounds> SplitAtPauses(const int16_t* pcm, int64_t n, const Se
   const double min_seg_s = std::isfinite(opt.min_pause_segment_s) ? std::max(0.0, opt.min_pause_segment_s) : 1.0;
   const int64_t min_seg = static_cast<int64_t>(std::ceil(min_seg_s * rate));
 
-  std::vector<int64_t> cuts;  // pause cuts, increasing, each leaving >= min_seg on both sides
+  // Frames of a long pause kept on each side of the speech; -1: long pauses are cut at the middle.
+  const int64_t keep = std::isfinite(opt.pause_keep_s) && opt.pause_keep_s >= 0
+                           ? static_cast<int64_t>(std::round(opt.pause_keep_s * 100))
+                           : -1;
+  std::vector<int64_t> cuts;      // pause cuts, increasing
+  std::vector<int64_t> left_out;  // cuts that begin a left-out pause middle (it ends at the next cut)
   if (pause_frames > 0 && frames >= 2 * pause_frames) {
     const std::vector<double> prefix = FrameEnergyPrefix(pcm, n, frame);
     // Energy in dB over 30 ms (one frame each side); 1 LSB^2 is the floor of digital silence.
@@ -125,12 +130,30 @@ std::vector<SegmentBounds> SplitAtPauses(const int16_t* pcm, int64_t n, const Se
         while (e < frames && db[e] < thr) ++e;
         // The smoothing spreads each loud stretch one frame into the quiet on both sides: a run
         // of e - f quiet frames is a pause of about e - f + 2. A pause touching either end of
-        // the file is lead-in or tail, not a boundary.
-        if (e - f + 2 >= pause_frames && f > 0 && e < frames) {
-          const int64_t cut = ((f + e) / 2) * frame;
-          if (cut - last >= min_seg && n - cut >= min_seg) {
-            cuts.push_back(cut);
-            last = cut;
+        // the file is lead-in or tail, not a boundary: only what lies beyond `keep` of the
+        // speech is left out. (Some frame is loud, so no pause touches both ends.)
+        if (keep >= 0 && f == 0 && e < frames && e > keep + pause_frames) {
+          left_out.push_back(0);
+          cuts.push_back((e - keep) * frame);
+          last = cuts.back();
+        } else if (keep >= 0 && e == frames && f > 0 && e - f > keep + pause_frames) {
+          cuts.push_back((f + keep) * frame);
+          left_out.push_back(cuts.back());
+        } else if (e - f + 2 >= pause_frames && f > 0 && e < frames) {
+          if (keep >= 0 && e - f > 2 * keep + pause_frames) {
+            // A long pause: `keep` of it stays on each side of the speech, the middle is left out
+            // (the piece before it may be under min_seg: a short word alone).
+            const int64_t c1 = (f + keep) * frame, c2 = (e - keep) * frame;
+            cuts.push_back(c1);
+            left_out.push_back(c1);
+            cuts.push_back(c2);
+            last = c2;
+          } else {
+            const int64_t cut = ((f + e) / 2) * frame;
+            if (cut - last >= min_seg && n - cut >= min_seg) {
+              cuts.push_back(cut);
+              last = cut;
+            }
           }
         }
         f = e;
@@ -142,8 +165,10 @@ std::vector<SegmentBounds> SplitAtPauses(const int16_t* pcm, int64_t n, const Se
   std::vector<SegmentBounds> out;
   int64_t begin = 0;
   for (int64_t end : cuts) {
-    for (const SegmentBounds& piece : SplitAtQuietPoints(pcm + begin, end - begin, opt)) {
-      out.push_back({begin + piece.begin, begin + piece.end});
+    if (!std::binary_search(left_out.begin(), left_out.end(), begin)) {
+      for (const SegmentBounds& piece : SplitAtQuietPoints(pcm + begin, end - begin, opt)) {
+        out.push_back({begin + piece.begin, begin + piece.end});
+      }
     }
     begin = end;
   }

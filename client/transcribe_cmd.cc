@@ -255,7 +255,7 @@ const char* kTranscribeUsage =
 int RunTranscribe(const GlobalOptions& g, const std::vector<std::string>& args) {
   std::vector<std::string> inputs;
   std::string out_dir, format_list, model, ext_list, batch;
-  double max_segment_s = 30, max_inflight_s = 1800, pause_s = 0.3;
+  double max_segment_s = 30, max_inflight_s = 1800, pause_s = 0.3, pause_keep_s = 0.5;
   int priority = 0;
   po::options_description desc("transcribe options");
   desc.add_options()
@@ -270,6 +270,9 @@ int RunTranscribe(const GlobalOptions& g, const std::vector<std::string>& args) 
        "longest segment: longer stretches are split at their quietest point (5..240)")
       ("pause-s", po::value(&pause_s)->default_value(pause_s, "0.3"),
        "a pause at least this long (quiet relative to the file's speech) ends a segment; 0: split only by length")
+      ("pause-keep-s", po::value(&pause_keep_s)->default_value(pause_keep_s, "0.5"),
+       "of a longer pause (and of a file's lead-in and tail) this much is kept beside the speech and the rest "
+       "left out (the model writes words for background alone); negative: transcribe all of it")
       ("max-inflight-s", po::value(&max_inflight_s)->default_value(max_inflight_s),
        "audio seconds submitted but not yet transcribed, at most (bounds the memory the batch holds)")
       ("priority", po::value(&priority)->default_value(0), "higher runs first")
@@ -292,6 +295,7 @@ int RunTranscribe(const GlobalOptions& g, const std::vector<std::string>& args) 
   for (auto& e : SplitList(ext_list)) exts.insert(e[0] == '.' ? e.substr(1) : e);
   max_segment_s = std::clamp(max_segment_s, 5.0, 240.0);
   pause_s = std::isfinite(pause_s) ? std::clamp(pause_s, 0.0, 10.0) : 0.3;
+  pause_keep_s = std::isfinite(pause_keep_s) ? std::min(pause_keep_s, 60.0) : 0.5;
   max_inflight_s = std::max(max_inflight_s, max_segment_s);
   bool wait = vm["wait"].as<bool>();
 
@@ -324,7 +328,7 @@ int RunTranscribe(const GlobalOptions& g, const std::vector<std::string>& args) 
 
   std::map<uint64_t, std::pair<size_t, double>> job_file;  // job id -> (file index, audio seconds)
   std::set<uint64_t> finished_jobs;
-  double inflight_s = 0, audio_total = 0, audio_done = 0;
+  double inflight_s = 0, audio_total = 0, audio_done = 0, left_out_s = 0;
   size_t files_done = 0, files_failed = 0;
   uint64_t watch_req = 0;
   int64_t next_watch = 0, last_answer = MonoMs(), last_event = MonoMs();
@@ -464,8 +468,15 @@ int RunTranscribe(const GlobalOptions& g, const std::vector<std::string>& args) 
     so.max_s = max_segment_s;
     so.min_s = std::min(5.0, max_segment_s / 2);
     so.pause_s = pause_s;
+    so.pause_keep_s = pause_keep_s;
     std::vector<SegmentBounds> segs = SplitAtPauses(audio.pcm.data(), static_cast<int64_t>(audio.pcm.size()), so);
     f.segments = static_cast<int>(segs.size());
+    // Audio in left-out pauses is done as soon as it is left out.
+    double kept_s = 0;
+    for (const SegmentBounds& sb : segs) kept_s += static_cast<double>(sb.end - sb.begin) / kTargetRate;
+    const double left_s = std::max(0.0, f.duration_s - kept_s);
+    audio_done += left_s;
+    left_out_s += left_s;
     // One SUBMIT per ~8 MiB of audio; each with its own request id, so a resend is harmless.
     proto::Submit s;
     s.batch = batch;
@@ -577,7 +588,7 @@ int RunTranscribe(const GlobalOptions& g, const std::vector<std::string>& args) 
   progress.Show(files_done + files_failed, files.size(), audio_done, audio_total, true);
   double secs = (MonoMs() - start) / 1000.0;
   std::cerr << "transcribed " << audio_done << " audio s in " << secs << " s (" << (secs > 0 ? audio_done / secs : 0)
-            << " audio s/s); outputs in " << out_dir << "\n";
+            << " audio s/s; " << left_out_s << " s of it pauses left out); outputs in " << out_dir << "\n";
   return summary() ? kExitJobsFailed : kExitOk;
 }
 

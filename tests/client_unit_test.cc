@@ -410,6 +410,7 @@ TEST(Segmenter, EveryPauseEndsASegment) {
   }
   ASSERT_GT(dips.size(), 20u);
   SegmenterOptions opt;  // pause_s 0.3, min_pause_segment_s 1
+  opt.pause_keep_s = -1;  // nothing left out: the file's tail stays in its last segment
   std::vector<SegmentBounds> segs = SplitAtPauses(s.pcm.data(), n, opt);
   ExpectCover(segs, n, opt.max_s);
   // Every gap but the file's tail is cut (gaps of 0.3 s and a frame or two over, at 10 ms
@@ -452,7 +453,7 @@ TEST(Segmenter, PausesUnderNoiseAndShortWordsAndNoPauses) {
   }
   const int64_t n = static_cast<int64_t>(pcm.size());
   std::vector<SegmentBounds> segs = SplitAtPauses(pcm.data(), n, SegmenterOptions{});
-  ExpectCover(segs, n, 30.0);
+  ExpectCover(segs, n, 30.0);   // no pause is longer than 2 pause_keep_s + pause_s
   ASSERT_EQ(segs.size(), 10u);  // the last pause is the file's tail
   for (size_t i = 0; i + 1 < segs.size(); ++i) EXPECT_NEAR(segs[i].end, (pauses[i].begin + pauses[i].end) / 2, 480);
 
@@ -477,6 +478,74 @@ TEST(Segmenter, PausesUnderNoiseAndShortWordsAndNoPauses) {
   EXPECT_GE(segs.size(), 4u);
   EXPECT_TRUE(SplitAtPauses(steady.data(), 0, SegmenterOptions{}).empty());
   EXPECT_TRUE(SplitAtPauses(nullptr, 5, SegmenterOptions{}).empty());
+}
+
+TEST(Segmenter, LongPausesLeadInAndTailAreLeftOutBeyondWhatIsKept) {
+  // 1.5 s lead-in, 2 s of speech, a 4 s pause, 1 s, a 0.6 s pause, 3 s, a 2 s tail.
+  std::mt19937 rng(12);
+  std::normal_distribution<double> unit(0, 1);
+  std::vector<int16_t> pcm;
+  auto add = [&](double seconds, double sigma) {
+    for (int64_t i = 0; i < static_cast<int64_t>(seconds * kTargetRate); ++i) {
+      pcm.push_back(static_cast<int16_t>(std::clamp(unit(rng) * sigma, -32768.0, 32767.0)));
+    }
+  };
+  add(1.5, 20), add(2, 3000), add(4, 20), add(1, 3000), add(0.6, 20), add(3, 3000), add(2, 20);
+  const int64_t n = static_cast<int64_t>(pcm.size());
+  auto s = [](double seconds) { return static_cast<int64_t>(seconds * kTargetRate); };
+  const int64_t tol = s(0.03);
+  SegmenterOptions opt;  // pause_keep_s 0.5
+  std::vector<SegmentBounds> segs = SplitAtPauses(pcm.data(), n, opt);
+  ASSERT_EQ(segs.size(), 3u);
+  EXPECT_NEAR(segs[0].begin, s(1.0), tol);  // 0.5 s of the lead-in kept
+  EXPECT_NEAR(segs[0].end, s(4.0), tol);    // 0.5 s of the pause after the speech
+  EXPECT_NEAR(segs[1].begin, s(7.0), tol);  // and before the next
+  EXPECT_NEAR(segs[1].end, s(8.8), tol);    // a short pause: cut at its middle
+  EXPECT_EQ(segs[2].begin, segs[1].end);
+  EXPECT_NEAR(segs[2].end, s(12.6), tol);   // 0.5 s of the tail
+  // Less kept, more left out.
+  opt.pause_keep_s = 0.2;
+  segs = SplitAtPauses(pcm.data(), n, opt);
+  ASSERT_EQ(segs.size(), 3u);
+  EXPECT_NEAR(segs[0].begin, s(1.3), tol);
+  EXPECT_NEAR(segs[1].begin, s(7.3), tol);
+  EXPECT_NEAR(segs[2].end, s(12.3), tol);
+  // Negative: every pause is cut at its middle and all of the file is transcribed.
+  opt.pause_keep_s = -1;
+  segs = SplitAtPauses(pcm.data(), n, opt);
+  ExpectCover(segs, n, 30.0);
+  ASSERT_EQ(segs.size(), 3u);
+  EXPECT_NEAR(segs[0].end, s(5.5), tol);
+  EXPECT_NEAR(segs[1].end, s(8.8), tol);
+
+  // Ten minutes of bursts and gaps with longer gaps among them: segments in order, never
+  // overlapping, at most max_s, and all that is left out is quiet.
+  Synthetic b = BurstsAndGaps(600.0, 31);
+  for (size_t i = 0; i < b.gaps.size(); i += 3) {  // every third gap 2-4 s longer
+    const int64_t extra = s(2.0 + static_cast<double>(i % 5) / 2);
+    std::vector<int16_t> quiet(static_cast<size_t>(extra));
+    for (auto& x : quiet) x = static_cast<int16_t>(unit(rng) * 20);
+    b.pcm.insert(b.pcm.begin() + b.gaps[i].end, quiet.begin(), quiet.end());
+    for (size_t k = i; k < b.gaps.size(); ++k) {
+      b.gaps[k].end += extra;
+      if (k > i) b.gaps[k].begin += extra;
+    }
+  }
+  const int64_t nb = static_cast<int64_t>(b.pcm.size());
+  segs = SplitAtPauses(b.pcm.data(), nb, SegmenterOptions{});
+  ASSERT_FALSE(segs.empty());
+  int64_t at = 0, left = 0;
+  for (size_t i = 0; i < segs.size(); ++i) {
+    ASSERT_LE(at, segs[i].begin) << "segment " << i;
+    ASSERT_LT(segs[i].begin, segs[i].end) << "segment " << i;
+    EXPECT_LE(segs[i].end - segs[i].begin, s(30.0)) << "segment " << i;
+    if (segs[i].begin > at) {
+      left += segs[i].begin - at;
+      EXPECT_LT(Rms(b.pcm, at, segs[i].begin), 100.0) << "left out before segment " << i;
+    }
+    at = segs[i].end;
+  }
+  EXPECT_GT(left, s(60.0));  // 2-4 s of every third of ~120 gaps, less 1 s kept of each
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -218,14 +218,16 @@ TEST_F(TranscribeTest, FolderToTranscriptsWithBadFilesLongFilesAndPostgres) {
     std::string text = seg["text"].get<std::string>();
     if (!text.empty()) joined += (joined.empty() ? "" : " ") + text;
   }
-  EXPECT_NEAR(j["duration_s"].get<double>(), prev_end, 0.01);
+  // The 2 s of quiet at the end is the tail: beyond 0.5 s of it, left out.
+  EXPECT_LE(prev_end, j["duration_s"].get<double>() + 1e-6);
+  EXPECT_GE(prev_end, j["duration_s"].get<double>() - 2.5);
   double long_cer = static_cast<double>(Edit(long_text, joined)) / long_text.size();
   std::cout << "long file CER " << long_cer << " over " << j["segments"].size() << " segments\n";
   EXPECT_LE(long_cer, 0.2) << joined << " vs " << long_text;
 
   // With the default --max-segment-s the file is short enough for one segment, yet each pause
-  // ends one: every gap holds a cut (the utterances' own lead-in and tail silence widen the
-  // gaps, so a cut may sit off their middle), and the text is as good as the short files'.
+  // ends one: no segment spans a gap (2 s, longer than twice the 0.5 s --pause-keep-s keeps
+  // beside speech: its middle is left out), and the text is as good as the short files'.
   {
     RunResult rp = Submit(b.endpoint, {"transcribe", in + "/long.wav", "--out", t / "out-pauses", "--format", "json",
                                        "--wait"}, 120000);
@@ -238,15 +240,31 @@ TEST_F(TranscribeTest, FolderToTranscriptsWithBadFilesLongFilesAndPostgres) {
     for (const auto& seg : jp["segments"]) {
       if (!seg["text"].get<std::string>().empty()) text += (text.empty() ? "" : " ") + seg["text"].get<std::string>();
     }
+    double kept = 0;
+    for (const auto& seg : jp["segments"]) kept += seg["end"].get<double>() - seg["start"].get<double>();
     for (double mid : gap_mid_s) {
-      bool cut = std::any_of(jp["segments"].begin(), jp["segments"].end(), [&](const json& seg) {
-        return std::abs(seg["start"].get<double>() - mid) < 1.0;
+      bool spans = std::any_of(jp["segments"].begin(), jp["segments"].end(), [&](const json& seg) {
+        return seg["start"].get<double>() < mid - 0.5 && seg["end"].get<double>() > mid + 0.5;
       });
-      EXPECT_TRUE(cut) << "no segment starts in the gap around " << mid << " s: " << jp.dump();
+      EXPECT_FALSE(spans) << "a segment spans the gap around " << mid << " s: " << jp.dump();
     }
+    EXPECT_LT(kept, jp["duration_s"].get<double>() - static_cast<double>(gap_mid_s.size()));
+    EXPECT_NE(rp.err.find("pauses left out"), std::string::npos) << rp.err;
     double cer = static_cast<double>(Edit(long_text, text)) / long_text.size();
     std::cout << "long file at pauses: CER " << cer << " over " << jp["segments"].size() << " segments\n";
     EXPECT_LE(cer, 0.2) << text << " vs " << long_text;
+    // --pause-keep-s -1 keeps all of it: the segments cover the file.
+    rp = Submit(b.endpoint, {"transcribe", in + "/long.wav", "--out", t / "out-keep", "--format", "json",
+                             "--pause-keep-s", "-1", "--wait"}, 120000);
+    ASSERT_EQ(rp.code, 0) << rp.err;
+    jp = json::parse(ReadFile(t / "out-keep/long.json"), nullptr, false);
+    ASSERT_FALSE(jp.is_discarded());
+    ASSERT_GE(jp["segments"].size(), gap_mid_s.size() + 1);
+    EXPECT_NEAR(jp["segments"].front()["start"].get<double>(), 0.0, 1e-6);
+    EXPECT_NEAR(jp["segments"].back()["end"].get<double>(), jp["duration_s"].get<double>(), 0.01);
+    for (size_t k = 1; k < jp["segments"].size(); ++k) {
+      EXPECT_NEAR(jp["segments"][k]["start"].get<double>(), jp["segments"][k - 1]["end"].get<double>(), 1e-3);
+    }
     // --pause-s 0 splits by length only: one segment.
     rp = Submit(b.endpoint, {"transcribe", in + "/long.wav", "--out", t / "out-nopause", "--format", "json",
                              "--pause-s", "0", "--wait"}, 120000);
