@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Word and character error rates on long recordings, against the same utterances transcribed as
-# separate files (what the model does at best), and with the client's split by length only
-# (--pause-s 0) beside its default split at pauses.
+# separate files (what the model does at best), with the client's split by length only
+# (--pause-s 0), with every pause cut at its middle (--pause-keep-s -1) and with every segment
+# kept (--min-confidence 0) beside its default (pauses cut, long ones' middles, lead-ins and tails
+# left out beyond 0.5 s of the speech, segments under 0.4 mean word confidence emptied).
 #
-# The set: utterances of sentences never trained on (asr-synth's valid split, training voices, and
-# valid_heldout, voices never heard), joined per voice into files of 10 utterances with 0.25-1 s
-# gaps of faint hiss (-67 dBFS); a second copy has pink noise under everything at 15 dB SNR.
+# The sets: utterances of sentences never trained on (asr-synth's valid split, training voices, and
+# valid_heldout, voices never heard). "clean": joined per voice into files of 10 utterances with
+# 0.25-1 s gaps of faint hiss (-67 dBFS); "noisy": the same with pink noise under everything at
+# 15 dB SNR; "gapped": files of 8 utterances with 2-6 s pauses and background under everything
+# (pink, brown, mains hum, white or amplitude-modulated noise) 20 dB under the file's mean power.
 # One broker and one CPU worker with the model (and its language model beside it, if any).
 #
 #   bench/long_recordings.sh [--model FILE] [--seed S] [--threads N] [--keep DIR]
@@ -18,7 +22,7 @@ while (($#)); do
         --seed) seed="$2"; shift 2 ;;
         --threads) threads="$2"; shift 2 ;;
         --keep) keep="$2"; shift 2 ;;
-        -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -60,7 +64,27 @@ def write(path, xs):
     with wave.open(path, "wb") as w:
         w.setnchannels(1); w.setsampwidth(2); w.setframerate(16000); w.writeframes(a.tobytes())
 
-for d in ("clean", "noisy", "single"):
+def background(kind, n):
+    out, b0, b1, b2, brown = [], 0.0, 0.0, 0.0, 0.0
+    for i in range(n):
+        t, g = i / 16000, random.gauss(0, 1)
+        if kind == "pink":
+            b0 = 0.99765 * b0 + g * 0.0990460
+            b1 = 0.96300 * b1 + g * 0.2965164
+            b2 = 0.57000 * b2 + g * 1.0526913
+            out.append(b0 + b1 + b2 + g * 0.1848)
+        elif kind == "brown":
+            brown = 0.995 * brown + g
+            out.append(brown)
+        elif kind == "hum":
+            out.append(sum(math.sin(2 * math.pi * 50 * h * t) / h for h in range(1, 6)) + 0.05 * g)
+        elif kind == "am":
+            out.append(g * (0.55 + 0.45 * math.sin(2 * math.pi * 1.5 * t)))
+        else:
+            out.append(g)
+    return out
+
+for d in ("clean", "noisy", "single", "gapped"):
     os.makedirs(f"{work}/{d}", exist_ok=True)
 refs, single, members, own_noise = {}, {}, {}, {}
 for g, us in sorted(groups.items()):
@@ -95,11 +119,26 @@ for g, us in sorted(groups.items()):
             pink.append(b0 + b1 + b2 + w0 * 0.1848)
         k = rms / math.sqrt(sum(x * x for x in pink) / len(pink)) * 10 ** (-15 / 20)
         write(f"{work}/noisy/{name}.wav", [x + k * y for x, y in zip(sig, pink)])
+gapped_refs, pool = {}, list(utts)
+random.shuffle(pool)
+for k in range(10):
+    chunk, sig = pool[k * 8:(k + 1) * 8], []
+    for u in chunk:
+        sig.extend([0.0] * int(16000 * random.uniform(2, 6)))
+        sig.extend(read(u["audio"]))
+    sig.extend([0.0] * 32000)
+    kind = ["pink", "brown", "hum", "white", "am"][k % 5]
+    bg = background(kind, len(sig))
+    gain = math.sqrt(sum(x * x for x in sig) / sum(x * x for x in bg) * 10 ** (-20 / 10))
+    write(f"{work}/gapped/g{k}-{kind}.wav", [x + gain * y for x, y in zip(sig, bg)])
+    gapped_refs[f"g{k}-{kind}"] = " ".join(u["text"] for u in chunk)
+json.dump(gapped_refs, open(f"{work}/gapped-refs.json", "w"))
 json.dump(refs, open(f"{work}/long-refs.json", "w"))
 json.dump(single, open(f"{work}/single-refs.json", "w"))
 json.dump({"members": members, "own_noise": own_noise}, open(f"{work}/members.json", "w"))
-print(f"set: {len(refs)} long files, {sum(len(r.split()) for r in refs.values())} reference words, "
-      f"{len(single)} utterances")
+print(f"sets: clean and noisy: {len(refs)} long files, {sum(len(r.split()) for r in refs.values())} reference "
+      f"words, {len(single)} utterances; gapped: {len(gapped_refs)} files, "
+      f"{sum(len(r.split()) for r in gapped_refs.values())} reference words")
 PY
 
 cat >"$work/wer.py" <<'PY'
@@ -126,7 +165,7 @@ for name, ref in refs.items():
     r = norm(ref)
     we += edits(r, hyp); wn += len(r)
     ce += edits(" ".join(r), " ".join(hyp)); cn += len(" ".join(r))
-print(f"{label:<48} WER {we / wn:.4f}   CER {ce / cn:.4f}   ({wn} words)")
+print(f"{label:<52} WER {we / wn:.4f}   CER {ce / cn:.4f}   ({wn} words)")
 PY
 }
 
@@ -149,11 +188,17 @@ tx() {  # input dir, output dir, options...
 }
 tx "$work/single" "$work/out-single"
 score "$work/single-refs.json" "$work/out-single" "the utterances as separate files"
-for set in clean noisy; do
+for set in clean noisy gapped; do
+    refs="$work/long-refs.json"
+    [[ "$set" == gapped ]] && refs="$work/gapped-refs.json"
     tx "$work/$set" "$work/out-$set-length" --pause-s 0
-    score "$work/long-refs.json" "$work/out-$set-length" "$set long files, split by length (--pause-s 0)"
+    score "$refs" "$work/out-$set-length" "$set: split by length (--pause-s 0)"
+    tx "$work/$set" "$work/out-$set-middle" --pause-keep-s -1
+    score "$refs" "$work/out-$set-middle" "$set: pauses cut at the middle (--pause-keep-s -1)"
+    tx "$work/$set" "$work/out-$set-nogate" --min-confidence 0
+    score "$refs" "$work/out-$set-nogate" "$set: long pauses left out (--min-confidence 0)"
     tx "$work/$set" "$work/out-$set-pauses"
-    score "$work/long-refs.json" "$work/out-$set-pauses" "$set long files, split at pauses (default)"
+    score "$refs" "$work/out-$set-pauses" "$set: default (and unsure segments emptied)"
 done
 # Per utterance, in the clean long files cut into exactly one segment per utterance: the same
 # words as the separate files, or not, for utterances with and without noise of their own.

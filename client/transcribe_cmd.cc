@@ -106,7 +106,8 @@ class ProgressLine {
 };
 
 // Adds one segment result to its file; writes the outputs when the file is complete.
-void AcceptResult(FileJob& f, const proto::JobEvent& e, const std::vector<std::string>& formats, double run_s) {
+void AcceptResult(FileJob& f, const proto::JobEvent& e, const std::vector<std::string>& formats, double run_s,
+                  double min_confidence, size_t* unsure) {
   if (f.written || !f.error.empty()) return;
   if (e.state != "done") {
     f.error = "segment failed (" + e.state + "): " + (e.error.empty() ? "no message" : e.error);
@@ -126,6 +127,7 @@ void AcceptResult(FileJob& f, const proto::JobEvent& e, const std::vector<std::s
               "), not for this file";
     return;
   }
+  if (DropUnsure(&seg, min_confidence)) ++*unsure;
   if (f.parts.emplace(index, std::move(seg)).second) f.received++;
   f.compute_s += run_s;
   if (f.transcript.model.empty()) f.transcript.model = model;
@@ -255,7 +257,7 @@ const char* kTranscribeUsage =
 int RunTranscribe(const GlobalOptions& g, const std::vector<std::string>& args) {
   std::vector<std::string> inputs;
   std::string out_dir, format_list, model, ext_list, batch;
-  double max_segment_s = 30, max_inflight_s = 1800, pause_s = 0.3, pause_keep_s = 0.5;
+  double max_segment_s = 30, max_inflight_s = 1800, pause_s = 0.3, pause_keep_s = 0.5, min_confidence = 0.4;
   int priority = 0;
   po::options_description desc("transcribe options");
   desc.add_options()
@@ -273,6 +275,9 @@ int RunTranscribe(const GlobalOptions& g, const std::vector<std::string>& args) 
       ("pause-keep-s", po::value(&pause_keep_s)->default_value(pause_keep_s, "0.5"),
        "of a longer pause (and of a file's lead-in and tail) this much is kept beside the speech and the rest "
        "left out (the model writes words for background alone); negative: transcribe all of it")
+      ("min-confidence", po::value(&min_confidence)->default_value(min_confidence, "0.4"),
+       "a segment whose words' mean confidence is below this comes back empty (background taken for speech); "
+       "0 keeps every word")
       ("max-inflight-s", po::value(&max_inflight_s)->default_value(max_inflight_s),
        "audio seconds submitted but not yet transcribed, at most (bounds the memory the batch holds)")
       ("priority", po::value(&priority)->default_value(0), "higher runs first")
@@ -329,6 +334,7 @@ int RunTranscribe(const GlobalOptions& g, const std::vector<std::string>& args) 
   std::map<uint64_t, std::pair<size_t, double>> job_file;  // job id -> (file index, audio seconds)
   std::set<uint64_t> finished_jobs;
   double inflight_s = 0, audio_total = 0, audio_done = 0, left_out_s = 0;
+  size_t unsure = 0;  // segments emptied by --min-confidence
   size_t files_done = 0, files_failed = 0;
   uint64_t watch_req = 0;
   int64_t next_watch = 0, last_answer = MonoMs(), last_event = MonoMs();
@@ -359,7 +365,7 @@ int RunTranscribe(const GlobalOptions& g, const std::vector<std::string>& args) 
     inflight_s -= it->second.second;
     audio_done += it->second.second;
     bool had_error = !f.error.empty();
-    AcceptResult(f, e, formats, e.run_ms / 1000.0);
+    AcceptResult(f, e, formats, e.run_ms / 1000.0, min_confidence, &unsure);
     bool complete = f.received == f.segments;
     if (!f.written && ((!had_error && !f.error.empty()) || complete)) {
       if (f.error.empty()) finish_file(f);
@@ -588,17 +594,21 @@ int RunTranscribe(const GlobalOptions& g, const std::vector<std::string>& args) 
   progress.Show(files_done + files_failed, files.size(), audio_done, audio_total, true);
   double secs = (MonoMs() - start) / 1000.0;
   std::cerr << "transcribed " << audio_done << " audio s in " << secs << " s (" << (secs > 0 ? audio_done / secs : 0)
-            << " audio s/s; " << left_out_s << " s of it pauses left out); outputs in " << out_dir << "\n";
+            << " audio s/s; " << left_out_s << " s of it pauses left out); " << unsure
+            << " segment(s) emptied below --min-confidence; outputs in " << out_dir << "\n";
   return summary() ? kExitJobsFailed : kExitOk;
 }
 
 int RunCollect(const GlobalOptions& g, const std::vector<std::string>& args) {
   std::string batch, out_dir, format_list;
+  double min_confidence = 0.4;
   po::options_description desc("collect options");
   desc.add_options()
       ("batch", po::value(&batch)->required(), "the batch name `transcribe` printed")
       ("out", po::value(&out_dir)->required(), "output folder")
-      ("format", po::value(&format_list)->default_value("txt,json"), "comma list of txt, json, srt, vtt, tsv");
+      ("format", po::value(&format_list)->default_value("txt,json"), "comma list of txt, json, srt, vtt, tsv")
+      ("min-confidence", po::value(&min_confidence)->default_value(min_confidence, "0.4"),
+       "a segment whose words' mean confidence is below this comes back empty (as `transcribe`); 0 keeps every word");
   po::positional_options_description pos;
   pos.add("batch", 1);
   po::variables_map vm;
@@ -667,6 +677,7 @@ int RunCollect(const GlobalOptions& g, const std::vector<std::string>& args) {
         std::cerr << "  error: job " << i.id << ": " << (i.why.empty() ? st.message() : i.why) << "\n";
         continue;
       }
+      DropUnsure(&seg, min_confidence);
       FileJob& f = by_file[file];
       f.path = file;
       f.segments = count;

@@ -130,6 +130,16 @@ Status WriteFileAtomically(const std::string& path, const std::string& data) {
 
 }  // namespace
 
+bool DropUnsure(SegmentOut* seg, double min_confidence) {
+  if (seg->words.empty()) return false;
+  double sum = 0;
+  for (const WordOut& w : seg->words) sum += w.confidence;
+  if (!(sum / static_cast<double>(seg->words.size()) < min_confidence)) return false;
+  seg->text.clear();
+  seg->words.clear();
+  return true;
+}
+
 Status ParseSegmentResult(const std::string& text, SegmentOut* out, std::string* file, int* index, int* count,
                           double* offset_s, std::string* model, int64_t* infer_ms) {
   json j = json::parse(text, nullptr, /*allow_exceptions=*/false);

@@ -45,6 +45,12 @@ struct Transcript {
 Status ParseSegmentResult(const std::string& json, SegmentOut* out, std::string* file, int* index, int* count,
                           double* offset_s, std::string* model, int64_t* infer_ms = nullptr);
 
+// Empties a segment (its text and words) when the mean confidence of its words is below
+// `min_confidence`: what the model writes for background it took for speech (noise alone came
+// back at a mean of 0.07-0.36, speech at 0.55 and above; bench/RESULTS.md). Returns true when it
+// did; a segment without words is left as it is.
+bool DropUnsure(SegmentOut* seg, double min_confidence);
+
 // The distinct models (name, sha256) that transcribed a transcript's segments, in order of first
 // use. More than one means workers with different model files served one file (e.g. during a
 // rolling upgrade after `asr-submit models import`).

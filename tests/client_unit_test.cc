@@ -559,6 +559,23 @@ std::string SegmentJson(const std::string& file, int index, int count, double of
       .dump();
 }
 
+TEST(Transcript, DropUnsureEmptiesSegmentsBelowTheMeanConfidence) {
+  SegmentOut seg;
+  seg.start = 1, seg.end = 3, seg.text = "one two";
+  seg.words = {{"one", 1.1, 1.4, 0.2}, {"two", 1.5, 1.9, 0.5}};  // mean 0.35
+  SegmentOut kept = seg;
+  EXPECT_FALSE(DropUnsure(&kept, 0.35));
+  EXPECT_EQ(kept.text, "one two");
+  EXPECT_EQ(kept.words.size(), 2u);
+  EXPECT_FALSE(DropUnsure(&kept, 0.0));
+  EXPECT_TRUE(DropUnsure(&seg, 0.4));
+  EXPECT_EQ(seg.text, "");
+  EXPECT_TRUE(seg.words.empty());
+  EXPECT_DOUBLE_EQ(seg.start, 1);  // the segment stays on the timeline
+  EXPECT_DOUBLE_EQ(seg.end, 3);
+  EXPECT_FALSE(DropUnsure(&seg, 0.4));  // no words: nothing to drop
+}
+
 TEST(Transcript, ParseSegmentResultShiftsWordsByOffset) {
   json words = json::array({{{"w", "hello"}, {"s", 0.5}, {"e", 0.9}, {"c", 0.93}},
                             {{"w", "world"}, {"s", 1.0}, {"e", 5.4}, {"c", 1.7}}});  // e beyond duration, c > 1

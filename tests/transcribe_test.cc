@@ -336,6 +336,70 @@ TEST_F(TranscribeTest, FaintHissGivesAnEmptyTranscript) {
   EXPECT_EQ(Trim(ReadFile(t / "out/hiss.txt")), "");
 }
 
+// Loud noise passes the silence rule and reaches the model. Whatever it writes, a segment whose
+// words' mean confidence is under --min-confidence comes back empty, one at or above it as it
+// was; `collect` applies the same rule to the same results.
+TEST_F(TranscribeTest, UnsureSegmentsComeBackEmpty) {
+  TempDir t;
+  BrokerProc b = StartBroker(t / "broker", t / "broker.log");
+  Proc w = StartWorker(b.endpoint, t / "worker", t / "worker.log",
+                       {"--model-file", std::string(ASRF_SOURCE_DIR) + "/models/en-small.pt", "--threads", "2"});
+  fs::create_directories(t / "in");
+  std::mt19937 rng(9);
+  std::normal_distribution<double> unit(0, 1);
+  std::vector<int16_t> pcm(6 * 16000);
+  double slow = 0;
+  for (size_t i = 0; i < pcm.size(); ++i) {  // brown-ish noise with a 2 Hz swell, about -20 dBFS
+    slow = 0.98 * slow + unit(rng);
+    const double swell = 0.6 + 0.4 * std::sin(4 * M_PI * static_cast<double>(i) / 16000);
+    pcm[i] = static_cast<int16_t>(std::clamp(slow * 600 * swell, -32768.0, 32767.0));
+  }
+  WritePcm(t / "in/noise.wav", pcm, 16000, 1, SF_FORMAT_WAV | SF_FORMAT_PCM_16);
+  fs::copy_file((*utts_)[0].wav, t / "in/speech.wav");
+  RunResult all = Submit(b.endpoint, {"transcribe", t / "in", "--out", t / "all", "--format", "json",
+                                      "--min-confidence", "0", "--batch", "keep-all", "--wait"}, 120000);
+  ASSERT_EQ(all.code, 0) << all.err << ReadFile(t / "worker.log");
+  EXPECT_NE(all.err.find(" 0 segment(s) emptied"), std::string::npos) << all.err;
+  for (double threshold : {0.4, 0.99}) {
+    const std::string out = t / ("gate-" + std::to_string(threshold));
+    RunResult r = Submit(b.endpoint, {"transcribe", t / "in", "--out", out, "--format", "json", "--min-confidence",
+                                      std::to_string(threshold), "--wait"}, 120000);
+    ASSERT_EQ(r.code, 0) << r.err;
+    RunResult col = Submit(b.endpoint, {"collect", "keep-all", "--out", out + "-collected", "--format", "json",
+                                        "--min-confidence", std::to_string(threshold)}, 60000);
+    ASSERT_EQ(col.code, 0) << col.err;
+    size_t emptied = 0;
+    for (std::string name : {"noise", "speech"}) {
+      json raw = json::parse(ReadFile(t / ("all/" + name + ".json")));
+      for (const json& gated : {json::parse(ReadFile(out + "/" + name + ".json")),
+                                json::parse(ReadFile(out + "-collected/" + name + ".json"))}) {
+        ASSERT_EQ(gated["segments"].size(), raw["segments"].size()) << name;
+        for (size_t k = 0; k < raw["segments"].size(); ++k) {
+          const json& words = raw["segments"][k]["words"];
+          double sum = 0;
+          for (const json& wd : words) sum += wd["confidence"].get<double>();
+          const bool unsure = !words.empty() && sum / static_cast<double>(words.size()) < threshold;
+          EXPECT_EQ(gated["segments"][k]["text"].get<std::string>(),
+                    unsure ? std::string() : raw["segments"][k]["text"].get<std::string>())
+              << name << " segment " << k << " at " << threshold;
+        }
+      }
+      for (const json& seg : raw["segments"]) {
+        double sum = 0;
+        for (const json& wd : seg["words"]) sum += wd["confidence"].get<double>();
+        emptied += !seg["words"].empty() && sum / static_cast<double>(seg["words"].size()) < threshold;
+      }
+    }
+    EXPECT_NE(r.err.find(" " + std::to_string(emptied) + " segment(s) emptied"), std::string::npos) << r.err;
+    if (threshold > 0.9) EXPECT_GT(emptied, 0u) << "nothing is that sure";
+  }
+  // The speech is kept at the default threshold.
+  json speech = json::parse(ReadFile(t / "gate-0.400000/speech.json"));
+  std::string text;
+  for (const json& seg : speech["segments"]) text += seg["text"].get<std::string>();
+  EXPECT_FALSE(text.empty());
+}
+
 TEST_F(TranscribeTest, AJobForAModelNoWorkerHasWaitsAndSaysWhy) {
   TempDir t;
   BrokerProc b = StartBroker(t / "broker", t / "broker.log");
