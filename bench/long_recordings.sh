@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Word and character error rates on long recordings, against the same utterances transcribed as
-# separate files (what the model does at best), with the client's split by length only
-# (--pause-s 0), with every pause cut at its middle (--pause-keep-s -1) and with every segment
-# kept (--min-confidence 0) beside its default (pauses cut, long ones' middles, lead-ins and tails
-# left out beyond 0.5 s of the speech, segments under 0.4 mean word confidence emptied).
+# separate files (what the model does at best). Four ways through the client: split by length
+# only with every segment kept (--pause-s 0 --min-confidence 0), every pause cut at its middle
+# (--pause-keep-s -1 --min-confidence 0), long pauses, lead-ins and tails left out beyond 0.5 s of
+# the speech (--min-confidence 0), and the default: that, and segments under 0.4 mean word
+# confidence emptied.
 #
 # The sets: utterances of sentences never trained on (asr-synth's valid split, training voices, and
 # valid_heldout, voices never heard). "clean": joined per voice into files of 10 utterances with
@@ -191,12 +192,12 @@ score "$work/single-refs.json" "$work/out-single" "the utterances as separate fi
 for set in clean noisy gapped; do
     refs="$work/long-refs.json"
     [[ "$set" == gapped ]] && refs="$work/gapped-refs.json"
-    tx "$work/$set" "$work/out-$set-length" --pause-s 0
-    score "$refs" "$work/out-$set-length" "$set: split by length (--pause-s 0)"
-    tx "$work/$set" "$work/out-$set-middle" --pause-keep-s -1
-    score "$refs" "$work/out-$set-middle" "$set: pauses cut at the middle (--pause-keep-s -1)"
+    tx "$work/$set" "$work/out-$set-length" --pause-s 0 --min-confidence 0
+    score "$refs" "$work/out-$set-length" "$set: split by length, all kept"
+    tx "$work/$set" "$work/out-$set-middle" --pause-keep-s -1 --min-confidence 0
+    score "$refs" "$work/out-$set-middle" "$set: pauses cut at the middle, all kept"
     tx "$work/$set" "$work/out-$set-nogate" --min-confidence 0
-    score "$refs" "$work/out-$set-nogate" "$set: long pauses left out (--min-confidence 0)"
+    score "$refs" "$work/out-$set-nogate" "$set: long pauses left out, all segments kept"
     tx "$work/$set" "$work/out-$set-pauses"
     score "$refs" "$work/out-$set-pauses" "$set: default (and unsure segments emptied)"
 done
