@@ -47,7 +47,7 @@ Status ParseSegmentResult(const std::string& json, SegmentOut* out, std::string*
 
 // Empties a segment (its text and words) when the mean confidence of its words is below
 // `min_confidence`: what the model writes for background it took for speech (noise alone came
-// back at a mean of 0.07-0.36, speech at 0.55 and above; bench/RESULTS.md). Returns true when it
+// back at a mean of 0.07-0.36, speech at 0.52 and above; bench/RESULTS.md). Returns true when it
 // did; a segment without words is left as it is.
 bool DropUnsure(SegmentOut* seg, double min_confidence);
 
