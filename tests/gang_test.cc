@@ -47,7 +47,9 @@ TEST(Gang, NeverStartsPartiallyAndTwoGangsDoNotDeadlock) {
   EXPECT_TRUE(both);
   ASSERT_TRUE(WaitFor([&] { return StatusCounts(b.endpoint, "g1").done == 2; }, 20000));
 
-  // Two gangs of 2 over 3 workers: never more than one gang (2 leases) at a time, both finish.
+  // Two gangs of 2 over 3 workers: neither is ever partly placed, both finish. Leases never
+  // exceed the workers; 3 at one instant is the second gang placed on the worker whose rank of the
+  // first gang has just finished, plus the idle one, while the first gang's other rank reports.
   Proc w3 = StartWorker(b.endpoint, t / "w3", t / "w3.log", kFastHeartbeats);
   ASSERT_TRUE(WaitFor([&] {
     std::string out = Submit(b.endpoint, {"workers"}).out;
@@ -71,7 +73,8 @@ TEST(Gang, NeverStartsPartiallyAndTwoGangsDoNotDeadlock) {
     return a.done == 2 && d.done == 2;
   }, 30000);
   EXPECT_TRUE(finished);
-  EXPECT_EQ(most, 2);
+  EXPECT_GE(most, 2);
+  EXPECT_LE(most, 3);
   // A gang submitted in pieces is refused.
   RunResult bad = Submit(b.endpoint, {"submit", "--kind", "sleep", "--world-size", "2", "--count", "3"});
   EXPECT_EQ(bad.code, 2);
