@@ -455,6 +455,58 @@ TEST(ResidualTest, GrowingIsTheIdentityAndConfigsSayWhatTheyHold) {
   EXPECT_NE(st.message().find("transformer-ctc-v9"), std::string::npos) << st.ToString();
 }
 
+TEST(AverageTest, WeightsAreTheWeightedMeanOfOneNetwork) {
+  CtcModelConfig c;
+  c.channels = 16;
+  c.hidden = 12;
+  c.layers = 1;
+  torch::manual_seed(5);
+  CtcModel a(c);
+  torch::manual_seed(6);
+  CtcModel b(c);
+  CtcModel mean(nullptr);
+  Status st = AverageModels({a, b}, {1.0, 3.0}, &mean);  // normalised: 0.25, 0.75
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  EXPECT_EQ(mean->config().ToJson(), c.ToJson());
+  auto pa = a->named_parameters(), pb = b->named_parameters();
+  size_t n = 0;
+  for (const auto& p : mean->named_parameters()) {
+    torch::Tensor want = 0.25 * pa[p.key()] + 0.75 * pb[p.key()];
+    EXPECT_TRUE(torch::allclose(p.value(), want, 1e-6, 1e-7)) << p.key();
+    if (!torch::equal(pa[p.key()], pb[p.key()])) EXPECT_FALSE(torch::equal(p.value(), pb[p.key()])) << p.key();
+    ++n;
+  }
+  EXPECT_EQ(n, a->parameters().size());
+  // A model averaged with itself is itself, and the mean survives a save and a load.
+  CtcModel same(nullptr);
+  ASSERT_TRUE(AverageModels({a, a, a}, {1, 1, 1}, &same).ok());
+  for (const auto& p : same->named_parameters()) EXPECT_TRUE(torch::allclose(p.value(), pa[p.key()], 1e-6, 1e-7));
+  TempDir t;
+  ASSERT_TRUE(SaveModel(mean, t / "mean.pt").ok());
+  CtcModel back(nullptr);
+  ASSERT_TRUE(LoadModel(t / "mean.pt", &back).ok());
+  torch::NoGradGuard no_grad;
+  mean->eval();
+  back->eval();
+  torch::Tensor feats = torch::randn({2, 31, 80});
+  torch::Tensor frames = torch::tensor({31, 20}, torch::kInt64);
+  EXPECT_TRUE(torch::equal(mean->forward(feats, frames).first, back->forward(feats, frames).first));
+
+  // Refused: another network, another vocabulary, bad weights, nothing to average.
+  CtcModelConfig wider = c;
+  wider.hidden = 16;
+  st = AverageModels({a, CtcModel(wider)}, {1, 1}, &same);
+  EXPECT_EQ(st.code(), Status::Code::kInvalid) << st.ToString();
+  EXPECT_NE(st.message().find("different network"), std::string::npos) << st.ToString();
+  CtcModelConfig other_vocab = c;
+  other_vocab.vocab.chars = " abc";
+  EXPECT_EQ(AverageModels({a, CtcModel(other_vocab)}, {1, 1}, &same).code(), Status::Code::kInvalid);
+  EXPECT_EQ(AverageModels({a, b}, {1, -1}, &same).code(), Status::Code::kInvalid);
+  EXPECT_EQ(AverageModels({a, b}, {0, 0}, &same).code(), Status::Code::kInvalid);
+  EXPECT_EQ(AverageModels({a, b}, {1}, &same).code(), Status::Code::kInvalid);
+  EXPECT_EQ(AverageModels({}, {}, &same).code(), Status::Code::kInvalid);
+}
+
 TEST(InferLoadTest, NameDefaultsToTheFileStem) {
   auto named = Load(48000, "en-digits");
   ASSERT_TRUE(named);

@@ -1,6 +1,8 @@
 #include "worker/ctc_model.h"
 
 #include <cctype>
+#include <cmath>
+#include <functional>
 #include <sstream>
 
 #include <nlohmann/json.hpp>
@@ -272,6 +274,54 @@ Status GrowResidual(CtcModel& from, int64_t residual, CtcModel* out) {
         *out = grown;
       },
       "cannot grow the model");
+}
+
+Status AverageModels(const std::vector<CtcModel>& models, const std::vector<double>& weights, CtcModel* out) {
+  if (models.empty()) return Status::Invalid("no models to average");
+  if (weights.size() != models.size()) {
+    return Status::Invalid(std::to_string(weights.size()) + " weights for " + std::to_string(models.size()) + " models");
+  }
+  double sum = 0;
+  for (double w : weights) {
+    if (!std::isfinite(w) || w < 0) return Status::Invalid("a weight must be a finite number >= 0");
+    sum += w;
+  }
+  if (sum <= 0) return Status::Invalid("the weights sum to 0");
+  const std::string config = models.front()->config().ToJson();
+  for (size_t i = 1; i < models.size(); ++i) {
+    if (models[i]->config().ToJson() != config) {
+      return Status::Invalid("model " + std::to_string(i + 1) + " is a different network from model 1 (config " +
+                             models[i]->config().ToJson() + " against " + config + ")");
+    }
+  }
+  CtcModel mean(models.front()->config());
+  return Guard(
+      [&] {
+        torch::NoGradGuard no_grad;
+        auto average = [&](torch::OrderedDict<std::string, torch::Tensor> dst,
+                           const std::function<torch::OrderedDict<std::string, torch::Tensor>(const CtcModel&)>& of) {
+          std::vector<torch::OrderedDict<std::string, torch::Tensor>> srcs;
+          for (const auto& m : models) srcs.push_back(of(m));
+          for (auto& d : dst) {
+            if (!d.value().is_floating_point()) {
+              d.value().copy_(srcs.front()[d.key()]);
+              continue;
+            }
+            torch::Tensor acc = torch::zeros_like(d.value(), torch::kFloat64);
+            for (size_t i = 0; i < srcs.size(); ++i) {
+              const torch::Tensor* s = srcs[i].find(d.key());
+              if (!s || !s->sizes().equals(d.value().sizes())) throw std::runtime_error(d.key() + " does not fit");
+              acc.add_(s->to(torch::kCPU, torch::kFloat64), weights[i] / sum);
+            }
+            d.value().copy_(acc);
+          }
+        };
+        average(mean->named_parameters(), [](const CtcModel& m) { return m->named_parameters(); });
+        average(mean->named_buffers(), [](const CtcModel& m) { return m->named_buffers(); });
+        mean->eval();
+        *out = mean;
+      },
+      "cannot average the models");
 }
 
 std::vector<std::string> GreedyDecode(const torch::Tensor& log_probs, const torch::Tensor& out_frames,

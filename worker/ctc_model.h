@@ -83,6 +83,11 @@ Status LoadModelFromBytes(const std::string& bytes, CtcModel* out);
 // copied, the new blocks' projections are zero, so the grown model computes what `from` does.
 Status GrowResidual(CtcModel& from, int64_t residual, CtcModel* out);
 
+// The weighted mean of the weights of models of one network (the same config, e.g. two runs
+// where one started from the other): out = sum_i weights[i] * models[i]. Weights are >= 0 and
+// are normalised to sum to 1. Models of different configs or vocabularies are refused.
+Status AverageModels(const std::vector<CtcModel>& models, const std::vector<double>& weights, CtcModel* out);
+
 // Greedy CTC decoding: best id per frame, repeats collapsed, blanks dropped.
 std::vector<std::string> GreedyDecode(const torch::Tensor& log_probs, const torch::Tensor& out_frames,
                                       const Vocabulary& vocab);
