@@ -12,6 +12,7 @@
 
 #include <csignal>
 #include <fstream>
+#include <sstream>
 
 #include <nlohmann/json.hpp>
 
@@ -30,6 +31,11 @@ using json = nlohmann::json;
 TEST(Gang, NeverStartsPartiallyAndTwoGangsDoNotDeadlock) {
   TempDir t;
   BrokerProc b = StartBroker(t / "broker", t / "broker.log", kFastHeartbeats);
+  // What the broker decided, for a failure's message: the end of its log.
+  auto broker_log = [&] {
+    std::string log = ReadFile(t / "broker.log");
+    return "\nbroker log (end):\n" + log.substr(log.size() > 6000 ? log.size() - 6000 : 0);
+  };
   Proc w1 = StartWorker(b.endpoint, t / "w1", t / "w1.log", kFastHeartbeats);
   RunResult r = Submit(b.endpoint, {"submit", "--kind", "sleep", "--payload", R"({"ms":2500})", "--world-size", "2",
                                     "--batch", "g1"});
@@ -44,12 +50,12 @@ TEST(Gang, NeverStartsPartiallyAndTwoGangsDoNotDeadlock) {
   // A second worker: both ranks start together and finish.
   Proc w2 = StartWorker(b.endpoint, t / "w2", t / "w2.log", kFastHeartbeats);
   bool both = WaitFor([&] { return StatusCounts(b.endpoint, "g1").leased == 2; }, 10000);
-  EXPECT_TRUE(both);
-  ASSERT_TRUE(WaitFor([&] { return StatusCounts(b.endpoint, "g1").done == 2; }, 20000));
+  EXPECT_TRUE(both) << broker_log();
+  ASSERT_TRUE(WaitFor([&] { return StatusCounts(b.endpoint, "g1").done == 2; }, 20000)) << broker_log();
 
-  // Two gangs of 2 over 3 workers: neither is ever partly placed, both finish. Leases never
-  // exceed the workers; 3 at one instant is the second gang placed on the worker whose rank of the
-  // first gang has just finished, plus the idle one, while the first gang's other rank reports.
+  // Two gangs of 2 over 3 workers: neither is ever partly placed, both finish, and no worker ever
+  // holds more than its one slot. (The jobs' counts cannot show the last: a rank whose result is
+  // being made durable still counts as leased while its worker already takes the next gang.)
   Proc w3 = StartWorker(b.endpoint, t / "w3", t / "w3.log", kFastHeartbeats);
   ASSERT_TRUE(WaitFor([&] {
     std::string out = Submit(b.endpoint, {"workers"}).out;
@@ -59,22 +65,29 @@ TEST(Gang, NeverStartsPartiallyAndTwoGangsDoNotDeadlock) {
                                 "--batch", "g2"}).code, 0);
   ASSERT_EQ(Submit(b.endpoint, {"submit", "--kind", "sleep", "--payload", R"({"ms":1500})", "--world-size", "2",
                                 "--batch", "g3"}).code, 0);
-  long most = 0;
+  long most = 0, most_on_one = 0;
   bool finished = WaitFor([&] {
-    Counts all = StatusCounts(b.endpoint);  // one answer: the leases at one instant
-    most = std::max(most, all.leased);
+    long running = 0;  // one answer: the workers' leases at one instant
+    std::istringstream in(Submit(b.endpoint, {"workers", "--json"}).out);
+    for (std::string line; std::getline(in, line);) {
+      auto w = json::parse(line, nullptr, false);
+      if (w.is_discarded() || !w.contains("running")) continue;
+      running += w["running"].get<long>();
+      most_on_one = std::max(most_on_one, w["running"].get<long>());
+    }
+    most = std::max(most, running);
     Counts a = StatusCounts(b.endpoint, "g2"), d = StatusCounts(b.endpoint, "g3");
     // Partly placed: a rank runs while another still waits. (One rank done while the other still
     // reports is the gang finishing, not a partial start.)
     EXPECT_FALSE(a.leased > 0 && a.queued > 0) << "gang g2 partially placed: " << a.leased << " leased, " << a.queued
-                                               << " queued";
+                                               << " queued" << broker_log();
     EXPECT_FALSE(d.leased > 0 && d.queued > 0) << "gang g3 partially placed: " << d.leased << " leased, " << d.queued
-                                               << " queued";
+                                               << " queued" << broker_log();
     return a.done == 2 && d.done == 2;
   }, 30000);
-  EXPECT_TRUE(finished);
-  EXPECT_GE(most, 2);
-  EXPECT_LE(most, 3);
+  EXPECT_TRUE(finished) << broker_log();
+  EXPECT_GE(most, 2);  // a gang ran whole
+  EXPECT_EQ(most_on_one, 1) << broker_log();
   // A gang submitted in pieces is refused.
   RunResult bad = Submit(b.endpoint, {"submit", "--kind", "sleep", "--world-size", "2", "--count", "3"});
   EXPECT_EQ(bad.code, 2);
