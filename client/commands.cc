@@ -388,7 +388,7 @@ int RunTrain(const GlobalOptions& g, const std::vector<std::string>& args) {
   int priority = 0;
   po::options_description desc("train options");
   desc.add_options()
-      ("manifest", po::value(&manifest)->default_value(""), "training manifest (JSONL: audio, text, duration) on storage the worker can read; required unless --evaluate-only")
+      ("manifest", po::value(&manifest)->default_value(""), "training manifest (JSONL lines with \"audio\" (a path) and \"text\"; other fields are ignored) on storage the worker can read; required unless --evaluate-only")
       ("valid", po::value(&valid)->required(), "validation manifest, same format")
       ("name", po::value(&name)->default_value(""), "model name; required unless --evaluate-only (then \"eval\")")
       ("out", po::value(&out)->default_value(""), "where the worker writes the final model file (also kept in its state dir)")

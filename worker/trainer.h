@@ -16,7 +16,7 @@ class CheckpointStore;
 
 // What a train job asks for; the job payload is this as JSON (see TrainSpec::FromJson).
 struct TrainSpec {
-  std::string manifest;            // JSONL: {"audio": path, "text": ..., "duration": s}
+  std::string manifest;            // JSONL: {"audio": path, "text": ...}; other fields ignored
   std::string valid;               // same format; validated every valid_every steps
   std::string name;                // model name
   std::string out;                 // where the final model file goes (optional)
