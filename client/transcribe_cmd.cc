@@ -570,7 +570,10 @@ int RunTranscribe(const GlobalOptions& g, const std::vector<std::string>& args) 
               << " skipped (extension not in --ext)\n";
     for (const auto& e : walk.errors) std::cerr << "  error: " << e << "\n";
     for (const auto& f : files) {
-      if (!f.error.empty()) std::cerr << "  error: " << f.path << ": " << f.error << "\n";
+      if (f.error.empty()) continue;
+      // Decoding errors already start with the path.
+      const bool named = f.error.compare(0, f.path.size() + 2, f.path + ": ") == 0;
+      std::cerr << "  error: " << (named ? std::string() : f.path + ": ") << f.error << "\n";
     }
     return errors;
   };

@@ -211,6 +211,15 @@ TEST(DecodeAudio, EmptyWavIsInvalid) {
   EXPECT_NE(st.message().find(dir / "empty.wav"), std::string::npos) << st.message();
 }
 
+TEST(DecodeAudio, ZeroByteFileSaysItIsEmpty) {
+  TempDir dir;
+  { std::ofstream(dir / "zero.flac"); }
+  DecodedAudio a;
+  Status st = DecodeAudio16k(dir / "zero.flac", &a);
+  EXPECT_EQ(st.code(), Status::Code::kInvalid) << st.ToString();
+  EXPECT_EQ(st.message(), std::string(dir / "zero.flac") + ": empty file (0 bytes), not audio");
+}
+
 TEST(DecodeAudio, TextFileNamedWavIsInvalid) {
   TempDir dir;
   std::ofstream(dir / "notes.wav") << "These are meeting notes, not audio.\nSecond line.\n";

@@ -161,9 +161,10 @@ TEST_F(TranscribeTest, FolderToTranscriptsWithBadFilesLongFilesAndPostgres) {
     }
     WritePcm(in + "/long.wav", all, 16000, 1, SF_FORMAT_WAV | SF_FORMAT_PCM_16);
   }
-  // Bad inputs: an empty WAV, text named .wav, and a file of another extension (skipped).
+  // Bad inputs: an empty WAV, text named .wav, a file of 0 bytes, and a file of another extension (skipped).
   WritePcm(in + "/calls/empty.wav", {}, 16000, 1, SF_FORMAT_WAV | SF_FORMAT_PCM_16);
   { std::ofstream(in + "/calls/notes.wav") << "this is not audio\n"; }
+  { std::ofstream(in + "/calls/zero.wav"); }  // 0 bytes
   { std::ofstream(in + "/calls/README.txt") << "ignored\n"; }
   // A broken link is named, never skipped in silence.
   fs::create_symlink(in + "/calls/gone.wav", in + "/calls/dangling.wav");
@@ -176,10 +177,11 @@ TEST_F(TranscribeTest, FolderToTranscriptsWithBadFilesLongFilesAndPostgres) {
   RunResult r = Submit(b.endpoint, {"transcribe", in, "--out", out, "--format", "txt,json,srt,vtt,tsv",
                                     "--max-segment-s", "6", "--wait"},
                        180000);
-  // Two bad files and a broken link: exit 1, each named in the summary, everything else written.
+  // Three bad files and a broken link: exit 1, each named in the summary, everything else written.
   EXPECT_EQ(r.code, 1) << r.err << ReadFile(t / "worker.log");
   EXPECT_NE(r.err.find("empty.wav"), std::string::npos) << r.err;
-  EXPECT_NE(r.err.find("notes.wav"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("  error: " + in + "/calls/notes.wav: not audio"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("  error: " + in + "/calls/zero.wav: empty file (0 bytes)"), std::string::npos) << r.err;
   EXPECT_NE(r.err.find("dangling.wav: a broken symbolic link"), std::string::npos) << r.err;
   EXPECT_NE(r.err.find("1 skipped (extension"), std::string::npos) << r.err;
   EXPECT_FALSE(fs::exists(out + "/calls/empty.txt"));
@@ -406,7 +408,9 @@ TEST_F(TranscribeTest, UnsureSegmentsComeBackEmpty) {
       }
     }
     EXPECT_NE(r.err.find(" " + std::to_string(emptied) + " segment(s) emptied"), std::string::npos) << r.err;
-    if (threshold == above_least) EXPECT_GT(emptied, 0u) << "the least sure segment was kept at " << threshold;
+    if (threshold == above_least) {
+      EXPECT_GT(emptied, 0u) << "the least sure segment was kept at " << threshold;
+    }
   }
   // The speech is kept at the default threshold.
   json speech = json::parse(ReadFile(t / "gate-0.400000/speech.json"));
