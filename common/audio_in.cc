@@ -93,7 +93,7 @@ Status DecodeAudio16k(const std::string& path, DecodedAudio* out) {
   std::error_code ec;
   if (!std::filesystem::exists(path, ec)) return Status::Invalid(path + ": not readable (no such file)");
   if (std::filesystem::is_directory(path, ec)) return Status::Invalid(path + ": not readable (a directory)");
-  if (std::filesystem::is_regular_file(path, ec) && std::filesystem::file_size(path, ec) == 0 && !ec)
+  if (std::filesystem::is_regular_file(path, ec) && std::filesystem::file_size(path, ec) == 0)  // -1 on error
     return Status::Invalid(path + ": empty file (0 bytes), not audio");
 
   SF_INFO info{};
