@@ -2,7 +2,8 @@
 // manifests and byte-identical wav files, another seed gives other output, no sentence is in both
 // train and valid, the held-out voices appear only in valid_heldout.jsonl, every wav is 16 kHz mono
 // with the duration its manifest states, shards partition the utterances, the optional Festival
-// voices are deterministic and never held out, and bad arguments fail.
+// voices are deterministic and never held out, single words come from their split's sentences, and
+// bad arguments fail.
 #include <gtest/gtest.h>
 
 #include <cstdint>
@@ -337,6 +338,54 @@ TEST(SynthFestival, AFestivalThatDiesStopsTheRun) {
   EXPECT_NE(r.err.find("festival exited"), std::string::npos) << r.err;
 }
 
+// --single-word-fraction 1: every utterance is one word of a sentence of its own split (so no
+// training word comes from a validation-only sentence), spoken alone; 0 changes nothing at all.
+TEST_F(SynthTest, SingleWordsComeFromTheirSplitsSentences) {
+  TempDir d;
+  RunResult r = RunCommand(SynthArgs(d / "one", 30, 5, {"--single-word-fraction", "1", "--numbers-fraction", "0"}),
+                           60000);
+  ASSERT_EQ(r.code, 0) << r.err;
+  r = RunCommand({ASRF_SYNTH_BIN, "--list-sentences", "--valid-fraction", "0.2"}, 60000);
+  ASSERT_EQ(r.code, 0) << r.err;
+  std::map<std::string, std::set<std::string>> words;  // split -> words of its sentences
+  std::istringstream pool(r.out);
+  for (std::string line; std::getline(pool, line);) {
+    size_t tab = line.find('\t');
+    ASSERT_NE(tab, std::string::npos) << line;
+    std::istringstream ws(line.substr(tab + 1));
+    for (std::string w; ws >> w;) words[line.substr(0, tab)].insert(w);
+  }
+  ASSERT_FALSE(words["train"].empty());
+  ASSERT_FALSE(words["valid"].empty());
+  int n = 0;
+  for (auto [m, split] : {std::pair{"train.jsonl", "train"}, std::pair{"valid.jsonl", "valid"},
+                          std::pair{"valid_heldout.jsonl", "valid"}}) {
+    for (const auto& j : ReadJsonl(d / (std::string("one/") + m))) {
+      ++n;
+      std::string text = j["text"];
+      EXPECT_FALSE(text.empty());
+      EXPECT_EQ(text.find(' '), std::string::npos) << "more than one word: " << text;
+      EXPECT_TRUE(words[split].count(text)) << text << " is no word of a " << split << " sentence";
+    }
+  }
+  EXPECT_EQ(n, 30);
+  auto summary = json::parse(ReadFile(d / "one/summary.json"), nullptr, false);
+  ASSERT_TRUE(summary.is_object());
+  EXPECT_EQ(summary["options"]["single_word_fraction"], 1.0);
+
+  r = RunCommand(SynthArgs(d / "zero", 30, 5, {"--single-word-fraction", "0"}), 60000);
+  ASSERT_EQ(r.code, 0) << r.err;
+  auto fa = Files(a_->path());
+  auto fz = Files(d / "zero");
+  ASSERT_EQ(fa.size(), fz.size());
+  for (const auto& [name, body] : fa) {
+    ASSERT_TRUE(fz.count(name)) << name;
+    const std::string zero = fs::absolute(d / "zero").lexically_normal().string();
+    EXPECT_EQ(Replace(body, Prefix(a_), "DIR"), Replace(fz[name], zero, "DIR"))
+        << name << " differs from the run without --single-word-fraction";
+  }
+}
+
 TEST(SynthErrors, BadArgumentsFail) {
   RunResult r = RunCommand({ASRF_SYNTH_BIN, "--out", "/proc/forbidden", "--utterances", "3"}, 30000);
   EXPECT_NE(r.code, 0);
@@ -349,6 +398,8 @@ TEST(SynthErrors, BadArgumentsFail) {
   r = RunCommand({ASRF_SYNTH_BIN, "--shards", "2", "--shard", "2"}, 30000);
   EXPECT_EQ(r.code, 2) << r.err;
   r = RunCommand({ASRF_SYNTH_BIN, "--festival-share", "1.5"}, 30000);
+  EXPECT_EQ(r.code, 2) << r.err;
+  r = RunCommand({ASRF_SYNTH_BIN, "--single-word-fraction", "-0.1"}, 30000);
   EXPECT_EQ(r.code, 2) << r.err;
 
   TempDir t;

@@ -1115,6 +1115,7 @@ struct Options {
   int shards = 1;
   double espeak_share = 0.5;
   double festival_share = 0.0;
+  double single_word_fraction = 0.0;
   bool list_sentences = false;
 };
 
@@ -1353,6 +1354,10 @@ class Synthesizer {
     if (Uniform01(rng) < o_.noise_fraction) noise = static_cast<Noise>(1 + UniformInt(rng, 0, 2));
     double snr_db = Uniform(rng, o_.min_snr_db, o_.max_snr_db);
     uint64_t audio_seed = rng();
+    // One word said alone (a name, a command, a short answer): drawn last and only when asked for,
+    // so runs without it stay byte-identical.
+    bool single_word = o_.single_word_fraction > 0 && Uniform01(rng) < o_.single_word_fraction;
+    uint64_t word_pick = single_word ? rng() : 0;
 
     const Pool& pool = split == kTrain ? train_pool_ : valid_pool_;
     bool want_valid = split != kTrain;
@@ -1372,6 +1377,16 @@ class Synthesizer {
         if (pool.items.empty())
           return Status::Invalid(std::string("no sentences for the ") + kSplitNames[split] + " split");
         text = pool.Pick(index, attempt);
+      }
+      if (single_word) {
+        std::vector<std::string> words;
+        for (size_t at = 0; at < text.size();) {
+          size_t end = text.find(' ', at);
+          if (end == std::string::npos) end = text.size();
+          if (end > at) words.push_back(text.substr(at, end - at));
+          at = end + 1;
+        }
+        if (!words.empty()) text = words[(word_pick + static_cast<uint64_t>(attempt)) % words.size()];
       }
       p.engine_seed = static_cast<unsigned int>(SplitMix64(audio_seed + attempt));
 
@@ -1529,7 +1544,10 @@ class Synthesizer {
          ", \"noise_fraction\": " + Fixed(o_.noise_fraction, 6) + ", \"min_snr_db\": " + Fixed(o_.min_snr_db, 3) +
          ", \"max_snr_db\": " + Fixed(o_.max_snr_db, 3) + ", \"numbers_fraction\": " + Fixed(o_.numbers_fraction, 6) +
          ", \"max_words\": " + std::to_string(o_.max_words) + ", \"espeak_share\": " + Fixed(o_.espeak_share, 6) +
-         (o_.festival_share > 0 ? ", \"festival_share\": " + Fixed(o_.festival_share, 6) : std::string()) + "}\n";
+         (o_.festival_share > 0 ? ", \"festival_share\": " + Fixed(o_.festival_share, 6) : std::string()) +
+         (o_.single_word_fraction > 0 ? ", \"single_word_fraction\": " + Fixed(o_.single_word_fraction, 6)
+                                      : std::string()) +
+         "}\n";
     j += "}\n";
     return j;
   }
@@ -1579,6 +1597,9 @@ int main(int argc, char** argv) {
        "share of training and validation utterances made instead with Festival (voices kal_diphone, ked_diphone, "
        "cmu_us_slt_arctic_hts; needs the festival program and those voices); 0 keeps output identical to runs "
        "without it")
+      ("single-word-fraction", po::value(&o.single_word_fraction)->default_value(o.single_word_fraction, "0"),
+       "share of utterances that are one word of their split's sentence said alone (names, commands, short "
+       "answers; sentences never have fewer than 2 words); 0 keeps output identical to runs without it")
       ("list-sentences", po::bool_switch(&o.list_sentences),
        "print the normalised sentence pool (split TAB text) on stdout and exit; writes nothing")
       ("shard", po::value(&o.shard)->default_value(o.shard),
@@ -1599,7 +1620,8 @@ int main(int argc, char** argv) {
   if (o.out.empty()) return usage("--out must not be empty");
   if (o.utterances < 1) return usage("--utterances must be at least 1");
   if (!fraction(o.valid_fraction) || !fraction(o.heldout_fraction) || !fraction(o.noise_fraction) ||
-      !fraction(o.numbers_fraction) || !fraction(o.espeak_share) || !fraction(o.festival_share))
+      !fraction(o.numbers_fraction) || !fraction(o.espeak_share) || !fraction(o.festival_share) ||
+      !fraction(o.single_word_fraction))
     return usage("fractions must lie in [0, 1]");
   if (o.valid_fraction + o.heldout_fraction > 1)
     return usage("--valid-fraction + --heldout-fraction must not exceed 1");
