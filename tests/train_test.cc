@@ -144,6 +144,7 @@ TEST_F(TrainTest, ShortRunLowersTheLossAndWritesTheModel) {
   // final_loss is a moving average over the last steps; a single batch's loss is noisy.
   EXPECT_LT(result["final_loss"].get<double>(), 0.9 * first_loss) << "the loss did not go down";
   EXPECT_GE(result["valid_cer"].get<double>(), 0.0);
+  EXPECT_EQ(result["valid_texts_in_training"].get<int>(), 0) << "asr-synth's splits share no text";
   EXPECT_FALSE(ReadFile(tmp_ / "out/tiny.pt").empty());
   EXPECT_FALSE(ReadFile(tmp_ / "w/models/tiny.pt").empty());
   // Evaluating the saved model alone gives the same CER the run reported (file round trip).
@@ -429,6 +430,40 @@ TEST_F(TrainTest, AModelTheRegistryMissedIsRegisteredByRetryWithoutTrainingAgain
   size_t at = log.rfind("train_resumed");
   ASSERT_NE(at, std::string::npos) << log;
   EXPECT_NE(log.substr(at, 80).find("\"step\":60"), std::string::npos) << log.substr(at, 200);
+}
+
+// A validation set that repeats training texts still trains, but the result and the worker's log
+// say how many of its utterances the model has heard the words of.
+TEST_F(TrainTest, ValidationTextsAlsoInTrainingAreReported) {
+  BrokerProc b = StartBroker(tmp_ / "broker", tmp_ / "broker.log");
+  Proc w = StartWorker(b.endpoint, tmp_ / "w", tmp_ / "w.log");
+  std::ifstream tin(Train()), vin(Valid());
+  std::ofstream mixed(tmp_ / "mixed.jsonl");
+  std::string line;
+  for (int i = 0; i < 3 && std::getline(tin, line); ++i) mixed << line << "\n";  // three training utterances...
+  int valid_lines = 0;
+  while (std::getline(vin, line)) {  // ...and the real validation set
+    mixed << line << "\n";
+    ++valid_lines;
+  }
+  mixed.close();
+  ASSERT_GT(valid_lines, 0);
+  std::vector<std::string> args = TrainArgs("mixed", 2, 10);
+  args[4] = tmp_ / "mixed.jsonl";  // --valid
+  args.push_back("--wait");
+  RunResult r = Submit(b.endpoint, args, 120000);
+  ASSERT_EQ(r.code, 0) << r.err << ReadFile(tmp_ / "w.log");
+  json result;
+  std::istringstream in(r.out);
+  while (std::getline(in, line)) {
+    auto j = json::parse(line, nullptr, false);
+    if (!j.is_discarded() && j.value("state", "") == "done") result = j["result"];
+  }
+  ASSERT_TRUE(result.is_object()) << r.out;
+  // The three copied lines; asr-synth's own validation texts are never training texts.
+  EXPECT_EQ(result["valid_texts_in_training"].get<int>(), 3) << r.out;
+  std::string log = ReadFile(tmp_ / "w.log");
+  EXPECT_NE(log.find("valid_texts_in_training"), std::string::npos) << log;
 }
 
 TEST_F(TrainTest, BadManifestsFailWithClearErrorsBeforeTraining) {

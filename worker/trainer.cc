@@ -9,6 +9,7 @@
 #include <random>
 #include <sstream>
 #include <thread>
+#include <unordered_set>
 
 #include <nlohmann/json.hpp>
 #if ASRF_TORCH_GLOO  // worker/CMakeLists.txt: ASRF_GLOO
@@ -760,6 +761,22 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
   std::vector<ManifestItem> train_items, valid_items;
   ASRF_RETURN_IF_ERROR(ReadManifest(spec.manifest, vocab.chars, spec.max_seconds, &train_items, /*for_training=*/true));
   ASRF_RETURN_IF_ERROR(ReadManifest(spec.valid, vocab.chars, spec.max_seconds, &valid_items));
+  // A validation text the model also trains on makes the validation figure a memory test: counted,
+  // warned about and reported, not refused (a user may mean it).
+  uint64_t valid_seen = 0;
+  {
+    std::unordered_set<std::string> train_texts;
+    for (const auto& it : train_items) train_texts.insert(it.text);
+    std::string example;
+    for (const auto& it : valid_items) {
+      if (!train_texts.count(it.text)) continue;
+      if (valid_seen++ == 0) example = it.text;
+    }
+    if (valid_seen > 0 && rank == 0) {
+      LogWarn("valid_texts_in_training").Kv("job", ctx.job_id).Kv("utterances", valid_seen)
+          .Kv("of", static_cast<uint64_t>(valid_items.size())).Kv("example", example);
+    }
+  }
   std::vector<Utterance> train, valid;
   ASRF_RETURN_IF_ERROR(LoadAll(train_items, vocab, ctx, &train));
   ASRF_RETURN_IF_ERROR(LoadAll(valid_items, vocab, ctx, &valid));
@@ -1023,7 +1040,8 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
               {"hours", hours},             {"final_loss", loss_avg},
               {"model", kept},              {"out", spec.out},
               {"resumed_at", resumed_at}, {"skipped_steps", skipped},
-              {"rank", rank}, {"world_size", world}, {"residual", model->config().residual}};
+              {"rank", rank}, {"world_size", world}, {"residual", model->config().residual},
+              {"valid_texts_in_training", valid_seen}};
     if (rank != 0) {
       r.erase("valid_cer");
       r.erase("valid_wer");

@@ -13,9 +13,10 @@
 // (digit runs, phone-like numbers, cardinals with and without "and", years, ordinals).
 //
 // Split. A text is in the validation split iff a seed-independent 64-bit hash of its normalised
-// form, mapped to [0,1), is below --valid-fraction. The split therefore does not change with
-// --seed (runs with different seeds share the same validation sentences) and no text is in both
-// splits; generated number strings obey the same rule.
+// form, mapped to [0,1), is below --valid-sentences (0.05). The split therefore changes neither
+// with --seed nor with --valid-fraction (the share of utterances that go to valid.jsonl): corpora
+// made with other seeds or shares never train on a sentence another one validates on, and no text
+// is in both splits; generated number strings obey the same rule.
 //
 // Voices. espeak-ng: en-us, en-gb, en-gb-scotland, en-gb-x-rp, en-gb-x-gbclan, en-gb-x-gbcwmd,
 // en-029, en-us-nyc, each plain and with the variants m1..m8, f1..f5, klatt, klatt2, klatt3 and
@@ -1104,6 +1105,7 @@ struct Options {
   int64_t utterances = 1000;
   uint64_t seed = 1;
   double valid_fraction = 0.05;
+  double valid_sentences = 0.05;
   double heldout_fraction = 0.03;
   double noise_fraction = 0.4;
   double min_snr_db = 12;
@@ -1176,7 +1178,7 @@ class Synthesizer {
       if (!st.ok()) return Fail(st.message());
       std::string listing;
       for (const auto& s : sentences)
-        listing += std::string(TextHash01(s) < o_.valid_fraction ? "valid\t" : "train\t") + s + "\n";
+        listing += std::string(TextHash01(s) < o_.valid_sentences ? "valid\t" : "train\t") + s + "\n";
       std::cout << listing << std::flush;
       return sentences.empty() ? Fail("no usable sentences found in " + o_.text_dir) : 0;
     }
@@ -1205,7 +1207,7 @@ class Synthesizer {
     if (sentences.empty()) return Fail("no usable sentences found in " + o_.text_dir + " (" + std::to_string(files) +
                                        " text files read)");
     for (const auto& s : sentences) {
-      (TextHash01(s) < o_.valid_fraction ? valid_pool_ : train_pool_).items.push_back(&s);
+      (TextHash01(s) < o_.valid_sentences ? valid_pool_ : train_pool_).items.push_back(&s);
     }
     train_pool_.SetPermutation(o_.seed, 0x7261696eull);
     valid_pool_.SetPermutation(o_.seed, 0x76616c69ull);
@@ -1215,9 +1217,9 @@ class Synthesizer {
         .Kv("train", static_cast<int64_t>(train_pool_.items.size()))
         .Kv("valid", static_cast<int64_t>(valid_pool_.items.size()));
     if (train_pool_.items.empty() && o_.valid_fraction + o_.heldout_fraction < 1.0)
-      return Fail("no training sentences: every sentence fell into the validation split");
+      return Fail("no training sentences: every sentence fell into the validation split (lower --valid-sentences)");
     if (valid_pool_.items.empty() && (o_.valid_fraction > 0 || o_.heldout_fraction > 0))
-      return Fail("no validation sentences: raise --valid-fraction or use a larger --text-dir");
+      return Fail("no validation sentences: raise --valid-sentences or use a larger --text-dir");
 
     BuildVoices();
     if (Status s = espeak_.Init(); !s.ok()) return Fail(s.message());
@@ -1367,7 +1369,7 @@ class Synthesizer {
         for (int tries = 0; tries < 10000; ++tries) {
           std::string t = NumberString(rng);
           if (WordCount(t) < 2 || WordCount(t) > std::max(o_.max_words, 2)) continue;
-          if ((TextHash01(t) < o_.valid_fraction) == want_valid) {
+          if ((TextHash01(t) < o_.valid_sentences) == want_valid) {
             text = t;
             break;
           }
@@ -1528,7 +1530,7 @@ class Synthesizer {
          ", \"sentences\": " + std::to_string(sentences) + ", \"train_sentences\": " +
          std::to_string(train_pool_.items.size()) + ", \"valid_sentences\": " +
          std::to_string(valid_pool_.items.size()) + "},\n";
-    j += "  \"valid_split\": \"seed-independent hash of the normalized text below valid_fraction\",\n";
+    j += "  \"valid_split\": \"seed-independent hash of the normalized text below valid_sentences\",\n";
     j += "  \"heldout_voices\": [";
     first = true;
     for (const auto* list : {&heldout_espeak_, &heldout_flite_})
@@ -1540,6 +1542,7 @@ class Synthesizer {
     j += "],\n";
     j += "  \"options\": {\"utterances\": " + std::to_string(o_.utterances) +
          ", \"valid_fraction\": " + Fixed(o_.valid_fraction, 6) +
+         ", \"valid_sentences\": " + Fixed(o_.valid_sentences, 6) +
          ", \"heldout_fraction\": " + Fixed(o_.heldout_fraction, 6) +
          ", \"noise_fraction\": " + Fixed(o_.noise_fraction, 6) + ", \"min_snr_db\": " + Fixed(o_.min_snr_db, 3) +
          ", \"max_snr_db\": " + Fixed(o_.max_snr_db, 3) + ", \"numbers_fraction\": " + Fixed(o_.numbers_fraction, 6) +
@@ -1577,8 +1580,11 @@ int main(int argc, char** argv) {
        "number of utterance indices (0..N-1) over all shards")
       ("seed", po::value(&o.seed)->default_value(o.seed), "random seed: same arguments give byte-identical output")
       ("valid-fraction", po::value(&o.valid_fraction)->default_value(o.valid_fraction, "0.05"),
-       "share of sentence texts in the validation split (by a seed-independent text hash) and of utterances "
-       "in valid.jsonl")
+       "share of utterances in valid.jsonl (validation sentences spoken by training voices)")
+      ("valid-sentences", po::value(&o.valid_sentences)->default_value(o.valid_sentences, "0.05"),
+       "share of sentence texts in the validation split, by a seed-independent text hash; keep it the same "
+       "for every corpus a model trains or is measured on, or one corpus's validation sentences are "
+       "another's training sentences (raise it only for a small --text-dir of your own)")
       ("heldout-fraction", po::value(&o.heldout_fraction)->default_value(o.heldout_fraction, "0.03"),
        "share of utterances spoken by the held-out voices (espeak en-gb-scotland+f3, en-us-nyc+m5, flite rms) "
        "on validation sentences: valid_heldout.jsonl")
@@ -1619,15 +1625,15 @@ int main(int argc, char** argv) {
   auto fraction = [](double f) { return f >= 0 && f <= 1; };
   if (o.out.empty()) return usage("--out must not be empty");
   if (o.utterances < 1) return usage("--utterances must be at least 1");
-  if (!fraction(o.valid_fraction) || !fraction(o.heldout_fraction) || !fraction(o.noise_fraction) ||
+  if (!fraction(o.valid_fraction) || !fraction(o.heldout_fraction) || !fraction(o.valid_sentences) || !fraction(o.noise_fraction) ||
       !fraction(o.numbers_fraction) || !fraction(o.espeak_share) || !fraction(o.festival_share) ||
       !fraction(o.single_word_fraction))
     return usage("fractions must lie in [0, 1]");
   if (o.valid_fraction + o.heldout_fraction > 1)
     return usage("--valid-fraction + --heldout-fraction must not exceed 1");
-  if (o.heldout_fraction > 0 && o.valid_fraction <= 0)
-    return usage("the held-out voices speak validation sentences: --heldout-fraction needs --valid-fraction > 0");
-  if (o.valid_fraction >= 1) return usage("--valid-fraction must be below 1 (no training sentences otherwise)");
+  if (o.heldout_fraction > 0 && o.valid_sentences <= 0)
+    return usage("the held-out voices speak validation sentences: --heldout-fraction needs --valid-sentences > 0");
+  if (o.valid_fraction >= 1) return usage("--valid-fraction must be below 1 (no training utterances otherwise)");
   if (!(o.min_snr_db <= o.max_snr_db)) return usage("--min-snr-db must not exceed --max-snr-db");
   if (o.max_words < 2) return usage("--max-words must be at least 2");
   if (o.shards < 1 || o.shard < 0 || o.shard >= o.shards) return usage("need 0 <= --shard < --shards");
