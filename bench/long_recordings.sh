@@ -142,20 +142,8 @@ print(f"sets: clean and noisy: {len(refs)} long files, {sum(len(r.split()) for r
       f"{sum(len(r.split()) for r in gapped_refs.values())} reference words")
 PY
 
-cat >"$work/wer.py" <<'PY'
-import re
-def edits(a, b):
-    d = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        p, d[0] = d[0], i
-        for j, y in enumerate(b, 1):
-            p, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, p + (x != y))
-    return d[-1]
-def norm(s):
-    return re.sub(r"[^a-z' ]", " ", s.lower()).split()
-PY
 score() {  # refs.json, transcripts dir, label
-    PYTHONPATH="$work" python3 - "$@" <<'PY'
+    PYTHONPATH=bench python3 - "$@" <<'PY'
 import json, os, sys
 from wer import edits, norm
 refs, out, label = json.load(open(sys.argv[1])), sys.argv[2], sys.argv[3]
@@ -170,18 +158,8 @@ print(f"{label:<52} WER {we / wn:.4f}   CER {ce / cn:.4f}   ({wn} words)")
 PY
 }
 
-echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(date -u +%F); model $model"
-build/broker/asr-broker --listen tcp://127.0.0.1:0 --state-dir "$work/broker" >"$work/broker.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 100); do [[ -s "$work/broker/broker.endpoint" ]] && break; sleep 0.1; done
-ep="$(<"$work/broker/broker.endpoint")"
-build/worker/asr-worker --broker "$ep" --state-dir "$work/worker" --model-file "$model" --threads "$threads" \
-    >"$work/worker.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 300); do
-    (($(build/client/asr-submit --broker "$ep" workers 2>/dev/null | grep -c .) >= 1)) && break
-    sleep 0.1
-done
+source bench/fleet.sh
+fleet_start "$work" "$model" "$threads"
 tx() {  # input dir, output dir, options...
     local in="$1" out="$2"; shift 2
     build/client/asr-submit --broker "$ep" transcribe "$in" --out "$out" --format txt,json --wait "$@" \
@@ -203,7 +181,7 @@ for set in clean noisy gapped; do
 done
 # Per utterance, in the clean long files cut into exactly one segment per utterance: the same
 # words as the separate files, or not, for utterances with and without noise of their own.
-PYTHONPATH="$work" python3 - "$work" <<'PY'
+PYTHONPATH=bench python3 - "$work" <<'PY'
 import json, sys
 from wer import edits, norm
 work = sys.argv[1]

@@ -103,17 +103,9 @@ print("sets: " + ", ".join(f"{s} {len(r)} files" for s, r in sets.items()))
 PY
 
 score() {  # refs.json, transcripts dir, label
-    python3 - "$@" <<'PY'
-import json, os, re, sys
-def edits(a, b):
-    d = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        p, d[0] = d[0], i
-        for j, y in enumerate(b, 1):
-            p, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, p + (x != y))
-    return d[-1]
-def norm(s):
-    return re.sub(r"[^a-z' ]", " ", s.lower()).split()
+    PYTHONPATH=bench python3 - "$@" <<'PY'
+import json, os, sys
+from wer import edits, norm
 refs, out, label = json.load(open(sys.argv[1])), sys.argv[2], sys.argv[3]
 we = wn = ce = cn = right = empty = 0
 for name, ref in refs.items():
@@ -128,18 +120,8 @@ print(f"{label:<40} WER {we / wn:.4f}   CER {ce / cn:.4f}   exactly right {right
 PY
 }
 
-echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(date -u +%F); model $model"
-build/broker/asr-broker --listen tcp://127.0.0.1:0 --state-dir "$work/broker" >"$work/broker.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 100); do [[ -s "$work/broker/broker.endpoint" ]] && break; sleep 0.1; done
-ep="$(<"$work/broker/broker.endpoint")"
-build/worker/asr-worker --broker "$ep" --state-dir "$work/worker" --model-file "$model" --threads "$threads" \
-    >"$work/worker.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 300); do
-    (($(build/client/asr-submit --broker "$ep" workers 2>/dev/null | grep -c .) >= 1)) && break
-    sleep 0.1
-done
+source bench/fleet.sh
+fleet_start "$work" "$model" "$threads"
 for refs in "$work"/sets/*.json; do
     set="$(basename "$refs" .json)"
     rm -rf "$work/out-$set" "$work/out-$set-all"
