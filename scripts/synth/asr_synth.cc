@@ -1382,12 +1382,8 @@ class Synthesizer {
       }
       if (single_word) {
         std::vector<std::string> words;
-        for (size_t at = 0; at < text.size();) {
-          size_t end = text.find(' ', at);
-          if (end == std::string::npos) end = text.size();
-          if (end > at) words.push_back(text.substr(at, end - at));
-          at = end + 1;
-        }
+        std::istringstream in(text);
+        for (std::string w; in >> w;) words.push_back(w);
         if (!words.empty()) text = words[(word_pick + static_cast<uint64_t>(attempt)) % words.size()];
       }
       p.engine_seed = static_cast<unsigned int>(SplitMix64(audio_seed + attempt));
