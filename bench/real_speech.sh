@@ -1,13 +1,22 @@
 #!/usr/bin/env bash
 # Recorded human speech: how the model does on people rather than synthesisers. Debian ships a few
-# English recordings of single words and short phrases in children's programs; this fetches their
-# packages with `apt-get download` (no install, no root; unpacked with dpkg -x into the work dir)
-# and transcribes each set through the fleet:
+# English recordings of people: words and short phrases in children's programs, test sentences of
+# a recogniser, telephone prompts. This fetches their packages with `apt-get download` (no
+# install, no root; unpacked with dpkg -x into the work dir) and transcribes each set through the
+# fleet:
 #   ktuberling-data   words of the "potato guy" game (hat, nose, camel, pepperoni, ...), one voice
 #   klettres-data     short words of the en and en_GB courses (car, dog, sky, ...), two voices
 #   tuxpaint-stamps-default   spoken stamp descriptions ("a wombat", "two wild boars", ...)
 #   alsa-utils        the eight spoken channel names of /usr/share/sounds/alsa, if installed
-# References come from the packages' own metadata (sound names, the stamps' English text), so a
+#   pocketsphinx-testdata   people's sentences: five read from a LibriVox book ("librivox") and
+#                     seven short commands and digit strings ("commands": playing cards, "go
+#                     forward ten meters", a TIDIGITS string); the package's own record of what
+#                     pocketsphinx decoded from the book sentences is scored beside ours as a peer
+#   asterisk-core-sounds-en(-wav)   telephone prompts of one woman, 8 kHz ("please enter your
+#                     password followed by the pound key"): the half scripts/telephone-prompts.sh
+#                     keeps out of training (valid.jsonl)
+# References come from the packages' own metadata (sound names, the stamps' English text,
+# transcription files), so a
 # recording that says a little more or less than its name counts as errors; letters and lone
 # sounds ("th", "aw", "ufo") are left out. Scored by word (WER), character (CER) and whole file
 # (exactly right), with the default decoding and with every segment kept (--min-confidence 0).
@@ -22,7 +31,7 @@ while (($#)); do
         --model) model="$2"; shift 2 ;;
         --threads) threads="$2"; shift 2 ;;
         --keep) keep="$2"; shift 2 ;;
-        -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -40,7 +49,9 @@ pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; [[ -n "$keep" ]] || rm -rf "$work"' EXIT
 
 mkdir -p "$work/debs" "$work/root"
-for p in ktuberling-data klettres-data tuxpaint-stamps-default; do
+scripts/telephone-prompts.sh "$work/prompts" >/dev/null ||
+    echo "skipping the telephone prompts: scripts/telephone-prompts.sh failed" >&2
+for p in ktuberling-data klettres-data tuxpaint-stamps-default pocketsphinx-testdata; do
     if ! ls "$work/debs/${p}_"*.deb >/dev/null 2>&1; then
         (cd "$work/debs" && apt-get download "$p" >/dev/null 2>"$work/apt-$p.log") ||
             { echo "skipping $p: apt-get download failed (see $work/apt-$p.log)" >&2; continue; }
@@ -97,6 +108,52 @@ for f in sorted(glob.glob(f"{alsa}/*.wav")):
     if name != "Noise":
         add("alsa", name, f, name.replace("_", " "))
 
+# pocketsphinx-testdata: "<s> words </s> (id)" transcriptions; .raw is 16 kHz 16-bit mono, given a
+# wav header here. librivox/test-lm.match is pocketsphinx's own output for those five sentences
+# (its general English model and language model), scored beside ours; its output for the cards
+# was decoded with a grammar of card names only, so it is no peer for an open vocabulary.
+ps = f"{root}/pocketsphinx/test/data"
+def sphinx_lines(path):
+    out = {}
+    if os.path.exists(path):
+        for line in open(path):
+            m = re.match(r"\s*(?:<s>)?(.*?)(?:</s>)?\s*\((\S+?)(?:\s+-?\d+)?\)\s*$", line)
+            if m:
+                out[m.group(2)] = m.group(1).strip()
+    return out
+def raw_to_wav(raw, name):
+    import wave
+    os.makedirs(f"{work}/conv", exist_ok=True)
+    dst = f"{work}/conv/{name}.wav"
+    with wave.open(dst, "wb") as w:
+        w.setnchannels(1); w.setsampwidth(2); w.setframerate(16000)
+        w.writeframes(open(raw, "rb").read())
+    return dst
+peer = {}
+for key, text in sphinx_lines(f"{ps}/librivox/transcription").items():
+    add("librivox", key, f"{ps}/librivox/{key}.wav", text)
+peer["librivox"] = sphinx_lines(f"{ps}/librivox/test-lm.match")
+for key, text in sphinx_lines(f"{ps}/cards/cards.transcription").items():
+    add("commands", f"cards_{key}", f"{ps}/cards/{key}.wav", text)
+if os.path.exists(f"{ps}/goforward.raw"):
+    add("commands", "goforward", raw_to_wav(f"{ps}/goforward.raw", "goforward"), "go forward ten meters")
+if os.path.exists(f"{ps}/tidigits/dhd.2934z.raw"):
+    add("commands", "tidigits_dhd_2934z", raw_to_wav(f"{ps}/tidigits/dhd.2934z.raw", "dhd_2934z"),
+        "two nine three four zero")
+# asterisk: the half of the telephone prompts that scripts/telephone-prompts.sh keeps out of training.
+if os.path.exists(f"{work}/prompts/valid.jsonl"):
+    for line in open(f"{work}/prompts/valid.jsonl"):
+        row = json.loads(line)
+        add("asterisk", row["name"].replace("/", "_"), row["audio"], row["text"])
+
+for s, hyps in peer.items():
+    if hyps and s in sets:
+        os.makedirs(f"{work}/peer-{s}", exist_ok=True)
+        for key, text in hyps.items():
+            open(f"{work}/peer-{s}/{key}.txt", "w").write(text + "\n")
+        # Only the files the peer decoded are scored for it.
+        json.dump({k: sets[s][k] for k in hyps if k in sets[s]}, open(f"{work}/peer-{s}.json", "w"), indent=1)
+
 for s, refs in sets.items():
     json.dump(refs, open(f"{work}/sets/{s}.json", "w"), indent=1)
 print("sets: " + ", ".join(f"{s} {len(r)} files" for s, r in sets.items()))
@@ -131,4 +188,7 @@ for refs in "$work"/sets/*.json; do
     build/client/asr-submit --broker "$ep" transcribe "$work/sets/$set" --out "$work/out-$set-all" --format txt \
         --min-confidence 0 --wait >>"$work/client.log" 2>&1
     score "$refs" "$work/out-$set-all" "$set: every segment kept"
+    if [[ -f "$work/peer-$set.json" ]]; then
+        score "$work/peer-$set.json" "$work/peer-$set" "$set: pocketsphinx (peer, its own output)"
+    fi
 done
