@@ -874,7 +874,11 @@ TEST(Transcript, SrtAndVttCues) {
 
   // Past 99 hours the hours just grow.
   Transcript longer;
-  longer.segments = {{360000.001, 360001.0, "x", {}}};
+  SegmentOut far;
+  far.start = 360000.001;
+  far.end = 360001.0;
+  far.text = "x";
+  longer.segments = {far};
   EXPECT_NE(FormatSrt(longer).find("100:00:00,001 --> 100:00:01,000"), std::string::npos);
 }
 
