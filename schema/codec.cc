@@ -112,10 +112,10 @@ Status DecodeRaw(std::string_view body, msgpack::object_handle* out, size_t max_
     if (off != body.size()) return Status::Invalid("malformed body: trailing bytes after the MessagePack map");
   } catch (const msgpack::insufficient_bytes&) {
     return Status::Invalid("malformed body: truncated MessagePack");
+  } catch (const msgpack::depth_size_overflow&) {  // a size_overflow too: caught first
+    return Status::Invalid("malformed body: nested too deeply");
   } catch (const msgpack::size_overflow& e) {
     return Status::Invalid(std::string("oversized field in body: ") + e.what());
-  } catch (const msgpack::depth_size_overflow&) {
-    return Status::Invalid("malformed body: nested too deeply");
   } catch (const std::exception& e) {
     return Status::Invalid(std::string("malformed body: ") + e.what());
   }

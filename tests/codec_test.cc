@@ -136,6 +136,21 @@ TEST(Codec, HostileSizesAreRefusedBeforeAllocation) {
   EXPECT_TRUE(fine.ok()) << fine.ToString();
 }
 
+TEST(Codec, DeeplyNestedBodyIsRefusedWithItsOwnMessage) {
+  // {"x": [[[ ... ]]]} 40 arrays deep: past the decoder's depth limit of 16.
+  std::string body = "\x81\xa1x";
+  for (int i = 0; i < 40; ++i) body += '\x91';  // fixarray of 1
+  body += '\xc0';
+  msgpack::object_handle h;
+  Status st = DecodeRaw(body, &h);
+  EXPECT_FALSE(st.ok());
+  EXPECT_NE(st.message().find("nested too deeply"), std::string::npos) << st.ToString();
+  // 10 deep is within the limit.
+  std::string shallow = "\x81\xa1x" + std::string(10, '\x91') + "\xc0";
+  Status ok = DecodeRaw(shallow, &h);
+  EXPECT_TRUE(ok.ok()) << ok.ToString();
+}
+
 TEST(Codec, ValidateRejectsBadJobs) {
   Submit s;
   EXPECT_FALSE(Validate(s).ok()) << "no jobs";

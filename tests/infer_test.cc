@@ -473,7 +473,9 @@ TEST(AverageTest, WeightsAreTheWeightedMeanOfOneNetwork) {
   for (const auto& p : mean->named_parameters()) {
     torch::Tensor want = 0.25 * pa[p.key()] + 0.75 * pb[p.key()];
     EXPECT_TRUE(torch::allclose(p.value(), want, 1e-6, 1e-7)) << p.key();
-    if (!torch::equal(pa[p.key()], pb[p.key()])) EXPECT_FALSE(torch::equal(p.value(), pb[p.key()])) << p.key();
+    if (!torch::equal(pa[p.key()], pb[p.key()])) {
+      EXPECT_FALSE(torch::equal(p.value(), pb[p.key()])) << p.key();
+    }
     ++n;
   }
   EXPECT_EQ(n, a->parameters().size());
