@@ -113,12 +113,12 @@ struct SubmitJob {
   int64_t timeout_ms = 0;   // per-attempt run time limit; 0 = none
   // Batched kinds ("transcribe"): the model the job needs ("default" or empty: any worker's
   // default model) and its audio length; the broker batches such jobs by audio seconds.
-  std::string model;
+  std::string model{};
   int64_t audio_ms = 0;
-  std::string parent;       // the file a segment belongs to (shown in listings and history)
+  std::string parent{};     // the file a segment belongs to (shown in listings and history)
   // Gang members (data-parallel training): world_size > 1 jobs sharing `gang` are placed all at
   // once on world_size idle workers, one rank each, or not at all.
-  std::string gang;
+  std::string gang{};
   uint32_t rank = 0;
   uint32_t world_size = 1;
   MSGPACK_DEFINE_MAP(kind, payload, priority, timeout_ms, model, audio_ms, parent, gang, rank, world_size);
@@ -336,12 +336,12 @@ struct Assignment {
   int64_t timeout_ms = 0;
   uint32_t attempt = 0;  // attempts already counted before this one
   uint64_t group = 0;    // jobs of one ASSIGN with the same non-zero group form one batch
-  std::string model;     // batched kinds: the model to run
+  std::string model{};   // batched kinds: the model to run
   // Gang members: this job's rank, the gang's size and where rank 0 serves the rendezvous
   // ("host:port"; rank 0 listens on that port).
   uint32_t rank = 0;
   uint32_t world_size = 1;
-  std::string rendezvous;
+  std::string rendezvous{};
   MSGPACK_DEFINE_MAP(id, epoch, kind, payload, timeout_ms, attempt, group, model, rank, world_size, rendezvous);
 };
 
