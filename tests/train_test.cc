@@ -5,6 +5,7 @@
 #include <signal.h>
 #include <sndfile.h>
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -449,7 +450,9 @@ TEST_F(TrainTest, ValidationTextsAlsoInTrainingAreReported) {
   mixed.close();
   ASSERT_GT(valid_lines, 0);
   std::vector<std::string> args = TrainArgs("mixed", 2, 10);
-  args[4] = tmp_ / "mixed.jsonl";  // --valid
+  auto valid = std::find(args.begin(), args.end(), "--valid");
+  ASSERT_NE(valid, args.end());
+  *(valid + 1) = tmp_ / "mixed.jsonl";
   args.push_back("--wait");
   RunResult r = Submit(b.endpoint, args, 120000);
   ASSERT_EQ(r.code, 0) << r.err << ReadFile(tmp_ / "w.log");
