@@ -43,7 +43,7 @@ SKIP='^(libc6|libc6-dev|libc-dev-bin|libgcc|libstdc\+\+|gcc|g\+\+|cpp(-[0-9]+)?$
 slim_deb() {
     local deb="$1" x changed=0 a
     x=$(mktemp -d /tmp/asrf-slim.XXXXXX)  # no spaces: the header list below is split on them
-    trap 'rm -rf "$x"' RETURN
+    trap 'rm -rf "$x"; trap - RETURN' RETURN  # once: a RETURN trap outlives the function that set it
     dpkg-deb -R "$deb" "$x/p"
     chmod 0755 "$x/p/DEBIAN"  # dpkg-deb -b refuses what a strict umask made of it
     while IFS= read -r a; do
