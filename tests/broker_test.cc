@@ -589,6 +589,91 @@ TEST(WorkerStop, ALeaseTheBrokerNeverConfirmedDoesNotHoldUpAStop) {
       << testing::ReadFile(tmp / "w.log");
 }
 
+// ZeroMQ reconnects a worker's socket by itself after a dropped connection, and the broker then
+// sees a new peer: a RESULT sent on it is refused ("unknown worker; send READY first") and the
+// broker's next word is DISCONNECT. The worker used to forget that result, leave the job out of
+// its READY (so the broker requeued it and counted an attempt) and never send it again: a job
+// that had finished ran again, and a few such blips dead-lettered it. Here a stand-in broker (a
+// raw ROUTER) plays that sequence; the worker must list the lease in its new READY and send the
+// same result again.
+TEST(WorkerReconnect, AResultRefusedForAnUnknownPeerIsSentAgainAfterReady) {
+  TempDir tmp;
+  zmq::context_t ctx(1);
+  zmq::socket_t router(ctx, zmq::socket_type::router);
+  router.set(zmq::sockopt::linger, 0);
+  router.bind("tcp://127.0.0.1:*");
+  std::string endpoint = router.get(zmq::sockopt::last_endpoint);
+  testing::Proc w = testing::StartWorker(endpoint, tmp / "w", tmp / "w.log");
+  auto next = [&](Cmd want, std::string* routing, std::string* body) {
+    for (int64_t end = MonoMs() + 15000; MonoMs() < end;) {
+      zmq::pollitem_t item{router.handle(), 0, ZMQ_POLLIN, 0};
+      zmq::poll(&item, 1, std::chrono::milliseconds(100));
+      if (!(item.revents & ZMQ_POLLIN)) continue;
+      std::vector<zmq::message_t> frames = ReadFrames(router);
+      if (frames.size() == 4 && frames[2].size() == 1 && static_cast<Cmd>(frames[2].data<char>()[0]) == want) {
+        *routing = frames[0].to_string();
+        *body = frames[3].to_string();
+        return true;
+      }
+    }
+    return false;
+  };
+  auto send = [&](const std::string& routing, Cmd cmd, const std::string& body) {
+    router.send(zmq::buffer(routing), zmq::send_flags::sndmore);
+    router.send(zmq::buffer(std::string(proto::kTag)), zmq::send_flags::sndmore);
+    router.send(zmq::buffer(std::string(1, static_cast<char>(cmd))), zmq::send_flags::sndmore);
+    router.send(zmq::buffer(body), zmq::send_flags::none);
+  };
+  std::string first, body;
+  ASSERT_TRUE(next(Cmd::kReady, &first, &body)) << testing::ReadFile(tmp / "w.log");
+  proto::Assign a;
+  proto::Assignment job;
+  job.id = 7;
+  job.epoch = 3;
+  job.kind = "echo";
+  job.payload.data = "{\"said\":\"once\"}";
+  a.jobs.push_back(job);
+  send(first, Cmd::kAssign, proto::EncodeBody(a));
+  ASSERT_TRUE(next(Cmd::kStarted, &first, &body)) << testing::ReadFile(tmp / "w.log");
+  send(first, Cmd::kStarted, body);  // confirmed: the job runs
+  ASSERT_TRUE(next(Cmd::kResult, &first, &body)) << testing::ReadFile(tmp / "w.log");
+  proto::Result sent;
+  ASSERT_TRUE(proto::DecodeBody(body, &sent).ok());
+  ASSERT_EQ(sent.results.size(), 1u);
+  ASSERT_TRUE(sent.results[0].ok) << sent.results[0].error;
+
+  // What the broker answers a peer it does not know.
+  proto::ResultAck refused;
+  refused.rejected.push_back({7, 3, "unknown worker; send READY first"});
+  send(first, Cmd::kResultAck, proto::EncodeBody(refused));
+  proto::Disconnect d;
+  d.reason = "unknown worker; send READY";
+  send(first, Cmd::kDisconnect, proto::EncodeBody(d));
+
+  std::string second;
+  ASSERT_TRUE(next(Cmd::kReady, &second, &body)) << testing::ReadFile(tmp / "w.log");
+  EXPECT_NE(second, first) << "a new connection";
+  proto::Ready ready;
+  ASSERT_TRUE(proto::DecodeBody(body, &ready).ok());
+  bool listed = false;
+  for (const auto& l : ready.running) listed = listed || (l.id == 7 && l.epoch == 3);
+  EXPECT_TRUE(listed) << "the READY after the reconnect leaves out the lease whose result is unacknowledged";
+  ASSERT_TRUE(next(Cmd::kResult, &second, &body)) << "the result was not sent again\n" << testing::ReadFile(tmp / "w.log");
+  proto::Result again;
+  ASSERT_TRUE(proto::DecodeBody(body, &again).ok());
+  ASSERT_EQ(again.results.size(), 1u);
+  EXPECT_EQ(again.results[0].id, 7u);
+  EXPECT_EQ(again.results[0].epoch, 3u);
+  EXPECT_TRUE(again.results[0].ok);
+  EXPECT_EQ(again.results[0].result.data, sent.results[0].result.data);
+  EXPECT_EQ(again.results[0].result.data, job.payload.data);
+  proto::ResultAck accepted;
+  accepted.accepted.push_back({7, 3});
+  send(second, Cmd::kResultAck, proto::EncodeBody(accepted));
+  w.Signal(SIGTERM);
+  EXPECT_EQ(w.Wait(20000), 0) << testing::ReadFile(tmp / "w.log");
+}
+
 // A gang runs whole or not at all. When one rank has ended done and another is requeued (its
 // worker lost between the two ranks' last words), the gang can never be placed again: the left
 // rank ends (cancelled when rank 0, which writes the model, is the one done; failed otherwise)

@@ -62,6 +62,8 @@ struct Unacked {
   uint64_t epoch = 0;
   std::string kind;
   bool done = false;  // ok and not given back: acknowledged, the job is done
+  bool sent = false;  // `result` holds what was sent, to send again on a new connection
+  proto::JobResult result;
 };
 
 }  // namespace
@@ -112,10 +114,23 @@ struct Worker::Impl {
     r.models = registry.models();
     r.draining = draining;
     for (const auto& [id, e] : running) r.running.push_back({id, e.first});
+    // Finished here but not yet acknowledged: the lease is still ours until the broker has the
+    // result, which goes again on this connection (a broker that saw it already answers it).
+    for (const auto& [id, u] : unacked) {
+      if (!running.count(id)) r.running.push_back({id, u.epoch});
+    }
     Send(Cmd::kReady, r);
     proto::Started again;  // confirmations lost with the old connection
     for (const auto& [id, t] : awaiting_start) again.leases.push_back({id, t.a.epoch});
     if (!again.leases.empty()) Send(Cmd::kStarted, again);
+    std::vector<proto::JobResult> resend;
+    for (const auto& [id, u] : unacked) {
+      if (u.sent) resend.push_back(u.result);
+    }
+    if (!resend.empty()) {
+      LogInfo("results_sent_again").Kv("results", static_cast<uint64_t>(resend.size()));
+      SendResults(std::move(resend));
+    }
     last_broker_seen = MonoMs();
     LogInfo("worker_connecting").Kv("broker", opt.broker).Kv("worker", opt.worker_id)
         .Kv("running", static_cast<uint64_t>(running.size()));
@@ -352,6 +367,12 @@ struct Worker::Impl {
       unacked.erase(it);
     }
     for (const auto& r : m.rejected) {
+      // From a connection the broker did not know (ZeroMQ reconnected underneath, so the broker
+      // saw a new peer): kept, and sent again after the READY the broker asks for next.
+      if (r.reason.rfind("unknown worker", 0) == 0) {
+        LogInfo("result_held_for_ready").Kv("job", r.id).Kv("epoch", r.epoch);
+        continue;
+      }
       unacked.erase(r.id);
       LogWarn("result_rejected").Kv("job", r.id).Kv("epoch", r.epoch).Kv("reason", r.reason);
     }
@@ -419,7 +440,11 @@ struct Worker::Impl {
       // Only this lease: the job may have been leased again (new epoch) meanwhile.
       auto it = running.find(d.lease.id);
       if (it != running.end() && it->second.first == d.lease.epoch) running.erase(it);
-      unacked[d.lease.id] = {d.lease.epoch, d.kind, d.result.ok && !d.result.requeue};
+      Unacked u;
+      u.epoch = d.lease.epoch;
+      u.kind = d.kind;
+      u.done = d.result.ok && !d.result.requeue;
+      unacked[d.lease.id] = std::move(u);
       if (!d.result.ok) LogInfo("job_failed").Kv("job", d.lease.id).Kv("error", d.result.error);
       results.push_back(std::move(d.result));
     }
@@ -432,6 +457,11 @@ struct Worker::Impl {
     proto::Result results;
     size_t bytes = 0;
     for (auto& r : all) {
+      auto u = unacked.find(r.id);
+      if (u != unacked.end() && u->second.epoch == r.epoch) {
+        u->second.result = r;
+        u->second.sent = true;
+      }
       bytes += r.result.data.size() + r.error.size() + 64;
       results.results.push_back(std::move(r));
       if (results.results.size() >= 1000 || bytes >= (32u << 20)) {
@@ -542,8 +572,7 @@ Status Worker::Run(const std::atomic<bool>* stop) {
     }
     if (now - s.last_broker_seen > s.opt.heartbeat_ms * s.opt.heartbeat_misses) {
       LogWarn("broker_lost").Kv("broker", s.opt.broker).Kv("silent_ms", now - s.last_broker_seen);
-      s.unacked.clear();  // a restarted broker rejects old epochs anyway
-      s.Connect();
+      s.Connect();  // unacknowledged results go again: a restarted broker answers stale ones
     }
   }
   proto::Disconnect d;
