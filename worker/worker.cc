@@ -373,7 +373,8 @@ struct Worker::Impl {
         LogInfo("result_held_for_ready").Kv("job", r.id).Kv("epoch", r.epoch);
         continue;
       }
-      unacked.erase(r.id);
+      auto it = unacked.find(r.id);  // only that lease's: the job may have come back with a new epoch
+      if (it != unacked.end() && it->second.epoch == r.epoch) unacked.erase(it);
       LogWarn("result_rejected").Kv("job", r.id).Kv("epoch", r.epoch).Kv("reason", r.reason);
     }
   }
