@@ -39,13 +39,9 @@ if [[ ! -s "$data/train.jsonl" ]]; then
 fi
 echo "english: $(wc -l <"$data/train.jsonl") train, $(wc -l <"$data/valid.jsonl") valid, $(wc -l <"$data/valid_heldout.jsonl") held-out-voice utterances"
 
-# The language model of the beam search: the training split of the sentence pool (never a
-# validation sentence) and the training manifest's texts (the spoken number strings).
+# The language model of the beam search (never a validation sentence in it): see scripts/build-lm.sh.
 if [[ ! -s models/en-small.lm ]]; then
-    build/scripts/synth/asr-synth --list-sentences --out "$data" | awk -F'\t' '$1 == "train" {print $2}' \
-        >"$work/lm-sentences.txt"
-    build/scripts/lm/asr-lm --input "$work/lm-sentences.txt" --input "$data/train.jsonl" --order 6 \
-        --out models/en-small.lm
+    scripts/build-lm.sh --out models/en-small.lm
 fi
 
 # A rerun must not read the endpoint the last run left (that broker's port is gone).
