@@ -74,6 +74,7 @@ struct WorkerConn {
     return std::find(models.begin(), models.end(), m) != models.end();
   }
   int64_t last_seen = 0;
+  int64_t heartbeat_ms = 0;  // READY: the worker's interval (0: not said)
   int64_t gpu_mem_bytes = 0;
   int64_t outbox_results = 0;
 };
@@ -1088,6 +1089,7 @@ struct Broker::Impl {
     w.gangs = m.gangs;
     w.slots = std::clamp<uint32_t>(m.slots, 0, 4096);
     w.draining = m.draining;
+    w.heartbeat_ms = std::min<int64_t>(m.heartbeat_ms, 600000);
     w.kinds = std::unordered_set<std::string>(m.kinds.begin(), m.kinds.end());
     w.models.clear();
     for (auto& name : m.models) {
@@ -1110,8 +1112,22 @@ struct Broker::Impl {
         .Kv("gpu", w.gpu)
         .Kv("gangs", w.gangs)
         .Kv("slots", static_cast<uint64_t>(w.slots))
-        .Kv("kept_leases", static_cast<uint64_t>(keep.size()));
-    Send(routing, Cmd::kHeartbeat, proto::Heartbeat{});
+        .Kv("kept_leases", static_cast<uint64_t>(keep.size()))
+        .Kv("heartbeat_ms", w.heartbeat_ms);
+    if (w.heartbeat_ms > opt.heartbeat_ms) {
+      LogWarn("worker_heartbeat_slower")
+          .Kv("worker", w.id)
+          .Kv("worker_heartbeat_ms", w.heartbeat_ms)
+          .Kv("broker_heartbeat_ms", opt.heartbeat_ms)
+          .Kv("detail", "this worker is dropped after heartbeat_misses of its own interval; give both the same --heartbeat-ms");
+    }
+    Send(routing, Cmd::kHeartbeat, BrokerHeartbeat());
+  }
+
+  proto::Heartbeat BrokerHeartbeat() const {
+    proto::Heartbeat h;
+    h.heartbeat_ms = static_cast<uint32_t>(opt.heartbeat_ms);
+    return h;
   }
 
   void OnHeartbeat(const std::string& routing, std::string_view body, int64_t now) {
@@ -1422,13 +1438,13 @@ struct Broker::Impl {
 
   void Timers(int64_t now) {
     table.Promote(now);
-    // Workers that missed their heartbeats.
-    int64_t silence = opt.heartbeat_ms * opt.heartbeat_misses;
-    std::vector<std::string> gone;
+    // Workers that missed their heartbeats (at the slower of its interval and the worker's).
+    std::vector<std::pair<std::string, int64_t>> gone;
     for (const auto& [id, w] : workers) {
-      if (now - w.last_seen > silence) gone.push_back(id);
+      const int64_t silence = std::max<int64_t>(opt.heartbeat_ms, w.heartbeat_ms) * opt.heartbeat_misses;
+      if (now - w.last_seen > silence) gone.emplace_back(id, silence);
     }
-    for (const auto& id : gone) {
+    for (const auto& [id, silence] : gone) {
       RemoveWorker(id, "lost (no heartbeat for " + std::to_string(silence) + " ms)", now);
     }
     // Jobs past their per-job timeout.
@@ -1448,7 +1464,7 @@ struct Broker::Impl {
       LoseLease(*j, "timed out after " + std::to_string(j->timeout_ms) + " ms", now);
     }
     if (now >= next_heartbeat) {
-      for (const auto& [id, w] : workers) Send(w.routing, Cmd::kHeartbeat, proto::Heartbeat{});
+      for (const auto& [id, w] : workers) Send(w.routing, Cmd::kHeartbeat, BrokerHeartbeat());
       next_heartbeat = now + opt.heartbeat_ms;
     }
     if (now >= next_snapshot) {

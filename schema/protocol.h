@@ -318,14 +318,20 @@ struct Ready {
   std::string gpu;
   // Whether it can be a gang rank on its device (built with NCCL for GPUs, Gloo for CPUs).
   bool gangs = true;
-  MSGPACK_DEFINE_MAP(worker_id, host, device, slots, kinds, models, running, draining, gpu, gangs);
+  // Its HEARTBEAT interval: the broker waits heartbeat_misses of the longer of this and its own
+  // before it drops the worker (0: the broker's own).
+  uint32_t heartbeat_ms = 0;
+  MSGPACK_DEFINE_MAP(worker_id, host, device, slots, kinds, models, running, draining, gpu, gangs, heartbeat_ms);
 };
 
 struct Heartbeat {
   bool draining = false;
   int64_t gpu_mem_bytes = 0;
   int64_t outbox_results = 0;  // results waiting in the worker's outbox for PostgreSQL
-  MSGPACK_DEFINE_MAP(draining, gpu_mem_bytes, outbox_results);
+  // broker -> worker: the broker's interval; the worker waits heartbeat_misses of the longer of
+  // this and its own before it takes the broker for gone (0: its own).
+  uint32_t heartbeat_ms = 0;
+  MSGPACK_DEFINE_MAP(draining, gpu_mem_bytes, outbox_results, heartbeat_ms);
 };
 
 struct Assignment {

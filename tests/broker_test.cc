@@ -296,6 +296,49 @@ TEST(Broker, StaleResultFromAnExpiredLeaseIsRejected) {
   EXPECT_EQ(again.rejected.size(), 1u);
 }
 
+// Broker and worker heartbeat intervals are set separately. A worker slower than the broker
+// (READY says its interval) is dropped only after heartbeat_misses of its own interval, not the
+// broker's: it used to be dropped (and its leases lost) between two of its heartbeats. The
+// broker's HEARTBEAT carries its own interval for the worker to do the same.
+TEST(Broker, AWorkerWithALongerHeartbeatIntervalIsNotDroppedBetweenBeats) {
+  TempDir tmp;
+  InProcBroker broker(TestOptions(tmp / "b"));  // 100 ms, 3 misses: silent 300 ms = lost
+  ASSERT_TRUE(broker.open_status().ok()) << broker.open_status().ToString();
+  BrokerClient client(broker.endpoint());
+  auto listed = [&](const std::string& id) {
+    proto::Reply r;
+    if (!client.Call(Cmd::kWorkers, proto::WorkersReq{}, &r, 5000).ok()) return false;
+    for (const auto& w : r.workers) if (w.id == id) return true;
+    return false;
+  };
+  // Beats every 400 ms for 2 s; true when the broker never asked it to introduce itself again.
+  auto beats_kept = [&](RawPeer& peer, const std::string& id, uint32_t said_ms) {
+    proto::Ready ready;
+    ready.worker_id = id;
+    ready.heartbeat_ms = said_ms;
+    peer.Send(Cmd::kReady, ready);
+    std::string body;
+    if (!peer.Expect(Cmd::kHeartbeat, &body)) return false;
+    proto::Heartbeat h;
+    EXPECT_TRUE(proto::DecodeBody(body, &h).ok());
+    EXPECT_EQ(h.heartbeat_ms, 100u) << "the broker's HEARTBEAT says its interval";
+    for (int i = 0; i < 5; ++i) {
+      if (peer.Expect(Cmd::kDisconnect, &body, 400)) return false;
+      peer.Send(Cmd::kHeartbeat, proto::Heartbeat{});
+    }
+    return listed(id);
+  };
+  RawPeer slow(broker.endpoint());
+  EXPECT_TRUE(beats_kept(slow, "slow", 500)) << "a worker beating every 400 ms of its 500 was dropped";
+  // Silent now: gone after 3 x 500 ms, not before.
+  std::this_thread::sleep_for(std::chrono::milliseconds(700));
+  EXPECT_TRUE(listed("slow"));
+  EXPECT_TRUE(testing::WaitFor([&] { return !listed("slow"); }, 5000)) << "a silent worker was never dropped";
+  // The same beats from a worker that does not say its interval: the broker's own holds.
+  RawPeer unsaid(broker.endpoint());
+  EXPECT_FALSE(beats_kept(unsaid, "unsaid", 0));
+}
+
 TEST(Broker, HostileInputGetsErrorsAndTheBrokerKeepsServing) {
   TempDir tmp;
   InProcBroker broker(TestOptions(tmp / "b"));
@@ -670,6 +713,50 @@ TEST(WorkerReconnect, AResultRefusedForAnUnknownPeerIsSentAgainAfterReady) {
   proto::ResultAck accepted;
   accepted.accepted.push_back({7, 3});
   send(second, Cmd::kResultAck, proto::EncodeBody(accepted));
+  w.Signal(SIGTERM);
+  EXPECT_EQ(w.Wait(20000), 0) << testing::ReadFile(tmp / "w.log");
+}
+
+// The other way round: a broker slower than the worker says its interval in its HEARTBEAT, and
+// the worker waits heartbeat_misses of that before it takes the broker for gone and reconnects
+// (it used to reconnect after its own 3 x 200 ms here, again and again).
+TEST(WorkerReconnect, AWorkerWaitsOutTheBrokersLongerHeartbeatInterval) {
+  TempDir tmp;
+  zmq::context_t ctx(1);
+  zmq::socket_t router(ctx, zmq::socket_type::router);
+  router.set(zmq::sockopt::linger, 0);
+  router.bind("tcp://127.0.0.1:*");
+  std::string endpoint = router.get(zmq::sockopt::last_endpoint);
+  testing::Proc w = testing::StartWorker(endpoint, tmp / "w", tmp / "w.log", testing::kFastHeartbeats);
+  // READYs the worker sends within `ms` (or up to the first, with `first`).
+  auto readies = [&](int ms, std::string* routing, bool first = false) {
+    int n = 0;
+    for (int64_t end = MonoMs() + ms; MonoMs() < end;) {
+      zmq::pollitem_t item{router.handle(), 0, ZMQ_POLLIN, 0};
+      zmq::poll(&item, 1, std::chrono::milliseconds(50));
+      if (!(item.revents & ZMQ_POLLIN)) continue;
+      std::vector<zmq::message_t> frames = ReadFrames(router);
+      if (frames.size() == 4 && frames[2].size() == 1 && static_cast<Cmd>(frames[2].data<char>()[0]) == Cmd::kReady) {
+        *routing = frames[0].to_string();
+        ++n;
+        if (first) break;
+      }
+    }
+    return n;
+  };
+  std::string routing;
+  ASSERT_EQ(readies(5000, &routing, true), 1) << testing::ReadFile(tmp / "w.log");
+  proto::Heartbeat h;
+  h.heartbeat_ms = 1000;
+  router.send(zmq::buffer(routing), zmq::send_flags::sndmore);
+  router.send(zmq::buffer(std::string(proto::kTag)), zmq::send_flags::sndmore);
+  router.send(zmq::buffer(std::string(1, static_cast<char>(Cmd::kHeartbeat))), zmq::send_flags::sndmore);
+  router.send(zmq::buffer(proto::EncodeBody(h)), zmq::send_flags::none);
+  // Silent for 2 s: within 3 x 1000 ms, so no new READY; after it, the worker reconnects.
+  EXPECT_EQ(readies(2000, &routing), 0) << "the worker took a broker silent 2 s of its 3 for gone\n"
+                                        << testing::ReadFile(tmp / "w.log");
+  EXPECT_GE(readies(3000, &routing), 1) << "the worker never took the silent broker for gone\n"
+                                        << testing::ReadFile(tmp / "w.log");
   w.Signal(SIGTERM);
   EXPECT_EQ(w.Wait(20000), 0) << testing::ReadFile(tmp / "w.log");
 }

@@ -91,6 +91,7 @@ struct Worker::Impl {
   std::unordered_map<uint64_t, std::vector<Task>> confirmed_groups;  // batch members confirmed so far
   std::unordered_map<uint64_t, Unacked> unacked;  // id -> result sent but not acknowledged
   int64_t last_broker_seen = 0;
+  int64_t broker_heartbeat_ms = 0;  // the broker's interval, from its HEARTBEATs (0: not yet said)
   int64_t next_heartbeat = 0;
   bool draining = false;
 
@@ -113,6 +114,7 @@ struct Worker::Impl {
     r.kinds = registry.Kinds();
     r.models = registry.models();
     r.draining = draining;
+    r.heartbeat_ms = static_cast<uint32_t>(opt.heartbeat_ms);
     for (const auto& [id, e] : running) r.running.push_back({id, e.first});
     // Finished here but not yet acknowledged: the lease is still ours until the broker has the
     // result, which goes again on this connection (a broker that saw it already answers it).
@@ -406,7 +408,11 @@ struct Worker::Impl {
         case Cmd::kCancelJobs: OnCancelJobs(body); break;
         case Cmd::kResultAck: OnResultAck(body); break;
         case Cmd::kStarted: OnStartConfirmed(body); break;
-        case Cmd::kHeartbeat: break;
+        case Cmd::kHeartbeat: {
+          proto::Heartbeat h;
+          if (proto::DecodeBody(body, &h).ok()) broker_heartbeat_ms = std::min<int64_t>(h.heartbeat_ms, 600000);
+          break;
+        }
         case Cmd::kDisconnect: {
           // The broker does not know us (it restarted): introduce ourselves again.
           LogInfo("broker_asked_ready");
@@ -571,7 +577,8 @@ Status Worker::Run(const std::atomic<bool>* stop) {
       s.Send(Cmd::kHeartbeat, hb);
       s.next_heartbeat = now + s.opt.heartbeat_ms;
     }
-    if (now - s.last_broker_seen > s.opt.heartbeat_ms * s.opt.heartbeat_misses) {
+    // The broker is taken for gone after heartbeat_misses of the slower of the two intervals.
+    if (now - s.last_broker_seen > std::max(s.opt.heartbeat_ms, s.broker_heartbeat_ms) * s.opt.heartbeat_misses) {
       LogWarn("broker_lost").Kv("broker", s.opt.broker).Kv("silent_ms", now - s.last_broker_seen);
       s.Connect();  // unacknowledged results go again: a restarted broker answers stale ones
     }
