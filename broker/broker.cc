@@ -75,6 +75,7 @@ struct WorkerConn {
   }
   int64_t last_seen = 0;
   int64_t heartbeat_ms = 0;  // READY: the worker's interval (0: not said)
+  std::string instance;      // READY: its process's random token (empty: not said)
   int64_t gpu_mem_bytes = 0;
   int64_t outbox_results = 0;
 };
@@ -1066,6 +1067,17 @@ struct Broker::Impl {
     if (st.ok() && (m.worker_id.empty() || m.worker_id.size() > 256)) st = Status::Invalid("worker_id must be 1 to 256 bytes");
     if (!st.ok()) return SendError(routing, 0, "bad_request", st.message());
     auto existing = workers.find(m.worker_id);
+    if (existing != workers.end() && !m.instance.empty() && !existing->second.instance.empty() &&
+        m.instance != existing->second.instance && existing->second.routing != routing &&
+        now - existing->second.last_seen <= SilenceLimit(existing->second)) {
+      // Another process with the same id while the first is alive: taking it as a reconnect
+      // would take the first one's leases away from it while it still runs them.
+      LogWarn("worker_id_in_use").Kv("worker", m.worker_id).Kv("host", m.host.substr(0, 256))
+          .Kv("live_host", existing->second.host);
+      return SendError(routing, 0, "worker_id_in_use",
+                       "worker id \"" + m.worker_id + "\" is in use by a live worker on " + existing->second.host +
+                           "; give each worker process its own --worker-id (this one is refused until that one is gone)");
+    }
     std::unordered_set<uint64_t> keep;
     if (existing != workers.end()) {
       // The same worker on a new connection (it reconnected): keep the leases it still runs.
@@ -1090,6 +1102,7 @@ struct Broker::Impl {
     w.slots = std::clamp<uint32_t>(m.slots, 0, 4096);
     w.draining = m.draining;
     w.heartbeat_ms = std::min<int64_t>(m.heartbeat_ms, 600000);
+    w.instance = m.instance.substr(0, 64);
     w.kinds = std::unordered_set<std::string>(m.kinds.begin(), m.kinds.end());
     w.models.clear();
     for (auto& name : m.models) {
@@ -1122,6 +1135,11 @@ struct Broker::Impl {
           .Kv("detail", "this worker is dropped after heartbeat_misses of its own interval; give both the same --heartbeat-ms");
     }
     Send(routing, Cmd::kHeartbeat, BrokerHeartbeat());
+  }
+
+  // How long a worker may be silent before it is taken for gone.
+  int64_t SilenceLimit(const WorkerConn& w) const {
+    return std::max<int64_t>(opt.heartbeat_ms, w.heartbeat_ms) * opt.heartbeat_misses;
   }
 
   proto::Heartbeat BrokerHeartbeat() const {
@@ -1441,7 +1459,7 @@ struct Broker::Impl {
     // Workers that missed their heartbeats (at the slower of its interval and the worker's).
     std::vector<std::pair<std::string, int64_t>> gone;
     for (const auto& [id, w] : workers) {
-      const int64_t silence = std::max<int64_t>(opt.heartbeat_ms, w.heartbeat_ms) * opt.heartbeat_misses;
+      const int64_t silence = SilenceLimit(w);
       if (now - w.last_seen > silence) gone.emplace_back(id, silence);
     }
     for (const auto& [id, silence] : gone) {

@@ -321,7 +321,12 @@ struct Ready {
   // Its HEARTBEAT interval: the broker waits heartbeat_misses of the longer of this and its own
   // before it drops the worker (0: the broker's own).
   uint32_t heartbeat_ms = 0;
-  MSGPACK_DEFINE_MAP(worker_id, host, device, slots, kinds, models, running, draining, gpu, gangs, heartbeat_ms);
+  // Drawn at random when the worker process starts: a READY with this worker_id and another
+  // instance while the first is alive comes from a second process given the same id, and is
+  // refused (worker_id_in_use); a reconnect of the same process keeps its instance.
+  std::string instance;
+  MSGPACK_DEFINE_MAP(worker_id, host, device, slots, kinds, models, running, draining, gpu, gangs, heartbeat_ms,
+                     instance);
 };
 
 struct Heartbeat {

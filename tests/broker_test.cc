@@ -339,6 +339,48 @@ TEST(Broker, AWorkerWithALongerHeartbeatIntervalIsNotDroppedBetweenBeats) {
   EXPECT_FALSE(beats_kept(unsaid, "unsaid", 0));
 }
 
+// Two worker processes given the same --worker-id (a shared env file, a scaled compose service):
+// the second READY used to count as the first one reconnecting, so each took the other's leases
+// away in turn until the jobs ran out of attempts. READY carries a per-process instance token: a
+// READY with another instance while the first worker is alive is refused (worker_id_in_use), the
+// first keeps its place, a reconnect of the same process (same instance) is still welcome, and
+// the id is free again once its worker has gone silent.
+TEST(Broker, ASecondProcessWithALiveWorkersIdIsRefused) {
+  TempDir tmp;
+  InProcBroker broker(TestOptions(tmp / "b"));  // 100 ms, 3 misses
+  ASSERT_TRUE(broker.open_status().ok()) << broker.open_status().ToString();
+  auto ready = [](const std::string& instance, const std::string& host) {
+    proto::Ready r;
+    r.worker_id = "twin";
+    r.host = host;
+    r.instance = instance;
+    return r;
+  };
+  std::string body;
+  RawPeer first(broker.endpoint());
+  first.Send(Cmd::kReady, ready("aaaa", "host-a"));
+  ASSERT_TRUE(first.Expect(Cmd::kHeartbeat, &body));
+  RawPeer second(broker.endpoint());
+  second.Send(Cmd::kReady, ready("bbbb", "host-b"));
+  proto::Error e = second.ExpectError(2000);
+  EXPECT_EQ(e.code, "worker_id_in_use") << e.message;
+  EXPECT_NE(e.message.find("host-a"), std::string::npos) << e.message;
+  // The first is still the worker: its heartbeats are answered, never with DISCONNECT.
+  for (int i = 0; i < 4; ++i) {
+    first.Send(Cmd::kHeartbeat, proto::Heartbeat{});
+    EXPECT_FALSE(first.Expect(Cmd::kDisconnect, &body, 60)) << "the first worker lost its place";
+  }
+  // The same process on a new connection (same instance): a reconnect, accepted.
+  RawPeer again(broker.endpoint());
+  again.Send(Cmd::kReady, ready("aaaa", "host-a"));
+  EXPECT_TRUE(again.Expect(Cmd::kHeartbeat, &body)) << "a reconnect of the same process was refused";
+  EXPECT_FALSE(again.Expect(Cmd::kError, &body, 200));
+  // Silent now: once it is gone, the other process may have the id.
+  std::this_thread::sleep_for(std::chrono::milliseconds(600));
+  second.Send(Cmd::kReady, ready("bbbb", "host-b"));
+  EXPECT_TRUE(second.Expect(Cmd::kHeartbeat, &body)) << "the id stayed taken after its worker went silent";
+}
+
 TEST(Broker, HostileInputGetsErrorsAndTheBrokerKeepsServing) {
   TempDir tmp;
   InProcBroker broker(TestOptions(tmp / "b"));

@@ -192,6 +192,32 @@ TEST(Fleet, SubmitWaitReportsEveryOutcomeAndExitCodes) {
   EXPECT_NE(ws.out.find("\"slots\":4"), std::string::npos) << ws.out;
 }
 
+// Two worker processes started with the same --worker-id: the second is refused while the first
+// lives (it says why in its log and retries), and jobs run once each on the first with no attempt
+// lost to the two taking each other's leases.
+TEST(Fleet, TwoWorkersGivenOneIdDoNotTakeEachOthersJobs) {
+  TempDir tmp;
+  BrokerProc b = StartBroker(tmp / "broker", tmp / "broker.log", kFastHeartbeats);
+  Proc w1 = StartWorker(b.endpoint, tmp / "w1", tmp / "w1.log", With(kFastHeartbeats, {"--worker-id", "same", "--slots", "2"}));
+  ASSERT_TRUE(WaitFor([&] { return Submit(b.endpoint, {"workers"}).out.find("same") != std::string::npos; }, 10000));
+  Proc w2 = StartWorker(b.endpoint, tmp / "w2", tmp / "w2.log", With(kFastHeartbeats, {"--worker-id", "same", "--slots", "2"}));
+  ASSERT_TRUE(WaitFor([&] { return ReadFile(tmp / "w2.log").find("worker_id_in_use") != std::string::npos; }, 10000))
+      << ReadFile(tmp / "w2.log");
+  RunResult r = Submit(b.endpoint, {"submit", "--kind", "sleep", "--payload", "{\"ms\":100}", "--count", "20", "--wait"});
+  ASSERT_EQ(r.code, 0) << r.out << r.err;
+  EXPECT_EQ(json::parse(LastLine(r.out))["done"].get<int>(), 20);
+  RunResult jobs = Submit(b.endpoint, {"jobs", "--state", "done", "--json"});
+  ASSERT_EQ(jobs.code, 0) << jobs.err;
+  int lines = 0;
+  for (size_t at = 0, nl; (nl = jobs.out.find('\n', at)) != std::string::npos; at = nl + 1) {
+    auto j = json::parse(jobs.out.substr(at, nl - at));
+    EXPECT_EQ(j["attempts"].get<int>(), 0) << "job " << j["id"] << " lost a lease: " << jobs.out;
+    ++lines;
+  }
+  EXPECT_EQ(lines, 20) << jobs.out;
+  EXPECT_EQ(ReadFile(tmp / "broker.log").find("reconnected without it"), std::string::npos) << ReadFile(tmp / "broker.log");
+}
+
 // Options come from the command line, ASRF_* variables and a --config file, in that order.
 TEST(Fleet, OptionsFromEnvironmentAndConfigFile) {
   TempDir tmp;

@@ -8,6 +8,7 @@
 #include <deque>
 #include <filesystem>
 #include <mutex>
+#include <random>
 #include <set>
 #include <thread>
 #include <unordered_map>
@@ -92,6 +93,8 @@ struct Worker::Impl {
   std::unordered_map<uint64_t, Unacked> unacked;  // id -> result sent but not acknowledged
   int64_t last_broker_seen = 0;
   int64_t broker_heartbeat_ms = 0;  // the broker's interval, from its HEARTBEATs (0: not yet said)
+  std::string instance;  // this process's random token in READY (a reconnect keeps it)
+  bool refused = false;  // READY refused (worker_id_in_use): no heartbeats until READY again
   int64_t next_heartbeat = 0;
   bool draining = false;
 
@@ -115,6 +118,7 @@ struct Worker::Impl {
     r.models = registry.models();
     r.draining = draining;
     r.heartbeat_ms = static_cast<uint32_t>(opt.heartbeat_ms);
+    r.instance = instance;
     for (const auto& [id, e] : running) r.running.push_back({id, e.first});
     // Finished here but not yet acknowledged: the lease is still ours until the broker has the
     // result, which goes again on this connection (a broker that saw it already answers it).
@@ -409,6 +413,7 @@ struct Worker::Impl {
         case Cmd::kResultAck: OnResultAck(body); break;
         case Cmd::kStarted: OnStartConfirmed(body); break;
         case Cmd::kHeartbeat: {
+          refused = false;
           proto::Heartbeat h;
           if (proto::DecodeBody(body, &h).ok()) broker_heartbeat_ms = std::min<int64_t>(h.heartbeat_ms, 600000);
           break;
@@ -423,6 +428,9 @@ struct Worker::Impl {
         case Cmd::kError: {
           proto::Error e;
           if (proto::DecodeBody(body, &e).ok()) LogError("broker_error").Kv("code", e.code).Kv("message", e.message);
+          // Another live process has this worker id: stay quiet (a HEARTBEAT would only bring a
+          // DISCONNECT and another READY at once) and try again after the silence limit.
+          if (e.code == "worker_id_in_use") refused = true;
           break;
         }
         default: break;
@@ -483,6 +491,10 @@ struct Worker::Impl {
 
 Worker::Worker(WorkerOptions options, JobRegistry registry) : impl_(std::make_unique<Impl>()) {
   impl_->opt = std::move(options);
+  std::random_device rd;
+  char token[17];
+  std::snprintf(token, sizeof(token), "%08x%08x", rd(), rd());
+  impl_->instance = token;
   impl_->registry = std::move(registry);
 }
 
@@ -571,7 +583,7 @@ Status Worker::Run(const std::atomic<bool>* stop) {
       std::vector<proto::JobResult> durable = s.sink->TakeDurable();
       if (!durable.empty()) s.SendResults(std::move(durable));
     }
-    if (now >= s.next_heartbeat) {
+    if (now >= s.next_heartbeat && !s.refused) {
       proto::Heartbeat hb{s.draining, s.opt.gpu_memory ? s.opt.gpu_memory() : 0, 0};
       if (s.sink) hb.outbox_results = static_cast<int64_t>(s.sink->GetStats().outbox_size);
       s.Send(Cmd::kHeartbeat, hb);
