@@ -1137,6 +1137,34 @@ struct Broker::Impl {
     Send(routing, Cmd::kHeartbeat, BrokerHeartbeat());
   }
 
+  // A worker answers an ASSIGN with STARTED at once. A lease whose STARTED has not come after ten
+  // heartbeat intervals was lost on the way (a send queue full, an ASSIGN the worker could not
+  // read) while the worker stays connected; it would hold the job and a slot for as long as the
+  // worker lives. It goes back to the queue without an attempt (it never started), and the worker
+  // is told to drop it should the ASSIGN still turn up.
+  void ExpireUnstartedLeases(int64_t now) {
+    for (auto& [id, w] : workers) {
+      const int64_t limit = 10 * std::max<int64_t>(opt.heartbeat_ms, w.heartbeat_ms);
+      proto::CancelJobs cancel;
+      cancel.reason = "never started: no STARTED within " + std::to_string(limit) + " ms of the ASSIGN";
+      std::vector<uint64_t> lost;
+      for (uint64_t job : w.leases) {
+        const Job* j = table.Find(job);
+        if (j && j->state == JobState::kLeased && !j->started && !j->finishing && now - j->leased_mono > limit) {
+          lost.push_back(job);
+          cancel.leases.push_back({job, j->epoch});
+        }
+      }
+      if (lost.empty()) continue;
+      const std::string routing = w.routing, why = cancel.reason + " (worker " + w.id + ")";
+      for (uint64_t job : lost) {
+        LogWarn("lease_never_started").Kv("job", job).Kv("worker", w.id).Kv("after_ms", limit);
+        if (Job* j = table.Find(job)) LoseLease(*j, why, now);
+      }
+      Send(routing, Cmd::kCancelJobs, cancel);
+    }
+  }
+
   // How long a worker may be silent before it is taken for gone.
   int64_t SilenceLimit(const WorkerConn& w) const {
     return std::max<int64_t>(opt.heartbeat_ms, w.heartbeat_ms) * opt.heartbeat_misses;
@@ -1304,6 +1332,7 @@ struct Broker::Impl {
     j.epoch = ++next_epoch;
     j.worker = w.id;
     j.started = false;
+    j.leased_mono = MonoMs();
     j.group = group;
     w.leases.insert(j.id);
     proto::Assignment a;
@@ -1482,6 +1511,7 @@ struct Broker::Impl {
       LoseLease(*j, "timed out after " + std::to_string(j->timeout_ms) + " ms", now);
     }
     if (now >= next_heartbeat) {
+      ExpireUnstartedLeases(now);
       for (const auto& [id, w] : workers) Send(w.routing, Cmd::kHeartbeat, BrokerHeartbeat());
       next_heartbeat = now + opt.heartbeat_ms;
     }

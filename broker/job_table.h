@@ -45,6 +45,7 @@ struct Job {
   bool started = false;
   bool finishing = false;    // a terminal record is being journaled
   int64_t deadline_mono = 0; // per-job timeout deadline once started; 0 = none
+  int64_t leased_mono = 0;   // when the current lease was handed out
   int64_t not_before_mono = 0;
   // Batched kinds (transcription segments): the model asked for, the audio length, and the
   // batch (ASSIGN group) of the current lease.

@@ -381,6 +381,67 @@ TEST(Broker, ASecondProcessWithALiveWorkersIdIsRefused) {
   EXPECT_TRUE(second.Expect(Cmd::kHeartbeat, &body)) << "the id stayed taken after its worker went silent";
 }
 
+// An ASSIGN that never reaches the worker (dropped from a full send queue) or that it cannot read
+// leaves a lease with no STARTED while the worker stays connected. It used to hold the job (and a
+// slot) for as long as the worker lived; after ten heartbeat intervals it goes back to the queue
+// without an attempt, and the worker is told to drop it.
+TEST(Broker, ALeaseNeverStartedGoesBackToTheQueueWithoutAnAttempt) {
+  TempDir tmp;
+  InProcBroker broker(TestOptions(tmp / "b"));  // heartbeats every 100 ms: 1 s for a STARTED
+  ASSERT_TRUE(broker.open_status().ok()) << broker.open_status().ToString();
+  BrokerClient client(broker.endpoint());
+  RawPeer peer(broker.endpoint());
+  proto::Ready ready;
+  ready.worker_id = "deaf";
+  ready.slots = 1;
+  peer.Send(Cmd::kReady, ready);
+  std::string body;
+  ASSERT_TRUE(peer.Expect(Cmd::kHeartbeat, &body));
+  proto::Reply submitted;
+  ASSERT_TRUE(client.Call(Cmd::kSubmit, Jobs(1), &submitted, 5000).ok());
+  ASSERT_EQ(submitted.job_ids.size(), 1u);
+  const uint64_t id = submitted.job_ids[0];
+  proto::Assign first;
+  ASSERT_TRUE(peer.Expect(Cmd::kAssign, &body));
+  ASSERT_TRUE(proto::DecodeBody(body, &first).ok());
+  ASSERT_EQ(first.jobs.size(), 1u);
+  // The worker never got it: it only beats, and never sends STARTED.
+  bool cancelled = false, again = false;
+  proto::Assign second;
+  for (int64_t end = MonoMs() + 5000; MonoMs() < end && !again;) {
+    peer.Send(Cmd::kHeartbeat, proto::Heartbeat{});
+    if (!cancelled && peer.Expect(Cmd::kCancelJobs, &body, 50)) {
+      proto::CancelJobs c;
+      ASSERT_TRUE(proto::DecodeBody(body, &c).ok());
+      cancelled = c.leases.size() == 1 && c.leases[0].id == id && c.leases[0].epoch == first.jobs[0].epoch;
+      EXPECT_NE(c.reason.find("never started"), std::string::npos) << c.reason;
+    }
+    if (cancelled && peer.Expect(Cmd::kAssign, &body, 50)) {
+      ASSERT_TRUE(proto::DecodeBody(body, &second).ok());
+      again = second.jobs.size() == 1 && second.jobs[0].id == id;
+    }
+  }
+  ASSERT_TRUE(cancelled) << "the lease with no STARTED was never taken back";
+  ASSERT_TRUE(again) << "the job was not handed out again";
+  EXPECT_GT(second.jobs[0].epoch, first.jobs[0].epoch);
+  EXPECT_EQ(second.jobs[0].attempt, 0u) << "a lease that never started used an attempt";
+  // This time it runs.
+  proto::Started st;
+  st.leases.push_back({id, second.jobs[0].epoch});
+  peer.Send(Cmd::kStarted, st);
+  ASSERT_TRUE(peer.Expect(Cmd::kStarted, &body));
+  proto::Result r;
+  r.results.push_back({id, second.jobs[0].epoch, true, proto::Blob{"{}"}, "", 1, false});
+  peer.Send(Cmd::kResult, r);
+  ASSERT_TRUE(testing::WaitFor([&] {
+    proto::StatusReq q;
+    q.job = id;
+    proto::Reply rep;
+    return client.Call(Cmd::kStatus, q, &rep, 5000).ok() && rep.jobs.size() == 1 && rep.jobs[0].state == "done" &&
+           rep.jobs[0].attempts == 0;
+  }, 5000));
+}
+
 TEST(Broker, HostileInputGetsErrorsAndTheBrokerKeepsServing) {
   TempDir tmp;
   InProcBroker broker(TestOptions(tmp / "b"));
