@@ -674,11 +674,15 @@ struct Broker::Impl {
       r.rank = m.jobs[i].rank;
       r.world_size = std::max<uint32_t>(m.jobs[i].world_size, 1);
       r.model = std::move(m.jobs[i].model);
-      r.audio_ms = std::max<int64_t>(m.jobs[i].audio_ms, 0);
       // Batches are sized by audio length: never trust a length shorter than the payload holds
-      // (16 kHz 16-bit PCM is 32 bytes per ms), or a batch could outgrow a message.
+      // (16 kHz 16-bit PCM is 32 bytes per ms), or a batch could outgrow a message; nor one longer
+      // (a huge one overflowed the batcher's arithmetic and skewed the audio-seconds figures). Only
+      // batched kinds have one.
       if (r.kind == proto::kTranscribeKind) {
-        r.audio_ms = std::max<int64_t>(r.audio_ms, static_cast<int64_t>(r.payload.data.size() / 32));
+        const int64_t held = static_cast<int64_t>(r.payload.data.size() / 32);
+        r.audio_ms = std::clamp<int64_t>(m.jobs[i].audio_ms, held, held + 1);
+      } else {
+        r.audio_ms = 0;
       }
       b.Put(rec::JobKey(first + i), proto::EncodeBody(r));
       Job j;

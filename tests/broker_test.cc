@@ -442,6 +442,40 @@ TEST(Broker, ALeaseNeverStartedGoesBackToTheQueueWithoutAnAttempt) {
   }, 5000));
 }
 
+// A transcription segment's audio_ms is the client's word: one far longer than its payload can
+// hold used to be taken as it was (overflowing the batcher's padded-length arithmetic, and a
+// segment alone over the batch budget). The broker keeps it within what the payload holds, so two
+// such segments still go out in one batch.
+TEST(Broker, AnAudioLengthBeyondThePayloadIsNotBelieved) {
+  TempDir tmp;
+  InProcBroker broker(TestOptions(tmp / "b"));
+  ASSERT_TRUE(broker.open_status().ok()) << broker.open_status().ToString();
+  BrokerClient client(broker.endpoint());
+  RawPeer peer(broker.endpoint());
+  proto::Ready ready;
+  ready.worker_id = "gpu-ish";
+  ready.slots = 1;
+  ready.models = {"en-small"};
+  peer.Send(Cmd::kReady, ready);
+  std::string body;
+  ASSERT_TRUE(peer.Expect(Cmd::kHeartbeat, &body));
+  proto::Submit s;
+  s.batch = "t";
+  for (int i = 0; i < 2; ++i) {
+    proto::SubmitJob j{proto::kTranscribeKind, proto::Blob{std::string(3200, 'x')}, 0, 0};  // 100 ms
+    j.model = "en-small";
+    j.audio_ms = int64_t{1} << 60;
+    s.jobs.push_back(j);
+  }
+  proto::Reply r;
+  ASSERT_TRUE(client.Call(Cmd::kSubmit, s, &r, 5000).ok());
+  ASSERT_EQ(r.job_ids.size(), 2u);
+  proto::Assign a;
+  ASSERT_TRUE(peer.Expect(Cmd::kAssign, &body, 3000));
+  ASSERT_TRUE(proto::DecodeBody(body, &a).ok());
+  EXPECT_EQ(a.jobs.size(), 2u) << "two 100 ms segments were not batched together";
+}
+
 TEST(Broker, HostileInputGetsErrorsAndTheBrokerKeepsServing) {
   TempDir tmp;
   InProcBroker broker(TestOptions(tmp / "b"));
