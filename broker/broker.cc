@@ -6,6 +6,7 @@
 #include <deque>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <set>
 #include <unordered_map>
 #include <unordered_set>
@@ -155,6 +156,9 @@ struct Broker::Impl {
   std::unordered_map<std::string, std::vector<Watcher>> watchers;  // by batch
   std::unordered_map<std::string, std::vector<proto::JobEvent>> pending_events;
   std::unordered_map<std::string, rec::RequestRecord> requests;  // by request id
+  // Forgetting them with their jobs: request id by its first job id, and its jobs not yet forgotten.
+  std::map<uint64_t, std::string> request_by_first;
+  std::unordered_map<std::string, uint32_t> request_jobs_left;
   std::unordered_map<std::string, uint64_t> inflight_requests;   // request id -> token
 
   std::unordered_map<uint64_t, PendingSubmit> pending_submits;
@@ -319,6 +323,22 @@ struct Broker::Impl {
       loaded++;
     }
     pending_replay_.clear();
+    // Requests whose jobs are all forgotten (journals from before requests were forgotten with
+    // their jobs hold them) go now; the others wait for their last job.
+    JournalBatch gone_requests;
+    for (auto it = requests.begin(); it != requests.end();) {
+      uint32_t left = 0;
+      for (uint64_t id = it->second.first; id < it->second.first + it->second.count; ++id) left += table.Find(id) != nullptr;
+      if (left == 0) {
+        gone_requests.Erase(rec::RequestKey(it->first));
+        it = requests.erase(it);
+        continue;
+      }
+      request_by_first[it->second.first] = it->first;
+      request_jobs_left[it->first] = left;
+      ++it;
+    }
+    if (!gone_requests.empty()) journal->Write(std::move(gone_requests), /*sync=*/false, 0);
     std::sort(retention.begin(), retention.end());
     std::sort(forgetting.begin(), forgetting.end());
     const auto& c = table.counts();
@@ -739,6 +759,8 @@ struct Broker::Impl {
     submitted_total += r.job_ids.size();
     if (!p.request_id.empty()) {
       requests[p.request_id] = rec::RequestRecord{p.batch, first, static_cast<uint32_t>(r.job_ids.size())};
+      request_by_first[first] = p.request_id;
+      request_jobs_left[p.request_id] = static_cast<uint32_t>(r.job_ids.size());
     }
     for (size_t i = 0; i < p.routings.size(); ++i) {
       r.req = p.reqs[i];
@@ -1655,6 +1677,7 @@ struct Broker::Impl {
         table.Forget(m);
         b.Erase(rec::JobKey(m));
         b.Erase(rec::StateKey(m));
+        ForgetRequestJob(m, &b);
         n++;
       }
     }
@@ -1666,6 +1689,22 @@ struct Broker::Impl {
       LogInfo("jobs_forgotten").Kv("jobs", n).Kv("forget_after_s", opt.forget_after_s);
       if (sink) sink->ForgetCheckpoints(std::move(cancelled));
     }
+  }
+
+  // Job `id` was forgotten: the request that submitted it goes with its last job (a repeat of that
+  // request id is then a new submission).
+  void ForgetRequestJob(uint64_t id, JournalBatch* b) {
+    auto it = request_by_first.upper_bound(id);
+    if (it == request_by_first.begin()) return;
+    --it;
+    auto rq = requests.find(it->second);
+    if (rq == requests.end() || id >= rq->second.first + rq->second.count) return;
+    auto left = request_jobs_left.find(it->second);
+    if (left == request_jobs_left.end() || --left->second > 0) return;
+    b->Erase(rec::RequestKey(it->second));
+    request_jobs_left.erase(left);
+    requests.erase(rq);
+    request_by_first.erase(it);
   }
 
   void DropExpiredResults() {

@@ -175,8 +175,10 @@ TEST(Broker, FinishedJobsAreForgottenAndTheirIdsNeverReused) {
   ASSERT_TRUE(broker.open_status().ok());
   BrokerClient client(broker.endpoint());
   proto::Reply sub, r, kept;
-  ASSERT_TRUE(client.Call(Cmd::kSubmit, Jobs(3, "sleep"), &kept, 5000).ok());  // still queued: stays
-  ASSERT_TRUE(client.Call(Cmd::kSubmit, Jobs(500), &sub, 5000).ok());          // the highest ids: forgotten
+  // Still queued: stays, and so does its request id. The highest ids: forgotten, with their
+  // request id (request ids used to be kept for ever, in memory and in the journal).
+  ASSERT_TRUE(client.Call(Cmd::kSubmit, Jobs(3, "sleep", "req-kept"), &kept, 5000).ok());
+  ASSERT_TRUE(client.Call(Cmd::kSubmit, Jobs(500, "echo", "req-gone"), &sub, 5000).ok());
   ASSERT_EQ(sub.job_ids.size(), 500u);
   proto::CancelReq c;
   for (uint64_t id : sub.job_ids) {
@@ -205,6 +207,10 @@ TEST(Broker, FinishedJobsAreForgottenAndTheirIdsNeverReused) {
   ASSERT_TRUE(client.Call(Cmd::kStatus, of_batch, &r, 5000).ok());
   EXPECT_EQ(r.counts["cancelled"], 500);
   EXPECT_EQ(r.counts["queued"], 3);
+  proto::Reply repeat;
+  ASSERT_TRUE(client.Call(Cmd::kSubmit, Jobs(3, "sleep", "req-kept"), &repeat, 5000).ok());
+  EXPECT_TRUE(repeat.duplicate) << "a request id whose jobs are still held was forgotten";
+  EXPECT_EQ(repeat.job_ids, kept.job_ids);
   // After a restart the journal holds only the queued jobs, and new ids continue after all of them.
   broker.Stop();
   InProcBroker again(o);
@@ -217,6 +223,12 @@ TEST(Broker, FinishedJobsAreForgottenAndTheirIdsNeverReused) {
   ASSERT_TRUE(c2.Call(Cmd::kSubmit, Jobs(1), &next, 5000).ok());
   ASSERT_EQ(next.job_ids.size(), 1u);
   EXPECT_GT(next.job_ids[0], sub.job_ids.back()) << "an id of a forgotten job was given again";
+  ASSERT_TRUE(c2.Call(Cmd::kSubmit, Jobs(3, "sleep", "req-kept"), &repeat, 5000).ok());
+  EXPECT_TRUE(repeat.duplicate) << "a kept request id did not survive the restart";
+  ASSERT_TRUE(c2.Call(Cmd::kSubmit, Jobs(1, "echo", "req-gone"), &repeat, 5000).ok());
+  EXPECT_FALSE(repeat.duplicate) << "the request id of forgotten jobs is still remembered";
+  ASSERT_EQ(repeat.job_ids.size(), 1u);
+  EXPECT_GT(repeat.job_ids[0], next.job_ids[0]);
 }
 
 // A worker whose lease expired sends its result late: rejected; the new lease holder's is kept.
