@@ -300,6 +300,7 @@ int RunSubmit(const GlobalOptions& g, const std::vector<std::string>& args) {
       return in.error.code == "journal_unavailable" ? kExitUnreachable : kExitUsage;
     }
     out[it->second].done = true;
+    std::string().swap(out[it->second].body);  // durable: never sent again, its bytes can go
     acked++;
     in_flight--;
     last_progress = MonoMs();
