@@ -25,6 +25,9 @@ int ExitFor(const Status& st) {
   if (st.ok()) return kExitOk;
   std::cerr << "asr-submit: " << st.message() << "\n";
   if (st.code() == Status::Code::kTimeout || st.code() == Status::Code::kUnavailable) return kExitUnreachable;
+  // The broker refused the request (bad_request) or knows no such job, batch or model: the
+  // command was wrong, not a job (exit 1 is for jobs that did not end done).
+  if (st.code() == Status::Code::kInvalid || st.code() == Status::Code::kNotFound) return kExitUsage;
   return kExitJobsFailed;
 }
 
@@ -141,7 +144,7 @@ int WaitBatch(const GlobalOptions& g, BrokerClient& client, const std::string& b
         last_answer = MonoMs();
         if (in.error.req == watch_req) {
           std::cerr << "asr-submit: " << in.error.code << ": " << in.error.message << "\n";
-          return in.error.code == "not_found" ? kExitUsage : kExitJobsFailed;
+          return in.error.code == "not_found" || in.error.code == "bad_request" ? kExitUsage : kExitJobsFailed;
         }
       } else if (in.cmd == Cmd::kEvent) {
         last_answer = MonoMs();
@@ -550,8 +553,8 @@ int RunResults(const GlobalOptions& g, const std::vector<std::string>& args) {
   req.job = job;
   proto::Reply r;
   Status st = client.Call(Cmd::kStatus, req, &r, RequestTimeoutMs(g));
-  if (!st.ok()) return st.code() == Status::Code::kNotFound ? (ExitFor(st), kExitUsage) : ExitFor(st);
-  if (r.jobs.empty()) return ExitFor(Status::Invalid("empty answer from the broker"));
+  if (!st.ok()) return ExitFor(st);
+  if (r.jobs.empty()) return ExitFor(Status::Corruption("empty answer from the broker"));
   const auto& i = r.jobs.front();
   if (vm["json"].as<bool>()) {
     json j = {{"id", i.id}, {"state", i.state}, {"error", i.error}};
@@ -640,7 +643,7 @@ int RunWatch(const GlobalOptions& g, const std::vector<std::string>& args) {
   req.batch = batch;
   proto::Reply r;
   Status st = client.Call(Cmd::kStatus, req, &r, RequestTimeoutMs(g));
-  if (!st.ok()) return st.code() == Status::Code::kNotFound ? (ExitFor(st), kExitUsage) : ExitFor(st);
+  if (!st.ok()) return ExitFor(st);
   int64_t total = 0;
   for (auto& [k, v] : r.counts) total += v;
   std::map<std::string, int64_t> counts;
@@ -802,7 +805,7 @@ int RunModels(const GlobalOptions& g, const std::vector<std::string>& args) {
     if (r.models.empty()) std::cerr << "the registry is empty\n";
     return kExitOk;
   }
-  if (r.models.empty()) return ExitFor(Status::Invalid("empty answer from the broker"));
+  if (r.models.empty()) return ExitFor(Status::Corruption("empty answer from the broker"));
   if (op == "import") {
     std::cout << "stored " << r.models[0].name << " version " << r.models[0].version << " (" << r.models[0].size
               << " bytes, sha256 " << r.models[0].sha256 << ")\n";

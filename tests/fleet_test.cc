@@ -187,6 +187,10 @@ TEST(Fleet, SubmitWaitReportsEveryOutcomeAndExitCodes) {
   // Usage errors exit 2.
   EXPECT_EQ(Submit(b.endpoint, {"submit", "--count", "3"}).code, 2);
   EXPECT_EQ(Submit(b.endpoint, {"frobnicate"}).code, 2);
+  // So are requests the broker refuses or cannot place: exit 1 is for jobs that did not end done.
+  EXPECT_EQ(Submit(b.endpoint, {"jobs", "--state", "bogus"}).code, 2);
+  EXPECT_EQ(Submit(b.endpoint, {"status", "999999"}).code, 2);
+  EXPECT_EQ(Submit(b.endpoint, {"results", "999999"}).code, 2);
   // The worker list shows the worker.
   RunResult ws = Submit(b.endpoint, {"workers", "--json"});
   EXPECT_NE(ws.out.find("\"slots\":4"), std::string::npos) << ws.out;
