@@ -115,7 +115,7 @@ struct SubmitJob {
   // default model) and its audio length; the broker batches such jobs by audio seconds.
   std::string model{};
   int64_t audio_ms = 0;
-  std::string parent{};     // the file a segment belongs to (shown in listings and history)
+  std::string parent{};     // the file a segment belongs to (informational: the broker keeps no copy)
   // Gang members (data-parallel training): world_size > 1 jobs sharing `gang` are placed all at
   // once on world_size idle workers, one rank each, or not at all.
   std::string gang{};
