@@ -33,21 +33,21 @@ Status BrokerOptions::Sanitize() {
   if (listen.empty()) return Status::Invalid("--listen must not be empty");
   if (state_dir.empty()) return Status::Invalid("--state-dir must not be empty");
   if (endpoint_file.empty()) endpoint_file = state_dir + "/broker.endpoint";
-  max_attempts = std::clamp(max_attempts, 1, 1000);
-  heartbeat_ms = std::clamp<int64_t>(heartbeat_ms, 50, 60000);
-  heartbeat_misses = std::clamp(heartbeat_misses, 1, 100);
-  backoff_ms = std::clamp<int64_t>(backoff_ms, 0, 3600000);
+  ClampOption("--max-attempts", &max_attempts, 1, 1000);
+  ClampOption<int64_t>("--heartbeat-ms", &heartbeat_ms, 50, 60000);
+  ClampOption("--heartbeat-misses", &heartbeat_misses, 1, 100);
+  ClampOption<int64_t>("--backoff-ms", &backoff_ms, 0, 3600000);
   backoff_max_ms = std::max(backoff_max_ms, backoff_ms);
   constexpr int64_t kCentury = 100ll * 365 * 24 * 3600;  // seconds; more would overflow as ms
-  result_retention_s = std::clamp<int64_t>(result_retention_s, 0, kCentury);
+  ClampOption<int64_t>("--result-retention-s", &result_retention_s, 0, kCentury);
   if (forget_after_s < 0) forget_after_s = pg.empty() ? 0 : 3 * 24 * 3600;
   forget_after_s = forget_after_s == 0 ? 0 : std::clamp<int64_t>(forget_after_s, result_retention_s, kCentury);
-  watch_max_ms = std::clamp<int64_t>(watch_max_ms, 1000, 3600000);
-  batch_budget_s = std::clamp(batch_budget_s, 1.0, 1000.0);  // 1,000 s of PCM is 32 MB: one message
-  batch_max_items = std::clamp(batch_max_items, 1, 1000);
-  batch_max_delay_ms = std::clamp<int64_t>(batch_max_delay_ms, 0, 600000);
-  gang_port_base = std::clamp(gang_port_base, 1024, 64000);
-  max_messages_per_wake = std::clamp(max_messages_per_wake, 1, 100000);
+  ClampOption<int64_t>("watch_max_ms", &watch_max_ms, 1000, 3600000);
+  ClampOption("--batch-budget-s", &batch_budget_s, 1.0, 1000.0);  // 1,000 s of PCM is 32 MB: one message
+  ClampOption("--batch-max-items", &batch_max_items, 1, 1000);
+  ClampOption<int64_t>("--batch-max-delay-ms", &batch_max_delay_ms, 0, 600000);
+  ClampOption("--gang-port-base", &gang_port_base, 1024, 64000);
+  ClampOption("--max-messages-per-wake", &max_messages_per_wake, 1, 100000);
   return Status::Ok();
 }
 

@@ -54,4 +54,15 @@ inline LogLine LogError(std::string_view e) { return LogLine(LogLevel::kError, e
 // Appends `s` to `out` as the body of a JSON string (no surrounding quotes).
 void AppendJsonEscaped(std::string* out, std::string_view s);
 
+// Puts an option's value into [lo, hi]; a value outside is logged (option_out_of_range, with the
+// value given and the value used) rather than changed silently.
+template <typename T>
+void ClampOption(std::string_view name, T* value, T lo, T hi) {
+  const T used = *value < lo ? lo : (hi < *value ? hi : *value);
+  if (used != *value) {
+    LogWarn("option_out_of_range").Kv("option", name).Kv("given", *value).Kv("used", used).Kv("range_low", lo).Kv("range_high", hi);
+  }
+  *value = used;
+}
+
 }  // namespace asrf

@@ -222,6 +222,21 @@ TEST(Fleet, TwoWorkersGivenOneIdDoNotTakeEachOthersJobs) {
   EXPECT_EQ(ReadFile(tmp / "broker.log").find("reconnected without it"), std::string::npos) << ReadFile(tmp / "broker.log");
 }
 
+// An option outside its range is put at the nearest bound, and the log says so (it used to be
+// changed silently: --max-attempts 0 ran with 1).
+TEST(Fleet, OptionsOutOfRangeAreNamedInTheLog) {
+  TempDir tmp;
+  BrokerProc b = StartBroker(tmp / "broker", tmp / "broker.log", {"--max-attempts", "0", "--batch-max-items", "5000"});
+  Proc w = StartWorker(b.endpoint, tmp / "w", tmp / "w.log", {"--slots", "0"});
+  ASSERT_TRUE(WaitFor([&] { return Submit(b.endpoint, {"workers"}).out.find("slots") != std::string::npos ||
+                                   ReadFile(tmp / "w.log").find("worker_connecting") != std::string::npos; }, 10000));
+  const std::string broker_log = ReadFile(tmp / "broker.log"), worker_log = ReadFile(tmp / "w.log");
+  for (const char* want : {"option_out_of_range", "--max-attempts", "--batch-max-items"}) {
+    EXPECT_NE(broker_log.find(want), std::string::npos) << want << "\n" << broker_log;
+  }
+  EXPECT_NE(worker_log.find("\"option\":\"--slots\""), std::string::npos) << worker_log;
+}
+
 // Options come from the command line, ASRF_* variables and a --config file, in that order.
 TEST(Fleet, OptionsFromEnvironmentAndConfigFile) {
   TempDir tmp;

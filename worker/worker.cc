@@ -29,9 +29,9 @@ Status WorkerOptions::Sanitize() {
   if (device != "cpu" && device.rfind("cuda:", 0) != 0) {
     return Status::Invalid("--device must be cpu or cuda:N, not \"" + device + "\"");
   }
-  slots = std::clamp(slots, 1, 1024);
-  heartbeat_ms = std::clamp<int64_t>(heartbeat_ms, 50, 60000);
-  heartbeat_misses = std::clamp(heartbeat_misses, 1, 100);
+  ClampOption("--slots", &slots, 1, 1024);
+  ClampOption<int64_t>("--heartbeat-ms", &heartbeat_ms, 50, 60000);
+  ClampOption("--heartbeat-misses", &heartbeat_misses, 1, 100);
   if (worker_id.empty()) {
     char host[256] = {0};
     gethostname(host, sizeof(host) - 1);
