@@ -235,6 +235,12 @@ TEST(Fleet, OptionsOutOfRangeAreNamedInTheLog) {
     EXPECT_NE(broker_log.find(want), std::string::npos) << want << "\n" << broker_log;
   }
   EXPECT_NE(worker_log.find("\"option\":\"--slots\""), std::string::npos) << worker_log;
+  // A worker id the broker would refuse stops the worker at start, saying why (it used to retry
+  // READY for ever).
+  RunResult longid = RunCommand({ASRF_WORKER_BIN, "--broker", b.endpoint,
+                                 "--state-dir", tmp / "w2", "--worker-id", std::string(300, 'w')}, 20000);
+  EXPECT_NE(longid.code, 0);
+  EXPECT_NE((longid.out + longid.err).find("at most 256 bytes"), std::string::npos) << longid.out << longid.err;
 }
 
 // Options come from the command line, ASRF_* variables and a --config file, in that order.

@@ -32,6 +32,10 @@ Status WorkerOptions::Sanitize() {
   ClampOption("--slots", &slots, 1, 1024);
   ClampOption<int64_t>("--heartbeat-ms", &heartbeat_ms, 50, 60000);
   ClampOption("--heartbeat-misses", &heartbeat_misses, 1, 100);
+  if (worker_id.size() > 256) {
+    return Status::Invalid("--worker-id must be at most 256 bytes (the broker refuses longer ones), not " +
+                           std::to_string(worker_id.size()));
+  }
   if (worker_id.empty()) {
     char host[256] = {0};
     gethostname(host, sizeof(host) - 1);
