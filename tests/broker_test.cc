@@ -359,7 +359,9 @@ TEST(Broker, AWorkerWithALongerHeartbeatIntervalIsNotDroppedBetweenBeats) {
 // the id is free again once its worker has gone silent.
 TEST(Broker, ASecondProcessWithALiveWorkersIdIsRefused) {
   TempDir tmp;
-  InProcBroker broker(TestOptions(tmp / "b"));  // 100 ms, 3 misses
+  BrokerOptions o = TestOptions(tmp / "b");
+  o.heartbeat_ms = 500;  // a worker is alive for 1.5 s after its last word: room for a slow test machine
+  InProcBroker broker(o);
   ASSERT_TRUE(broker.open_status().ok()) << broker.open_status().ToString();
   auto ready = [](const std::string& instance, const std::string& host) {
     proto::Ready r;
@@ -388,7 +390,7 @@ TEST(Broker, ASecondProcessWithALiveWorkersIdIsRefused) {
   EXPECT_TRUE(again.Expect(Cmd::kHeartbeat, &body)) << "a reconnect of the same process was refused";
   EXPECT_FALSE(again.Expect(Cmd::kError, &body, 200));
   // Silent now: once it is gone, the other process may have the id.
-  std::this_thread::sleep_for(std::chrono::milliseconds(600));
+  std::this_thread::sleep_for(std::chrono::milliseconds(2000));
   second.Send(Cmd::kReady, ready("bbbb", "host-b"));
   EXPECT_TRUE(second.Expect(Cmd::kHeartbeat, &body)) << "the id stayed taken after its worker went silent";
 }
@@ -399,7 +401,9 @@ TEST(Broker, ASecondProcessWithALiveWorkersIdIsRefused) {
 // without an attempt, and the worker is told to drop it.
 TEST(Broker, ALeaseNeverStartedGoesBackToTheQueueWithoutAnAttempt) {
   TempDir tmp;
-  InProcBroker broker(TestOptions(tmp / "b"));  // heartbeats every 100 ms: 1 s for a STARTED
+  BrokerOptions o = TestOptions(tmp / "b");
+  o.heartbeat_ms = 200;  // 2 s for a STARTED; the peer is lost after 0.6 s of silence
+  InProcBroker broker(o);
   ASSERT_TRUE(broker.open_status().ok()) << broker.open_status().ToString();
   BrokerClient client(broker.endpoint());
   RawPeer peer(broker.endpoint());
@@ -420,7 +424,7 @@ TEST(Broker, ALeaseNeverStartedGoesBackToTheQueueWithoutAnAttempt) {
   // The worker never got it: it only beats, and never sends STARTED.
   bool cancelled = false, again = false;
   proto::Assign second;
-  for (int64_t end = MonoMs() + 5000; MonoMs() < end && !again;) {
+  for (int64_t end = MonoMs() + 10000; MonoMs() < end && !again;) {
     peer.Send(Cmd::kHeartbeat, proto::Heartbeat{});
     if (!cancelled && peer.Expect(Cmd::kCancelJobs, &body, 50)) {
       proto::CancelJobs c;
@@ -460,7 +464,9 @@ TEST(Broker, ALeaseNeverStartedGoesBackToTheQueueWithoutAnAttempt) {
 // such segments still go out in one batch.
 TEST(Broker, AnAudioLengthBeyondThePayloadIsNotBelieved) {
   TempDir tmp;
-  InProcBroker broker(TestOptions(tmp / "b"));
+  BrokerOptions o = TestOptions(tmp / "b");
+  o.heartbeat_ms = 1000;  // the peer below never beats: alive for 3 s
+  InProcBroker broker(o);
   ASSERT_TRUE(broker.open_status().ok()) << broker.open_status().ToString();
   BrokerClient client(broker.endpoint());
   RawPeer peer(broker.endpoint());
@@ -893,16 +899,23 @@ TEST(WorkerReconnect, AWorkerWaitsOutTheBrokersLongerHeartbeatInterval) {
     }
     return n;
   };
+  auto beat = [&](const std::string& to) {
+    proto::Heartbeat h;
+    h.heartbeat_ms = 1000;
+    router.send(zmq::buffer(to), zmq::send_flags::sndmore);
+    router.send(zmq::buffer(std::string(proto::kTag)), zmq::send_flags::sndmore);
+    router.send(zmq::buffer(std::string(1, static_cast<char>(Cmd::kHeartbeat))), zmq::send_flags::sndmore);
+    router.send(zmq::buffer(proto::EncodeBody(h)), zmq::send_flags::none);
+  };
   std::string routing;
   ASSERT_EQ(readies(5000, &routing, true), 1) << testing::ReadFile(tmp / "w.log");
-  proto::Heartbeat h;
-  h.heartbeat_ms = 1000;
-  router.send(zmq::buffer(routing), zmq::send_flags::sndmore);
-  router.send(zmq::buffer(std::string(proto::kTag)), zmq::send_flags::sndmore);
-  router.send(zmq::buffer(std::string(1, static_cast<char>(Cmd::kHeartbeat))), zmq::send_flags::sndmore);
-  router.send(zmq::buffer(proto::EncodeBody(h)), zmq::send_flags::none);
-  // Silent for 2 s: within 3 x 1000 ms, so no new READY; after it, the worker reconnects.
-  EXPECT_EQ(readies(2000, &routing), 0) << "the worker took a broker silent 2 s of its 3 for gone\n"
+  beat(routing);
+  // Should the worker have reconnected before that reached it (a slow machine), answer its new
+  // connection too, until it has been quiet for half a second.
+  for (std::string again; readies(500, &again, true) == 1;) beat(again);
+  // Silent for 1.5 s more (2 s since the last HEARTBEAT): within 3 x 1000 ms, so no new READY
+  // (its own limit is 3 x 200 ms); after it, the worker reconnects.
+  EXPECT_EQ(readies(1500, &routing), 0) << "the worker took a broker silent 2 s of its 3 for gone\n"
                                         << testing::ReadFile(tmp / "w.log");
   EXPECT_GE(readies(3000, &routing), 1) << "the worker never took the silent broker for gone\n"
                                         << testing::ReadFile(tmp / "w.log");

@@ -201,10 +201,11 @@ TEST(Fleet, SubmitWaitReportsEveryOutcomeAndExitCodes) {
 // lost to the two taking each other's leases.
 TEST(Fleet, TwoWorkersGivenOneIdDoNotTakeEachOthersJobs) {
   TempDir tmp;
-  BrokerProc b = StartBroker(tmp / "broker", tmp / "broker.log", kFastHeartbeats);
-  Proc w1 = StartWorker(b.endpoint, tmp / "w1", tmp / "w1.log", With(kFastHeartbeats, {"--worker-id", "same", "--slots", "2"}));
+  // Default heartbeats (3 s of silence): a slow test machine must not make the first look gone.
+  BrokerProc b = StartBroker(tmp / "broker", tmp / "broker.log");
+  Proc w1 = StartWorker(b.endpoint, tmp / "w1", tmp / "w1.log", {"--worker-id", "same", "--slots", "2"});
   ASSERT_TRUE(WaitFor([&] { return Submit(b.endpoint, {"workers"}).out.find("same") != std::string::npos; }, 10000));
-  Proc w2 = StartWorker(b.endpoint, tmp / "w2", tmp / "w2.log", With(kFastHeartbeats, {"--worker-id", "same", "--slots", "2"}));
+  Proc w2 = StartWorker(b.endpoint, tmp / "w2", tmp / "w2.log", {"--worker-id", "same", "--slots", "2"});
   ASSERT_TRUE(WaitFor([&] { return ReadFile(tmp / "w2.log").find("worker_id_in_use") != std::string::npos; }, 10000))
       << ReadFile(tmp / "w2.log");
   RunResult r = Submit(b.endpoint, {"submit", "--kind", "sleep", "--payload", "{\"ms\":100}", "--count", "20", "--wait"});
