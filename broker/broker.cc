@@ -1172,20 +1172,18 @@ struct Broker::Impl {
     for (auto& [id, w] : workers) {
       const int64_t limit = 10 * std::max<int64_t>(opt.heartbeat_ms, w.heartbeat_ms);
       proto::CancelJobs cancel;
-      cancel.reason = "never started: no STARTED within " + std::to_string(limit) + " ms of the ASSIGN";
-      std::vector<uint64_t> lost;
       for (uint64_t job : w.leases) {
         const Job* j = table.Find(job);
         if (j && j->state == JobState::kLeased && !j->started && !j->finishing && now - j->leased_mono > limit) {
-          lost.push_back(job);
           cancel.leases.push_back({job, j->epoch});
         }
       }
-      if (lost.empty()) continue;
+      if (cancel.leases.empty()) continue;
+      cancel.reason = "never started: no STARTED within " + std::to_string(limit) + " ms of the ASSIGN";
       const std::string routing = w.routing, why = cancel.reason + " (worker " + w.id + ")";
-      for (uint64_t job : lost) {
-        LogWarn("lease_never_started").Kv("job", job).Kv("worker", w.id).Kv("after_ms", limit);
-        if (Job* j = table.Find(job)) LoseLease(*j, why, now);
+      for (const auto& l : cancel.leases) {
+        LogWarn("lease_never_started").Kv("job", l.id).Kv("worker", w.id).Kv("after_ms", limit);
+        if (Job* j = table.Find(l.id)) LoseLease(*j, why, now);
       }
       Send(routing, Cmd::kCancelJobs, cancel);
     }

@@ -80,6 +80,49 @@ class RawPeer {
   zmq::socket_t sock_;
 };
 
+// A stand-in broker: a raw ROUTER that a real asr-worker process connects to, to play sequences
+// a real broker only gets into by accident (a lost connection, a reconnect under way).
+class StandInBroker {
+ public:
+  StandInBroker() : router_(ctx_, zmq::socket_type::router) {
+    router_.set(zmq::sockopt::linger, 0);
+    router_.bind("tcp://127.0.0.1:*");
+    endpoint_ = router_.get(zmq::sockopt::last_endpoint);
+  }
+  const std::string& endpoint() const { return endpoint_; }
+  // The next message with this command within timeout_ms (others are skipped): the worker's
+  // routing id and the body. False on timeout.
+  bool Next(Cmd want, std::string* routing, std::string* body = nullptr, int64_t timeout_ms = 15000) {
+    for (int64_t end = MonoMs() + timeout_ms; MonoMs() < end;) {
+      zmq::pollitem_t item{router_.handle(), 0, ZMQ_POLLIN, 0};
+      zmq::poll(&item, 1, std::chrono::milliseconds(50));
+      if (!(item.revents & ZMQ_POLLIN)) continue;
+      std::vector<zmq::message_t> frames = ReadFrames(router_);
+      if (frames.size() == 4 && frames[2].size() == 1 && static_cast<Cmd>(frames[2].data<char>()[0]) == want) {
+        *routing = frames[0].to_string();
+        if (body) *body = frames[3].to_string();
+        return true;
+      }
+    }
+    return false;
+  }
+  void SendRaw(const std::string& routing, Cmd cmd, const std::string& body) {
+    router_.send(zmq::buffer(routing), zmq::send_flags::sndmore);
+    router_.send(zmq::buffer(std::string(proto::kTag)), zmq::send_flags::sndmore);
+    router_.send(zmq::buffer(std::string(1, static_cast<char>(cmd))), zmq::send_flags::sndmore);
+    router_.send(zmq::buffer(body), zmq::send_flags::none);
+  }
+  template <typename T>
+  void Send(const std::string& routing, Cmd cmd, const T& body) {
+    SendRaw(routing, cmd, proto::EncodeBody(body));
+  }
+
+ private:
+  zmq::context_t ctx_{1};
+  zmq::socket_t router_;
+  std::string endpoint_;
+};
+
 BrokerOptions TestOptions(const std::string& dir) {
   BrokerOptions o;
   o.listen = "tcp://127.0.0.1:0";
@@ -746,28 +789,10 @@ TEST_F(BrokerGangs, AWaitingGangHoldsWorkersWithFreeSlotsUntilTheyDrain) {
 // ROUTER) assigns one job and then says nothing.
 TEST(WorkerStop, ALeaseTheBrokerNeverConfirmedDoesNotHoldUpAStop) {
   TempDir tmp;
-  zmq::context_t ctx(1);
-  zmq::socket_t router(ctx, zmq::socket_type::router);
-  router.set(zmq::sockopt::linger, 0);
-  router.bind("tcp://127.0.0.1:*");
-  std::string endpoint = router.get(zmq::sockopt::last_endpoint);
-  testing::Proc w = testing::StartWorker(endpoint, tmp / "w", tmp / "w.log");
-  // Frames from the worker: routing id, tag, command, body.
-  auto next = [&](Cmd want, std::string* routing) {
-    for (int64_t end = MonoMs() + 15000; MonoMs() < end;) {
-      zmq::pollitem_t item{router.handle(), 0, ZMQ_POLLIN, 0};
-      zmq::poll(&item, 1, std::chrono::milliseconds(100));
-      if (!(item.revents & ZMQ_POLLIN)) continue;
-      std::vector<zmq::message_t> frames = ReadFrames(router);
-      if (frames.size() == 4 && frames[2].size() == 1 && static_cast<Cmd>(frames[2].data<char>()[0]) == want) {
-        *routing = frames[0].to_string();
-        return true;
-      }
-    }
-    return false;
-  };
+  StandInBroker broker;
+  testing::Proc w = testing::StartWorker(broker.endpoint(), tmp / "w", tmp / "w.log");
   std::string routing;
-  ASSERT_TRUE(next(Cmd::kReady, &routing)) << testing::ReadFile(tmp / "w.log");
+  ASSERT_TRUE(broker.Next(Cmd::kReady, &routing)) << testing::ReadFile(tmp / "w.log");
   proto::Assign a;
   proto::Assignment job;
   job.id = 1;
@@ -775,12 +800,8 @@ TEST(WorkerStop, ALeaseTheBrokerNeverConfirmedDoesNotHoldUpAStop) {
   job.kind = "sleep";
   job.payload.data = "{\"ms\":1}";
   a.jobs.push_back(job);
-  std::string body = proto::EncodeBody(a);
-  router.send(zmq::buffer(routing), zmq::send_flags::sndmore);
-  router.send(zmq::buffer(std::string(proto::kTag)), zmq::send_flags::sndmore);
-  router.send(zmq::buffer(std::string(1, static_cast<char>(Cmd::kAssign))), zmq::send_flags::sndmore);
-  router.send(zmq::buffer(body), zmq::send_flags::none);
-  ASSERT_TRUE(next(Cmd::kStarted, &routing)) << testing::ReadFile(tmp / "w.log");
+  broker.Send(routing, Cmd::kAssign, a);
+  ASSERT_TRUE(broker.Next(Cmd::kStarted, &routing)) << testing::ReadFile(tmp / "w.log");
   w.Signal(SIGTERM);
   EXPECT_EQ(w.Wait(20000), 0) << "the worker did not stop" << testing::ReadFile(tmp / "w.log");
   EXPECT_NE(testing::ReadFile(tmp / "w.log").find("lease_left_unstarted"), std::string::npos)
@@ -796,34 +817,10 @@ TEST(WorkerStop, ALeaseTheBrokerNeverConfirmedDoesNotHoldUpAStop) {
 // same result again.
 TEST(WorkerReconnect, AResultRefusedForAnUnknownPeerIsSentAgainAfterReady) {
   TempDir tmp;
-  zmq::context_t ctx(1);
-  zmq::socket_t router(ctx, zmq::socket_type::router);
-  router.set(zmq::sockopt::linger, 0);
-  router.bind("tcp://127.0.0.1:*");
-  std::string endpoint = router.get(zmq::sockopt::last_endpoint);
-  testing::Proc w = testing::StartWorker(endpoint, tmp / "w", tmp / "w.log");
-  auto next = [&](Cmd want, std::string* routing, std::string* body) {
-    for (int64_t end = MonoMs() + 15000; MonoMs() < end;) {
-      zmq::pollitem_t item{router.handle(), 0, ZMQ_POLLIN, 0};
-      zmq::poll(&item, 1, std::chrono::milliseconds(100));
-      if (!(item.revents & ZMQ_POLLIN)) continue;
-      std::vector<zmq::message_t> frames = ReadFrames(router);
-      if (frames.size() == 4 && frames[2].size() == 1 && static_cast<Cmd>(frames[2].data<char>()[0]) == want) {
-        *routing = frames[0].to_string();
-        *body = frames[3].to_string();
-        return true;
-      }
-    }
-    return false;
-  };
-  auto send = [&](const std::string& routing, Cmd cmd, const std::string& body) {
-    router.send(zmq::buffer(routing), zmq::send_flags::sndmore);
-    router.send(zmq::buffer(std::string(proto::kTag)), zmq::send_flags::sndmore);
-    router.send(zmq::buffer(std::string(1, static_cast<char>(cmd))), zmq::send_flags::sndmore);
-    router.send(zmq::buffer(body), zmq::send_flags::none);
-  };
+  StandInBroker broker;
+  testing::Proc w = testing::StartWorker(broker.endpoint(), tmp / "w", tmp / "w.log");
   std::string first, body;
-  ASSERT_TRUE(next(Cmd::kReady, &first, &body)) << testing::ReadFile(tmp / "w.log");
+  ASSERT_TRUE(broker.Next(Cmd::kReady, &first, &body)) << testing::ReadFile(tmp / "w.log");
   proto::Assign a;
   proto::Assignment job;
   job.id = 7;
@@ -831,10 +828,10 @@ TEST(WorkerReconnect, AResultRefusedForAnUnknownPeerIsSentAgainAfterReady) {
   job.kind = "echo";
   job.payload.data = "{\"said\":\"once\"}";
   a.jobs.push_back(job);
-  send(first, Cmd::kAssign, proto::EncodeBody(a));
-  ASSERT_TRUE(next(Cmd::kStarted, &first, &body)) << testing::ReadFile(tmp / "w.log");
-  send(first, Cmd::kStarted, body);  // confirmed: the job runs
-  ASSERT_TRUE(next(Cmd::kResult, &first, &body)) << testing::ReadFile(tmp / "w.log");
+  broker.Send(first, Cmd::kAssign, a);
+  ASSERT_TRUE(broker.Next(Cmd::kStarted, &first, &body)) << testing::ReadFile(tmp / "w.log");
+  broker.SendRaw(first, Cmd::kStarted, body);  // confirmed: the job runs
+  ASSERT_TRUE(broker.Next(Cmd::kResult, &first, &body)) << testing::ReadFile(tmp / "w.log");
   proto::Result sent;
   ASSERT_TRUE(proto::DecodeBody(body, &sent).ok());
   ASSERT_EQ(sent.results.size(), 1u);
@@ -843,20 +840,20 @@ TEST(WorkerReconnect, AResultRefusedForAnUnknownPeerIsSentAgainAfterReady) {
   // What the broker answers a peer it does not know.
   proto::ResultAck refused;
   refused.rejected.push_back({7, 3, "unknown worker; send READY first"});
-  send(first, Cmd::kResultAck, proto::EncodeBody(refused));
+  broker.Send(first, Cmd::kResultAck, refused);
   proto::Disconnect d;
   d.reason = "unknown worker; send READY";
-  send(first, Cmd::kDisconnect, proto::EncodeBody(d));
+  broker.Send(first, Cmd::kDisconnect, d);
 
   std::string second;
-  ASSERT_TRUE(next(Cmd::kReady, &second, &body)) << testing::ReadFile(tmp / "w.log");
+  ASSERT_TRUE(broker.Next(Cmd::kReady, &second, &body)) << testing::ReadFile(tmp / "w.log");
   EXPECT_NE(second, first) << "a new connection";
   proto::Ready ready;
   ASSERT_TRUE(proto::DecodeBody(body, &ready).ok());
   bool listed = false;
   for (const auto& l : ready.running) listed = listed || (l.id == 7 && l.epoch == 3);
   EXPECT_TRUE(listed) << "the READY after the reconnect leaves out the lease whose result is unacknowledged";
-  ASSERT_TRUE(next(Cmd::kResult, &second, &body)) << "the result was not sent again\n" << testing::ReadFile(tmp / "w.log");
+  ASSERT_TRUE(broker.Next(Cmd::kResult, &second, &body)) << "the result was not sent again\n" << testing::ReadFile(tmp / "w.log");
   proto::Result again;
   ASSERT_TRUE(proto::DecodeBody(body, &again).ok());
   ASSERT_EQ(again.results.size(), 1u);
@@ -867,7 +864,7 @@ TEST(WorkerReconnect, AResultRefusedForAnUnknownPeerIsSentAgainAfterReady) {
   EXPECT_EQ(again.results[0].result.data, job.payload.data);
   proto::ResultAck accepted;
   accepted.accepted.push_back({7, 3});
-  send(second, Cmd::kResultAck, proto::EncodeBody(accepted));
+  broker.Send(second, Cmd::kResultAck, accepted);
   w.Signal(SIGTERM);
   EXPECT_EQ(w.Wait(20000), 0) << testing::ReadFile(tmp / "w.log");
 }
@@ -877,35 +874,21 @@ TEST(WorkerReconnect, AResultRefusedForAnUnknownPeerIsSentAgainAfterReady) {
 // (it used to reconnect after its own 3 x 200 ms here, again and again).
 TEST(WorkerReconnect, AWorkerWaitsOutTheBrokersLongerHeartbeatInterval) {
   TempDir tmp;
-  zmq::context_t ctx(1);
-  zmq::socket_t router(ctx, zmq::socket_type::router);
-  router.set(zmq::sockopt::linger, 0);
-  router.bind("tcp://127.0.0.1:*");
-  std::string endpoint = router.get(zmq::sockopt::last_endpoint);
-  testing::Proc w = testing::StartWorker(endpoint, tmp / "w", tmp / "w.log", testing::kFastHeartbeats);
+  StandInBroker broker;
+  testing::Proc w = testing::StartWorker(broker.endpoint(), tmp / "w", tmp / "w.log", testing::kFastHeartbeats);
   // READYs the worker sends within `ms` (or up to the first, with `first`).
-  auto readies = [&](int ms, std::string* routing, bool first = false) {
+  auto readies = [&](int64_t ms, std::string* routing, bool first = false) {
     int n = 0;
-    for (int64_t end = MonoMs() + ms; MonoMs() < end;) {
-      zmq::pollitem_t item{router.handle(), 0, ZMQ_POLLIN, 0};
-      zmq::poll(&item, 1, std::chrono::milliseconds(50));
-      if (!(item.revents & ZMQ_POLLIN)) continue;
-      std::vector<zmq::message_t> frames = ReadFrames(router);
-      if (frames.size() == 4 && frames[2].size() == 1 && static_cast<Cmd>(frames[2].data<char>()[0]) == Cmd::kReady) {
-        *routing = frames[0].to_string();
-        ++n;
-        if (first) break;
-      }
+    for (int64_t end = MonoMs() + ms; broker.Next(Cmd::kReady, routing, nullptr, end - MonoMs());) {
+      ++n;
+      if (first) break;
     }
     return n;
   };
   auto beat = [&](const std::string& to) {
     proto::Heartbeat h;
     h.heartbeat_ms = 1000;
-    router.send(zmq::buffer(to), zmq::send_flags::sndmore);
-    router.send(zmq::buffer(std::string(proto::kTag)), zmq::send_flags::sndmore);
-    router.send(zmq::buffer(std::string(1, static_cast<char>(Cmd::kHeartbeat))), zmq::send_flags::sndmore);
-    router.send(zmq::buffer(proto::EncodeBody(h)), zmq::send_flags::none);
+    broker.Send(to, Cmd::kHeartbeat, h);
   };
   std::string routing;
   ASSERT_EQ(readies(5000, &routing, true), 1) << testing::ReadFile(tmp / "w.log");
