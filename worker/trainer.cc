@@ -1,6 +1,7 @@
 #include "worker/trainer.h"
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <filesystem>
@@ -11,6 +12,7 @@
 #include <thread>
 #include <unordered_set>
 
+#include <ATen/Parallel.h>
 #include <nlohmann/json.hpp>
 #if ASRF_TORCH_GLOO  // worker/CMakeLists.txt: ASRF_GLOO
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
@@ -225,25 +227,40 @@ struct Utterance {
   std::string text;
 };
 
-// Loading a large corpus takes minutes: a cancel or a drain is heard between files.
+// Loading a large corpus takes minutes: files are decoded on torch's threads (a GPU host's cores
+// would otherwise wait on one), and a cancel or a drain is heard between files. The first file
+// that fails (in manifest order) fails the load.
 Status LoadAll(const std::vector<ManifestItem>& items, const Vocabulary& vocab, const TrainContext& ctx,
                std::vector<Utterance>* out) {
-  out->reserve(items.size());
-  for (const auto& it : items) {
-    if (ctx.cancelled && ctx.cancelled->load()) return Status::Unavailable("cancelled");
-    if (ctx.stopping && ctx.stopping->load()) {
-      return Status::Busy("interrupted while loading the audio, before any step; runs again from its checkpoint or the start");
+  out->assign(items.size(), Utterance{});
+  std::vector<Status> st(items.size(), Status::Ok());
+  std::atomic<bool> interrupted{false};
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      if (interrupted.load()) return;
+      if ((ctx.cancelled && ctx.cancelled->load()) || (ctx.stopping && ctx.stopping->load())) {
+        interrupted = true;
+        return;
+      }
+      Utterance& u = (*out)[static_cast<size_t>(i)];
+      // Read as transcription reads it (common/audio_in.h): any encoding, float included, channels
+      // averaged, other rates resampled to 16 kHz.
+      DecodedAudio d;
+      Status s = DecodeAudio16k(items[static_cast<size_t>(i)].audio, &d);
+      if (s.ok()) s = vocab.Encode(items[static_cast<size_t>(i)].text, &u.ids);
+      if (!s.ok()) {
+        st[static_cast<size_t>(i)] = std::move(s);
+        continue;
+      }
+      u.pcm = std::move(d.pcm);
+      u.text = items[static_cast<size_t>(i)].text;
     }
-    Utterance u;
-    // Read as transcription reads it (common/audio_in.h): any encoding, float included, channels
-    // averaged, other rates resampled to 16 kHz.
-    DecodedAudio d;
-    ASRF_RETURN_IF_ERROR(DecodeAudio16k(it.audio, &d));
-    u.pcm = std::move(d.pcm);
-    ASRF_RETURN_IF_ERROR(vocab.Encode(it.text, &u.ids));
-    u.text = it.text;
-    out->push_back(std::move(u));
+  });
+  if (ctx.cancelled && ctx.cancelled->load()) return Status::Unavailable("cancelled");
+  if (interrupted.load()) {
+    return Status::Busy("interrupted while loading the audio, before any step; runs again from its checkpoint or the start");
   }
+  for (auto& s : st) ASRF_RETURN_IF_ERROR(s);
   return Status::Ok();
 }
 
@@ -302,6 +319,7 @@ void MakeBatchTensors(const std::vector<Utterance>& data, const std::vector<size
   std::vector<char> background(idx.size(), 0);
   std::vector<size_t> len(idx.size()), speech(idx.size()), before(idx.size(), 0), after(idx.size(), 0);
   std::vector<double> below(idx.size(), 0.0);
+  std::vector<uint64_t> seed(idx.size(), 0);  // each utterance's own generator for what it plays
   size_t longest = 0;
   auto chance = [&](double p) { return std::uniform_real_distribution<double>(0.0, 1.0)(*rng) < p; };
   auto uniform = [&](double lo, double hi) { return std::uniform_real_distribution<double>(lo, hi)(*rng); };
@@ -323,6 +341,7 @@ void MakeBatchTensors(const std::vector<Utterance>& data, const std::vector<size
       after[b] = static_cast<size_t>(uniform(0.1, 1.5) * kSampleRate);
       below[b] = uniform(10.0, 40.0);
     }
+    if (rng) seed[b] = (*rng)();
     speech[b] = SpeedChangedLength(data[idx[b]].pcm.size(), factor[b]);
     len[b] = before[b] + speech[b] + after[b];
     longest = std::max(longest, len[b]);
@@ -330,20 +349,27 @@ void MakeBatchTensors(const std::vector<Utterance>& data, const std::vector<size
   *pcm = torch::zeros({static_cast<int64_t>(idx.size()), static_cast<int64_t>(longest)}, torch::kFloat32);
   *lengths = torch::zeros({static_cast<int64_t>(idx.size())}, torch::kInt64);
   float* p = pcm->data_ptr<float>();
-  for (size_t b = 0; b < idx.size(); ++b) {
-    const auto& s = data[idx[b]].pcm;
-    float* u = p + b * longest;
-    if (background[b]) {
-      NonSpeech(u, len[b], *rng);
-    } else {
-      SpeedChange(s.data(), s.size(), factor[b], u + before[b]);
-      if (before[b] + after[b] > 0) PadWithBackground(u, before[b], speech[b], after[b], below[b], *rng);
+  // Utterances are played on torch's threads, each from its own seed: the batch is the same
+  // whatever the number of threads.
+  at::parallel_for(0, static_cast<int64_t>(idx.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t bi = lo; bi < hi; ++bi) {
+      const size_t b = static_cast<size_t>(bi);
+      const auto& s = data[idx[b]].pcm;
+      float* u = p + b * longest;
+      std::mt19937_64 r(seed[b]);
+      if (background[b]) {
+        NonSpeech(u, len[b], r);
+      } else {
+        SpeedChange(s.data(), s.size(), factor[b], u + before[b]);
+        if (before[b] + after[b] > 0) PadWithBackground(u, before[b], speech[b], after[b], below[b], r);
+      }
+      if (rt60[b] > 0) Reverberate(u, len[b], rt60[b], drr[b], r);
+      if (cutoff[b] > 0) LowPass(u, len[b], cutoff[b]);
+      if (snr[b] > 0) AddNoise(u, len[b], snr[b], colour[b], r);
     }
-    if (rt60[b] > 0) Reverberate(u, len[b], rt60[b], drr[b], *rng);
-    if (cutoff[b] > 0) LowPass(u, len[b], cutoff[b]);
-    if (snr[b] > 0) AddNoise(u, len[b], snr[b], colour[b], *rng);
-    (*lengths)[b] = static_cast<int64_t>(len[b]);
-  }
+  });
+  int64_t* lp = lengths->data_ptr<int64_t>();
+  for (size_t b = 0; b < idx.size(); ++b) lp[b] = static_cast<int64_t>(len[b]);
   if (silent) *silent = std::move(background);
 }
 
