@@ -14,12 +14,28 @@
 #                                         smaller batches, two workers on GPU 0, a CPU worker, the
 #                                         GPU's transcripts against the CPU's) and 40 training steps
 #                                         on cuda:0; writes OUT/gpu-host.log and OUT/summary.md
+#   scripts/gpu-host.sh prepare --train [DIR]
+#                                         as prepare, for train: adds the speech engines and texts
+#                                         (espeak-ng, flite, fortunes), leaves out the test packages
+#                                         and the test speech
+#   scripts/gpu-host.sh train OUT [DIR]   on the GPU host: builds the fleet and asr-synth there,
+#                                         synthesises a corpus on every core, continues
+#                                         models/en-small.pt on cuda:0 for a time budget through a
+#                                         broker and one GPU worker, measures it (greedy) beside
+#                                         the shipped model on the README corpus's valid sets;
+#                                         writes the model in parts under 16 MB to OUT
 #
 # Options for run (environment): ASRF_GPU_ARCH (default 90: one nvcc pass for an H100/H200),
 # ASRF_GPU_JOBS (default nproc), ASRF_GPU_FILES (long files in the throughput set, default 200),
 # ASRF_GPU_TRAIN=0 (skip the training check), ASRF_GPU_BUILD_DIR (default build-gpu),
 # ASRF_GPU_DRY_RUN=1 (rehearse the steps without a GPU: the existing build in ASRF_GPU_BUILD_DIR,
 # CPU workers, no cmake).
+# Options for train (environment): ASRF_TRAIN_SECONDS (training budget, default 240; the steps are
+# that over the seconds per step of a 15-step calibration), ASRF_TRAIN_UTTERANCES (corpus size,
+# default 48000), ASRF_TRAIN_SEED (default 2050), ASRF_TRAIN_SINGLE_WORDS (share of single-word
+# utterances, default 0.1), ASRF_TRAIN_RESIDUAL (residual blocks to grow to, default 0: keep the
+# model's), ASRF_TRAIN_BATCH_S (default 384), ASRF_TRAIN_LR (default 4e-4), ASRF_TRAIN_MAX_STEPS,
+# ASRF_TRAIN_README_UTTERANCES (default 12000: the README corpus; smaller only to rehearse).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 mode="${1:-}"
@@ -31,6 +47,8 @@ PACKAGES=(
     cppzmq-dev libzmq3-dev libmsgpack-cxx-dev librocksdb-dev libpq-dev libboost-program-options-dev
     nlohmann-json3-dev libcpp-httplib-dev libgtest-dev libgmock-dev libsndfile1-dev libsoxr-dev libgloo-dev
 )
+# What `train` adds: asr-synth's speech engines (espeak-ng, flite) and its texts (fortune files).
+TRAIN_PACKAGES=(libespeak-ng-dev flite1-dev fortunes fortunes-min)
 # Never taken along: the C library, the compiler's runtime and toolchain (the host's are newer) and
 # packages only the Debian installer uses.
 SKIP='^(libc6|libc6-dev|libc-dev-bin|libgcc|libstdc\+\+|gcc|g\+\+|cpp(-[0-9]+)?$|linux-libc-dev|lib(a|l|t|ub|hwa)san|libitm|libatomic|libquadmath|libcc1|libcrypt|rpcsvc-proto|libnsl|libtirpc|libisl|libmpc|libmpfr|libgmp|binutils|libbinutils|libctf|libgprofng|libjansson|libicu|icu-devtools|debconf|cdebconf|libdebian-installer|libnewt|libslang|libtextwrap|install-info|dpkg|perl|tar|base-files|libselinux1|libpcre2|zlib1g$|libzstd1|liblzma5|libbz2-1.0|libsystemd0|libcap2|libgcrypt20|libgpg-error0|libdb5.3|libunistring2|libidn2-0|libp11-kit0|libtasn1-6|libffi8|libgnutls30|libnettle8|libhogweed6|libsqlite3-0|libaudit|libpam|libmd0|libbsd0|libtinfo6|libncurses|readline-common|libreadline8|debianutils|coreutils|sensible-utils|mawk|libacl1|libattr1|libseccomp2|libudev1|libexpat1|libblkid1|libmount1|libuuid1|util-linux|login|passwd|adduser|lsb-base|init-system-helpers|libxml2)'
@@ -61,6 +79,21 @@ slim_deb() {
         mv "$x/keep/boost" "$inc/boost"
         changed=1
     fi
+    # The speech engines' data for English alone: espeak-ng's English dictionary and voices (not
+    # those of 100 other languages), and the flite voices asr-synth registers.
+    local ed="$x/p/usr/lib/x86_64-linux-gnu/espeak-ng-data"
+    if [[ "$(basename "$deb")" == espeak-ng-data_* && -d "$ed" ]]; then
+        find "$ed" -maxdepth 1 -name '*_dict' ! -name en_dict -delete
+        find "$ed/lang" -mindepth 1 -maxdepth 1 ! -name gmw -exec rm -rf {} +
+        rm -rf "$ed/mbrola_ph"
+        changed=1
+    fi
+    if [[ "$(basename "$deb")" == libflite1_* ]]; then
+        find "$x/p" -name 'libflite_*.so*' ! -name 'libflite_cmu_us_kal16.*' ! -name 'libflite_cmu_us_awb.*' \
+            ! -name 'libflite_cmu_us_rms.*' ! -name 'libflite_cmu_us_slt.*' ! -name 'libflite_usenglish.*' \
+            ! -name 'libflite_cmulex.*' -delete
+        changed=1
+    fi
     if ((changed)); then
         rm -f "$x/p/DEBIAN/md5sums"
         dpkg-deb --root-owner-group -Zxz -b "$x/p" "$deb" >/dev/null
@@ -68,17 +101,40 @@ slim_deb() {
 }
 
 prepare() {
-    local dir="${1:-.gpu-host}"
+    local dir=.gpu-host for_train=0 a
+    for a in "$@"; do
+        case "$a" in
+            --train) for_train=1 ;;
+            -*) die "unknown option $a" ;;
+            *) dir="$a" ;;
+        esac
+    done
+    local packages=("${PACKAGES[@]}") p
+    if ((for_train)); then
+        # Training synthesises its corpus there: the speech engines, their data and the texts; but
+        # no GoogleTest or test speech (the folder must stay small).
+        packages=("${TRAIN_PACKAGES[@]}")
+        for p in "${PACKAGES[@]}"; do
+            [[ "$p" == libgtest-dev || "$p" == libgmock-dev ]] || packages+=("$p")
+        done
+    fi
+    rm -rf "$dir/debs" "$dir/root"
     mkdir -p "$dir/debs"
     local closure
     closure=$(apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts --no-breaks --no-replaces \
-        --no-enhances "${PACKAGES[@]}" | grep -v '^ ' | grep -v '^<' | sort -u | grep -Ev "$SKIP")
+        --no-enhances "${packages[@]}" | grep -v '^ ' | grep -v '^<' | sort -u | grep -Ev "$SKIP")
     echo "gpu-host: downloading $(wc -w <<<"$closure") packages into $dir/debs"
     (cd "$dir/debs" && apt-get download $closure >/dev/null)
     local before deb
     before=$(du -sm "$dir/debs" | cut -f1)
     for deb in "$dir"/debs/*.deb; do slim_deb "$deb"; done
     echo "gpu-host: packages slimmed from $before MB to $(du -sm "$dir/debs" | cut -f1) MB"
+    if ((for_train)); then
+        rm -rf "$dir/speech" "$dir/pool"
+        du -sh "$dir"
+        echo "gpu-host: carry $dir (and nothing under build/) to the GPU host, then: scripts/gpu-host.sh train OUT $dir"
+        return 0
+    fi
     [[ -x build/scripts/synth/asr-synth ]] || die "build asr-synth first (scripts/setup.sh)"
     # infer_test's speech (the options its suite uses), with paths relative to the directory.
     rm -rf "$dir/speech"
@@ -95,6 +151,93 @@ prepare() {
     sed -i "s|$abs||g" "$dir/pool/train.jsonl"
     du -sh "$dir"
     echo "gpu-host: carry $dir (and nothing under build/) to the GPU host, then: scripts/gpu-host.sh run OUT $dir"
+}
+
+# The GPU host's facts, Debian's packages unpacked into a private root (DIR/root, never /), the
+# environment CMake, pkg-config and the loader need to find them, and configure(): cmake for a
+# build in $b against python3's CUDA libtorch (logs in $out/cmake.log). Uses run()'s row and step.
+host_env() {
+    local dir="$1"
+    nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader | sed 's/^/gpu: /'
+    python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "devices", torch.cuda.device_count())'
+    local abi torch_inc
+    torch_prefix=$(python3 -c 'import torch; print(torch.utils.cmake_prefix_path)')
+    torch_inc=$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "include"))')
+    abi=$(python3 -c 'import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))')
+    [[ "$abi" == 1 ]] || die "this torch uses the old C++ ABI; Debian's libraries need _GLIBCXX_USE_CXX11_ABI=1"
+    echo "compilers: $(c++ --version | head -1); $(nvcc --version | tail -1); $(cmake --version | head -1)"
+    echo "torch headers: gloo $([[ -d "$torch_inc/gloo" ]] && echo shipped || echo 'not shipped')"
+    row "host" "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $(nproc) cores ($(grep -m1 "model name" /proc/cpuinfo | cut -d: -f2 | xargs)), torch $(python3 -c 'import torch; print(torch.__version__)'), $(c++ --version | head -1)"
+
+    # Debian's packages into a private root; CMake and pkg-config look there.
+    root="$dir/root"  # root, lib, torch_prefix, nccl and hints stay set for configure()
+    if [[ ! -d "$root/usr" ]]; then
+        for d in "$dir"/debs/*.deb; do
+            if command -v dpkg-deb >/dev/null; then
+                dpkg-deb -x "$d" "$root"
+            else  # no dpkg: a .deb is an ar archive holding data.tar.*
+                local x; x=$(mktemp -d)
+                (cd "$x" && ar x "$d" && mkdir -p "$root" && tar -xf data.tar.* -C "$root")
+                rm -rf "$x"
+            fi
+        done
+        # Some of Debian's CMake files name their libraries by absolute /usr paths (Snappy's
+        # targets, RocksDB's link interface): make those the private root's.
+        find "$root" -name '*.cmake' -exec sed -i -E "s#(^|[\";[:space:]])/usr/#\\1$root/usr/#g" {} +
+    fi
+    lib="$root/usr/lib/x86_64-linux-gnu"
+    # The -dev packages' lib*.so links of libraries this host brings (zlib, zstd, bzip2, ...:
+    # the runtime packages were left behind) point nowhere: point them at the host's copy.
+    local l t d
+    for l in "$lib"/*.so; do
+        [[ -L "$l" && ! -e "$l" ]] || continue
+        t=$(basename "$(readlink "$l")")
+        while [[ "$t" == *.so.* ]]; do
+            for d in /lib/x86_64-linux-gnu /usr/lib/x86_64-linux-gnu /lib64 /usr/lib64; do
+                [[ -e "$d/$t" ]] && { ln -sfn "$d/$t" "$l"; echo "private root: $(basename "$l") -> $d/$t"; continue 3; }
+            done
+            t=${t%.*}
+        done
+        echo "private root: $(basename "$l") points nowhere, and this host has no such library"
+    done
+    export PKG_CONFIG_LIBDIR="$lib/pkgconfig:$root/usr/share/pkgconfig"
+    export PKG_CONFIG_SYSROOT_DIR="$root"
+    # pulseaudio/: libpulse's private library (espeak-ng's audio output pulls it in), which
+    # libpulse finds by an absolute RUNPATH into /usr. The linker also searches these for the
+    # libraries a shared library needs.
+    export LD_LIBRARY_PATH="$lib:$lib/pulseaudio:$root/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    # Debian's libraries load here? (the host's OS is newer)
+    local missing
+    missing=$(for so in "$lib"/librocksdb.so.* "$lib"/libzmq.so.5 "$lib"/libpq.so.5 "$lib"/libsndfile.so.1; do
+        ldd "$so" | grep 'not found' || true; done | sort -u)
+    [[ -z "$missing" ]] || die "Debian libraries miss: $missing"
+
+    # nccl.h: the toolkit's, or the one the torch wheel depends on (nvidia-nccl-*).
+    nccl=()
+    local nccl_inc
+    nccl_inc=$(python3 -c 'import os, nvidia.nccl as n; print(os.path.join(list(n.__path__)[0], "include"))' 2>/dev/null || true)
+    [[ -n "$nccl_inc" && -f "$nccl_inc/nccl.h" && ! -f /usr/local/cuda/include/nccl.h ]] && nccl=(-DASRF_NCCL_INCLUDE_DIR="$nccl_inc")
+    # Every CMake package config of the private root, named directly (<Name>_DIR): the host's
+    # CMake need not search a private prefix the way Debian's does.
+    hints=()
+    local cfg name
+    while read -r cfg; do
+        name=$(basename "$cfg"); name=${name%Config.cmake}; name=${name%-config.cmake}
+        [[ " ${hints[*]} " == *" -D${name}_DIR="* ]] || hints+=("-D${name}_DIR=$(dirname "$cfg")")
+    done < <(find "$root" \( -name '*Config.cmake' -o -name '*-config.cmake' \) | sort)
+    echo "private root: $(ls "$root/usr/lib/x86_64-linux-gnu" | wc -l) files in its lib; ${#hints[@]} package configs"
+    env | grep -E '^(CMAKE|CC|CXX|CUDA|LD_|PKG)' || true
+    configure() {
+        # -include cstdint, a precaution: the host's compiler is newer than Debian 12's, and newer libstdc++
+        # headers stopped including it along the way.
+        step 300 cmake -S . -B "$b" "${nccl[@]}" -G "$(command -v ninja >/dev/null && echo Ninja || echo 'Unix Makefiles')" \
+            -DCMAKE_BUILD_TYPE=RelWithDebInfo -DASRF_BUILD_SYNTH=OFF -DASRF_WITH_CUDA=ON \
+            -DCMAKE_CXX_FLAGS="-include cstdint" -DCMAKE_CUDA_ARCHITECTURES="${ASRF_GPU_ARCH:-90}" \
+            -DCMAKE_PREFIX_PATH="$torch_prefix;$root/usr;$lib/cmake;$root/usr/share/cmake" \
+            -DCMAKE_INCLUDE_PATH="$root/usr/include" -DCMAKE_LIBRARY_PATH="$lib" \
+            -DPostgreSQL_ROOT="$root/usr" "${hints[@]}" "$@" >>"$out/cmake.log" 2>&1 || {
+            tail -40 "$out/cmake.log"; die "cmake failed"; }
+    }
 }
 
 run() {
@@ -116,81 +259,7 @@ run() {
         # A rehearsal of the steps on a machine without a GPU: the existing build ($b), CPU workers.
         row "host" "dry run (no GPU): $(nproc) cores"
     else
-        nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader | sed 's/^/gpu: /'
-        python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "devices", torch.cuda.device_count())'
-        local torch_prefix abi torch_inc
-        torch_prefix=$(python3 -c 'import torch; print(torch.utils.cmake_prefix_path)')
-        torch_inc=$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "include"))')
-        abi=$(python3 -c 'import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))')
-        [[ "$abi" == 1 ]] || die "this torch uses the old C++ ABI; Debian's libraries need _GLIBCXX_USE_CXX11_ABI=1"
-        echo "compilers: $(c++ --version | head -1); $(nvcc --version | tail -1); $(cmake --version | head -1)"
-        echo "torch headers: gloo $([[ -d "$torch_inc/gloo" ]] && echo shipped || echo 'not shipped')"
-        row "host" "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $(nproc) cores ($(grep -m1 "model name" /proc/cpuinfo | cut -d: -f2 | xargs)), torch $(python3 -c 'import torch; print(torch.__version__)'), $(c++ --version | head -1)"
-
-        # Debian's packages into a private root; CMake and pkg-config look there.
-        local root="$dir/root" lib
-        if [[ ! -d "$root/usr" ]]; then
-            for d in "$dir"/debs/*.deb; do
-                if command -v dpkg-deb >/dev/null; then
-                    dpkg-deb -x "$d" "$root"
-                else  # no dpkg: a .deb is an ar archive holding data.tar.*
-                    local x; x=$(mktemp -d)
-                    (cd "$x" && ar x "$d" && mkdir -p "$root" && tar -xf data.tar.* -C "$root")
-                    rm -rf "$x"
-                fi
-            done
-            # Some of Debian's CMake files name their libraries by absolute /usr paths (Snappy's
-            # targets, RocksDB's link interface): make those the private root's.
-            find "$root" -name '*.cmake' -exec sed -i -E "s#(^|[\";[:space:]])/usr/#\\1$root/usr/#g" {} +
-        fi
-        lib="$root/usr/lib/x86_64-linux-gnu"
-        # The -dev packages' lib*.so links of libraries this host brings (zlib, zstd, bzip2, ...:
-        # the runtime packages were left behind) point nowhere: point them at the host's copy.
-        local l t d
-        for l in "$lib"/*.so; do
-            [[ -L "$l" && ! -e "$l" ]] || continue
-            t=$(basename "$(readlink "$l")")
-            while [[ "$t" == *.so.* ]]; do
-                for d in /lib/x86_64-linux-gnu /usr/lib/x86_64-linux-gnu /lib64 /usr/lib64; do
-                    [[ -e "$d/$t" ]] && { ln -sfn "$d/$t" "$l"; echo "private root: $(basename "$l") -> $d/$t"; continue 3; }
-                done
-                t=${t%.*}
-            done
-            echo "private root: $(basename "$l") points nowhere, and this host has no such library"
-        done
-        export PKG_CONFIG_LIBDIR="$lib/pkgconfig:$root/usr/share/pkgconfig"
-        export PKG_CONFIG_SYSROOT_DIR="$root"
-        export LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-        # Debian's libraries load here? (the host's OS is newer)
-        local missing
-        missing=$(for so in "$lib"/librocksdb.so.* "$lib"/libzmq.so.5 "$lib"/libpq.so.5 "$lib"/libsndfile.so.1; do
-            ldd "$so" | grep 'not found' || true; done | sort -u)
-        [[ -z "$missing" ]] || die "Debian libraries miss: $missing"
-
-        # nccl.h: the toolkit's, or the one the torch wheel depends on (nvidia-nccl-*).
-        local nccl=() nccl_inc
-        nccl_inc=$(python3 -c 'import os, nvidia.nccl as n; print(os.path.join(list(n.__path__)[0], "include"))' 2>/dev/null || true)
-        [[ -n "$nccl_inc" && -f "$nccl_inc/nccl.h" && ! -f /usr/local/cuda/include/nccl.h ]] && nccl=(-DASRF_NCCL_INCLUDE_DIR="$nccl_inc")
-        # Every CMake package config of the private root, named directly (<Name>_DIR): the host's
-        # CMake need not search a private prefix the way Debian's does.
-        local hints=() cfg name
-        while read -r cfg; do
-            name=$(basename "$cfg"); name=${name%Config.cmake}; name=${name%-config.cmake}
-            [[ " ${hints[*]} " == *" -D${name}_DIR="* ]] || hints+=("-D${name}_DIR=$(dirname "$cfg")")
-        done < <(find "$root" \( -name '*Config.cmake' -o -name '*-config.cmake' \) | sort)
-        echo "private root: $(ls "$root/usr/lib/x86_64-linux-gnu" | wc -l) files in its lib; ${#hints[@]} package configs"
-        env | grep -E '^(CMAKE|CC|CXX|CUDA|LD_|PKG)' || true
-        configure() {
-            # -include cstdint, a precaution: the host's compiler is newer than Debian 12's, and newer libstdc++
-            # headers stopped including it along the way.
-            step 300 cmake -S . -B "$b" "${nccl[@]}" -G "$(command -v ninja >/dev/null && echo Ninja || echo 'Unix Makefiles')" \
-                -DCMAKE_BUILD_TYPE=RelWithDebInfo -DASRF_BUILD_SYNTH=OFF -DASRF_WITH_CUDA=ON \
-                -DCMAKE_CXX_FLAGS="-include cstdint" -DCMAKE_CUDA_ARCHITECTURES="${ASRF_GPU_ARCH:-90}" \
-                -DCMAKE_PREFIX_PATH="$torch_prefix;$root/usr;$lib/cmake;$root/usr/share/cmake" \
-                -DCMAKE_INCLUDE_PATH="$root/usr/include" -DCMAKE_LIBRARY_PATH="$lib" \
-                -DPostgreSQL_ROOT="$root/usr" "${hints[@]}" "$@" >>"$out/cmake.log" 2>&1 || {
-                tail -40 "$out/cmake.log"; die "cmake failed"; }
-        }
+        host_env "$dir"
         configure -DASRF_GLOO=ON -DASRF_NCCL=ON  # explicitly: a fallback of an earlier run stays in the cache
         grep -E "ASR Fleet|Caffe2|Torch|CUDA" "$out/cmake.log" | head -20 || true
     fi
@@ -398,9 +467,144 @@ PY2
     echo "gpu-host: done; summary in $summary"
 }
 
+# Trains the English model on the GPU host: synthesises a fresh corpus there on every core,
+# continues models/en-small.pt on cuda:0 through the fleet (a broker and one GPU worker) for a
+# time budget, measures it and the shipped model (greedy) on the README corpus's valid sets, and
+# leaves the model in OUT in parts under 16 MB (`cat OUT/en-small-gpu.pt.part* > FILE`; its
+# sha256 in OUT/en-small-gpu.pt.sha256).
+train_on_gpu() {
+    local out="${1:?usage: scripts/gpu-host.sh train OUT [DIR]}" dir="${2:-.gpu-host}"
+    mkdir -p "$out"
+    out="$(cd "$out" && pwd)"
+    exec > >(tee "$out/gpu-host.log") 2>&1
+    local summary="$out/summary.md" dry="${ASRF_GPU_DRY_RUN:-0}" b="${ASRF_GPU_BUILD_DIR:-build-gpu}"
+    : >"$summary"
+    row() { echo "| $1 | $2 |" | tee -a "$summary"; }
+    step() { local limit="$1"; shift; timeout --kill-after=5 "$limit" "$@"; }
+    echo "| check | result |" >>"$summary"
+    echo "|---|---|" >>"$summary"
+    [[ -d "$dir/debs" ]] || die "no $dir/debs: run 'scripts/gpu-host.sh prepare --train' on a Debian 12 machine and carry it"
+    [[ -s models/en-small.pt ]] || die "no models/en-small.pt to start from"
+    dir="$(cd "$dir" && pwd)"
+    local t0=$SECONDS dev=cuda:0 texts=/usr/share/games/fortunes
+    if [[ "$dry" == 1 ]]; then
+        dev=cpu
+        row "host" "dry run (no GPU): $(nproc) cores, the existing build in $b"
+    else
+        host_env "$dir"
+        # The gang backends stay on as in run: a worker built with them off against this CUDA
+        # libtorch aborted ("free(): invalid pointer") loading the --init model in torch::jit::load.
+        # --allow-shlib-undefined: what Debian's libraries need from libraries this host brings is
+        # checked when they load (ldd below), not by this host's linker.
+        configure -DASRF_BUILD_SYNTH=ON -DASRF_GLOO=ON -DASRF_NCCL=ON -DCMAKE_EXE_LINKER_FLAGS=-Wl,--allow-shlib-undefined
+        step 400 cmake --build "$b" -j "${ASRF_GPU_JOBS:-$(nproc)}" --target asr-broker asr-worker asr-submit asr-synth \
+            >>"$out/build.log" 2>&1 || { grep -m12 -A6 'error' "$out/build.log" || true; die "build failed (build.log)"; }
+        local nf
+        nf=$(ldd "$b"/scripts/synth/asr-synth | grep 'not found' || true)
+        [[ -z "$nf" ]] || die "asr-synth misses libraries: $nf"
+        export ESPEAK_DATA_PATH="$root/usr/lib/x86_64-linux-gnu"
+        texts="$root/usr/share/games/fortunes"
+    fi
+    row "build" "$((SECONDS - t0)) s"
+    local work="$b/gpu-train-work" shards
+    shards=$(nproc)
+    rm -rf "$work"
+    mkdir -p "$work"
+    pids=()  # global, as the two below: the EXIT trap runs after this function returns
+    train_logs="$work" train_out="$out"
+    trap 'cp "$train_logs"/*.log "$train_out"/ 2>/dev/null; kill "${pids[@]}" 2>/dev/null || true' EXIT
+    synth() {  # directory, utterances, seed, asr-synth options...
+        local d="$1" n="$2" seed="$3" i p ok=1 sp=()
+        shift 3
+        for ((i = 0; i < shards; i++)); do
+            "$b"/scripts/synth/asr-synth --out "$d" --utterances "$n" --seed "$seed" --shard "$i" --shards "$shards" \
+                --text-dir "$texts" "$@" >"$d.synth.$i.log" 2>&1 &
+            sp+=($!)
+        done
+        for p in "${sp[@]}"; do wait "$p" || ok=0; done
+        ((ok)) || { tail -n 3 "$d".synth.*.log; die "asr-synth failed"; }
+        local split
+        for split in train valid valid_heldout; do cat "$d/$split".*.jsonl >"$d/$split.jsonl"; done
+    }
+    local t1=$SECONDS corpus="$work/corpus" readme="$work/readme"
+    synth "$corpus" "${ASRF_TRAIN_UTTERANCES:-48000}" "${ASRF_TRAIN_SEED:-2050}" --heldout-fraction 0 \
+        --valid-fraction 0.02 --single-word-fraction "${ASRF_TRAIN_SINGLE_WORDS:-0.1}"
+    # The README's corpus (scripts/train-english.sh): its valid sets measure every model in bench/RESULTS.md.
+    synth "$readme" "${ASRF_TRAIN_README_UTTERANCES:-12000}" 2026
+    hours() { python3 -c 'import json,sys
+print(round(sum(json.loads(l)["duration"] for l in open(sys.argv[1]))/3600, 2))' "$1"; }
+    row "synthesis ($shards shards)" "$((SECONDS - t1)) s; training corpus $(wc -l <"$corpus/train.jsonl") utterances, $(hours "$corpus/train.jsonl") h; its valid $(wc -l <"$corpus/valid.jsonl"); README valid $(wc -l <"$readme/valid.jsonl"), valid_heldout $(wc -l <"$readme/valid_heldout.jsonl")"
+
+    "$b"/broker/asr-broker --listen tcp://127.0.0.1:0 --state-dir "$work/broker" --http "" >"$work/broker.log" 2>&1 &
+    pids+=($!)
+    for _ in $(seq 100); do [[ -s "$work/broker/broker.endpoint" ]] && break; sleep 0.1; done
+    local ep
+    ep="$(<"$work/broker/broker.endpoint")"
+    # The worker as run's training check starts it (torch's threads default to the host's cores).
+    "$b"/worker/asr-worker --broker "$ep" --device "$dev" --state-dir "$work/worker" >"$work/worker.log" 2>&1 &
+    local worker=$!
+    pids+=($worker)
+    # A job followed to its end; a worker that dies meanwhile ends it at once (the broker would
+    # only requeue the job and wait for another worker).
+    follow() {  # limit, log, asr-submit arguments...
+        local limit="$1" log="$2" f
+        shift 2
+        timeout --kill-after=5 "$limit" "$b"/client/asr-submit --broker "$ep" "$@" --wait >"$log" 2>&1 &
+        f=$!
+        while kill -0 "$f" 2>/dev/null; do
+            if ! kill -0 "$worker" 2>/dev/null; then
+                kill "$f" 2>/dev/null || true
+                die "the worker died: $(tail -n 3 "$work/worker.log" | cut -c1-300)"
+            fi
+            sleep 1
+        done
+        wait "$f"
+    }
+    local args=(--init "$PWD/models/en-small.pt" --residual "${ASRF_TRAIN_RESIDUAL:-0}"
+        --batch-seconds "${ASRF_TRAIN_BATCH_S:-384}" --lr "${ASRF_TRAIN_LR:-4e-4}" --warmup 100
+        --speed-perturb 0.25 --vtlp 0.2 --lowpass 0.15 --reverb 0.25 --noise 0.25 --pad-background 0.3
+        --nonspeech 0.06 --valid "$corpus/valid.jsonl")
+    result() { grep -o '"result".*' "$1" | tail -1 | cut -c1-600; }
+    # How long a step takes here: a few steps on a slice of the corpus, then the budget in steps.
+    local rc=0 budget="${ASRF_TRAIN_SECONDS:-240}" per steps
+    head -n 4000 "$corpus/train.jsonl" >"$work/calibrate.jsonl"
+    t1=$SECONDS
+    follow 300 "$work/calibrate.log" train --manifest "$work/calibrate.jsonl" --name calibrate \
+        --steps 15 --checkpoint-every 1000 --valid-every 1000 --valid-max 20 "${args[@]}" \
+        --out "$work/calibrate.pt" || rc=$?
+    per=$(python3 -c 'import re,sys
+t = open(sys.argv[1]).read().replace("\\\"", "\"")
+s = re.findall(r"\"train_seconds\":\s*([0-9.eE+-]+)", t); n = re.findall(r"\"steps\":\s*([0-9]+)", t)
+print(float(s[-1]) / int(n[-1]) if s and n and int(n[-1]) else 0)' "$work/calibrate.log")
+    row "calibration (15 steps)" "rc $rc, $((SECONDS - t1)) s; $per s per step"
+    [[ "$rc" == 0 ]] && python3 -c "import sys; sys.exit(0 if float('$per') > 0 else 1)" || die "calibration failed: $(tail -3 "$work/calibrate.log")"
+    steps=$(python3 -c "print(max(20, min(${ASRF_TRAIN_MAX_STEPS:-20000}, int($budget / $per))))")
+    t1=$SECONDS
+    rc=0
+    follow $((budget * 3 + 300)) "$work/train.log" train --manifest "$corpus/train.jsonl" \
+        --name en-small-gpu --steps "$steps" --checkpoint-every 200 --valid-every 100000 --valid-max 300 "${args[@]}" \
+        --out "$work/en-small-gpu.pt" || rc=$?
+    row "training on $dev ($steps steps, budget $budget s)" "rc $rc, $((SECONDS - t1)) s for the job; $(result "$work/train.log")"
+    [[ "$rc" == 0 && -s "$work/en-small-gpu.pt" ]] || die "training failed: $(tail -3 "$work/train.log")"
+    # Greedy CER (the LM decodes on the CPU and does not travel) of the new model and of the shipped one.
+    local m set
+    for m in "$work/en-small-gpu.pt" "$PWD/models/en-small.pt"; do
+        for set in valid valid_heldout; do
+            rc=0
+            follow 300 "$work/eval.log" train --evaluate-only --init "$m" --valid "$readme/$set.jsonl" || rc=$?
+            row "$(basename "$m"), README $set, greedy" "rc $rc; $(result "$work/eval.log")"
+        done
+    done
+    split -b 15m -d "$work/en-small-gpu.pt" "$out/en-small-gpu.pt.part"
+    (cd "$work" && sha256sum en-small-gpu.pt) >"$out/en-small-gpu.pt.sha256"
+    row "all steps" "$((SECONDS - t0)) s"
+    echo "gpu-host: done; summary in $summary"
+}
+
 case "$mode" in
     prepare) shift; prepare "$@" ;;
     run) shift; run "$@" ;;
+    train) shift; train_on_gpu "$@" ;;
     -h|--help|"") sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//' ;;
-    *) die "unknown mode $mode (prepare or run)" ;;
+    *) die "unknown mode $mode (prepare, run or train)" ;;
 esac
