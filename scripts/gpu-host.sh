@@ -527,13 +527,8 @@ train_on_gpu() {
         for split in train valid valid_heldout; do cat "$d/$split".*.jsonl >"$d/$split.jsonl"; done
     }
     local t1=$SECONDS corpus="$work/corpus" readme="$work/readme"
-    synth "$corpus" "${ASRF_TRAIN_UTTERANCES:-48000}" "${ASRF_TRAIN_SEED:-2050}" --heldout-fraction 0 \
-        --valid-fraction 0.02 --single-word-fraction "${ASRF_TRAIN_SINGLE_WORDS:-0.1}"
     # The README's corpus (scripts/train-english.sh): its valid sets measure every model in bench/RESULTS.md.
     synth "$readme" "${ASRF_TRAIN_README_UTTERANCES:-12000}" 2026
-    hours() { python3 -c 'import json,sys
-print(round(sum(json.loads(l)["duration"] for l in open(sys.argv[1]))/3600, 2))' "$1"; }
-    row "synthesis ($shards shards)" "$((SECONDS - t1)) s; training corpus $(wc -l <"$corpus/train.jsonl") utterances, $(hours "$corpus/train.jsonl") h; its valid $(wc -l <"$corpus/valid.jsonl"); README valid $(wc -l <"$readme/valid.jsonl"), valid_heldout $(wc -l <"$readme/valid_heldout.jsonl")"
 
     "$b"/broker/asr-broker --listen tcp://127.0.0.1:0 --state-dir "$work/broker" --http "" >"$work/broker.log" 2>&1 &
     pids+=($!)
@@ -560,11 +555,29 @@ print(round(sum(json.loads(l)["duration"] for l in open(sys.argv[1]))/3600, 2))'
         done
         wait "$f"
     }
+    result() { grep -o '"result".*' "$1" | tail -1 | cut -c1-600; }
+    # Greedy CER (the LM decodes on the CPU and does not travel). The shipped model first: loading
+    # it is what training starts with, so a worker that cannot shows before the long synthesis.
+    evaluate() {  # model file
+        local set rc
+        for set in valid valid_heldout; do
+            rc=0
+            follow 300 "$work/eval.log" train --evaluate-only --init "$1" --valid "$readme/$set.jsonl" || rc=$?
+            row "$(basename "$1"), README $set, greedy" "rc $rc; $(result "$work/eval.log")"
+        done
+    }
+    evaluate "$PWD/models/en-small.pt"
+
+    t1=$SECONDS
+    synth "$corpus" "${ASRF_TRAIN_UTTERANCES:-48000}" "${ASRF_TRAIN_SEED:-2050}" --heldout-fraction 0 \
+        --valid-fraction 0.02 --single-word-fraction "${ASRF_TRAIN_SINGLE_WORDS:-0.1}"
+    hours() { python3 -c 'import json,sys
+print(round(sum(json.loads(l)["duration"] for l in open(sys.argv[1]))/3600, 2))' "$1"; }
+    row "synthesis ($shards shards)" "$((SECONDS - t1)) s; training corpus $(wc -l <"$corpus/train.jsonl") utterances, $(hours "$corpus/train.jsonl") h; its valid $(wc -l <"$corpus/valid.jsonl"); README valid $(wc -l <"$readme/valid.jsonl"), valid_heldout $(wc -l <"$readme/valid_heldout.jsonl")"
     local args=(--init "$PWD/models/en-small.pt" --residual "${ASRF_TRAIN_RESIDUAL:-0}"
         --batch-seconds "${ASRF_TRAIN_BATCH_S:-384}" --lr "${ASRF_TRAIN_LR:-4e-4}" --warmup 100
         --speed-perturb 0.25 --vtlp 0.2 --lowpass 0.15 --reverb 0.25 --noise 0.25 --pad-background 0.3
         --nonspeech 0.06 --valid "$corpus/valid.jsonl")
-    result() { grep -o '"result".*' "$1" | tail -1 | cut -c1-600; }
     # How long a step takes here: a few steps on a slice of the corpus, then the budget in steps.
     local rc=0 budget="${ASRF_TRAIN_SECONDS:-240}" per steps
     head -n 4000 "$corpus/train.jsonl" >"$work/calibrate.jsonl"
@@ -586,15 +599,7 @@ print(float(s[-1]) / int(n[-1]) if s and n and int(n[-1]) else 0)' "$work/calibr
         --out "$work/en-small-gpu.pt" || rc=$?
     row "training on $dev ($steps steps, budget $budget s)" "rc $rc, $((SECONDS - t1)) s for the job; $(result "$work/train.log")"
     [[ "$rc" == 0 && -s "$work/en-small-gpu.pt" ]] || die "training failed: $(tail -3 "$work/train.log")"
-    # Greedy CER (the LM decodes on the CPU and does not travel) of the new model and of the shipped one.
-    local m set
-    for m in "$work/en-small-gpu.pt" "$PWD/models/en-small.pt"; do
-        for set in valid valid_heldout; do
-            rc=0
-            follow 300 "$work/eval.log" train --evaluate-only --init "$m" --valid "$readme/$set.jsonl" || rc=$?
-            row "$(basename "$m"), README $set, greedy" "rc $rc; $(result "$work/eval.log")"
-        done
-    done
+    evaluate "$work/en-small-gpu.pt"
     split -b 15m -d "$work/en-small-gpu.pt" "$out/en-small-gpu.pt.part"
     (cd "$work" && sha256sum en-small-gpu.pt) >"$out/en-small-gpu.pt.sha256"
     row "all steps" "$((SECONDS - t0)) s"
