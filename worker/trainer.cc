@@ -228,16 +228,16 @@ struct Utterance {
 };
 
 // Loading a large corpus takes minutes: files are decoded on torch's threads (a GPU host's cores
-// would otherwise wait on one), and a cancel or a drain is heard between files. The first file
-// that fails (in manifest order) fails the load.
+// would otherwise wait on one), and a cancel or a drain is heard between files. A file that fails
+// stops the load and fails the job, naming it (the earliest in the manifest among those read).
 Status LoadAll(const std::vector<ManifestItem>& items, const Vocabulary& vocab, const TrainContext& ctx,
                std::vector<Utterance>* out) {
   out->assign(items.size(), Utterance{});
   std::vector<Status> st(items.size(), Status::Ok());
-  std::atomic<bool> interrupted{false};
+  std::atomic<bool> interrupted{false}, failed{false};
   at::parallel_for(0, static_cast<int64_t>(items.size()), 16, [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
-      if (interrupted.load()) return;
+      if (interrupted.load() || failed.load()) return;
       if ((ctx.cancelled && ctx.cancelled->load()) || (ctx.stopping && ctx.stopping->load())) {
         interrupted = true;
         return;
@@ -250,7 +250,8 @@ Status LoadAll(const std::vector<ManifestItem>& items, const Vocabulary& vocab, 
       if (s.ok()) s = vocab.Encode(items[static_cast<size_t>(i)].text, &u.ids);
       if (!s.ok()) {
         st[static_cast<size_t>(i)] = std::move(s);
-        continue;
+        failed = true;
+        return;
       }
       u.pcm = std::move(d.pcm);
       u.text = items[static_cast<size_t>(i)].text;
