@@ -492,8 +492,9 @@ train_on_gpu() {
         row "host" "dry run (no GPU): $(nproc) cores, the existing build in $b"
     else
         host_env "$dir"
-        # The gang backends stay on as in run: a worker built with them off against this CUDA
-        # libtorch aborted ("free(): invalid pointer") loading the --init model in torch::jit::load.
+        # The gang backends on, as run builds them: a GPU worker has trained from --init under that
+        # build. One with them off (and started with --threads) aborted ("free(): invalid pointer")
+        # loading the --init model in torch::jit::load; which of the two did it is not known.
         # --allow-shlib-undefined: what Debian's libraries need from libraries this host brings is
         # checked when they load (ldd below), not by this host's linker.
         configure -DASRF_BUILD_SYNTH=ON -DASRF_GLOO=ON -DASRF_NCCL=ON -DCMAKE_EXE_LINKER_FLAGS=-Wl,--allow-shlib-undefined
