@@ -40,13 +40,17 @@ TEST(Gang, NeverStartsPartiallyAndTwoGangsDoNotDeadlock) {
   RunResult r = Submit(b.endpoint, {"submit", "--kind", "sleep", "--payload", R"({"ms":2500})", "--world-size", "2",
                                     "--batch", "g1"});
   ASSERT_EQ(r.code, 0) << r.err;
-  // One idle worker is not enough: nothing starts.
-  usleep(1000000);
+  // One idle worker is not enough: nothing starts. (The broker says so once the worker is
+  // connected, which a loaded machine can take more than a second to do.)
+  RunResult why;
+  EXPECT_TRUE(WaitFor([&] {
+    why = Submit(b.endpoint, {"status", "1", "--json"});
+    return why.out.find("waits for 2 idle workers") != std::string::npos;
+  }, 15000)) << why.out << broker_log();
+  usleep(500000);
   Counts c = StatusCounts(b.endpoint, "g1");
   EXPECT_EQ(c.queued, 2);
   EXPECT_EQ(c.leased, 0);
-  RunResult why = Submit(b.endpoint, {"status", "1", "--json"});
-  EXPECT_NE(why.out.find("waits for 2 idle workers"), std::string::npos) << why.out;
   // A second worker: both ranks start together and finish.
   Proc w2 = StartWorker(b.endpoint, t / "w2", t / "w2.log", kFastHeartbeats);
   bool both = WaitFor([&] { return StatusCounts(b.endpoint, "g1").leased == 2; }, 10000);
