@@ -240,20 +240,26 @@ host_env() {
     }
 }
 
-run() {
-    local out="${1:?usage: scripts/gpu-host.sh run OUT [DIR]}" dir="${2:-.gpu-host}"
+# A row of OUT/summary.md (also printed).
+row() { echo "| $1 | $2 |" | tee -a "$summary"; }
+# Each step has a time limit, so that one that hangs leaves time for the rest.
+step() { local limit="$1"; shift; timeout --kill-after=5 "$limit" "$@"; }
+# The start of run and train, which declare out, dir, summary, dry and b (set here): OUT made
+# absolute, everything printed also into OUT/gpu-host.log, the summary table begun, DIR checked
+# for the packages that `scripts/gpu-host.sh MODE` (the argument) puts there.
+begin() {
     mkdir -p "$out"
     out="$(cd "$out" && pwd)"
     exec > >(tee "$out/gpu-host.log") 2>&1
-    local summary="$out/summary.md" dry="${ASRF_GPU_DRY_RUN:-0}" b="${ASRF_GPU_BUILD_DIR:-build-gpu}"
-    : >"$summary"
-    row() { echo "| $1 | $2 |" | tee -a "$summary"; }
-    # Each step has a time limit, so that one that hangs leaves time for the rest.
-    step() { local limit="$1"; shift; timeout --kill-after=5 "$limit" "$@"; }
-    echo "| check | result |" >>"$summary"
-    echo "|---|---|" >>"$summary"
-    [[ -d "$dir/debs" ]] || die "no $dir/debs: run 'scripts/gpu-host.sh prepare' on a Debian 12 machine and carry it"
+    summary="$out/summary.md" dry="${ASRF_GPU_DRY_RUN:-0}" b="${ASRF_GPU_BUILD_DIR:-build-gpu}"
+    printf '| check | result |\n|---|---|\n' >"$summary"
+    [[ -d "$dir/debs" ]] || die "no $dir/debs: run 'scripts/gpu-host.sh $1' on a Debian 12 machine and carry it"
     dir="$(cd "$dir" && pwd)"
+}
+
+run() {
+    local out="${1:?usage: scripts/gpu-host.sh run OUT [DIR]}" dir="${2:-.gpu-host}" summary dry b
+    begin prepare
     local t0=$SECONDS
     if [[ "$dry" == 1 ]]; then
         # A rehearsal of the steps on a machine without a GPU: the existing build ($b), CPU workers.
@@ -473,19 +479,9 @@ PY2
 # leaves the model in OUT in parts under 16 MB (`cat OUT/en-small-gpu.pt.part* > FILE`; its
 # sha256 in OUT/en-small-gpu.pt.sha256).
 train_on_gpu() {
-    local out="${1:?usage: scripts/gpu-host.sh train OUT [DIR]}" dir="${2:-.gpu-host}"
-    mkdir -p "$out"
-    out="$(cd "$out" && pwd)"
-    exec > >(tee "$out/gpu-host.log") 2>&1
-    local summary="$out/summary.md" dry="${ASRF_GPU_DRY_RUN:-0}" b="${ASRF_GPU_BUILD_DIR:-build-gpu}"
-    : >"$summary"
-    row() { echo "| $1 | $2 |" | tee -a "$summary"; }
-    step() { local limit="$1"; shift; timeout --kill-after=5 "$limit" "$@"; }
-    echo "| check | result |" >>"$summary"
-    echo "|---|---|" >>"$summary"
-    [[ -d "$dir/debs" ]] || die "no $dir/debs: run 'scripts/gpu-host.sh prepare --train' on a Debian 12 machine and carry it"
+    local out="${1:?usage: scripts/gpu-host.sh train OUT [DIR]}" dir="${2:-.gpu-host}" summary dry b
+    begin "prepare --train"
     [[ -s models/en-small.pt ]] || die "no models/en-small.pt to start from"
-    dir="$(cd "$dir" && pwd)"
     local t0=$SECONDS dev=cuda:0 texts=/usr/share/games/fortunes
     if [[ "$dry" == 1 ]]; then
         dev=cpu
