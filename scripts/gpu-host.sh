@@ -202,10 +202,14 @@ host_env() {
     done
     export PKG_CONFIG_LIBDIR="$lib/pkgconfig:$root/usr/share/pkgconfig"
     export PKG_CONFIG_SYSROOT_DIR="$root"
-    # pulseaudio/: libpulse's private library (espeak-ng's audio output pulls it in), which
-    # libpulse finds by an absolute RUNPATH into /usr. The linker also searches these for the
-    # libraries a shared library needs.
-    export LD_LIBRARY_PATH="$lib:$lib/pulseaudio:$root/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    # The fleet's processes see Debian's libraries and nothing more (as when a GPU worker first
+    # trained here). asr-synth alone also needs pulseaudio/ (libpulse's private library, which
+    # espeak-ng's audio output pulls in and libpulse finds by an absolute RUNPATH into /usr) and
+    # /lib (libdbus, and elogind's libsystemd.so.0, which must not shadow the host's for the rest):
+    # synth_ld is its loader and linker path (the linker also searches it for what a shared
+    # library needs).
+    export LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    synth_ld="$lib/pulseaudio:$root/lib/x86_64-linux-gnu:$LD_LIBRARY_PATH"
     # Debian's libraries load here? (the host's OS is newer)
     local missing
     missing=$(for so in "$lib"/librocksdb.so.* "$lib"/libzmq.so.5 "$lib"/libpq.so.5 "$lib"/libsndfile.so.1; do
@@ -488,16 +492,20 @@ train_on_gpu() {
         row "host" "dry run (no GPU): $(nproc) cores, the existing build in $b"
     else
         host_env "$dir"
-        # The gang backends on, as run builds them: a GPU worker has trained from --init under that
-        # build. One with them off (and started with --threads) aborted ("free(): invalid pointer")
-        # loading the --init model in torch::jit::load; which of the two did it is not known.
-        # --allow-shlib-undefined: what Debian's libraries need from libraries this host brings is
-        # checked when they load (ldd below), not by this host's linker.
-        configure -DASRF_BUILD_SYNTH=ON -DASRF_GLOO=ON -DASRF_NCCL=ON -DCMAKE_EXE_LINKER_FLAGS=-Wl,--allow-shlib-undefined
-        step 400 cmake --build "$b" -j "${ASRF_GPU_JOBS:-$(nproc)}" --target asr-broker asr-worker asr-submit asr-synth \
+        # The fleet built, linked and run as run's (a GPU worker has trained from --init under it).
+        # One built with the gang backends off, linked with --allow-shlib-undefined, started with
+        # --threads and with /lib's Debian libraries on its loader path aborted ("free(): invalid
+        # pointer") loading the --init model in torch::jit::load; which of these did it is not known.
+        # --allow-shlib-undefined, for asr-synth alone: what Debian's speech libraries need from
+        # libraries this host brings is checked when they load (ldd below), not by this host's
+        # linker. The fleet's binaries link as run's do.
+        configure -DASRF_BUILD_SYNTH=ON -DASRF_GLOO=ON -DASRF_NCCL=ON -DASRF_SYNTH_LINK_OPTIONS=-Wl,--allow-shlib-undefined
+        step 400 cmake --build "$b" -j "${ASRF_GPU_JOBS:-$(nproc)}" --target asr-broker asr-worker asr-submit \
             >>"$out/build.log" 2>&1 || { grep -m12 -A6 'error' "$out/build.log" || true; die "build failed (build.log)"; }
+        step 200 env LD_LIBRARY_PATH="$synth_ld" cmake --build "$b" --target asr-synth \
+            >>"$out/build.log" 2>&1 || { grep -m12 -A6 'error' "$out/build.log" || true; die "asr-synth's build failed (build.log)"; }
         local nf
-        nf=$(ldd "$b"/scripts/synth/asr-synth | grep 'not found' || true)
+        nf=$(LD_LIBRARY_PATH="$synth_ld" ldd "$b"/scripts/synth/asr-synth | grep 'not found' || true)
         [[ -z "$nf" ]] || die "asr-synth misses libraries: $nf"
         export ESPEAK_DATA_PATH="$root/usr/lib/x86_64-linux-gnu"
         texts="$root/usr/share/games/fortunes"
@@ -514,7 +522,7 @@ train_on_gpu() {
         local d="$1" n="$2" seed="$3" i p ok=1 sp=()
         shift 3
         for ((i = 0; i < shards; i++)); do
-            "$b"/scripts/synth/asr-synth --out "$d" --utterances "$n" --seed "$seed" --shard "$i" --shards "$shards" \
+            LD_LIBRARY_PATH="${synth_ld:-${LD_LIBRARY_PATH:-}}" "$b"/scripts/synth/asr-synth --out "$d" --utterances "$n" --seed "$seed" --shard "$i" --shards "$shards" \
                 --text-dir "$texts" "$@" >"$d.synth.$i.log" 2>&1 &
             sp+=($!)
         done
@@ -545,6 +553,14 @@ train_on_gpu() {
         f=$!
         while kill -0 "$f" 2>/dev/null; do
             if ! kill -0 "$worker" 2>/dev/null; then
+                # The broker requeues the job: a worker under cuda-gdb takes it, and where it stops
+                # goes to OUT/worker-gdb.log (this host has no gdb).
+                if [[ "$dry" != 1 ]] && command -v cuda-gdb >/dev/null; then
+                    echo "gpu-host: the worker died; its job again under cuda-gdb (worker-gdb.log)"
+                    timeout --kill-after=5 120 cuda-gdb -batch -ex run -ex bt -ex 'info sharedlibrary' \
+                        --args "$b"/worker/asr-worker --broker "$ep" --device "$dev" --state-dir "$work/worker-gdb" \
+                        >"$out/worker-gdb.log" 2>&1 || true
+                fi
                 kill "$f" 2>/dev/null || true
                 die "the worker died: $(tail -n 3 "$work/worker.log" | cut -c1-300)"
             fi
