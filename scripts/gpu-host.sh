@@ -499,6 +499,8 @@ train_on_gpu() {
         # --allow-shlib-undefined, for asr-synth alone: what Debian's speech libraries need from
         # libraries this host brings is checked when they load (ldd below), not by this host's
         # linker. The fleet's binaries link as run's do.
+        # A folder made before Gloo's packages were gathered fails the build late (c10d's headers).
+        [[ -d "$root/usr/include/gloo" ]] || die "$dir has no Gloo headers: run 'scripts/gpu-host.sh prepare --train' again and carry it"
         configure -DASRF_BUILD_SYNTH=ON -DASRF_GLOO=ON -DASRF_NCCL=ON -DASRF_SYNTH_LINK_OPTIONS=-Wl,--allow-shlib-undefined
         step 400 cmake --build "$b" -j "${ASRF_GPU_JOBS:-$(nproc)}" --target asr-broker asr-worker asr-submit \
             >>"$out/build.log" 2>&1 || { grep -m12 -A6 'error' "$out/build.log" || true; die "build failed (build.log)"; }
