@@ -604,7 +604,12 @@ print(round(sum(json.loads(l)["duration"] for l in open(sys.argv[1]))/3600, 2))'
 t = open(sys.argv[1]).read().replace("\\\"", "\"")
 s = re.findall(r"\"train_seconds\":\s*([0-9.eE+-]+)", t); n = re.findall(r"\"steps\":\s*([0-9]+)", t)
 print(float(s[-1]) / int(n[-1]) if s and n and int(n[-1]) else 0)' "$work/calibrate.log")
-    row "calibration (15 steps)" "rc $rc, $((SECONDS - t1)) s; $per s per step"
+    local prep
+    prep=$(python3 -c 'import re,sys
+t = open(sys.argv[1]).read().replace("\\\"", "\"")
+p = re.findall(r"\"prepare_seconds\":\s*([0-9.eE+-]+)", t); n = re.findall(r"\"steps\":\s*([0-9]+)", t)
+print(round(float(p[-1]) / int(n[-1]), 4) if p and n and int(n[-1]) else "not reported")' "$work/calibrate.log")
+    row "calibration (15 steps)" "rc $rc, $((SECONDS - t1)) s; $per s per step, of it $prep s making batches on the host"
     [[ "$rc" == 0 ]] && python3 -c "import sys; sys.exit(0 if float('$per') > 0 else 1)" || die "calibration failed: $(tail -3 "$work/calibrate.log")"
     steps=$(python3 -c "print(max(20, min(${ASRF_TRAIN_MAX_STEPS:-20000}, int($budget / $per))))")
     t1=$SECONDS

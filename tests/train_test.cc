@@ -142,6 +142,10 @@ TEST_F(TrainTest, ShortRunLowersTheLossAndWritesTheModel) {
   ASSERT_GT(first_loss, 0) << r.out;
   ASSERT_TRUE(result.is_object()) << r.out;
   EXPECT_EQ(result["steps"].get<int>(), 150);
+  // Making the batches is part of each step's time, and never none of it.
+  ASSERT_TRUE(result["prepare_seconds"].is_number()) << r.out;
+  EXPECT_GT(result["prepare_seconds"].get<double>(), 0.0);
+  EXPECT_LT(result["prepare_seconds"].get<double>(), result["train_seconds"].get<double>());
   // final_loss is a moving average over the last steps; a single batch's loss is noisy.
   EXPECT_LT(result["final_loss"].get<double>(), 0.9 * first_loss) << "the loss did not go down";
   EXPECT_GE(result["valid_cer"].get<double>(), 0.0);

@@ -458,6 +458,9 @@ struct Position {
   double best_cer = 1;
   double last_cer = -1;
   double train_seconds = 0;
+  // Of train_seconds, the time spent making batches on the host (reading, perturbing and padding
+  // the audio): on a GPU, the time the device waits for them.
+  double prepare_seconds = 0;
 };
 
 std::string SaveCheckpoint(CtcModel& model, torch::optim::Adam& opt, const Position& pos, const std::mt19937_64& rng,
@@ -472,7 +475,8 @@ std::string SaveCheckpoint(CtcModel& model, torch::optim::Adam& opt, const Posit
   std::ostringstream r;
   r << rng;
   json meta = {{"step", pos.step}, {"epoch", pos.epoch}, {"batch", pos.batch}, {"best_cer", pos.best_cer},
-               {"last_cer", pos.last_cer}, {"train_seconds", pos.train_seconds}, {"rng", r.str()},
+               {"last_cer", pos.last_cer}, {"train_seconds", pos.train_seconds},
+               {"prepare_seconds", pos.prepare_seconds}, {"rng", r.str()},
                {"spec", spec.ToJson()}};
   ar.write("meta", c10::IValue(meta.dump()));
   std::ostringstream os;
@@ -513,6 +517,7 @@ Status LoadCheckpoint(const std::string& bytes, CtcModel& model, torch::optim::A
     pos->best_cer = meta["best_cer"];
     pos->last_cer = meta["last_cer"];
     pos->train_seconds = meta["train_seconds"];
+    pos->prepare_seconds = meta.value("prepare_seconds", 0.0);  // absent from older checkpoints
     std::istringstream r(meta["rng"].get<std::string>());
     r >> *rng;
   } catch (const std::exception& e) {
@@ -935,9 +940,11 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
       utterances += idx.size();
       torch::Tensor pcm, lengths, frames;
       std::vector<char> silent;
+      const int64_t prep_us = MonoUs();
       MakeBatchTensors(train, idx, &pcm, &lengths, &rng,
                        {spec.speed_perturb, spec.lowpass, spec.reverb, spec.noise, spec.nonspeech, spec.pad_background},
                        &silent);
+      pos.prepare_seconds += static_cast<double>(MonoUs() - prep_us) / 1e6;
       torch::Tensor feats = LogMel(pcm.to(device), lengths, &frames);
       if (spec.vtlp > 0) Vtlp(feats, rng, spec.vtlp);
       if (spec.spec_augment) SpecAugment(feats, frames, rng);
@@ -1063,7 +1070,8 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
     }
     json r = {{"name", spec.name},          {"steps", pos.step},
               {"valid_cer", final.cer},     {"valid_wer", final.wer},
-              {"train_seconds", pos.train_seconds}, {"utterances", train.size()},
+              {"train_seconds", pos.train_seconds}, {"prepare_seconds", pos.prepare_seconds},
+              {"utterances", train.size()},
               {"hours", hours},             {"final_loss", loss_avg},
               {"model", kept},              {"out", spec.out},
               {"resumed_at", resumed_at}, {"skipped_steps", skipped},
@@ -1094,7 +1102,8 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
     }
   }
   ASRF_RETURN_IF_ERROR(ended);
-  LogInfo("train_finished").Kv("job", ctx.job_id).Kv("cer", final.cer).Kv("wer", final.wer).Kv("steps", pos.step);
+  LogInfo("train_finished").Kv("job", ctx.job_id).Kv("cer", final.cer).Kv("wer", final.wer).Kv("steps", pos.step)
+      .Kv("train_seconds", pos.train_seconds).Kv("prepare_seconds", pos.prepare_seconds);
   return Status::Ok();
 }
 
