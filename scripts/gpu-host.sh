@@ -492,13 +492,12 @@ train_on_gpu() {
         row "host" "dry run (no GPU): $(nproc) cores, the existing build in $b"
     else
         host_env "$dir"
-        # The fleet built, linked and run as run's (a GPU worker has trained from --init under it).
-        # One built with the gang backends off, linked with --allow-shlib-undefined, started with
-        # --threads and with /lib's Debian libraries on its loader path aborted ("free(): invalid
-        # pointer") loading the --init model in torch::jit::load; which of these did it is not known.
-        # --allow-shlib-undefined, for asr-synth alone: what Debian's speech libraries need from
-        # libraries this host brings is checked when they load (ldd below), not by this host's
-        # linker. The fleet's binaries link as run's do.
+        # The fleet is built, linked and run as run's; it trained on an H100 so (bench/RESULTS.md,
+        # run v). A worker built with the gang backends off, linked with --allow-shlib-undefined,
+        # started with --threads and with /lib's Debian libraries on its loader path aborted
+        # ("free(): invalid pointer") in torch::jit::load; which of these did it is not known.
+        # --allow-shlib-undefined is for asr-synth alone: what Debian's speech libraries need from
+        # libraries this host brings is checked when they load (ldd below), not by this linker.
         # A folder made before Gloo's packages were gathered fails the build late (c10d's headers).
         [[ -d "$root/usr/include/gloo" ]] || die "$dir has no Gloo headers: run 'scripts/gpu-host.sh prepare --train' again and carry it"
         configure -DASRF_BUILD_SYNTH=ON -DASRF_GLOO=ON -DASRF_NCCL=ON -DASRF_SYNTH_LINK_OPTIONS=-Wl,--allow-shlib-undefined
@@ -600,15 +599,16 @@ print(round(sum(json.loads(l)["duration"] for l in open(sys.argv[1]))/3600, 2))'
     follow 300 "$work/calibrate.log" train --manifest "$work/calibrate.jsonl" --name calibrate \
         --steps 15 --checkpoint-every 1000 --valid-every 1000 --valid-max 20 "${args[@]}" \
         --out "$work/calibrate.pt" || rc=$?
-    per=$(python3 -c 'import re,sys
-t = open(sys.argv[1]).read().replace("\\\"", "\"")
-s = re.findall(r"\"train_seconds\":\s*([0-9.eE+-]+)", t); n = re.findall(r"\"steps\":\s*([0-9]+)", t)
-print(float(s[-1]) / int(n[-1]) if s and n and int(n[-1]) else 0)' "$work/calibrate.log")
+    # Seconds per step, and of them those spent making batches on the host (the job's result).
     local prep
-    prep=$(python3 -c 'import re,sys
+    read -r per prep < <(python3 -c 'import re,sys
 t = open(sys.argv[1]).read().replace("\\\"", "\"")
-p = re.findall(r"\"prepare_seconds\":\s*([0-9.eE+-]+)", t); n = re.findall(r"\"steps\":\s*([0-9]+)", t)
-print(round(float(p[-1]) / int(n[-1]), 4) if p and n and int(n[-1]) else "not reported")' "$work/calibrate.log")
+n = re.findall(r"\"steps\":\s*([0-9]+)", t)
+n = int(n[-1]) if n else 0
+def per(key):
+    v = re.findall(r"\"" + key + r"\":\s*([0-9.eE+-]+)", t)
+    return round(float(v[-1]) / n, 4) if v and n else 0
+print(per("train_seconds"), per("prepare_seconds"))' "$work/calibrate.log")
     row "calibration (15 steps)" "rc $rc, $((SECONDS - t1)) s; $per s per step, of it $prep s making batches on the host"
     [[ "$rc" == 0 ]] && python3 -c "import sys; sys.exit(0 if float('$per') > 0 else 1)" || die "calibration failed: $(tail -3 "$work/calibrate.log")"
     steps=$(python3 -c "print(max(20, min(${ASRF_TRAIN_MAX_STEPS:-20000}, int($budget / $per))))")
