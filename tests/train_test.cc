@@ -439,6 +439,40 @@ TEST_F(TrainTest, AModelTheRegistryMissedIsRegisteredByRetryWithoutTrainingAgain
 
 // A validation set that repeats training texts still trains, but the result and the worker's log
 // say how many of its utterances the model has heard the words of.
+// A batch's utterances are played on several threads, each from its own seed: the first step's
+// loss (one batch, before any update) is the same with one thread as with two, and differs
+// without the augmentation. From the shipped model, whose loss hears the audio's details (an
+// untrained one's hardly depends on more than the lengths).
+TEST_F(TrainTest, AugmentedBatchesDoNotDependOnTheThreadCount) {
+  BrokerProc b = StartBroker(tmp_ / "broker", tmp_ / "broker.log");
+  const std::vector<std::string> augment = {"--speed-perturb", "0.25", "--lowpass", "0.5", "--reverb", "1",
+                                            "--noise", "1", "--pad-background", "0.5", "--nonspeech", "0.3"};
+  auto first_loss = [&](const std::string& threads, const std::string& name, bool augmented) {
+    Proc w = StartWorker(b.endpoint, tmp_ / ("w" + name), tmp_ / ("w" + name + ".log"), {"--threads", threads});
+    std::vector<std::string> args =
+        With(TrainArgs(name, 1, 1000), {"--init", std::string(ASRF_SOURCE_DIR) + "/models/en-small.pt", "--dropout", "0",
+                                        "--wait"});
+    if (augmented) args = With(args, augment);
+    RunResult r = Submit(b.endpoint, args, 120000);
+    EXPECT_EQ(r.code, 0) << r.err << ReadFile(tmp_ / ("w" + name + ".log"));
+    double loss = -1;
+    std::istringstream in(r.out);
+    std::string line;
+    while (std::getline(in, line)) {
+      auto j = json::parse(line, nullptr, false);
+      if (!j.is_discarded() && j.value("state", "") == "done") loss = j["result"].value("final_loss", -1.0);
+    }
+    return loss;
+  };
+  const double one = first_loss("1", "one", true);
+  const double two = first_loss("2", "two", true);
+  const double plain = first_loss("2", "plain", false);
+  ASSERT_GT(one, 0);
+  ASSERT_GT(plain, 0);
+  EXPECT_NEAR(two, one, 1e-4 * one) << "the augmented batch depends on the thread count";
+  EXPECT_GT(std::fabs(plain - one), 1e-3 * one) << "the augmentation did not change the batch";
+}
+
 TEST_F(TrainTest, ValidationTextsAlsoInTrainingAreReported) {
   BrokerProc b = StartBroker(tmp_ / "broker", tmp_ / "broker.log");
   Proc w = StartWorker(b.endpoint, tmp_ / "w", tmp_ / "w.log");

@@ -4,7 +4,9 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <exception>
 #include <filesystem>
+#include <functional>
 #include <fstream>
 #include <cstdlib>
 #include <random>
@@ -227,7 +229,34 @@ struct Utterance {
   std::string text;
 };
 
-// Loading a large corpus takes minutes: files are decoded on torch's threads (a GPU host's cores
+// fn(lo, hi) over [0, n) in contiguous ranges, on as many threads as torch's intra-op setting (the
+// worker's --threads; a range per thread, the caller's included); an exception in any is rethrown
+// here. Not at::parallel_for: with torch's OpenMP backend that is a header template, parallel only
+// in code compiled with OpenMP, and it ran everything on the calling thread here.
+void ParallelFor(int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
+  const int64_t k = std::min<int64_t>(n, std::max(1, at::get_num_threads()));
+  if (k <= 1) {
+    if (n > 0) fn(0, n);
+    return;
+  }
+  std::vector<std::exception_ptr> errors(static_cast<size_t>(k));
+  auto run = [&](int64_t t) {
+    try {
+      fn(n * t / k, n * (t + 1) / k);
+    } catch (...) {
+      errors[static_cast<size_t>(t)] = std::current_exception();
+    }
+  };
+  std::vector<std::thread> threads;
+  for (int64_t t = 1; t < k; ++t) threads.emplace_back(run, t);
+  run(0);
+  for (auto& th : threads) th.join();
+  for (auto& e : errors) {
+    if (e) std::rethrow_exception(e);
+  }
+}
+
+// Loading a large corpus takes minutes: files are decoded on several threads (a GPU host's cores
 // would otherwise wait on one), and a cancel or a drain is heard between files. A file that fails
 // stops the load and fails the job, naming it (the earliest in the manifest among those read).
 Status LoadAll(const std::vector<ManifestItem>& items, const Vocabulary& vocab, const TrainContext& ctx,
@@ -235,7 +264,7 @@ Status LoadAll(const std::vector<ManifestItem>& items, const Vocabulary& vocab, 
   out->assign(items.size(), Utterance{});
   std::vector<Status> st(items.size(), Status::Ok());
   std::atomic<bool> interrupted{false}, failed{false};
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 16, [&](int64_t lo, int64_t hi) {
+  ParallelFor(static_cast<int64_t>(items.size()), [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       if (interrupted.load() || failed.load()) return;
       if ((ctx.cancelled && ctx.cancelled->load()) || (ctx.stopping && ctx.stopping->load())) {
@@ -350,9 +379,9 @@ void MakeBatchTensors(const std::vector<Utterance>& data, const std::vector<size
   *pcm = torch::zeros({static_cast<int64_t>(idx.size()), static_cast<int64_t>(longest)}, torch::kFloat32);
   *lengths = torch::zeros({static_cast<int64_t>(idx.size())}, torch::kInt64);
   float* p = pcm->data_ptr<float>();
-  // Utterances are played on torch's threads, each from its own seed: the batch is the same
+  // Utterances are played on several threads, each from its own seed: the batch is the same
   // whatever the number of threads.
-  at::parallel_for(0, static_cast<int64_t>(idx.size()), 1, [&](int64_t lo, int64_t hi) {
+  ParallelFor(static_cast<int64_t>(idx.size()), [&](int64_t lo, int64_t hi) {
     for (int64_t bi = lo; bi < hi; ++bi) {
       const size_t b = static_cast<size_t>(bi);
       const auto& s = data[idx[b]].pcm;
