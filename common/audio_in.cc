@@ -3,8 +3,13 @@
 #include <sndfile.h>
 #include <soxr.h>
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <memory>
 #include <system_error>
@@ -86,6 +91,81 @@ class Resampler {
   std::vector<float> buf_;
 };
 
+// A WAV file read through libsndfile's virtual I/O with its 'data' chunk's size read as
+// 0xFFFFFFFF, "to the end of the file" (as streaming writers leave it): a recording whose writer
+// stopped before it went back to fill in the size (it says 0) is then read like sox or ffmpeg read it.
+struct UnsizedWav {
+  int fd = -1;
+  sf_count_t length = 0, pos = 0, size_at = 0;  // size_at: offset of the 4-byte data size
+  ~UnsizedWav() {
+    if (fd >= 0) close(fd);
+  }
+  static sf_count_t Length(void* u) { return static_cast<UnsizedWav*>(u)->length; }
+  static sf_count_t Tell(void* u) { return static_cast<UnsizedWav*>(u)->pos; }
+  static sf_count_t Seek(sf_count_t off, int whence, void* u) {
+    auto* w = static_cast<UnsizedWav*>(u);
+    sf_count_t base = whence == SEEK_CUR ? w->pos : whence == SEEK_END ? w->length : 0;
+    if (base + off < 0) return -1;
+    return w->pos = base + off;
+  }
+  static sf_count_t Read(void* ptr, sf_count_t n, void* u) {
+    auto* w = static_cast<UnsizedWav*>(u);
+    ssize_t got = pread(w->fd, ptr, static_cast<size_t>(n), w->pos);
+    if (got <= 0) return 0;
+    auto* bytes = static_cast<unsigned char*>(ptr);
+    for (sf_count_t i = std::max(w->pos, w->size_at); i < std::min(w->pos + got, w->size_at + 4); ++i)
+      bytes[i - w->pos] = 0xFF;
+    w->pos += got;
+    return got;
+  }
+  static sf_count_t Write(const void*, sf_count_t, void*) { return 0; }
+};
+
+// For a RIFF/WAVE file whose 'data' chunk says 0 bytes and is followed by more: the offset of that
+// size field; 0 otherwise.
+sf_count_t UnfinishedWavDataSize(const std::string& path, sf_count_t file_size) {
+  std::FILE* f = std::fopen(path.c_str(), "rb");
+  if (!f) return 0;
+  unsigned char h[12];
+  sf_count_t at = 0;
+  if (std::fread(h, 1, 12, f) == 12 && !std::memcmp(h, "RIFF", 4) && !std::memcmp(h + 8, "WAVE", 4)) {
+    sf_count_t pos = 12;
+    unsigned char c[8];
+    while (pos + 8 <= file_size && std::fseek(f, static_cast<long>(pos), SEEK_SET) == 0 && std::fread(c, 1, 8, f) == 8) {
+      uint32_t size = c[4] | c[5] << 8 | c[6] << 16 | static_cast<uint32_t>(c[7]) << 24;
+      if (!std::memcmp(c, "data", 4)) {
+        if (size == 0 && file_size > pos + 8) at = pos + 4;
+        break;
+      }
+      pos += 8 + size + (size & 1);
+    }
+  }
+  std::fclose(f);
+  return at;
+}
+
+// libsndfile's log for a WAV/AIFF file whose chunk is shorter than its header says holds
+// "data : DECLARED (should be PRESENT)"; the declared byte count, or -1.
+int64_t DeclaredDataBytes(SNDFILE* f, int64_t* present) {
+  char log[8192] = {};
+  sf_command(f, SFC_GET_LOG_INFO, log, sizeof log);
+  for (const char* key : {"data : ", "SSND : "}) {
+    const char* p = std::strstr(log, key);
+    long long declared = 0, should = 0;
+    if (p && std::sscanf(p + std::strlen(key), "%lld (should be %lld)", &declared, &should) == 2) {
+      *present = should;
+      return declared;
+    }
+  }
+  return -1;
+}
+
+std::string Seconds(double s) {
+  char b[32];
+  std::snprintf(b, sizeof b, "%.2f s", s);
+  return b;
+}
+
 }  // namespace
 
 Status DecodeAudio16k(const std::string& path, DecodedAudio* out) {
@@ -93,15 +173,43 @@ Status DecodeAudio16k(const std::string& path, DecodedAudio* out) {
   std::error_code ec;
   if (!std::filesystem::exists(path, ec)) return Status::Invalid(path + ": not readable (no such file)");
   if (std::filesystem::is_directory(path, ec)) return Status::Invalid(path + ": not readable (a directory)");
-  if (std::filesystem::is_regular_file(path, ec) && std::filesystem::file_size(path, ec) == 0)  // -1 on error
-    return Status::Invalid(path + ": empty file (0 bytes), not audio");
+  const bool regular = std::filesystem::is_regular_file(path, ec);
+  const auto file_size = regular ? static_cast<sf_count_t>(std::filesystem::file_size(path, ec)) : -1;
+  if (regular && file_size == 0) return Status::Invalid(path + ": empty file (0 bytes), not audio");
 
   SF_INFO info{};
   SndfilePtr f(sf_open(path.c_str(), SFM_READ, &info));
   if (!f) return Status::Invalid(path + ": not audio (" + sf_strerror(nullptr) + ")");
+  UnsizedWav unsized;
+  if (info.frames == 0 && regular && (info.format & SF_FORMAT_TYPEMASK) == SF_FORMAT_WAV) {
+    if (sf_count_t at = UnfinishedWavDataSize(path, file_size); at > 0) {
+      unsized.fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+      unsized.length = file_size;
+      unsized.size_at = at;
+      SF_VIRTUAL_IO io{&UnsizedWav::Length, &UnsizedWav::Seek, &UnsizedWav::Read, &UnsizedWav::Write, &UnsizedWav::Tell};
+      SF_INFO again{};
+      SNDFILE* g = unsized.fd >= 0 ? sf_open_virtual(&io, SFM_READ, &again, &unsized) : nullptr;
+      if (g) {
+        f.reset(g);
+        info = again;
+      }
+    }
+  }
   if (info.channels <= 0 || info.samplerate <= 0) {
     return Status::Invalid(path + ": not audio (" + std::to_string(info.channels) + " channels at " +
                            std::to_string(info.samplerate) + " Hz)");
+  }
+  // A chunk cut short (an interrupted copy or download): libsndfile reads what is there and says
+  // nothing, so compare with what the header declares. A size of 0xFFFFFFFF means "unknown".
+  int64_t present = 0;
+  if (int64_t declared = DeclaredDataBytes(f.get(), &present);
+      declared > present && declared != 0xFFFFFFFFLL && present >= 0 && info.frames > 0) {
+    const double bytes_per_s = static_cast<double>(present) / static_cast<double>(info.frames) * info.samplerate;
+    if ((declared - present) / bytes_per_s > 0.01) {
+      return Status::Invalid(path + ": truncated: its header declares " + Seconds(declared / bytes_per_s) +
+                             " of audio, the file holds " + Seconds(present / bytes_per_s) +
+                             " (an interrupted copy or download?)");
+    }
   }
   out->source_rate = info.samplerate;
   out->source_channels = info.channels;
@@ -123,13 +231,27 @@ Status DecodeAudio16k(const std::string& path, DecodedAudio* out) {
   for (;;) {
     sf_count_t got = sf_readf_float(f.get(), interleaved.data(), kChunkFrames);
     if (got <= 0) break;
+    // Before the resampler: one NaN or infinity in there spreads over the whole filter length.
+    auto finite = [](float v) { return std::isfinite(v) ? v : 0.0f; };
+    double mix_energy = 0, channel_energy = 0;
+    std::vector<double> per_channel(static_cast<size_t>(ch));
     for (sf_count_t i = 0; i < got; ++i) {
       const float* frame = &interleaved[static_cast<size_t>(i) * ch];
       float sum = 0.0f;
-      for (int c = 0; c < ch; ++c) sum += frame[c];
+      for (int c = 0; c < ch; ++c) {
+        const float v = finite(frame[c]);
+        sum += v;
+        per_channel[static_cast<size_t>(c)] += static_cast<double>(v) * v;
+      }
       mono[i] = sum / static_cast<float>(ch);
-      // Before the resampler: one NaN or infinity in there spreads over the whole filter length.
-      if (!std::isfinite(mono[i])) mono[i] = 0.0f;
+      mix_energy += static_cast<double>(mono[i]) * mono[i];
+    }
+    // Channels that cancel in the average (one wired in opposite polarity): take the loudest one
+    // alone for this stretch rather than hand the recogniser near-silence.
+    for (double e : per_channel) channel_energy += e / ch;
+    if (ch > 1 && channel_energy > 1e-6 * static_cast<double>(got) && mix_energy < 0.01 * channel_energy) {
+      const int loud = static_cast<int>(std::max_element(per_channel.begin(), per_channel.end()) - per_channel.begin());
+      for (sf_count_t i = 0; i < got; ++i) mono[i] = finite(interleaved[static_cast<size_t>(i) * ch + loud]);
     }
     if (resample) {
       ASRF_RETURN_IF_ERROR(resampler.Process(mono.data(), static_cast<size_t>(got), &out->pcm).WithContext(path));
@@ -143,6 +265,17 @@ Status DecodeAudio16k(const std::string& path, DecodedAudio* out) {
                            sf_error_number(err) + ")");
   }
   if (total == 0) return Status::Invalid(path + ": empty (no samples)");
+  // Compressed streams cut short end early without an error. FLAC's header counts its samples
+  // exactly; an MP3's count may be an estimate (no Xing header), so it gets a margin.
+  if (info.frames > 0 && info.frames != SF_COUNT_MAX && total < info.frames) {
+    const bool estimate = (info.format & SF_FORMAT_TYPEMASK) == SF_FORMAT_MPEG;
+    const sf_count_t margin = estimate ? std::max<sf_count_t>(info.samplerate / 2, info.frames / 50) : info.samplerate / 100;
+    if (info.frames - total > margin) {
+      return Status::Invalid(path + ": truncated or corrupt: its header declares " +
+                             Seconds(static_cast<double>(info.frames) / info.samplerate) + " of audio, " +
+                             Seconds(static_cast<double>(total) / info.samplerate) + " of it decodes");
+    }
+  }
   if (resample) ASRF_RETURN_IF_ERROR(resampler.Flush(&out->pcm).WithContext(path));
   if (out->pcm.empty()) return Status::Invalid(path + ": empty (no samples after resampling)");
   return Status::Ok();

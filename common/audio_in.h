@@ -20,8 +20,10 @@ struct DecodedAudio {
 };
 
 // Decodes `path`. Errors (Invalid) name the file and say why: not readable, not audio, empty
-// (no samples), or a decode failure part-way. Channels are averaged; the resampler is libsoxr's
-// high quality setting. Thread-safe (no shared state).
+// (no samples), truncated (less audio than its header declares), or a decode failure part-way. A
+// WAV whose writer never filled in its data size (0, with audio after it) is read to its end.
+// Channels are averaged, except where they cancel (one in opposite polarity): then the loudest
+// is taken. The resampler is libsoxr's high quality setting. Thread-safe (no shared state).
 Status DecodeAudio16k(const std::string& path, DecodedAudio* out);
 
 }  // namespace asrf

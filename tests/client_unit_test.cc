@@ -231,6 +231,72 @@ TEST(DecodeAudio, TextFileNamedWavIsInvalid) {
   EXPECT_TRUE(a.pcm.empty());
 }
 
+// Keeps the first `keep` of a file's bytes (an interrupted copy or download).
+void Truncate(const fs::path& p, double keep) {
+  fs::resize_file(p, static_cast<uintmax_t>(static_cast<double>(fs::file_size(p)) * keep));
+}
+
+TEST(DecodeAudio, TruncatedFilesAreErrorsThatSayHowMuchIsMissing) {
+  TempDir dir;
+  struct Case {
+    const char* name;
+    int format;
+    const char* says;
+  };
+  for (const Case& c : {Case{"t.wav", SF_FORMAT_WAV | SF_FORMAT_PCM_16, "truncated: its header declares 3.00 s"},
+                        Case{"t.aiff", SF_FORMAT_AIFF | SF_FORMAT_PCM_16, "truncated: its header declares 3.00 s"},
+                        Case{"t.flac", SF_FORMAT_FLAC | SF_FORMAT_PCM_16, "truncated or corrupt: its header declares 3.00 s"},
+                        Case{"t.mp3", SF_FORMAT_MPEG | SF_FORMAT_MPEG_LAYER_III, "truncated or corrupt: its header declares"}}) {
+    const fs::path p = dir / c.name;
+    WriteSine(p, c.format, 16000, 3.0, 440.0, {0.5});
+    DecodedAudio whole;
+    Status ok = DecodeAudio16k(p, &whole);
+    ASSERT_TRUE(ok.ok()) << c.name << ": " << ok.ToString();  // complete files, MP3 included, pass
+    Truncate(p, 0.5);
+    DecodedAudio a;
+    Status st = DecodeAudio16k(p, &a);
+    EXPECT_EQ(st.code(), Status::Code::kInvalid) << c.name << ": " << st.ToString();
+    EXPECT_NE(st.message().find(std::string(p) + ": " + c.says), std::string::npos) << st.message();
+  }
+  // Cut by less than 10 ms (e.g. a writer whose header counts a frame too many): read as it is.
+  const fs::path p = dir / "nearly.wav";
+  WriteSine(p, SF_FORMAT_WAV | SF_FORMAT_PCM_16, 16000, 3.0, 440.0, {0.5});
+  fs::resize_file(p, fs::file_size(p) - 2 * 80);
+  DecodedAudio a;
+  Status st = DecodeAudio16k(p, &a);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  EXPECT_EQ(a.pcm.size(), 3 * 16000 - 80u);
+}
+
+TEST(DecodeAudio, WavWhoseWriterNeverFilledInItsSizeIsReadToTheEnd) {
+  TempDir dir;
+  const fs::path p = dir / "unfinished.wav";
+  WriteSine(p, SF_FORMAT_WAV | SF_FORMAT_PCM_16, 16000, 2.0, 440.0, {0.5});
+  // A recorder that stopped before going back to its header: the data size says 0.
+  std::string bytes;
+  {
+    std::ifstream in(p, std::ios::binary);
+    bytes.assign(std::istreambuf_iterator<char>(in), {});
+  }
+  const size_t at = bytes.find("data");
+  ASSERT_NE(at, std::string::npos);
+  bytes.replace(at + 4, 4, std::string(4, '\0'));
+  std::ofstream(p, std::ios::binary | std::ios::trunc) << bytes;
+  DecodedAudio a;
+  Status st = DecodeAudio16k(p, &a);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  ExpectTone(a, 2.0, 440.0, 0.5, 0.02);
+}
+
+TEST(DecodeAudio, ChannelsInOppositePolarityDoNotCancel) {
+  TempDir dir;
+  WriteSine(dir / "inverted.wav", SF_FORMAT_WAV | SF_FORMAT_PCM_16, 44100, 3.0, 440.0, {0.5, -0.5});
+  DecodedAudio a;
+  Status st = DecodeAudio16k(dir / "inverted.wav", &a);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  ExpectTone(a, 3.0, 440.0, 0.5, 0.02);
+}
+
 TEST(DecodeAudio, MissingFileIsAnError) {
   TempDir dir;
   DecodedAudio a;
