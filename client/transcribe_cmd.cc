@@ -10,7 +10,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <iostream>
 #include <map>
@@ -105,6 +107,12 @@ class ProgressLine {
   int64_t next_ = 0;
 };
 
+// A name as it comes back inside a JSON result: bytes that are not UTF-8 (a Latin-1 file name)
+// are replaced there by U+FFFD, as the worker's JSON writer does.
+std::string AsJsonText(const std::string& s) {
+  return json::parse(json(s).dump(-1, ' ', false, json::error_handler_t::replace)).get<std::string>();
+}
+
 // Adds one segment result to its file; writes the outputs when the file is complete.
 void AcceptResult(FileJob& f, const proto::JobEvent& e, const std::vector<std::string>& formats, double run_s,
                   double min_confidence, size_t* unsure) {
@@ -122,7 +130,7 @@ void AcceptResult(FileJob& f, const proto::JobEvent& e, const std::vector<std::s
     f.error = "unreadable segment result: " + st.message();
     return;
   }
-  if (file != f.rel || count != f.segments || index < 0 || index >= count) {
+  if (file != AsJsonText(f.rel) || count != f.segments || index < 0 || index >= count) {
     f.error = "segment result for " + file + " (" + std::to_string(index) + " of " + std::to_string(count) +
               "), not for this file";
     return;
@@ -178,14 +186,23 @@ Walk FindFiles(const std::vector<std::string>& inputs, const std::set<std::strin
     std::string e = Lower(p.extension().string());
     return !e.empty() && exts.count(e.substr(1));
   };
+  // A folder this user may not list or enter is skipped by the walk: say so, never in silence.
+  auto unreadable = [&](const fs::path& dir) {
+    if (access(dir.c_str(), R_OK | X_OK) == 0) return false;
+    w.errors.push_back(dir.string() + ": a folder that cannot be read (" + std::strerror(errno) +
+                       "); the audio in it was not transcribed");
+    return true;
+  };
   for (const auto& in : inputs) {
     std::error_code ec;
     fs::path p(in);
     if (fs::is_directory(p, ec)) {
+      if (unreadable(p)) continue;
       std::vector<std::string> here;
-      for (auto it = fs::recursive_directory_iterator(p, fs::directory_options::skip_permission_denied, ec);
-           !ec && it != fs::recursive_directory_iterator(); it.increment(ec)) {
+      auto it = fs::recursive_directory_iterator(p, fs::directory_options::skip_permission_denied, ec);
+      for (; !ec && it != fs::recursive_directory_iterator(); it.increment(ec)) {
         std::error_code lec;
+        if (!it->is_symlink(lec) && it->is_directory(lec) && unreadable(it->path())) continue;
         if (it->is_symlink(lec)) {
           // Never silently: a broken link, or a linked folder (not followed: links may loop).
           if (!fs::exists(it->path(), lec)) {
@@ -198,15 +215,20 @@ Walk FindFiles(const std::vector<std::string>& inputs, const std::set<std::strin
             continue;
           }
         }
-        if (!it->is_regular_file(ec)) continue;
+        if (!it->is_regular_file(lec)) continue;
         if (picked(it->path())) here.push_back(it->path().string());
         else w.skipped_ext++;
+      }
+      if (ec) {
+        w.errors.push_back(p.string() + ": the walk through this folder stopped (" + ec.message() +
+                           "); audio after that point was not transcribed");
       }
       std::sort(here.begin(), here.end());
       for (auto& h : here) found.push_back({h, p.string()});
     } else if (fs::exists(p, ec)) {
-      if (picked(p)) found.push_back({p.string(), p.has_parent_path() ? p.parent_path().string() : "."});
-      else w.skipped_ext++;
+      // A file named on the command line is tried whatever its extension (--ext picks in folders):
+      // it is transcribed or it is an error, never skipped.
+      found.push_back({p.string(), p.has_parent_path() ? p.parent_path().string() : "."});
     } else {
       w.errors.push_back(in + ": no such file or directory");
     }
@@ -245,12 +267,28 @@ Walk FindFiles(const std::vector<std::string>& inputs, const std::set<std::strin
   return w;
 }
 
+// Creates `dir` if need be and proves a file can be made in it.
+Status CheckOutputFolder(const std::string& dir) {
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) return Status::Invalid(dir + ": cannot create it (" + ec.message() + ")");
+  if (!fs::is_directory(dir, ec)) return Status::Invalid(dir + ": not a folder");
+  const fs::path probe = fs::path(dir) / (".asr-submit-probe-" + cli::RandomHex(6));
+  std::FILE* f = std::fopen(probe.c_str(), "wb");
+  if (!f) return Status::Invalid(dir + ": cannot write in it (" + std::strerror(errno) + ")");
+  std::fclose(f);
+  fs::remove(probe, ec);
+  return Status::Ok();
+}
+
 const char* kTranscribeUsage =
     "usage: asr-submit transcribe PATH... --out DIR [--format txt,json,srt,vtt,tsv] [--model NAME] [--wait]\n"
     "Transcribes every audio file under each PATH (files or folders, searched recursively). IN/x/a.wav becomes\n"
     "DIR/x/a.<format>; files whose outputs all exist are skipped unless --overwrite. Without --wait the batch\n"
     "name is printed and `asr-submit collect BATCH --out DIR` writes the outputs later.\n"
-    "Exit: 0 all transcribed, 1 some file failed (see the summary), 2 usage, 3 broker unreachable or --timeout.";
+    "Files named on the command line are tried whatever their extension; --ext picks the files in folders.\n"
+    "Exit: 0 all transcribed (or all done before), 1 some file failed (see the summary) or no audio file found,\n"
+    "2 usage (or --out not a writable folder), 3 broker unreachable or --timeout.";
 
 }  // namespace
 
@@ -267,7 +305,8 @@ int RunTranscribe(const GlobalOptions& g, const std::vector<std::string>& args) 
       ("model", po::value(&model)->default_value(proto::kDefaultModel),
        "model name as workers advertise it; `default` takes each worker's own")
       ("ext", po::value(&ext_list)->default_value("wav,flac,ogg,oga,opus,mp3,aiff,aif"),
-       "file extensions picked in folders (others are skipped and counted)")
+       "file extensions picked in folders (others are skipped and counted; files named on the command line "
+       "are tried whatever their extension)")
       ("max-segment-s", po::value(&max_segment_s)->default_value(max_segment_s),
        "longest segment: longer stretches are split at their quietest point (5..240)")
       ("pause-s", po::value(&pause_s)->default_value(pause_s, "0.3"),
@@ -303,9 +342,21 @@ int RunTranscribe(const GlobalOptions& g, const std::vector<std::string>& args) 
   pause_keep_s = std::isfinite(pause_keep_s) ? std::min(pause_keep_s, 60.0) : 0.5;
   max_inflight_s = std::max(max_inflight_s, max_segment_s);
   bool wait = vm["wait"].as<bool>();
+  // Before any audio goes out: an output folder that cannot be written would otherwise only be
+  // found when the first transcript comes back.
+  if (Status st = CheckOutputFolder(out_dir); !st.ok()) {
+    std::cerr << "asr-submit: --out " << st.message() << "\n";
+    return kExitUsage;
+  }
 
   Walk walk = FindFiles(inputs, exts, out_dir, formats, vm["overwrite"].as<bool>());
   std::vector<FileJob>& files = walk.files;
+  if (files.empty() && walk.skipped_existing == 0) {
+    std::cerr << "asr-submit: no audio file to transcribe in " << inputs.size() << " path(s): "
+              << walk.skipped_ext << " file(s) of other extensions skipped (--ext " << ext_list << ")\n";
+    for (const auto& e : walk.errors) std::cerr << "  error: " << e << "\n";
+    return kExitJobsFailed;
+  }
   bool named = !batch.empty();
   if (batch.empty()) batch = "tx-" + cli::RandomHex(6);
   int64_t start = MonoMs();

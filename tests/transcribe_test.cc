@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <signal.h>
+#include <unistd.h>
 #include <sndfile.h>
 
 #include <algorithm>
@@ -338,6 +339,51 @@ TEST_F(TranscribeTest, FaintHissGivesAnEmptyTranscript) {
   ASSERT_EQ(r.code, 0) << r.err << ReadFile(t / "worker.log");
   ASSERT_TRUE(fs::exists(t / "out/hiss.txt")) << r.out << r.err;
   EXPECT_EQ(Trim(ReadFile(t / "out/hiss.txt")), "");
+}
+
+// What the user names is tried or is an error, never passed over: a file named on the command
+// line with an extension --ext does not list; a folder holding a Latin-1 file name (bytes that are
+// not UTF-8, which come back replaced inside the worker's JSON result); an --out that cannot be a
+// folder, refused before anything is submitted; paths holding no audio at all; a folder the user
+// cannot read (checked when not running as root, whom nothing stops).
+TEST_F(TranscribeTest, NamedFilesOddNamesBadOutAndNothingToDo) {
+  TempDir t;
+  BrokerProc b = StartBroker(t / "broker", t / "broker.log");
+  Proc w = StartWorker(b.endpoint, t / "worker", t / "worker.log", {"--model-file", kModel, "--threads", "2"});
+  fs::create_directories(t / "in/latin");
+  fs::copy_file((*utts_)[0].wav, t / "in/take one.audio");
+  const std::string latin = "caf\xe9";
+  fs::copy_file((*utts_)[1].wav, t / ("in/latin/" + latin + ".wav"));
+  RunResult r = Submit(b.endpoint, {"transcribe", t / "in/take one.audio", t / "in/latin", "--out", t / "out", "--wait"},
+                       120000);
+  EXPECT_EQ(r.code, 0) << r.err << ReadFile(t / "worker.log");
+  EXPECT_FALSE(Trim(ReadFile(t / "out/take one.txt")).empty()) << r.err;
+  EXPECT_FALSE(Trim(ReadFile(t / ("out/" + latin + ".txt"))).empty()) << r.err;
+
+  // --out names a file: exit 2 at once, nothing submitted.
+  { std::ofstream(t / "afile") << "x\n"; }
+  r = Submit(b.endpoint, {"transcribe", t / "in/latin", "--out", t / "afile", "--wait"}, 60000);
+  EXPECT_EQ(r.code, 2) << r.err;
+  EXPECT_NE(r.err.find("asr-submit: --out " + std::string(t / "afile") + ": "), std::string::npos) << r.err;
+  EXPECT_EQ(r.err.find("file(s) to transcribe"), std::string::npos) << r.err;
+
+  // Nothing to transcribe: exit 1 and a message, not a quiet success.
+  fs::create_directories(t / "empty");
+  { std::ofstream(t / "empty/notes.txt") << "x\n"; }
+  r = Submit(b.endpoint, {"transcribe", t / "empty", "--out", t / "out2", "--wait"}, 60000);
+  EXPECT_EQ(r.code, 1) << r.err;
+  EXPECT_NE(r.err.find("no audio file to transcribe"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("1 file(s) of other extensions skipped"), std::string::npos) << r.err;
+
+  if (geteuid() != 0) {
+    fs::create_directories(t / "in/locked");
+    fs::copy_file((*utts_)[2].wav, t / "in/locked/u.wav");
+    fs::permissions(t / "in/locked", fs::perms::none);
+    r = Submit(b.endpoint, {"transcribe", t / "in", "--out", t / "out3", "--wait"}, 120000);
+    fs::permissions(t / "in/locked", fs::perms::owner_all);
+    EXPECT_EQ(r.code, 1) << r.err;
+    EXPECT_NE(r.err.find(std::string(t / "in/locked") + ": a folder that cannot be read"), std::string::npos) << r.err;
+  }
 }
 
 // Loud noise passes the silence rule and reaches the model. Whatever it writes, a segment whose
