@@ -639,7 +639,11 @@ struct Broker::Impl {
   void OnSubmit(const std::string& routing, std::string_view body) {
     proto::Submit m;
     Status st = proto::DecodeBody(body, &m);
-    if (st.ok()) st = proto::Validate(m);
+    // A repeat of an accepted request_id is answered with the original ids whatever its own jobs
+    // say (protocol §4.1), so it is not validated.
+    const bool repeat = st.ok() && !m.request_id.empty() &&
+                        (requests.count(m.request_id) || inflight_requests.count(m.request_id));
+    if (st.ok() && !repeat) st = proto::Validate(m);
     if (!st.ok()) {
       SendError(routing, PeekReq(body), "bad_request", st.message());
       return;
@@ -888,18 +892,32 @@ struct Broker::Impl {
     proto::CancelReq m;
     Status st = proto::DecodeBody(body, &m);
     if (!st.ok()) return SendError(routing, PeekReq(body), "bad_request", st.message());
-    uint64_t n = 0;
+    // The jobs this request may end. Cancelling a gang's rank ends the whole gang (its other ranks
+    // through the gang's abort), so those count as cancelled by it too.
+    std::vector<uint64_t> ids;
     if (m.job != 0) {
       Job* j = table.Find(m.job);
       if (!j) return SendError(routing, m.req, "not_found", NoJob(m.job));
-      n += CancelJob(*j) ? 1 : 0;
-    } else {
-      const auto* ids = table.BatchJobs(m.batch);
-      if (!ids) return SendError(routing, m.req, "not_found", NoBatch(m.batch));
-      for (uint64_t id : *ids) {
-        if (Job* j = table.Find(id)) n += CancelJob(*j) ? 1 : 0;
+      ids.push_back(m.job);
+      if (!j->gang.empty()) {
+        for (uint64_t id : table.GangMembers(j->gang)) if (id != m.job) ids.push_back(id);
       }
+    } else {
+      const auto* batch_ids = table.BatchJobs(m.batch);
+      if (!batch_ids) return SendError(routing, m.req, "not_found", NoBatch(m.batch));
+      ids.assign(batch_ids->begin(), batch_ids->end());
     }
+    auto live = [&](uint64_t id) {
+      const Job* j = table.Find(id);
+      return j && !proto::IsTerminal(j->state) && !j->finishing;
+    };
+    std::vector<uint64_t> was_live;
+    for (uint64_t id : ids) if (live(id)) was_live.push_back(id);
+    for (uint64_t id : (m.job != 0 ? std::vector<uint64_t>{m.job} : was_live)) {
+      if (Job* j = table.Find(id)) CancelJob(*j);
+    }
+    uint64_t n = 0;
+    for (uint64_t id : was_live) n += live(id) ? 0 : 1;
     ReplyAfterJournal(routing, m.req, n);
   }
 
@@ -1091,6 +1109,7 @@ struct Broker::Impl {
     proto::Ready m;
     Status st = proto::DecodeBody(body, &m);
     if (st.ok() && (m.worker_id.empty() || m.worker_id.size() > 256)) st = Status::Invalid("worker_id must be 1 to 256 bytes");
+    if (st.ok() && m.instance.size() > 64) st = Status::Invalid("instance must be at most 64 bytes");
     if (!st.ok()) return SendError(routing, 0, "bad_request", st.message());
     auto existing = workers.find(m.worker_id);
     if (existing != workers.end() && !m.instance.empty() && !existing->second.instance.empty() &&
@@ -1103,6 +1122,11 @@ struct Broker::Impl {
       return SendError(routing, 0, "worker_id_in_use",
                        "worker id \"" + m.worker_id + "\" is in use by a live worker on " + existing->second.host +
                            "; give each worker process its own --worker-id (this one is refused until that one is gone)");
+    }
+    // This connection was another worker until now: that one has left (its leases are lost);
+    // otherwise it would keep the connection's routing entry and take this one's with it later.
+    if (auto prev = worker_by_routing.find(routing); prev != worker_by_routing.end() && prev->second != m.worker_id) {
+      RemoveWorker(prev->second, "registered again on its connection as " + m.worker_id, now);
     }
     std::unordered_set<uint64_t> keep;
     if (existing != workers.end()) {
@@ -1128,7 +1152,7 @@ struct Broker::Impl {
     w.slots = std::clamp<uint32_t>(m.slots, 0, 4096);
     w.draining = m.draining;
     w.heartbeat_ms = std::min<int64_t>(m.heartbeat_ms, 600000);
-    w.instance = m.instance.substr(0, 64);
+    w.instance = m.instance;
     w.kinds = std::unordered_set<std::string>(m.kinds.begin(), m.kinds.end());
     w.models.clear();
     for (auto& name : m.models) {
@@ -1342,7 +1366,9 @@ struct Broker::Impl {
     sink->Lookup(std::move(l));
   }
 
-  void OnDisconnect(const std::string& routing, int64_t now) {
+  void OnDisconnect(const std::string& routing, std::string_view body, int64_t now) {
+    proto::Disconnect d;
+    if (!proto::DecodeBody(body, &d).ok()) return;  // malformed: ignored (protocol §5.3)
     auto it = worker_by_routing.find(routing);
     if (it == worker_by_routing.end()) return;
     RemoveWorker(it->second, "said goodbye", now);
@@ -1829,7 +1855,7 @@ struct Broker::Impl {
       case Cmd::kStarted: return OnStarted(routing, body, now);
       case Cmd::kResult: return OnResult(routing, body, now);
       case Cmd::kProgress: return OnProgress(routing, body, now);
-      case Cmd::kDisconnect: return OnDisconnect(routing, now);
+      case Cmd::kDisconnect: return OnDisconnect(routing, body, now);
       default:
         SendError(routing, 0, "unknown_command",
                   std::string("the broker does not accept ") + proto::CmdName(cmd) + " from peers");

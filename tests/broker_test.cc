@@ -195,6 +195,13 @@ TEST(Broker, RepeatedSubmitReturnsTheOriginalIds) {
   EXPECT_EQ(first.job_ids, second.job_ids);
   EXPECT_FALSE(first.duplicate);
   EXPECT_TRUE(second.duplicate);
+  // A repeat's own jobs are not looked at: even none, or of no known kind, gets the original ids.
+  proto::Reply empty_repeat, odd_repeat;
+  ASSERT_TRUE(client.Call(Cmd::kSubmit, Jobs(0, "echo", "req-1"), &empty_repeat, 5000).ok());
+  ASSERT_TRUE(client.Call(Cmd::kSubmit, Jobs(2, "", "req-1"), &odd_repeat, 5000).ok());
+  EXPECT_EQ(empty_repeat.job_ids, first.job_ids);
+  EXPECT_EQ(odd_repeat.job_ids, first.job_ids);
+  EXPECT_TRUE(empty_repeat.duplicate && odd_repeat.duplicate);
   proto::Reply status;
   ASSERT_TRUE(client.Call(Cmd::kStatus, proto::StatusReq{}, &status, 5000).ok());
   EXPECT_EQ(status.counts["queued"], 5);
@@ -436,6 +443,46 @@ TEST(Broker, ASecondProcessWithALiveWorkersIdIsRefused) {
   std::this_thread::sleep_for(std::chrono::milliseconds(2000));
   second.Send(Cmd::kReady, ready("bbbb", "host-b"));
   EXPECT_TRUE(second.Expect(Cmd::kHeartbeat, &body)) << "the id stayed taken after its worker went silent";
+}
+
+// What a registered worker's connection says that does not fit: READY with a new worker_id (the
+// connection is that worker from then on; the old one left, and its expiry later must not take
+// the new one's place), an instance over the protocol's 64 bytes (refused; it was cut and then
+// never matched the worker's own reconnect), and DISCONNECT with a body that is not msgpack
+// (ignored, as the protocol says, rather than taken as a goodbye).
+TEST(Broker, AWorkerConnectionsOddMessagesKeepItsPlace) {
+  TempDir tmp;
+  InProcBroker broker(TestOptions(tmp / "b"));  // silent for 300 ms: gone
+  ASSERT_TRUE(broker.open_status().ok());
+  std::string body;
+  RawPeer peer(broker.endpoint());
+  proto::Ready ready;
+  ready.worker_id = "a";
+  ready.instance = "i1";
+  peer.Send(Cmd::kReady, ready);
+  ASSERT_TRUE(peer.Expect(Cmd::kHeartbeat, &body));
+  ready.worker_id = "b";
+  peer.Send(Cmd::kReady, ready);
+  ASSERT_TRUE(peer.Expect(Cmd::kHeartbeat, &body));
+  for (int64_t end = MonoMs() + 1200; MonoMs() < end;) {
+    peer.Send(Cmd::kHeartbeat, proto::Heartbeat{});
+    if (peer.Expect(Cmd::kDisconnect, &body, 50)) {
+      ADD_FAILURE() << "worker b lost its place when a expired";
+      break;
+    }
+  }
+  peer.SendFrames({std::string(proto::kTag), std::string(1, static_cast<char>(Cmd::kDisconnect)), "\xff"});
+  for (int i = 0; i < 4; ++i) {
+    peer.Send(Cmd::kHeartbeat, proto::Heartbeat{});
+    EXPECT_FALSE(peer.Expect(Cmd::kDisconnect, &body, 60)) << "a malformed DISCONNECT removed the worker";
+  }
+  RawPeer other(broker.endpoint());
+  ready.worker_id = "c";
+  ready.instance = std::string(100, 'x');
+  other.Send(Cmd::kReady, ready);
+  proto::Error e = other.ExpectError(2000);
+  EXPECT_EQ(e.code, "bad_request") << e.message;
+  EXPECT_NE(e.message.find("instance"), std::string::npos) << e.message;
 }
 
 // An ASSIGN that never reaches the worker (dropped from a full send queue) or that it cannot read
@@ -910,6 +957,29 @@ TEST(WorkerReconnect, AWorkerWaitsOutTheBrokersLongerHeartbeatInterval) {
 // worker lost between the two ranks' last words), the gang can never be placed again: the left
 // rank ends (cancelled when rank 0, which writes the model, is the one done; failed otherwise)
 // instead of waiting for ever beside idle workers. RETRY of a failed rank requeues the whole gang.
+// CANCEL's `affected` counts the jobs it ended: cancelling one rank ends the whole gang (the
+// others through the gang's abort), and those used to go uncounted.
+TEST_F(BrokerGangs, CancellingAGangCountsEveryRankItEnds) {
+  BrokerClient& client = *client_;
+  const std::vector<uint64_t> g = SubmitGang(client, "cx");
+  proto::CancelReq byjob;
+  byjob.job = g.at(1);
+  proto::Reply r;
+  ASSERT_TRUE(client.Call(Cmd::kCancel, byjob, &r, 5000).ok());
+  EXPECT_EQ(r.affected, 2u);
+  SubmitGang(client, "cy");
+  proto::CancelReq bybatch;
+  bybatch.batch = "cy";
+  ASSERT_TRUE(client.Call(Cmd::kCancel, bybatch, &r, 5000).ok());
+  EXPECT_EQ(r.affected, 2u);
+  proto::StatusReq q;
+  q.batch = "cy";
+  ASSERT_TRUE(client.Call(Cmd::kStatus, q, &r, 5000).ok());
+  EXPECT_EQ(r.counts["cancelled"], 2);
+  ASSERT_TRUE(client.Call(Cmd::kCancel, bybatch, &r, 5000).ok());
+  EXPECT_EQ(r.affected, 0u) << "jobs already ended were counted again";
+}
+
 TEST_F(BrokerGangs, ARankLeftAloneEndsAndRetryRequeuesTheWholeGang) {
   BrokerClient& client = *client_;
   FakeWorkers& fleet = *fleet_;
