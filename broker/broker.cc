@@ -418,7 +418,9 @@ struct Broker::Impl {
   // nothing reassigns it.
   void Finish(Job& j, JobState state, std::string error, std::string result, int64_t run_ms,
               const std::string& ack_routing, FinishGroup* g) {
-    if (state != JobState::kDone) AbortGang(j, std::string(proto::StateName(state)) + ": " + error, true);
+    // The other ranks end in the same write as this one: were they written apart, a failed write
+    // of this rank would requeue it alone, beside ranks already cancelled, to wait for ever.
+    if (state != JobState::kDone) AbortGang(j, std::string(proto::StateName(state)) + ": " + error, true, g);
     DropLease(j);
     if (j.state == JobState::kQueued) table.Unqueue(j);
     j.finishing = true;
@@ -462,11 +464,16 @@ struct Broker::Impl {
     return state == JobState::kDone || (state == JobState::kCancelled && !IsGangMember(j));
   }
 
-  void CommitFinishes(FinishGroup&& g) {
-    if (g.finishes.empty()) return;
-    AddEvent(&g.batch, std::move(g.rows));
+  // Writes the group in one synced write. A reply given goes out when that very write is durable
+  // (or an ERROR if it failed), so what it reports is what the journal holds.
+  void CommitFinishes(FinishGroup&& g, PendingReply* reply = nullptr) {
+    if (g.finishes.empty() && !reply) return;
     uint64_t token = next_token++;
-    pending_finishes.emplace(token, std::move(g.finishes));
+    if (reply) pending_replies.emplace(token, std::move(*reply));
+    if (!g.finishes.empty()) {
+      AddEvent(&g.batch, std::move(g.rows));
+      pending_finishes.emplace(token, std::move(g.finishes));
+    }
     journal->Write(std::move(g.batch), /*sync=*/true, token);
   }
 
@@ -537,7 +544,8 @@ struct Broker::Impl {
   // A gang runs whole or not at all: when one member's lease ends early, the others stop too.
   // `ended`: the member ended for good (failed, dead, cancelled), so the others are cancelled;
   // otherwise they go back to the queue without an attempt and the gang is placed again.
-  void AbortGang(const Job& j, const std::string& why, bool ended) {
+  // ended: the other ranks end too (cancelled), into `g` when given, else each in its own write.
+  void AbortGang(const Job& j, const std::string& why, bool ended, FinishGroup* g = nullptr) {
     if (!IsGangMember(j) || aborting_gang) return;
     aborting_gang = true;
     for (uint64_t id : table.GangMembers(j.gang)) {
@@ -554,7 +562,11 @@ struct Broker::Impl {
         DropLease(*m);
         table.SetState(*m, JobState::kQueued);
       }
-      if (ended) FinishOne(*m, JobState::kCancelled, "gang member " + std::to_string(j.id) + " ended: " + why);
+      if (ended) {
+        std::string error = "gang member " + std::to_string(j.id) + " ended: " + why;
+        if (g) Finish(*m, JobState::kCancelled, std::move(error), "", 0, "", g);
+        else FinishOne(*m, JobState::kCancelled, std::move(error));
+      }
     }
     LogWarn("gang_aborted").Kv("gang", j.gang).Kv("job", j.id).Kv("why", why).Kv("ended", ended);
     aborting_gang = false;
@@ -872,8 +884,8 @@ struct Broker::Impl {
     Send(routing, Cmd::kReply, r);
   }
 
-  // Cancels one job; returns true if it was not already finished.
-  bool CancelJob(Job& j) {
+  // Cancels one job into `g`; returns true if it was not already finished.
+  bool CancelJob(Job& j, FinishGroup* g) {
     if (proto::IsTerminal(j.state) || j.finishing) return false;
     if (j.state == JobState::kLeased) {
       auto w = workers.find(j.worker);
@@ -884,7 +896,7 @@ struct Broker::Impl {
         Send(w->second.routing, Cmd::kCancelJobs, c);
       }
     }
-    FinishOne(j, JobState::kCancelled, "cancelled by a client");
+    Finish(j, JobState::kCancelled, "cancelled by a client", "", 0, "", g);
     return true;
   }
 
@@ -913,23 +925,16 @@ struct Broker::Impl {
     };
     std::vector<uint64_t> was_live;
     for (uint64_t id : ids) if (live(id)) was_live.push_back(id);
+    // One write holds every cancelled record, and the REPLY reports that write's status.
+    FinishGroup g;
     for (uint64_t id : (m.job != 0 ? std::vector<uint64_t>{m.job} : was_live)) {
-      if (Job* j = table.Find(id)) CancelJob(*j);
+      if (Job* j = table.Find(id)) CancelJob(*j, &g);
     }
-    uint64_t n = 0;
-    for (uint64_t id : was_live) n += live(id) ? 0 : 1;
-    ReplyAfterJournal(routing, m.req, n);
-  }
-
-  // Replies once everything queued to the journal so far is written (a cheap barrier).
-  void ReplyAfterJournal(const std::string& routing, uint64_t req, uint64_t affected) {
-    uint64_t token = next_token++;
     PendingReply p;
     p.routing = routing;
-    p.reply.req = req;
-    p.reply.affected = affected;
-    pending_replies.emplace(token, std::move(p));
-    journal->Write(JournalBatch{}, /*sync=*/true, token);
+    p.reply.req = m.req;
+    for (uint64_t id : was_live) p.reply.affected += live(id) ? 0 : 1;
+    CommitFinishes(std::move(g), &p);
   }
 
   void OnWatch(const std::string& routing, std::string_view body, int64_t now) {
@@ -1810,7 +1815,9 @@ struct Broker::Impl {
           }
         }
         pending_finishes.erase(f);
-      } else if (auto r = pending_replies.find(c.token); r != pending_replies.end()) {
+      }
+      // (A reply may share its token with a group of finishes: CANCEL's.)
+      if (auto r = pending_replies.find(c.token); r != pending_replies.end()) {
         if (c.status.ok()) {
           Send(r->second.routing, Cmd::kReply, r->second.reply);
         } else {

@@ -12,6 +12,15 @@ namespace asrf {
 struct FaultFs::State {
   std::atomic<bool> crashed{false};
   std::atomic<bool> no_space{false};
+  std::atomic<int> fail_appends{0};
+  // True while writes fail: always under no_space, or once for each of the next fail_appends.
+  bool Fails() {
+    if (no_space) return true;
+    for (int n = fail_appends.load(); n > 0;) {
+      if (fail_appends.compare_exchange_weak(n, n - 1)) return true;
+    }
+    return false;
+  }
   std::atomic<long> syncs{0};
 };
 
@@ -31,7 +40,7 @@ class FaultFile : public rocksdb::FSWritableFileOwnerWrapper {
 
   IOStatus Append(const Slice& data, const IOOptions&, IODebugContext*) override {
     if (st_->crashed) return IOStatus::OK();
-    if (st_->no_space) return IOStatus::NoSpace("injected: no space left on device");
+    if (st_->Fails()) return IOStatus::NoSpace("injected: no space left on device");
     std::lock_guard<std::mutex> lock(mu_);
     buffer_.append(data.data(), data.size());
     return IOStatus::OK();
@@ -138,6 +147,7 @@ FaultFs::~FaultFs() = default;
 rocksdb::Env* FaultFs::env() { return env_.get(); }
 void FaultFs::Crash() { state_->crashed = true; }
 void FaultFs::SetNoSpace(bool on) { state_->no_space = on; }
+void FaultFs::FailNextAppends(int n) { state_->fail_appends = n; }
 long FaultFs::syncs() const { return state_->syncs.load(); }
 
 }  // namespace asrf

@@ -26,6 +26,8 @@ class FaultFs {
   void Crash();
   // While set, writes fail as if the disk were full.
   void SetNoSpace(bool on);
+  // The next n appends to any file fail as if the disk were full (a passing fault).
+  void FailNextAppends(int n);
   // Number of successful file syncs so far.
   long syncs() const;
 

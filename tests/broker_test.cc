@@ -723,6 +723,63 @@ std::vector<uint64_t> SubmitGang(BrokerClient& client, const std::string& name) 
   return r.job_ids;
 }
 
+// A gang's ranks end in one journal write, and a reply about them reports that write: under a
+// passing write fault (one append fails), a CANCEL of a gang's batch is an ERROR with both ranks
+// still queued, and a rank's failure RESULT leaves the whole gang requeued. Written apart, one
+// rank could end cancelled while the other went back to the queue, to wait for a partner for ever.
+TEST(Broker, AGangsRanksEndInOneWriteOrNotAtAll) {
+  TempDir tmp;
+  FaultFs fs;
+  BrokerOptions o = GangTestOptions(tmp / "b");
+  o.journal_env = fs.env();
+  InProcBroker broker(o);
+  ASSERT_TRUE(broker.open_status().ok()) << broker.open_status().ToString();
+  BrokerClient client(broker.endpoint());
+  auto counts = [&](const std::string& batch) {
+    proto::StatusReq q;
+    q.batch = batch;
+    proto::Reply r;
+    EXPECT_TRUE(client.Call(Cmd::kStatus, q, &r, 5000).ok());
+    return r.counts;
+  };
+  SubmitGang(client, "cz");
+  proto::CancelReq cancel;
+  cancel.batch = "cz";
+  proto::Reply r;
+  fs.FailNextAppends(1);
+  Status st = client.Call(Cmd::kCancel, cancel, &r, 5000);
+  EXPECT_NE(st.message().find("journal_unavailable"), std::string::npos) << st.ToString();
+  EXPECT_EQ(counts("cz")["queued"], 2);
+  EXPECT_EQ(counts("cz")["cancelled"], 0);
+  // The journal takes writes again: the same CANCEL ends both.
+  for (int64_t end = MonoMs() + 5000; MonoMs() < end;) {
+    st = client.Call(Cmd::kCancel, cancel, &r, 5000);
+    if (st.ok()) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  EXPECT_EQ(r.affected, 2u);
+  EXPECT_EQ(counts("cz")["cancelled"], 2);
+
+  // Rank 0 fails while its write does not go through: both ranks queued again, placed again whole.
+  FakeWorkers fleet(broker.endpoint());
+  auto& a = fleet.Connect("a-cpu", "cpu", "");
+  auto& b = fleet.Connect("b-cpu", "cpu", "");
+  const std::vector<uint64_t> g = SubmitGang(client, "cw");
+  fleet.Pump(800);
+  ASSERT_EQ(a.given.size(), 1u);
+  ASSERT_EQ(b.given.size(), 1u);
+  fs.FailNextAppends(1);
+  proto::Result res;
+  res.results.push_back({a.given.back().id, a.given.back().epoch, false, proto::Blob{"{}"}, "broke", 1, false});
+  a.peer->Send(Cmd::kResult, res);
+  fleet.Pump(1500);
+  auto c = counts("cw");
+  EXPECT_EQ(c["cancelled"], 0) << "a rank ended while its gang went back to the queue";
+  EXPECT_EQ(c["failed"], 0);
+  EXPECT_EQ(a.given.size() + b.given.size(), 4u) << "the gang was not placed again whole";
+}
+
 std::vector<uint64_t> Ids(const std::vector<proto::Assignment>& given) {
   std::vector<uint64_t> ids;
   for (const auto& a : given) ids.push_back(a.id);
