@@ -803,6 +803,7 @@ struct Broker::Impl {
     if (with_result) i.result.data = j.result;
     i.submitted_ms = j.submitted_ms;
     i.finished_ms = j.finished_ms;
+    i.run_ms = j.run_ms;
     i.worker = j.worker;
     i.progress = j.progress;
     if (j.state == JobState::kQueued) {

@@ -40,6 +40,7 @@ struct FileJob {
   std::string rel;       // relative to its input root: the name the segments carry
   std::string base;      // output path without extension
   double duration_s = 0;
+  double known_duration_s = 0;  // collect: the file's length as transcribe sent it (0: unknown)
   int segments = 0;
   int received = 0;
   bool submitted = false;
@@ -566,6 +567,8 @@ int RunTranscribe(const GlobalOptions& g, const std::vector<std::string>& args) 
       seg.index = static_cast<uint32_t>(k);
       seg.count = static_cast<uint32_t>(segs.size());
       seg.offset_s = static_cast<double>(segs[k].begin) / kTargetRate;
+      seg.source = f.path;
+      seg.file_duration_s = f.duration_s;
       seg.pcm.data.assign(reinterpret_cast<const char*>(audio.pcm.data() + segs[k].begin),
                           static_cast<size_t>(segs[k].end - segs[k].begin) * 2);
       double len_s = static_cast<double>(segs[k].end - segs[k].begin) / kTargetRate;
@@ -733,10 +736,19 @@ int RunCollect(const GlobalOptions& g, const std::vector<std::string>& args) {
       }
       DropUnsure(&seg, min_confidence);
       FileJob& f = by_file[file];
-      f.path = file;
+      if (f.path.empty()) f.path = file;
       f.segments = count;
       f.transcript.model = model;
       f.duration_s = std::max(f.duration_s, seg.end);
+      f.compute_s += static_cast<double>(i.run_ms) / 1000.0;
+      // What `transcribe` knew of the file, echoed by the worker (absent from older clients' jobs).
+      json extra = json::parse(i.result.data, nullptr, /*allow_exceptions=*/false);
+      if (extra.is_object()) {
+        if (auto s = extra.find("source"); s != extra.end() && s->is_string()) f.path = s->get<std::string>();
+        if (auto d = extra.find("file_duration_s"); d != extra.end() && d->is_number() && d->get<double>() > 0) {
+          f.known_duration_s = d->get<double>();
+        }
+      }
       if (f.parts.emplace(index, std::move(seg)).second) f.received++;
     }
   }
@@ -747,6 +759,7 @@ int RunCollect(const GlobalOptions& g, const std::vector<std::string>& args) {
   for (const auto& [file, f] : by_file) stems[OutputBase(file, ".", out_dir, false)]++;
   for (auto& [file, f] : by_file) {
     f.base = OutputBase(file, ".", out_dir, stems[OutputBase(file, ".", out_dir, false)] > 1);
+    if (f.known_duration_s > 0) f.duration_s = f.known_duration_s;
     if (f.received != f.segments) {
       incomplete++;
       std::cerr << "  error: " << file << ": " << f.received << " of " << f.segments << " segments\n";

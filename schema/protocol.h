@@ -131,7 +131,9 @@ struct TranscribeSegment {
   uint32_t count = 1;    // segments in the file
   double offset_s = 0;   // where the segment starts in the file
   Blob pcm;              // int16 little-endian samples at 16 kHz
-  MSGPACK_DEFINE_MAP(file, index, count, offset_s, pcm);
+  std::string source;    // the path as the client found it (echoed in the result, for `collect`)
+  double file_duration_s = 0;  // the whole file's length (echoed in the result, for `collect`)
+  MSGPACK_DEFINE_MAP(file, index, count, offset_s, pcm, source, file_duration_s);
 };
 inline constexpr const char* kTranscribeKind = "transcribe";
 inline constexpr const char* kDefaultModel = "default";
@@ -238,8 +240,9 @@ struct JobInfo {
   std::string worker;        // current or last worker
   std::string why;           // why a queued job is waiting, when known
   std::string progress;      // the last PROGRESS of a running (or finished) job, JSON text
+  int64_t run_ms = 0;        // a finished job: how long its last run took, as its worker reported
   MSGPACK_DEFINE_MAP(id, batch, kind, state, priority, attempts, error, result, submitted_ms, finished_ms, worker,
-                     why, progress);
+                     why, progress, run_ms);
 };
 
 struct WorkerInfo {

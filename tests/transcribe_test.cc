@@ -312,6 +312,14 @@ TEST_F(TranscribeTest, FolderToTranscriptsWithBadFilesLongFilesAndPostgres) {
   RunResult col = Submit(b.endpoint, {"collect", "later-1", "--out", t / "later"}, 60000);
   EXPECT_EQ(col.code, 0) << col.err;
   EXPECT_EQ(Trim(ReadFile(t / "later/u1.txt")), Trim(ReadFile(out + "/calls/a/u1.txt")));
+  // The same header as --wait writes: the path as found, the whole file's length, compute time.
+  {
+    json later = json::parse(ReadFile(t / "later/u1.json"));
+    json waited = json::parse(ReadFile(out + "/calls/a/u1.json"));
+    EXPECT_EQ(later["source"], waited["source"]);
+    EXPECT_EQ(later["duration_s"], waited["duration_s"]);
+    EXPECT_GT(later["compute_s"].get<double>(), 0);
+  }
 
   // A batch holds one run: another run naming it would get the first run's segments back as its
   // own (the same request ids), so it is refused and nothing is written.

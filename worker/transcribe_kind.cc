@@ -31,7 +31,9 @@ void RegisterTranscribeKind(std::shared_ptr<AcousticModel> model, JobRegistry* r
     for (size_t i = 0; i < n; ++i) {
       Status st = proto::DecodeBody(payloads[i], &segs[i]);
       if (st.ok() && segs[i].pcm.data.size() % 2 != 0) st = Status::Invalid("pcm has an odd number of bytes");
-      if (st.ok() && segs[i].file.size() > 4096) st = Status::Invalid("file name over 4096 bytes");
+      if (st.ok() && (segs[i].file.size() > 4096 || segs[i].source.size() > 4096)) {
+        st = Status::Invalid("file name over 4096 bytes");
+      }
       if (!st.ok()) {
         (*statuses)[i] = Status::Invalid("bad transcribe payload: " + st.message());
         continue;
@@ -83,6 +85,8 @@ void RegisterTranscribeKind(std::shared_ptr<AcousticModel> model, JobRegistry* r
                           {"words", std::move(words)},
                           {"infer_ms", infer_ms}};
       if (!model_sha256.empty()) j["model_sha256"] = model_sha256;
+      if (!segs[i].source.empty()) j["source"] = segs[i].source;
+      if (segs[i].file_duration_s > 0) j["file_duration_s"] = segs[i].file_duration_s;
       (*results)[i] = j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
     }
   });
