@@ -2,7 +2,9 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <map>
@@ -11,7 +13,9 @@
 #include <boost/program_options.hpp>
 #include <nlohmann/json.hpp>
 
+#include "common/durable_file.h"
 #include "common/log.h"
+#include "common/sha256.h"
 
 namespace asrf {
 
@@ -759,21 +763,31 @@ int RunModels(const GlobalOptions& g, const std::vector<std::string>& args) {
       std::cerr << "asr-submit: --name: " << st.message() << "\n";
       return kExitUsage;
     }
+    // The size first: a file of gigabytes named by mistake is not read into memory.
+    std::error_code size_ec;
+    const auto size = std::filesystem::file_size(target, size_ec);
+    if (size_ec || size == 0 || size > static_cast<uintmax_t>(proto::kMaxModelBytes)) {
+      std::cerr << "asr-submit: " << target << (size_ec ? ": " + size_ec.message() : std::string(" is empty or over ") +
+                                                std::to_string(proto::kMaxModelBytes >> 20) + " MiB") << "\n";
+      return kExitUsage;
+    }
     std::ifstream in(target, std::ios::binary);
     if (!in) {
       std::cerr << "asr-submit: cannot read " << target << "\n";
       return kExitUsage;
     }
     m.bytes.data.assign(std::istreambuf_iterator<char>(in), {});
-    if (m.bytes.data.empty() || m.bytes.data.size() > proto::kMaxModelBytes) {
-      std::cerr << "asr-submit: " << target << " is empty or over " << (proto::kMaxModelBytes >> 20) << " MiB\n";
-      return kExitUsage;
-    }
     // Every model a worker loads (the project's own, TorchScript) is a PyTorch zip archive: refuse
     // anything else here, before it becomes the newest version every `--model NAME` worker takes.
-    if (m.bytes.data.compare(0, 4, "PK\x03\x04") != 0) {
-      std::cerr << "asr-submit: " << target << " is not a model file (a PyTorch archive, as training and `models "
-                << "export` write, or a TorchScript module)\n";
+    // A zip's directory is at its end: a copy cut short has its first bytes and lacks that.
+    const std::string& b = m.bytes.data;
+    const size_t tail = std::min<size_t>(b.size(), 65535 + 22);
+    if (b.compare(0, 4, "PK\x03\x04") != 0 ||
+        std::string_view(b).substr(b.size() - tail).rfind("PK\x05\x06") == std::string_view::npos) {
+      std::cerr << "asr-submit: " << target << " is not a whole model file (a PyTorch archive, as training and "
+                << "`models export` write, or a TorchScript module"
+                << (b.compare(0, 4, "PK\x03\x04") == 0 ? "; this one is cut short: its zip directory is missing" : "")
+                << ")\n";
       return kExitUsage;
     }
     m.name = name;
@@ -815,13 +829,10 @@ int RunModels(const GlobalOptions& g, const std::vector<std::string>& args) {
     return ExitFor(Status::Corruption("the registry sent " + std::to_string(r.blob.data.size()) + " bytes, expected " +
                                       std::to_string(r.models[0].size)));
   }
-  std::string tmp = out + ".tmp";
-  {
-    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-    f.write(r.blob.data.data(), static_cast<std::streamsize>(r.blob.data.size()));
-    if (!f) return ExitFor(Status::IOError("cannot write " + tmp));
+  if (Sha256Hex(r.blob.data) != r.models[0].sha256) {
+    return ExitFor(Status::Corruption("the bytes the registry sent do not match their sha256 " + r.models[0].sha256));
   }
-  if (std::rename(tmp.c_str(), out.c_str()) != 0) return ExitFor(Status::IOError("cannot rename to " + out));
+  if (Status wst = WriteFileDurably(out, r.blob.data); !wst.ok()) return ExitFor(wst);
   std::cout << "wrote " << r.models[0].name << " version " << r.models[0].version << " to " << out << " ("
             << r.blob.data.size() << " bytes, sha256 " << r.models[0].sha256 << ")\n";
   return kExitOk;

@@ -1,17 +1,14 @@
 #include "client/transcript.h"
 
-#include <fcntl.h>
-#include <unistd.h>
-
 #include <algorithm>
-#include <cerrno>
 #include <cmath>
 #include <cstdio>
-#include <cstring>
 #include <filesystem>
 #include <system_error>
 
 #include <nlohmann/json.hpp>
+
+#include "common/durable_file.h"
 
 namespace asrf {
 namespace {
@@ -97,35 +94,6 @@ std::string Cues(const Transcript& t, char sep, bool numbered) {
     out += Timestamp(seg.start, sep) + " --> " + Timestamp(seg.end, sep) + "\n" + text + "\n\n";
   }
   return out;
-}
-
-Status WriteFileAtomically(const std::string& path, const std::string& data) {
-  const std::string tmp = path + ".tmp";
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) return Status::IOError("cannot create " + tmp + ": " + std::strerror(errno));
-  size_t done = 0;
-  while (done < data.size()) {
-    ssize_t w = ::write(fd, data.data() + done, data.size() - done);
-    if (w < 0 && errno == EINTR) continue;
-    if (w < 0) {
-      int e = errno;
-      ::close(fd);
-      ::unlink(tmp.c_str());
-      return Status::IOError("cannot write " + tmp + ": " + std::strerror(e));
-    }
-    done += static_cast<size_t>(w);
-  }
-  if (::fsync(fd) != 0 || ::close(fd) != 0) {
-    int e = errno;
-    ::unlink(tmp.c_str());
-    return Status::IOError("cannot write " + tmp + ": " + std::strerror(e));
-  }
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    int e = errno;
-    ::unlink(tmp.c_str());
-    return Status::IOError("cannot rename " + tmp + " to " + path + ": " + std::strerror(e));
-  }
-  return Status::Ok();
 }
 
 }  // namespace
@@ -310,7 +278,7 @@ Status WriteOutputs(const Transcript& t, const std::string& base, const std::vec
     if (ec) return Status::IOError("cannot create " + parent.string() + ": " + ec.message());
   }
   for (size_t i = 0; i < formats.size(); ++i) {
-    ASRF_RETURN_IF_ERROR(WriteFileAtomically(base + "." + formats[i], bodies[i]));
+    ASRF_RETURN_IF_ERROR(WriteFileDurably(base + "." + formats[i], bodies[i]));
   }
   return Status::Ok();
 }

@@ -126,9 +126,17 @@ Status DecodeRaw(std::string_view body, msgpack::object_handle* out, size_t max_
 Status ValidModelName(std::string_view name) {
   bool ok = !name.empty() && name.size() <= 128 && name[0] != '.';
   for (char c : name) ok = ok && (std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '-' || c == '.');
+  // Not ending in .vDIGITS: a worker caches registry version N of "en" as en.vN.pt beside the
+  // models training jobs write, so a model named "en.v3" would be taken for (and overwrite) that.
+  size_t v = name.rfind(".v");
+  if (ok && v != std::string_view::npos && v + 2 < name.size() &&
+      name.find_first_not_of("0123456789", v + 2) == std::string_view::npos) {
+    ok = false;
+  }
   if (ok) return Status::Ok();
   return Status::Invalid("model name \"" + std::string(name.substr(0, 128)) +
-                         "\": 1 to 128 letters, digits, _ - and ., not starting with . (it names files)");
+                         "\": 1 to 128 letters, digits, _ - and ., not starting with . and not ending in .v and "
+                         "digits (it names files; NAME.vN is a cached registry version)");
 }
 
 Status Validate(const Submit& m) {

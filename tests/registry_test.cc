@@ -60,7 +60,16 @@ TEST(Registry, ImportExportRoundTripAndAWorkerLoadsByName) {
   RunResult notmodel = Submit(b.endpoint, {"models", "import", std::string(ASRF_SOURCE_DIR) + "/README.md",
                                            "--name", "digits"});
   EXPECT_EQ(notmodel.code, 2) << notmodel.out;
-  EXPECT_NE(notmodel.err.find("is not a model file"), std::string::npos) << notmodel.err;
+  EXPECT_NE(notmodel.err.find("is not a whole model file"), std::string::npos) << notmodel.err;
+  // Nor an interrupted copy of one: it starts like a model and lacks the zip's directory at its end.
+  { std::ofstream(t / "half.pt", std::ios::binary) << original.substr(0, original.size() / 2); }
+  RunResult half = Submit(b.endpoint, {"models", "import", t / "half.pt", "--name", "digits"});
+  EXPECT_EQ(half.code, 2) << half.out;
+  EXPECT_NE(half.err.find("cut short"), std::string::npos) << half.err;
+  // Nor a name a worker's cache would take for one of its versions (digits.v3.pt).
+  RunResult vname = Submit(b.endpoint, {"models", "import", kModel, "--name", "digits.v3"});
+  EXPECT_EQ(vname.code, 2) << vname.out;
+  EXPECT_NE(vname.err.find("not ending in .v and digits"), std::string::npos) << vname.err;
   RunResult list = Submit(b.endpoint, {"models", "list", "--json"});
   ASSERT_EQ(list.code, 0) << list.err;
   EXPECT_NE(list.out.find("\"version\":1"), std::string::npos) << list.out;

@@ -161,9 +161,15 @@ int main(int argc, char** argv) {
     std::unique_ptr<AcousticModel> model;
     if (Status st = LoadAcousticModel(path, name, mo, &model); !st.ok()) {
       std::cerr << "asr-worker: cannot load " << (registry_name.empty() ? "--model-file " : "--model " + registry_name + " (")
-                << path << (registry_name.empty() ? "" : ")") << ": " << st.message() << "\n";
+                << path << (registry_name.empty() ? "" : ")") << ": " << st.message()
+                << (registry_name.empty() ? "" : "; older cached versions, if any, stay in " + o.state_dir +
+                                                     "/models for --model-file")
+                << "\n";
       return 2;
     }
+    // Only now that this version loads: a new version that does not would otherwise have taken
+    // the last good one with it.
+    if (!registry_name.empty()) EvictOlderCachedModels(o.state_dir + "/models", registry_name, path);
     if (sha.empty()) {  // --model-file; a registry copy's was verified on fetching
       std::ifstream in(path, std::ios::binary);
       std::string bytes((std::istreambuf_iterator<char>(in)), {});

@@ -6,6 +6,7 @@
 #include <regex>
 #include <vector>
 
+#include "common/durable_file.h"
 #include "common/log.h"
 #include "common/pg.h"
 #include "common/sha256.h"
@@ -26,28 +27,20 @@ bool Verified(const std::string& file, const std::string& sha) {
   return fs::exists(file, ec) && !sha.empty() && Sha256Hex(ReadAll(file)) == sha;
 }
 
-Status WriteAtomically(const std::string& path, const std::string& bytes) {
-  std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-    if (!out) return Status::IOError("cannot write " + tmp);
-  }
-  std::error_code ec;
-  fs::rename(tmp, path, ec);
-  return ec ? Status::IOError("cannot rename " + tmp + ": " + ec.message()) : Status::Ok();
-}
-
 // Cache file names of `name`: NAME.vN.EXT, N captured.
 std::regex VersionPattern(const std::string& name, const std::string& ext) {
   return std::regex(std::regex_replace(name, std::regex(R"([.^$|()\[\]{}*+?\\])"), R"(\$&)") + R"(\.v(\d+)\.)" +
                     ext);
 }
 
-// Older cached versions of `name` than `version` go: every import would otherwise leave one more
-// copy of tens of MB. Only cache entries (a .pt with its .sha256 beside it): a model a training
-// job wrote to the same folder under a name like "NAME.v1" has no .sha256 and stays.
-void EvictOlder(const std::string& cache_dir, const std::string& name, int64_t version) {
+}  // namespace
+
+void EvictOlderCachedModels(const std::string& cache_dir, const std::string& name, const std::string& path) {
+  std::smatch pm;
+  const std::string fname = fs::path(path).filename().string();
+  std::regex own = VersionPattern(name, "pt");
+  if (!std::regex_match(fname, pm, own) || pm[1].length() > 9) return;
+  const int64_t version = std::stoll(pm[1].str());
   std::regex re = VersionPattern(name, "sha256");
   std::error_code ec;
   std::vector<fs::path> old;
@@ -66,8 +59,6 @@ void EvictOlder(const std::string& cache_dir, const std::string& name, int64_t v
     LogInfo("model_cache_evicted").Kv("model", name).Kv("file", pt.string());
   }
 }
-
-}  // namespace
 
 Status FetchRegistryModel(const std::string& conninfo, const std::string& name, const std::string& cache_dir,
                           std::string* path, std::string* sha256) {
@@ -88,7 +79,6 @@ Status FetchRegistryModel(const std::string& conninfo, const std::string& name, 
         *path = base + ".pt";
         if (sha256) *sha256 = sha;
         LogInfo("model_cached").Kv("model", name).Kv("version", version).Kv("file", *path);
-        EvictOlder(cache_dir, name, r.get_int(0, 0));
         return Status::Ok();
       }
       PgResult b;
@@ -98,12 +88,11 @@ Status FetchRegistryModel(const std::string& conninfo, const std::string& name, 
         if (Sha256Hex(bytes) != sha) {
           return Status::Corruption("model " + name + " version " + version + " does not match its sha256 " + sha);
         }
-        ASRF_RETURN_IF_ERROR(WriteAtomically(base + ".sha256", sha + "\n"));
-        ASRF_RETURN_IF_ERROR(WriteAtomically(base + ".pt", bytes));
+        ASRF_RETURN_IF_ERROR(WriteFileDurably(base + ".pt", bytes));
+        ASRF_RETURN_IF_ERROR(WriteFileDurably(base + ".sha256", sha + "\n"));
         *path = base + ".pt";
         if (sha256) *sha256 = sha;
         LogInfo("model_fetched").Kv("model", name).Kv("version", version).Kv("bytes", static_cast<uint64_t>(bytes.size()));
-        EvictOlder(cache_dir, name, r.get_int(0, 0));
         return Status::Ok();
       }
     }

@@ -14,7 +14,15 @@ namespace asrf {
 // Without: the newest cached version whose checksum still matches, if any. Errors: NotFound (no
 // such model), Unavailable (PostgreSQL unreachable and nothing cached), Corruption (bytes that do
 // not match their checksum). *sha256, when given, is set to the copy's checksum (verified).
+// Older cached versions are kept: the caller evicts them once this copy has loaded
+// (EvictOlderCachedModels), so a new version that does not load leaves the last good one cached.
 Status FetchRegistryModel(const std::string& conninfo, const std::string& name, const std::string& cache_dir,
                           std::string* path, std::string* sha256 = nullptr);
+
+// Removes the cached versions of `name` older than the one at `path` (NAME.vN.pt): every import
+// would otherwise leave one more copy of tens of MB. Only cache entries (a .pt with its .sha256
+// beside it).
+void EvictOlderCachedModels(const std::string& cache_dir, const std::string& name, const std::string& path);
+
 
 }  // namespace asrf
