@@ -166,10 +166,16 @@ std::string Seconds(double s) {
   return b;
 }
 
-}  // namespace
 
-Status DecodeAudio16k(const std::string& path, DecodedAudio* out) {
-  *out = DecodedAudio{};
+// An opened file: libsndfile's handle and what its header says, after the checks both decoding
+// and probing make. `unsized` outlives the handle that reads through it.
+struct OpenedAudio {
+  std::unique_ptr<UnsizedWav> unsized;
+  SndfilePtr f;
+  SF_INFO info{};
+};
+
+Status OpenAudio(const std::string& path, OpenedAudio* o) {
   std::error_code ec;
   if (!std::filesystem::exists(path, ec)) return Status::Invalid(path + ": not readable (no such file)");
   if (std::filesystem::is_directory(path, ec)) return Status::Invalid(path + ": not readable (a directory)");
@@ -177,20 +183,21 @@ Status DecodeAudio16k(const std::string& path, DecodedAudio* out) {
   const auto file_size = regular ? static_cast<sf_count_t>(std::filesystem::file_size(path, ec)) : -1;
   if (regular && file_size == 0) return Status::Invalid(path + ": empty file (0 bytes), not audio");
 
-  SF_INFO info{};
-  SndfilePtr f(sf_open(path.c_str(), SFM_READ, &info));
-  if (!f) return Status::Invalid(path + ": not audio (" + sf_strerror(nullptr) + ")");
-  UnsizedWav unsized;
+  SF_INFO& info = o->info;
+  o->f.reset(sf_open(path.c_str(), SFM_READ, &info));
+  if (!o->f) return Status::Invalid(path + ": not audio (" + sf_strerror(nullptr) + ")");
   if (info.frames == 0 && regular && (info.format & SF_FORMAT_TYPEMASK) == SF_FORMAT_WAV) {
     if (sf_count_t at = UnfinishedWavDataSize(path, file_size); at > 0) {
-      unsized.fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
-      unsized.length = file_size;
-      unsized.size_at = at;
+      auto unsized = std::make_unique<UnsizedWav>();
+      unsized->fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+      unsized->length = file_size;
+      unsized->size_at = at;
       SF_VIRTUAL_IO io{&UnsizedWav::Length, &UnsizedWav::Seek, &UnsizedWav::Read, &UnsizedWav::Write, &UnsizedWav::Tell};
       SF_INFO again{};
-      SNDFILE* g = unsized.fd >= 0 ? sf_open_virtual(&io, SFM_READ, &again, &unsized) : nullptr;
+      SNDFILE* g = unsized->fd >= 0 ? sf_open_virtual(&io, SFM_READ, &again, unsized.get()) : nullptr;
       if (g) {
-        f.reset(g);
+        o->f.reset(g);
+        o->unsized = std::move(unsized);
         info = again;
       }
     }
@@ -202,7 +209,7 @@ Status DecodeAudio16k(const std::string& path, DecodedAudio* out) {
   // A chunk cut short (an interrupted copy or download): libsndfile reads what is there and says
   // nothing, so compare with what the header declares. A size of 0xFFFFFFFF means "unknown".
   int64_t present = 0;
-  if (int64_t declared = DeclaredDataBytes(f.get(), &present);
+  if (int64_t declared = DeclaredDataBytes(o->f.get(), &present);
       declared > present && declared != 0xFFFFFFFFLL && present >= 0 && info.frames > 0) {
     const double bytes_per_s = static_cast<double>(present) / static_cast<double>(info.frames) * info.samplerate;
     if ((declared - present) / bytes_per_s > 0.01) {
@@ -211,10 +218,30 @@ Status DecodeAudio16k(const std::string& path, DecodedAudio* out) {
                              " (an interrupted copy or download?)");
     }
   }
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status ProbeAudioHeader(const std::string& path, AudioHeader* out) {
+  OpenedAudio o;
+  ASRF_RETURN_IF_ERROR(OpenAudio(path, &o));
+  out->sample_rate = o.info.samplerate;
+  out->channels = o.info.channels;
+  out->frames = o.info.frames == SF_COUNT_MAX ? -1 : o.info.frames;
+  return Status::Ok();
+}
+
+Status DecodeAudio16k(const std::string& path, DecodedAudio* out) {
+  *out = DecodedAudio{};
+  OpenedAudio opened;
+  ASRF_RETURN_IF_ERROR(OpenAudio(path, &opened));
+  SNDFILE* const handle = opened.f.get();
+  const SF_INFO& info = opened.info;
   out->source_rate = info.samplerate;
   out->source_channels = info.channels;
   // libsndfile normalises integer PCM to [-1, 1) for float reads (the default); say so anyway.
-  sf_command(f.get(), SFC_SET_NORM_FLOAT, nullptr, SF_TRUE);
+  sf_command(handle, SFC_SET_NORM_FLOAT, nullptr, SF_TRUE);
 
   const bool resample = info.samplerate != kTargetRate;
   Resampler resampler;
@@ -229,7 +256,7 @@ Status DecodeAudio16k(const std::string& path, DecodedAudio* out) {
   std::vector<float> mono(kChunkFrames);
   sf_count_t total = 0;
   for (;;) {
-    sf_count_t got = sf_readf_float(f.get(), interleaved.data(), kChunkFrames);
+    sf_count_t got = sf_readf_float(handle, interleaved.data(), kChunkFrames);
     if (got <= 0) break;
     // Before the resampler: one NaN or infinity in there spreads over the whole filter length.
     auto finite = [](float v) { return std::isfinite(v) ? v : 0.0f; };
@@ -260,7 +287,7 @@ Status DecodeAudio16k(const std::string& path, DecodedAudio* out) {
     }
     total += got;
   }
-  if (int err = sf_error(f.get()); err != SF_ERR_NO_ERROR) {
+  if (int err = sf_error(handle); err != SF_ERR_NO_ERROR) {
     return Status::Invalid(path + ": decode failed after " + std::to_string(total) + " frames (" +
                            sf_error_number(err) + ")");
   }

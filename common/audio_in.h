@@ -26,4 +26,14 @@ struct DecodedAudio {
 // is taken. The resampler is libsoxr's high quality setting. Thread-safe (no shared state).
 Status DecodeAudio16k(const std::string& path, DecodedAudio* out);
 
+struct AudioHeader {
+  int sample_rate = 0;
+  int channels = 0;
+  int64_t frames = 0;  // -1: not known without decoding (e.g. a stream)
+};
+// What DecodeAudio16k would find from the header alone, with the same checks it makes before
+// decoding (not readable, not audio, a WAV or AIFF cut short, a WAV whose size was never filled
+// in read to its end). A compressed file cut short is only found by decoding it.
+Status ProbeAudioHeader(const std::string& path, AudioHeader* out);
+
 }  // namespace asrf

@@ -545,7 +545,8 @@ TEST_F(TrainTest, BadManifestsFailWithClearErrorsBeforeTraining) {
   EXPECT_NE(error.find("line 1"), std::string::npos) << error;
   EXPECT_NE(error.find("empty text"), std::string::npos) << error;
   EXPECT_NE(error.find("not in the vocabulary"), std::string::npos) << error;
-  EXPECT_NE(error.find("not readable audio"), std::string::npos) << error;
+  EXPECT_NE(error.find("missing.wav: not readable (no such file)"), std::string::npos) << error;
+  EXPECT_NE(error.find("junk.wav: not audio"), std::string::npos) << error;
   // A missing manifest is refused by the client before anything is submitted.
   std::vector<std::string> missing = TrainArgs("bad", 10, 5);
   missing[2] = tmp_ / "nope.jsonl";
@@ -555,6 +556,87 @@ TEST_F(TrainTest, BadManifestsFailWithClearErrorsBeforeTraining) {
   RunResult refused = Submit(b.endpoint, slash);
   EXPECT_EQ(refused.code, 2);
   EXPECT_NE(refused.err.find("it names files"), std::string::npos) << refused.err;
+}
+
+// Audio a transcription would refuse or read is refused or read by training too, and each file
+// that fails is named with its manifest line: a WAV cut short fails the manifest check (its header
+// shows it); a FLAC cut short is only found by decoding it, after the corpus is read, and the job
+// says how many failed; a WAV whose writer never filled in its size trains.
+TEST_F(TrainTest, AudioCutShortFailsWithItsLineAndAnUnfinishedWavTrains) {
+  BrokerProc b = StartBroker(tmp_ / "broker", tmp_ / "broker.log");
+  Proc w = StartWorker(b.endpoint, tmp_ / "w", tmp_ / "w.log");
+  std::vector<json> lines;
+  {
+    std::ifstream in(Train());
+    std::string line;
+    while (lines.size() < 6 && std::getline(in, line)) lines.push_back(json::parse(line));
+  }
+  ASSERT_EQ(lines.size(), 6u);
+  const std::string src = lines[2]["audio"];
+  // Its samples as FLAC, then half of it.
+  {
+    SF_INFO info{};
+    SNDFILE* f = sf_open(src.c_str(), SFM_READ, &info);
+    ASSERT_NE(f, nullptr);
+    std::vector<float> x(static_cast<size_t>(info.frames));
+    sf_readf_float(f, x.data(), info.frames);
+    sf_close(f);
+    SF_INFO oi{0, info.samplerate, 1, SF_FORMAT_FLAC | SF_FORMAT_PCM_16, 0, 0};
+    SNDFILE* o = sf_open((tmp_ / "cut.flac").c_str(), SFM_WRITE, &oi);
+    ASSERT_NE(o, nullptr);
+    sf_writef_float(o, x.data(), info.frames);
+    sf_close(o);
+    std::filesystem::resize_file(tmp_ / "cut.flac", std::filesystem::file_size(tmp_ / "cut.flac") / 2);
+  }
+  std::filesystem::copy_file(src, tmp_ / "cut.wav");
+  std::filesystem::resize_file(tmp_ / "cut.wav", std::filesystem::file_size(tmp_ / "cut.wav") / 2);
+  {
+    std::ifstream in(src, std::ios::binary);
+    std::string bytes((std::istreambuf_iterator<char>(in)), {});
+    const size_t at = bytes.find("data");
+    ASSERT_NE(at, std::string::npos);
+    bytes.replace(at + 4, 4, std::string(4, '\0'));
+    std::ofstream(tmp_ / "unfinished.wav", std::ios::binary) << bytes;
+  }
+  auto manifest = [&](const std::string& name, const std::vector<std::pair<size_t, std::string>>& swaps) {
+    std::vector<json> m = lines;
+    for (const auto& [i, audio] : swaps) m[i]["audio"] = audio;
+    std::ofstream out(tmp_ / name);
+    for (const json& j : m) out << j.dump() << "\n";
+    return std::string(tmp_ / name);
+  };
+  auto run = [&](const std::string& name, const std::string& path) {
+    std::vector<std::string> args = TrainArgs(name, 1, 1);
+    args[2] = path;
+    args.push_back("--wait");
+    return Submit(b.endpoint, args, 120000);
+  };
+  auto last_error = [&] {
+    RunResult failed = Submit(b.endpoint, {"jobs", "--state", "failed", "--json"});
+    std::string out = failed.out, error;
+    for (size_t p = 0; p < out.size();) {
+      size_t e = out.find('\n', p);
+      json j = json::parse(out.substr(p, e - p), nullptr, false);
+      if (!j.is_discarded() && j.contains("error")) error = j["error"];
+      p = e == std::string::npos ? out.size() : e + 1;
+    }
+    return error;
+  };
+
+  EXPECT_EQ(run("cutwav", manifest("cutwav.jsonl", {{2, tmp_ / "cut.wav"}})).code, 1);
+  std::string error = last_error();
+  EXPECT_NE(error.find("line 3: " + std::string(tmp_ / "cut.wav") + ": truncated: its header declares"),
+            std::string::npos) << error;
+
+  EXPECT_EQ(run("cutflac", manifest("cutflac.jsonl", {{2, tmp_ / "cut.flac"}, {3, tmp_ / "unfinished.wav"}})).code, 1);
+  error = last_error();
+  EXPECT_NE(error.find("1 audio file(s) could not be decoded"), std::string::npos) << error;
+  EXPECT_NE(error.find("line 3: " + std::string(tmp_ / "cut.flac") + ": truncated or corrupt"), std::string::npos)
+      << error;
+  EXPECT_EQ(error.find("unfinished.wav"), std::string::npos) << error;
+
+  RunResult ok = run("unfinished", manifest("unfinished.jsonl", {{3, tmp_ / "unfinished.wav"}}));
+  EXPECT_EQ(ok.code, 0) << ok.err << last_error();
 }
 
 }  // namespace

@@ -4,17 +4,6 @@
 
 namespace asrf {
 
-Status ProbeAudio(const std::string& path, AudioInfo* info) {
-  SF_INFO sfi{};
-  SNDFILE* f = sf_open(path.c_str(), SFM_READ, &sfi);
-  if (!f) return Status::Invalid(path + ": not readable audio (" + sf_strerror(nullptr) + ")");
-  sf_close(f);
-  info->sample_rate = sfi.samplerate;
-  info->channels = sfi.channels;
-  info->frames = sfi.frames;
-  return Status::Ok();
-}
-
 Status WriteWav(const std::string& path, const std::vector<int16_t>& mono, int sample_rate) {
   SF_INFO sfi{};
   sfi.samplerate = sample_rate;

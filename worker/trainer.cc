@@ -163,6 +163,7 @@ Status ReadManifest(const std::string& path, const std::string& vocabulary, doub
       continue;
     }
     ManifestItem it;
+    it.line = lineno;
     it.audio = j["audio"].get<std::string>();
     if (!it.audio.empty() && it.audio[0] != '/') {
       it.audio = (std::filesystem::path(path).parent_path() / it.audio).string();
@@ -178,10 +179,16 @@ Status ReadManifest(const std::string& path, const std::string& vocabulary, doub
       problem(st.message());
       continue;
     }
-    AudioInfo info;
-    st = ProbeAudio(it.audio, &info);
+    // The checks transcription makes of a file before decoding it (common/audio_in.h), so that a
+    // file it would refuse fails here, with its line, not minutes into loading.
+    AudioHeader info;
+    st = ProbeAudioHeader(it.audio, &info);
     if (!st.ok()) {
       problem(st.message());
+      continue;
+    }
+    if (info.frames < 0) {
+      problem(it.audio + ": its length cannot be read from its header (a file cut short?)");
       continue;
     }
     if (info.sample_rate <= 0) {
@@ -257,16 +264,18 @@ void ParallelFor(int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
 }
 
 // Loading a large corpus takes minutes: files are decoded on several threads (a GPU host's cores
-// would otherwise wait on one), and a cancel or a drain is heard between files. A file that fails
-// stops the load and fails the job, naming it (the earliest in the manifest among those read).
+// would otherwise wait on one), and a cancel or a drain is heard between files. Files that fail to
+// decode (a compressed file cut short, which its header does not show) fail the job after the
+// whole corpus is read, counted and the first eight named with their manifest lines, as bad lines
+// of a manifest are: one submission shows them all.
 Status LoadAll(const std::vector<ManifestItem>& items, const Vocabulary& vocab, const TrainContext& ctx,
-               std::vector<Utterance>* out) {
+               const std::string& manifest, std::vector<Utterance>* out) {
   out->assign(items.size(), Utterance{});
   std::vector<Status> st(items.size(), Status::Ok());
-  std::atomic<bool> interrupted{false}, failed{false};
+  std::atomic<bool> interrupted{false};
   ParallelFor(static_cast<int64_t>(items.size()), [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
-      if (interrupted.load() || failed.load()) return;
+      if (interrupted.load()) return;
       if ((ctx.cancelled && ctx.cancelled->load()) || (ctx.stopping && ctx.stopping->load())) {
         interrupted = true;
         return;
@@ -279,8 +288,7 @@ Status LoadAll(const std::vector<ManifestItem>& items, const Vocabulary& vocab, 
       if (s.ok()) s = vocab.Encode(items[static_cast<size_t>(i)].text, &u.ids);
       if (!s.ok()) {
         st[static_cast<size_t>(i)] = std::move(s);
-        failed = true;
-        return;
+        continue;
       }
       u.pcm = std::move(d.pcm);
       u.text = items[static_cast<size_t>(i)].text;
@@ -290,8 +298,16 @@ Status LoadAll(const std::vector<ManifestItem>& items, const Vocabulary& vocab, 
   if (interrupted.load()) {
     return Status::Busy("interrupted while loading the audio, before any step; runs again from its checkpoint or the start");
   }
-  for (auto& s : st) ASRF_RETURN_IF_ERROR(s);
-  return Status::Ok();
+  size_t bad = 0;
+  std::string m;
+  for (size_t i = 0; i < st.size(); ++i) {
+    if (st[i].ok()) continue;
+    if (++bad <= 8) m += "\n  line " + std::to_string(items[i].line) + ": " + st[i].message();
+  }
+  if (bad == 0) return Status::Ok();
+  if (bad > 8) m += "\n  ...";
+  return Status::Invalid("manifest " + manifest + ": " + std::to_string(bad) +
+                         " audio file(s) could not be decoded; nothing was trained:" + m);
 }
 
 // Batches by padded audio seconds over duration-sorted utterances (length buckets: neighbours in
@@ -788,7 +804,7 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
     std::vector<ManifestItem> items;
     ASRF_RETURN_IF_ERROR(ReadManifest(spec.valid, vocab.chars, spec.max_seconds, &items));
     std::vector<Utterance> data;
-    ASRF_RETURN_IF_ERROR(LoadAll(items, vocab, ctx, &data));
+    ASRF_RETURN_IF_ERROR(LoadAll(items, vocab, ctx, spec.valid, &data));
     double hours = 0;
     for (const auto& u : data) hours += u.pcm.size() / static_cast<double>(kSampleRate) / 3600.0;
     BeamOptions beam;
@@ -839,8 +855,8 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
     }
   }
   std::vector<Utterance> train, valid;
-  ASRF_RETURN_IF_ERROR(LoadAll(train_items, vocab, ctx, &train));
-  ASRF_RETURN_IF_ERROR(LoadAll(valid_items, vocab, ctx, &valid));
+  ASRF_RETURN_IF_ERROR(LoadAll(train_items, vocab, ctx, spec.manifest, &train));
+  ASRF_RETURN_IF_ERROR(LoadAll(valid_items, vocab, ctx, spec.valid, &valid));
   if (gang) ASRF_RETURN_IF_ERROR(gang->WaitForAll("asrf/loaded", ctx.cancelled, ctx.stopping));
   double hours = 0;
   for (const auto& u : train) hours += u.pcm.size() / static_cast<double>(kSampleRate) / 3600.0;

@@ -98,6 +98,7 @@ bool GangBackendBuilt(bool on_gpu);
 // rates than 16 kHz are resampled on loading, as for transcription); every text non-empty and
 // inside the vocabulary. Errors list the first problems with their line numbers.
 struct ManifestItem {
+  int line = 0;  // in its manifest
   std::string audio;
   std::string text;
   double duration = 0;
