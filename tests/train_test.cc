@@ -304,14 +304,15 @@ TEST_F(TrainTest, KilledWorkerIsReplacedAndTrainingResumesFromTheCheckpoint) {
   EXPECT_EQ(cancel.code, 0);
 
   // The broker's state lost: a new journal numbers jobs from 1 again, and another training
-  // arrives as job 1 at the worker holding the old job 1's checkpoints. It starts from scratch
-  // rather than from someone else's weights.
+  // arrives as job 1 at the worker holding the old job 1's checkpoints: the same name and data,
+  // a network of another width. It starts from scratch rather than from weights of another shape.
   b.proc.Signal(SIGKILL);
   b.proc.Wait(5000);
   RemoveTree(tmp_ / "broker");
   BrokerProc b2 = StartBroker(tmp_ / "broker", tmp_ / "broker2.log", kFastHeartbeats);
   Proc w3 = StartWorker(b2.endpoint, tmp_ / "w", tmp_ / "w3.log", With(kFastHeartbeats, {"--threads", "2"}));
-  std::vector<std::string> other = TrainArgs("other", 12, 10);
+  std::vector<std::string> other = TrainArgs("resume", 12, 10);
+  other[other.size() - 3] = "32";  // --hidden
   other.push_back("--wait");
   RunResult r = Submit(b2.endpoint, other, 240000);
   ASSERT_EQ(r.code, 0) << r.err << ReadFile(tmp_ / "w3.log");

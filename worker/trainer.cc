@@ -139,6 +139,17 @@ std::string TrainSpec::ToJson() const {
 
 // ---- data -------------------------------------------------------------------------------------
 
+namespace {
+// CTC needs an output frame per character, and one more between two equal ones; the model gives
+// one per 20 ms (10 ms frames, halved).
+int64_t CtcFramesNeeded(const std::vector<int64_t>& ids) {
+  int64_t need = static_cast<int64_t>(ids.size());
+  for (size_t i = 1; i < ids.size(); ++i) need += ids[i] == ids[i - 1];
+  return need;
+}
+int64_t CtcOutputFrames(int64_t samples) { return (NumFrames(samples) + 1) / 2; }
+}  // namespace
+
 Status ReadManifest(const std::string& path, const std::string& vocabulary, double max_seconds,
                     std::vector<ManifestItem>* items, bool for_training) {
   std::ifstream in(path);
@@ -205,12 +216,10 @@ Status ReadManifest(const std::string& path, const std::string& vocabulary, doub
       problem(it.audio + ": " + std::to_string(it.duration) + " s is longer than max_seconds (asr-submit train --max-seconds)");
       continue;
     }
-    // CTC needs an output frame per character, and one more between two equal ones; the model
-    // gives one per 20 ms (10 ms frames, halved). A text too long for its audio could never be
-    // learnt: its loss would be silently zeroed. (Validation computes no loss: not checked.)
-    int64_t frames = (NumFrames(static_cast<int64_t>(it.duration * kSampleRate)) + 1) / 2;
-    int64_t need = static_cast<int64_t>(ids.size());
-    for (size_t i = 1; i < ids.size(); ++i) need += ids[i] == ids[i - 1];
+    // A text too long for its audio could never be learnt: its loss would be silently zeroed.
+    // (Validation computes no loss: not checked. Speed perturbation keeps within it.)
+    int64_t frames = CtcOutputFrames(static_cast<int64_t>(it.duration * kSampleRate));
+    int64_t need = CtcFramesNeeded(ids);
     if (for_training && frames < need) {
       problem(it.audio + ": " + std::to_string(ids.size()) + " characters of text in " + std::to_string(it.duration) +
               " s of audio; the model can emit at most " + std::to_string(frames) + " here (50 per second)");
@@ -370,7 +379,16 @@ void MakeBatchTensors(const std::vector<Utterance>& data, const std::vector<size
   auto chance = [&](double p) { return std::uniform_real_distribution<double>(0.0, 1.0)(*rng) < p; };
   auto uniform = [&](double lo, double hi) { return std::uniform_real_distribution<double>(lo, hi)(*rng); };
   for (size_t b = 0; b < idx.size(); ++b) {
-    if (rng && aug.speed > 0) factor[b] = uniform(1.0 - aug.speed, 1.0 + aug.speed);
+    if (rng && aug.speed > 0) {
+      factor[b] = uniform(1.0 - aug.speed, 1.0 + aug.speed);
+      // Played faster, a text that just fits its audio would no longer (its loss silently zero):
+      // no faster than it still fits.
+      const auto& u = data[idx[b]];
+      const int64_t need = CtcFramesNeeded(u.ids);
+      while (factor[b] > 1.0 && CtcOutputFrames(static_cast<int64_t>(SpeedChangedLength(u.pcm.size(), factor[b]))) < need) {
+        factor[b] = std::max(1.0, factor[b] - 0.01);
+      }
+    }
     // Each is drawn only when asked for, so runs without it see the same random stream as before.
     if (rng && aug.lowpass > 0 && chance(aug.lowpass)) cutoff[b] = uniform(3000.0, 7000.0);
     if (rng && aug.reverb > 0 && chance(aug.reverb)) {
@@ -548,6 +566,14 @@ Status LoadCheckpoint(const std::string& bytes, CtcModel& model, torch::optim::A
         if (saved.is_discarded() || !saved.is_object() || saved.value(k, json()) != want.value(k, json())) {
           return Status::NotFound(std::string("the checkpoint is of another training under the same job id (its ") + k +
                                   " differs)");
+        }
+      }
+      // Nor weights of another shape (they would be swapped in unchecked and fail in the first
+      // forward pass). Only settings the checkpoint records: an older one may lack some.
+      for (const char* k : {"channels", "hidden", "layers", "residual"}) {
+        if (saved.contains(k) && saved[k] != want.value(k, json())) {
+          return Status::NotFound(std::string("the checkpoint is of a network of another shape under the same job id "
+                                              "(its ") + k + " differs)");
         }
       }
     }
