@@ -7,6 +7,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "common/durable_file.h"
+
 namespace asrf {
 
 Status Vocabulary::Encode(const std::string& text, std::vector<int64_t>* ids) const {
@@ -203,13 +205,11 @@ static Status ReadArchive(torch::serialize::InputArchive& ar, CtcModel* out) {
 }
 
 Status SaveModel(CtcModel& model, const std::string& path) {
-  return Guard(
-      [&] {
-        torch::serialize::OutputArchive ar;
-        WriteArchive(model, ar);
-        ar.save_to(path);
-      },
-      "cannot write model " + path);
+  // Whole or not at all: a crash while writing must not leave the model that was there half
+  // overwritten.
+  std::string bytes;
+  ASRF_RETURN_IF_ERROR(SaveModelToBytes(model, &bytes));
+  return WriteFileDurably(path, bytes);
 }
 
 Status SaveModelToBytes(CtcModel& model, std::string* bytes) {
