@@ -166,7 +166,6 @@ std::string Seconds(double s) {
   return b;
 }
 
-
 // An opened file: libsndfile's handle and what its header says, after the checks both decoding
 // and probing make. `unsized` outlives the handle that reads through it.
 struct OpenedAudio {
