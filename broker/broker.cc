@@ -233,7 +233,9 @@ struct Broker::Impl {
   // results and history never meet old rows under the same id (the results upsert keeps the row
   // with the newer lease epoch, and a new journal's epochs start low again). Only then does the
   // start wait for PostgreSQL, at most its connect timeout.
-  void ContinueIdsAfterPostgres() {
+  // Also after a restore (a marker restore.sh leaves): the journal copy may be older than the
+  // database's dump. True once PostgreSQL has answered.
+  bool ContinueIdsAfterPostgres() {
     std::unique_ptr<PgConn> c;
     bool migrated = false;
     PgResult r;
@@ -244,14 +246,16 @@ struct Broker::Impl {
     }
     if (!st.ok() || r.rows() != 1) {
       LogWarn("job_ids_from_one").Kv("error", st.message())
-          .Kv("detail", "a new journal, and PostgreSQL did not say which job ids it holds: if it holds an earlier "
-                        "journal's jobs, their rows meet the new ones");
-      return;
+          .Kv("detail", "a new or restored journal, and PostgreSQL did not say which job ids it holds: if it holds "
+                        "jobs this journal lacks, their rows meet the new ones");
+      return false;
     }
     uint64_t top = static_cast<uint64_t>(r.get_int(0, 0));
-    if (top == 0) return;
-    next_job_id = top + 1;
-    LogInfo("job_ids_continue").Kv("after", top).Kv("detail", "a new journal; PostgreSQL holds jobs up to this id");
+    if (top + 1 > next_job_id) {
+      next_job_id = top + 1;
+      LogInfo("job_ids_continue").Kv("after", top).Kv("detail", "PostgreSQL holds jobs up to this id");
+    }
+    return true;
   }
 
   Status Replay() {
@@ -1904,7 +1908,12 @@ Status Broker::Open(const BrokerOptions& options, std::unique_ptr<Broker>* out) 
     LogWarn("no_postgresql").Kv("detail", "no --pg / ASRF_PG: job history is kept only in the journal");
   }
   ASRF_RETURN_IF_ERROR(impl->Replay());
-  if (!impl->opt.pg.empty() && impl->next_job_id == 1) impl->ContinueIdsAfterPostgres();
+  const std::string restored = impl->opt.state_dir + "/continue-ids-after-postgres";
+  std::error_code marker_ec;
+  if (!impl->opt.pg.empty() && (impl->next_job_id == 1 || std::filesystem::exists(restored, marker_ec)) &&
+      impl->ContinueIdsAfterPostgres()) {
+    std::filesystem::remove(restored, marker_ec);
+  }
   try {
     impl->sock.set(zmq::sockopt::maxmsgsize, proto::kMaxMessageBytes);
     impl->sock.set(zmq::sockopt::linger, 0);

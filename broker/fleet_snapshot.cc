@@ -1,5 +1,7 @@
 #include "broker/fleet_snapshot.h"
 
+#include <charconv>
+#include <cmath>
 #include <cstdio>
 #include <sstream>
 
@@ -29,10 +31,19 @@ std::string Label(const std::string& raw) {
   return out;
 }
 
+// Whole numbers exactly (a counter of audio seconds passes a million within minutes on a GPU, and
+// six significant digits turned its rate into a staircase); others in the fewest digits that read
+// back as the same number.
 std::string Num(double v) {
   char buf[64];
-  std::snprintf(buf, sizeof(buf), "%.6g", v);
-  return buf;
+  if (std::isfinite(v) && v == std::trunc(v) && std::fabs(v) < 9.007199254740992e15) {
+    std::snprintf(buf, sizeof(buf), "%.0f", v);
+    return buf;
+  }
+  if (std::isnan(v)) return "NaN";
+  if (std::isinf(v)) return v > 0 ? "+Inf" : "-Inf";
+  auto r = std::to_chars(buf, buf + sizeof(buf), v);
+  return std::string(buf, r.ptr);
 }
 
 class Writer {
@@ -149,8 +160,10 @@ bool IsReady(const FleetSnapshot& s, std::string* why) {
     *why = "the journal's last write failed";
     return false;
   }
-  if (s.pg_configured && !s.pg_up && s.event_backlog > 1000000) {
-    *why = "PostgreSQL is unreachable and the job-history backlog is over 1,000,000 records";
+  // The backlog is counted up to 1,000,000 (counting costs a journal scan every 2 s): reaching
+  // that count is the limit.
+  if (s.pg_configured && !s.pg_up && s.event_backlog >= 1000000) {
+    *why = "PostgreSQL is unreachable and the job-history backlog has reached 1,000,000 records";
     return false;
   }
   return true;

@@ -132,13 +132,10 @@ for bin in "$BROKER_BIN" "$WORKER_BIN" "$CLIENT_BIN"; do
     [[ -x "$bin" ]] || die "$bin was not built"
 done
 
-say "starting the private PostgreSQL cluster: scripts/pg-local.sh start $STATE"
-mkdir -p "$STATE"
-scripts/pg-local.sh start "$STATE"
-PG_URL="$(scripts/pg-local.sh url "$STATE")"
-
 BROKER_PID=""
 WORKER_PIDS=()
+WORKER_PIDS_FILE="$STATE/.demo-worker-pids"
+rm -f "$WORKER_PIDS_FILE"
 SUBMIT_PID=""
 leave_running=0
 
@@ -148,6 +145,9 @@ cleanup() {
     trap - EXIT INT TERM HUP
     if [[ -n "$SUBMIT_PID" ]]; then stop_pids "$SUBMIT_PID"; fi
     if ((leave_running)); then exit "$rc"; fi
+    # Interrupted while the workers were being started: those that did are in the file.
+    if ((${#WORKER_PIDS[@]} == 0)) && [[ -s "$WORKER_PIDS_FILE" ]]; then mapfile -t WORKER_PIDS <"$WORKER_PIDS_FILE"; fi
+    rm -f "$WORKER_PIDS_FILE"
     if ((${#WORKER_PIDS[@]})); then
         say "stopping workers (SIGTERM, PIDs ${WORKER_PIDS[*]})"
         stop_pids "${WORKER_PIDS[@]}"
@@ -165,6 +165,11 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 trap 'exit 129' HUP
 
+say "starting the private PostgreSQL cluster: scripts/pg-local.sh start $STATE"
+mkdir -p "$STATE"
+scripts/pg-local.sh start "$STATE"
+PG_URL="$(scripts/pg-local.sh url "$STATE")"
+
 show_logs() {
     local f
     for f in "$LOGS"/*.log; do
@@ -179,7 +184,8 @@ show_logs() {
 start_process() {
     local name=$1
     shift
-    setsid "$@" </dev/null >"$LOGS/$name.log" 2>&1 &
+    # Appended, as launch-workers.sh does: logrotate's copytruncate then leaves no hole.
+    setsid "$@" </dev/null >>"$LOGS/$name.log" 2>&1 &
     STARTED_PID=$!
 }
 
@@ -211,8 +217,12 @@ if [[ -s "$STATE/broker/http.endpoint" ]]; then
 fi
 
 say "starting workers: scripts/launch-workers.sh (one per GPU, or $CPU_WORKERS CPU workers; model $MODEL)"
-mapfile -t WORKER_PIDS < <(scripts/launch-workers.sh --broker "$ENDPOINT" --state-dir "$STATE" --log-dir "$LOGS" \
-    --cpu-workers "$CPU_WORKERS" --model-file "$MODEL" -- --pg "$PG_URL")
+# Through a file, PID by PID as they start: a Ctrl-C meanwhile still finds them to stop.
+launch_rc=0
+scripts/launch-workers.sh --broker "$ENDPOINT" --state-dir "$STATE" --log-dir "$LOGS" \
+    --cpu-workers "$CPU_WORKERS" --model-file "$MODEL" -- --pg "$PG_URL" >"$WORKER_PIDS_FILE" || launch_rc=$?
+mapfile -t WORKER_PIDS <"$WORKER_PIDS_FILE"
+((launch_rc == 0)) || { show_logs; die "scripts/launch-workers.sh failed (exit $launch_rc; see $LOGS)"; }
 ((${#WORKER_PIDS[@]})) || die "no worker started (see $LOGS)"
 # Workers first, broker last: `kill $(cat pids)` then signals the workers before the broker.
 printf '%s\n' "${WORKER_PIDS[@]}" "$BROKER_PID" >"$PIDS_FILE"
@@ -241,7 +251,9 @@ fi
 OUT="$STATE/transcripts"
 say "transcribing $SAMPLES/wav into $OUT (asr-submit transcribe ... --format txt,json,srt --wait)"
 # In the background so that a SIGTERM or Ctrl-C reaches the trap at once, not after asr-submit.
-client --timeout "$DEMO_TIMEOUT" transcribe "$SAMPLES/wav" --out "$OUT" --format txt,json,srt --overwrite --wait &
+# (The binary itself, not the shell function: $! must be its PID for the trap to stop it.)
+"$CLIENT_BIN" --broker "$ENDPOINT" --timeout "$DEMO_TIMEOUT" transcribe "$SAMPLES/wav" --out "$OUT" \
+    --format txt,json,srt --overwrite --wait &
 SUBMIT_PID=$!
 rc=0
 wait "$SUBMIT_PID" || rc=$?

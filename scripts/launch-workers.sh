@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Starts the workers of one machine: one asr-worker per visible GPU (CUDA_VISIBLE_DEVICES set to
-# that GPU, --device cuda:0), or N CPU workers when there is no GPU. Each runs in the background
+# that GPU, --device cuda:0), or N CPU workers when there is no GPU or the worker's libtorch has
+# no CUDA (Debian's; a CUDA build comes from scripts/gpu-host.sh). Each runs in the background
 # with its own state dir and log; their PIDs are printed on stdout, one per line.
 #
 #   scripts/launch-workers.sh --broker ENDPOINT [--state-dir DIR] [--log-dir DIR] [--cpu-workers N]
@@ -11,8 +12,8 @@
 #   --log-dir      where worker logs go (default STATE/logs)
 #   --cpu-workers  CPU workers when no GPU is visible (default 2); each gets nproc/N threads
 #   --model-file   acoustic model every worker loads (default models/en-small.pt)
-#   --gpus         GPU indices to use (default: CUDA_VISIBLE_DEVICES when set, else every GPU
-#                  nvidia-smi lists);
+#   --gpus         GPU indices to use (default: CUDA_VISIBLE_DEVICES when set, empty meaning
+#                  none, else every GPU nvidia-smi lists);
 #                  "none": CPU workers even where GPUs are
 #   --same-gpu N   start N workers on GPU 0 instead (tests several processes on a one-GPU host)
 #
@@ -34,7 +35,7 @@ while (($#)); do
         --gpus) gpus="$2"; shift 2 ;;
         --same-gpu) same_gpu="$2"; shift 2 ;;
         --) shift; extra=("$@"); break ;;
-        -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "launch-workers: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -50,10 +51,21 @@ if [[ "$gpus" == none ]]; then
     gpus=""
     ((same_gpu == 0)) || { echo "launch-workers: --same-gpu and --gpus none contradict each other" >&2; exit 2; }
 elif [[ -z "$gpus" ]]; then
-    if [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then
-        gpus="$CUDA_VISIBLE_DEVICES"
+    if [[ -n "${CUDA_VISIBLE_DEVICES+set}" ]]; then
+        gpus="$CUDA_VISIBLE_DEVICES"  # set and empty: GPUs hidden, CPU workers
     elif command -v nvidia-smi >/dev/null 2>&1; then
         gpus="$(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | paste -sd, - || true)"
+        # "No devices were found" and the like come on stdout too: only a list of indices is GPUs.
+        [[ "$gpus" =~ ^[0-9]+(,[0-9]+)*$ ]] || gpus=""
+    fi
+    # A worker built against a libtorch without CUDA (Debian's, which scripts/setup.sh installs)
+    # cannot use them: CPU workers then, rather than GPU workers that exit at start.
+    # (Only when ldd shows the libtorch it links: otherwise nothing is known, and GPUs are used.)
+    if [[ -n "$gpus" ]] && libs="$(ldd "$worker_bin" 2>/dev/null)" && grep -q 'libtorch' <<<"$libs" &&
+        ! grep -q 'libtorch_cuda\|libc10_cuda' <<<"$libs"; then
+        echo "launch-workers: GPUs $gpus found, but $worker_bin is built against a libtorch without CUDA;" \
+             "starting CPU workers (scripts/gpu-host.sh builds against a CUDA libtorch: README, Build options)" >&2
+        gpus=""
     fi
 fi
 

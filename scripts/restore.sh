@@ -244,6 +244,10 @@ if [[ -n "$journal" ]]; then
         fi
     fi
     mv "$broker_dir/.journal.restoring" "$broker_dir/journal"
+    # The journal was copied before the database was dumped: jobs submitted in between are in the
+    # database and not in the journal. The broker's next start numbers new jobs after the highest id
+    # PostgreSQL holds, so that none takes one of theirs.
+    touch "$broker_dir/continue-ids-after-postgres"
     say "journal restored: $broker_dir/journal (from $journal); start the broker with --state-dir $broker_dir"
 fi
 exit 0

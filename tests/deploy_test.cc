@@ -478,7 +478,9 @@ TEST(Deploy, SubmitHelpListsEachSubcommandApartFromItsSummary) {
 
 // scripts/launch-workers.sh with a stand-in nvidia-smi (two GPUs) and a stand-in worker that
 // records its CUDA_VISIBLE_DEVICES and arguments: one worker per GPU, each seeing only its GPU as
-// cuda:0; --gpus picks GPUs; --same-gpu N puts N workers on GPU 0; --gpus none gives CPU workers.
+// cuda:0; --gpus picks GPUs; --same-gpu N puts N workers on GPU 0; --gpus none gives CPU workers,
+// and so do CUDA_VISIBLE_DEVICES set empty, an nvidia-smi that lists no GPU ("No devices were
+// found" on stdout), and a worker whose libtorch has no CUDA (a stand-in ldd shows Debian's).
 TEST(Deploy, LaunchWorkersPlacesOneWorkerPerGpu) {
   TempDir d;
   fs::create_directories(d / "bin");
@@ -542,6 +544,19 @@ TEST(Deploy, LaunchWorkersPlacesOneWorkerPerGpu) {
       << "ASRF_SLOTS in the environment is left to the worker";
   EXPECT_EQ(launch("cpu", {"--gpus", "none", "--cpu-workers", "3", "--", "--lm", "none"}, nullptr, 0),
             (V{" cpu worker-cpu1 --lm none", " cpu worker-cpu2 --lm none", " cpu worker-cpu3 --lm none"}));
+  const V two_cpu{" cpu worker-cpu1", " cpu worker-cpu2"};
+  EXPECT_EQ(launch("hidden", {}, "", 0), two_cpu);
+  fs::create_directories(d / "bin-none");
+  script(d / "bin-none/nvidia-smi", "echo 'No devices were found'\n");
+  EXPECT_EQ(launch("no-devices", {}, nullptr, 0, {"PATH=" + d / "bin-none" + ":/usr/bin:/bin"}), two_cpu);
+  fs::create_directories(d / "bin-cpu-torch");
+  script(d / "bin-cpu-torch/ldd", "echo '\tlibtorch_cpu.so.2.1 => /usr/lib/x86_64-linux-gnu/libtorch_cpu.so.2.1'\n");
+  EXPECT_EQ(launch("cpu-torch", {}, nullptr, 0, {"PATH=" + d / "bin-cpu-torch" + ":" + d / "bin" + ":/usr/bin:/bin"}),
+            two_cpu);
+  fs::create_directories(d / "bin-cuda-torch");
+  script(d / "bin-cuda-torch/ldd", "echo '\tlibtorch_cpu.so => /x/libtorch_cpu.so'; echo '\tlibtorch_cuda.so => /x/libtorch_cuda.so'\n");
+  EXPECT_EQ(launch("cuda-torch", {}, nullptr, 0, {"PATH=" + d / "bin-cuda-torch" + ":" + d / "bin" + ":/usr/bin:/bin"}),
+            (V{"0 cuda:0 worker-gpu0 --slots 2", "1 cuda:0 worker-gpu1 --slots 2"}));
   launch("contradiction", {"--gpus", "none", "--same-gpu", "2"}, nullptr, 2);
   launch("no-value", {"--gpus"}, nullptr, 2);
   // A worker that dies at start is reported, with the end of its log, and fails the launch.
@@ -719,13 +734,23 @@ TEST(Backup, RestoreDrillIntoAFreshCluster) {
   EXPECT_NE(r.err.find("not empty"), std::string::npos) << r.err;
   EXPECT_EQ(Fingerprint(pg2), before);
 
-  // The restored journal: a broker on it knows every job.
+  // A job the database holds and the journal copy does not (submitted between the journal's copy
+  // and the dump on a busy fleet).
+  pg2.Query("INSERT INTO jobs (id, batch, kind, state, submitted_at, seq) VALUES (900, 'late', 'echo', 'done', now(), 1)");
+
+  // The restored journal: a broker on it knows every job, and numbers new ones after the
+  // database's highest id, not over the late job.
   BrokerProc b2 = StartBroker(restored + "/broker", fleet / "broker2.log", {"--pg", pg2.url()});
   ASSERT_FALSE(b2.endpoint.empty()) << ReadFile(fleet / "broker2.log");
   Counts c = StatusCounts(b2.endpoint);
   EXPECT_EQ(c.done, 500);
   EXPECT_EQ(c.failed, 3);
   EXPECT_EQ(c.total(), 503);
+  RunResult next = Submit(b2.endpoint, {"submit", "--kind", "echo"});
+  ASSERT_EQ(next.code, 0) << next.err;
+  EXPECT_EQ(Submit(b2.endpoint, {"status", "901"}).code, 0) << ReadFile(fleet / "broker2.log");
+  EXPECT_NE(Submit(b2.endpoint, {"status", "504"}).code, 0) << "a new job took the id after the journal's last";
+  EXPECT_FALSE(fs::exists(restored + "/broker/continue-ids-after-postgres")) << "the restore's marker stayed";
 }
 
 TEST(Backup, StoppedBrokerRetentionAndRefusals) {

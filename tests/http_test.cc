@@ -6,6 +6,7 @@
 #include <thread>
 #include <regex>
 
+#include "broker/fleet_snapshot.h"
 #include "tests/harness.h"
 
 namespace asrf::testing {
@@ -66,6 +67,29 @@ TEST(Http, HealthReadinessAndMetricsFromTheStart) {
 // What a hostile or careless HTTP client can make the broker hold or do is bounded: a body over
 // 64 KiB is refused, a job kind that is not a metric-safe name is refused at SUBMIT, and the
 // journal checkpoint is taken neither for a web page (an Origin header) nor outside the state dir.
+// Counters past a million print every digit (six significant ones turned a rate over a minute
+// into a staircase of 10s and 100s), fractions read back as themselves; and the history backlog,
+// counted up to 1,000,000, makes the broker not ready at that count while PostgreSQL is down (it
+// tested "over 1,000,000", which the count never reaches).
+TEST(Http, LargeCountersPrintExactlyAndTheBacklogLimitIsReached) {
+  FleetSnapshot s;
+  s.audio_seconds_total = 1234567.0;
+  s.journal_syncs = 98765432;
+  s.batch_fill_ratio = 0.1;
+  std::string m = RenderMetrics(s);
+  EXPECT_NE(m.find("\nasrf_audio_seconds_total 1234567\n"), std::string::npos) << m;
+  EXPECT_NE(m.find("\nasrf_journal_syncs_total 98765432\n"), std::string::npos) << m;
+  EXPECT_NE(m.find(" 0.1\n"), std::string::npos) << m;
+  std::string why;
+  s.pg_configured = true;
+  s.pg_up = false;
+  s.event_backlog = 999999;
+  EXPECT_TRUE(IsReady(s, &why)) << why;
+  s.event_backlog = 1000000;
+  EXPECT_FALSE(IsReady(s, &why));
+  EXPECT_NE(why.find("1,000,000"), std::string::npos) << why;
+}
+
 TEST(Http, BoundsAgainstHostileClients) {
   if (!std::filesystem::exists("/usr/bin/curl")) GTEST_SKIP() << "curl is not installed";
   TempDir tmp;
