@@ -15,6 +15,27 @@ namespace {
 namespace fs = std::filesystem;
 const std::string kModel = std::string(ASRF_SOURCE_DIR) + "/tests/fixtures/digits.pt";
 
+// A zip archive holding one stored file: the shape of a model file, not a model.
+std::string StoredZip(const std::string& path) {
+  const std::string name = "data.txt", data = "not a model";
+  auto u16 = [](std::string& s, uint16_t v) { s.push_back(static_cast<char>(v & 0xff)); s.push_back(static_cast<char>(v >> 8)); };
+  auto u32 = [&](std::string& s, uint32_t v) { u16(s, static_cast<uint16_t>(v & 0xffff)); u16(s, static_cast<uint16_t>(v >> 16)); };
+  std::string z;
+  u32(z, 0x04034b50); u16(z, 20); u16(z, 0); u16(z, 0); u16(z, 0); u16(z, 0); u32(z, 0);
+  u32(z, static_cast<uint32_t>(data.size())); u32(z, static_cast<uint32_t>(data.size()));
+  u16(z, static_cast<uint16_t>(name.size())); u16(z, 0);
+  z += name + data;
+  const uint32_t cd = static_cast<uint32_t>(z.size());
+  u32(z, 0x02014b50); u16(z, 20); u16(z, 20); u16(z, 0); u16(z, 0); u16(z, 0); u16(z, 0); u32(z, 0);
+  u32(z, static_cast<uint32_t>(data.size())); u32(z, static_cast<uint32_t>(data.size()));
+  u16(z, static_cast<uint16_t>(name.size())); u16(z, 0); u16(z, 0); u16(z, 0); u16(z, 0); u32(z, 0); u32(z, 0);
+  z += name;
+  const uint32_t cd_size = static_cast<uint32_t>(z.size()) - cd;
+  u32(z, 0x06054b50); u16(z, 0); u16(z, 0); u16(z, 1); u16(z, 1); u32(z, cd_size); u32(z, cd); u16(z, 0);
+  std::ofstream(path, std::ios::binary) << z;
+  return path;
+}
+
 TEST(Sha256, KnownVectors) {
   EXPECT_EQ(Sha256Hex(""), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
   EXPECT_EQ(Sha256Hex("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
@@ -109,6 +130,21 @@ TEST(Registry, ImportExportRoundTripAndAWorkerLoadsByName) {
       << ReadFile(t / "worker2.log");
   EXPECT_NE(ReadFile(t / "worker2.log").find("model_fetched"), std::string::npos);
   EXPECT_EQ(ReadFile(t / "worker/models/digits.v2.pt"), original);
+  w2.Signal(SIGTERM);
+  EXPECT_EQ(w2.Wait(30000), 0);
+
+  // A whole zip that is no model becomes version 3 (the client checks only the archive's shape):
+  // a worker keeps serving with version 2, cached and verified, and says so; version 2 stays.
+  ASSERT_EQ(Submit(b.endpoint, {"models", "import", StoredZip(t / "notamodel.pt"), "--name", "digits"}).code, 0);
+  Proc w3 = StartWorker(b.endpoint, t / "worker", t / "worker3.log", {"--model", "digits", "--pg", pg.url()});
+  ASSERT_TRUE(WaitFor([&] { return ReadFile(t / "worker3.log").find("model_loaded") != std::string::npos; }, 30000))
+      << ReadFile(t / "worker3.log");
+  EXPECT_NE(ReadFile(t / "worker3.log").find("model_fallback"), std::string::npos) << ReadFile(t / "worker3.log");
+  EXPECT_NE(ReadFile(t / "worker3.log").find("digits.v2.pt"), std::string::npos);
+  EXPECT_TRUE(fs::exists(t / "worker/models/digits.v2.pt"));
+  RunResult tx3 = Submit(b.endpoint, {"transcribe", t / "audio/wav", "--out", t / "out3", "--model", "digits", "--wait"},
+                         120000);
+  EXPECT_EQ(tx3.code, 0) << tx3.err << ReadFile(t / "worker3.log");
 }
 
 TEST(Registry, ABrokerWithoutPostgresSaysSo) {

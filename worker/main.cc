@@ -160,16 +160,35 @@ int main(int argc, char** argv) {
     if (name.empty()) name = registry_name.empty() ? std::filesystem::path(path).stem().string() : registry_name;
     std::unique_ptr<AcousticModel> model;
     if (Status st = LoadAcousticModel(path, name, mo, &model); !st.ok()) {
-      std::cerr << "asr-worker: cannot load " << (registry_name.empty() ? "--model-file " : "--model " + registry_name + " (")
-                << path << (registry_name.empty() ? "" : ")") << ": " << st.message()
-                << (registry_name.empty() ? "" : "; older cached versions, if any, stay in " + o.state_dir +
-                                                     "/models for --model-file")
-                << "\n";
-      return 2;
+      // A registry version that does not load (a bad import): the newest older cached version
+      // that does, so the worker keeps serving; the log says which.
+      bool fell_back = false;
+      if (!registry_name.empty()) {
+        const std::string failed = path;
+        for (const CachedModel& c : CachedModels(o.state_dir + "/models", registry_name)) {
+          if (c.path == failed) continue;
+          if (LoadAcousticModel(c.path, name, mo, &model).ok()) {
+            LogWarn("model_fallback").Kv("model", registry_name).Kv("failed", failed).Kv("error", st.message())
+                .Kv("loaded", c.path).Kv("version", c.version);
+            path = c.path;
+            sha = c.sha256;
+            fell_back = true;
+            break;
+          }
+        }
+      }
+      if (!fell_back) {
+        std::cerr << "asr-worker: cannot load "
+                  << (registry_name.empty() ? "--model-file " : "--model " + registry_name + " (") << path
+                  << (registry_name.empty() ? "" : ")") << ": " << st.message()
+                  << (registry_name.empty() ? "" : "; no older cached version loads either") << "\n";
+        return 2;
+      }
+    } else if (!registry_name.empty()) {
+      // Only now that this version loads: a new version that does not would otherwise have taken
+      // the last good one with it.
+      EvictOlderCachedModels(o.state_dir + "/models", registry_name, path);
     }
-    // Only now that this version loads: a new version that does not would otherwise have taken
-    // the last good one with it.
-    if (!registry_name.empty()) EvictOlderCachedModels(o.state_dir + "/models", registry_name, path);
     if (sha.empty()) {  // --model-file; a registry copy's was verified on fetching
       std::ifstream in(path, std::ios::binary);
       std::string bytes((std::istreambuf_iterator<char>(in)), {});

@@ -1,5 +1,6 @@
 #include "worker/model_cache.h"
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <memory>
@@ -98,29 +99,33 @@ Status FetchRegistryModel(const std::string& conninfo, const std::string& name, 
     }
   }
   // PostgreSQL unreachable: the newest verified cached copy.
-  std::regex re = VersionPattern(name, "pt");
-  int best = -1;
-  for (const auto& e : fs::directory_iterator(cache_dir, ec)) {
-    std::smatch m;
-    std::string fname = e.path().filename().string();
-    if (!std::regex_match(fname, m, re)) continue;
-    if (m[1].length() > 9) continue;  // no version of ours; std::stoi would throw
-    int v = std::stoi(m[1].str());
-    std::string base = cache_dir + "/" + name + ".v" + m[1].str();
-    std::string sha = ReadAll(base + ".sha256");
-    while (!sha.empty() && (sha.back() == '\n' || sha.back() == ' ')) sha.pop_back();
-    if (v > best && Verified(base + ".pt", sha)) {
-      best = v;
-      *path = base + ".pt";
-      if (sha256) *sha256 = sha;
-    }
-  }
-  if (best >= 0) {
-    LogWarn("model_from_cache").Kv("model", name).Kv("version", best).Kv("why", st.message());
+  std::vector<CachedModel> cached = CachedModels(cache_dir, name);
+  if (!cached.empty()) {
+    *path = cached.front().path;
+    if (sha256) *sha256 = cached.front().sha256;
+    LogWarn("model_from_cache").Kv("model", name).Kv("version", cached.front().version).Kv("why", st.message());
     return Status::Ok();
   }
   return Status::Unavailable("cannot fetch model " + name + " from the registry (" + st.message() +
                              ") and no verified copy is cached in " + cache_dir);
+}
+
+std::vector<CachedModel> CachedModels(const std::string& cache_dir, const std::string& name) {
+  std::vector<CachedModel> out;
+  std::regex re = VersionPattern(name, "pt");
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(cache_dir, ec)) {
+    std::smatch m;
+    std::string fname = e.path().filename().string();
+    if (!std::regex_match(fname, m, re)) continue;
+    if (m[1].length() > 9) continue;  // no version of ours; std::stoll would be meaningless
+    std::string base = cache_dir + "/" + name + ".v" + m[1].str();
+    std::string sha = ReadAll(base + ".sha256");
+    while (!sha.empty() && (sha.back() == '\n' || sha.back() == ' ')) sha.pop_back();
+    if (Verified(base + ".pt", sha)) out.push_back({std::stoll(m[1].str()), base + ".pt", sha});
+  }
+  std::sort(out.begin(), out.end(), [](const CachedModel& a, const CachedModel& b) { return a.version > b.version; });
+  return out;
 }
 
 }  // namespace asrf

@@ -3,7 +3,9 @@
 // SHA-256 before use.
 #pragma once
 
+#include <cstdint>
 #include <string>
+#include <vector>
 
 #include "common/status.h"
 
@@ -18,6 +20,13 @@ namespace asrf {
 // (EvictOlderCachedModels), so a new version that does not load leaves the last good one cached.
 Status FetchRegistryModel(const std::string& conninfo, const std::string& name, const std::string& cache_dir,
                           std::string* path, std::string* sha256 = nullptr);
+
+// The verified cached copies of `name` (NAME.vN.pt whose NAME.vN.sha256 matches), newest first.
+struct CachedModel {
+  int64_t version = 0;
+  std::string path, sha256;
+};
+std::vector<CachedModel> CachedModels(const std::string& cache_dir, const std::string& name);
 
 // Removes the cached versions of `name` older than the one at `path` (NAME.vN.pt): every import
 // would otherwise leave one more copy of tens of MB. Only cache entries (a .pt with its .sha256
