@@ -25,6 +25,10 @@ namespace asrf {
 
 namespace {
 
+// Rows per statement are bounded by bytes too: results may be up to 1 MiB each, and 2,000 of
+// them in one statement passed PostgreSQL's 1 GiB message limit, failing for ever.
+constexpr size_t kMaxBatchBytes = 64u << 20;
+
 std::string OutboxKey(uint64_t seq) {
   char buf[24];
   std::snprintf(buf, sizeof(buf), "o/%016llx", static_cast<unsigned long long>(seq));
@@ -165,7 +169,11 @@ struct ResultSink::Impl {
     std::vector<proto::JobResult> rows;
     std::vector<std::string> keys, unreadable;
     std::unique_ptr<rocksdb::Iterator> it(outbox->NewIterator(rocksdb::ReadOptions()));
-    for (it->Seek("o/"); it->Valid() && it->key().starts_with("o/") && rows.size() < opt.max_batch; it->Next()) {
+    size_t bytes = 0;
+    for (it->Seek("o/"); it->Valid() && it->key().starts_with("o/") && rows.size() < opt.max_batch &&
+                         (rows.empty() || bytes < kMaxBatchBytes);
+         it->Next()) {
+      bytes += it->value().size();
       proto::JobResult r;
       if (proto::DecodeBody(std::string_view(it->value().data(), it->value().size()), &r).ok()) {
         rows.push_back(r);
@@ -248,7 +256,9 @@ struct ResultSink::Impl {
       {
         std::unique_lock<std::mutex> lock(mu);
         cv.wait_for(lock, std::chrono::milliseconds(200), [&] { return stopping || !pending.empty(); });
-        while (!pending.empty() && batch.size() < opt.max_batch) {
+        size_t bytes = 0;
+        while (!pending.empty() && batch.size() < opt.max_batch && (batch.empty() || bytes < kMaxBatchBytes)) {
+          bytes += pending.front().result.data.size() + pending.front().error.size();
           batch.push_back(std::move(pending.front()));
           pending.pop_front();
         }
@@ -328,6 +338,11 @@ Status ResultSink::Open(const ResultSinkOptions& options, std::unique_ptr<Result
   for (it->Seek("o/"); it->Valid() && it->key().starts_with("o/"); it->Next()) {
     impl->next_seq = std::strtoull(it->key().ToString().substr(2).c_str(), nullptr, 16) + 1;
     waiting++;
+  }
+  // Rows set aside keep their numbers under "x/": a new row must never take one of them (it
+  // would overwrite a refused result, which is kept, never dropped).
+  for (it->Seek("x/"); it->Valid() && it->key().starts_with("x/"); it->Next()) {
+    impl->next_seq = std::max<uint64_t>(impl->next_seq, std::strtoull(it->key().ToString().substr(2).c_str(), nullptr, 16) + 1);
   }
   it.reset();
   impl->stats.outbox_size = waiting;
