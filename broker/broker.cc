@@ -889,9 +889,9 @@ struct Broker::Impl {
     Send(routing, Cmd::kReply, r);
   }
 
-  // Cancels one job into `g`; returns true if it was not already finished.
-  bool CancelJob(Job& j, FinishGroup* g) {
-    if (proto::IsTerminal(j.state) || j.finishing) return false;
+  // Cancels one job into `g`, unless it is finished or being finished (OnCancel counts what ended).
+  void CancelJob(Job& j, FinishGroup* g) {
+    if (proto::IsTerminal(j.state) || j.finishing) return;
     if (j.state == JobState::kLeased) {
       auto w = workers.find(j.worker);
       if (w != workers.end()) {
@@ -902,7 +902,6 @@ struct Broker::Impl {
       }
     }
     Finish(j, JobState::kCancelled, "cancelled by a client", "", 0, "", g);
-    return true;
   }
 
   void OnCancel(const std::string& routing, std::string_view body) {

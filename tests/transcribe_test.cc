@@ -354,7 +354,7 @@ TEST_F(TranscribeTest, FaintHissGivesAnEmptyTranscript) {
 // not UTF-8, which come back replaced inside the worker's JSON result); an --out that cannot be a
 // folder, refused before anything is submitted; paths holding no audio at all; a folder the user
 // cannot read (checked when not running as root, whom nothing stops).
-TEST_F(TranscribeTest, NamedFilesOddNamesBadOutAndNothingToDo) {
+TEST_F(TranscribeTest, NamedFilesOddNamesBadOutAndNoAudioAtAll) {
   TempDir t;
   BrokerProc b = StartBroker(t / "broker", t / "broker.log");
   Proc w = StartWorker(b.endpoint, t / "worker", t / "worker.log", {"--model-file", kModel, "--threads", "2"});
