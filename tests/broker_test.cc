@@ -912,6 +912,96 @@ TEST(WorkerStop, ALeaseTheBrokerNeverConfirmedDoesNotHoldUpAStop) {
       << testing::ReadFile(tmp / "w.log");
 }
 
+// A stop that outlasts the wait for acknowledgements (a job longer than it still running): the
+// result of that job gets the whole wait too. The worker used to count the wait from the stop's
+// start and leave as soon as the result went out, so a broker that had not taken it ran the job
+// again. Here the stand-in broker acknowledges a second and a half after the result.
+TEST(WorkerStop, AResultThatEndsALongStopStillWaitsForItsAcknowledgement) {
+  TempDir tmp;
+  StandInBroker broker;
+  testing::Proc w = testing::StartWorker(broker.endpoint(), tmp / "w", tmp / "w.log");
+  std::string routing, body;
+  ASSERT_TRUE(broker.Next(Cmd::kReady, &routing)) << testing::ReadFile(tmp / "w.log");
+  proto::Assign a;
+  proto::Assignment job;
+  job.id = 3;
+  job.epoch = 1;
+  job.kind = "sleep";
+  job.payload.data = "{\"ms\":4000}";  // past the worker's 3 s wait for acknowledgements
+  a.jobs.push_back(job);
+  broker.Send(routing, Cmd::kAssign, a);
+  ASSERT_TRUE(broker.Next(Cmd::kStarted, &routing, &body)) << testing::ReadFile(tmp / "w.log");
+  broker.SendRaw(routing, Cmd::kStarted, body);
+  w.Signal(SIGTERM);
+  ASSERT_TRUE(broker.Next(Cmd::kResult, &routing, &body, 20000)) << testing::ReadFile(tmp / "w.log");
+  proto::Result sent;
+  ASSERT_TRUE(proto::DecodeBody(body, &sent).ok());
+  ASSERT_EQ(sent.results.size(), 1u);
+  EXPECT_TRUE(sent.results[0].ok) << sent.results[0].error;
+  std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+  EXPECT_TRUE(w.Running()) << "the worker left without waiting for its last result's acknowledgement\n"
+                           << testing::ReadFile(tmp / "w.log");
+  proto::ResultAck ack;
+  ack.accepted.push_back({3, 1});
+  broker.Send(routing, Cmd::kResultAck, ack);
+  EXPECT_EQ(w.Wait(20000), 0) << testing::ReadFile(tmp / "w.log");
+  EXPECT_EQ(testing::ReadFile(tmp / "w.log").find("results_unacknowledged"), std::string::npos)
+      << testing::ReadFile(tmp / "w.log");
+}
+
+// A lease the broker confirms late, while a long job holds the stop, still runs: the worker used
+// to give up unconfirmed leases three seconds into any stop, so a confirmation after that (the
+// broker counts an attempt then) found nothing, and the job waited for the goodbye to be requeued.
+TEST(WorkerStop, ALeaseConfirmedWhileALongJobHoldsTheStopRuns) {
+  TempDir tmp;
+  StandInBroker broker;
+  testing::Proc w = testing::StartWorker(broker.endpoint(), tmp / "w", tmp / "w.log");
+  std::string routing, body;
+  ASSERT_TRUE(broker.Next(Cmd::kReady, &routing)) << testing::ReadFile(tmp / "w.log");
+  proto::Assign a;
+  proto::Assignment slow, quick;
+  slow.id = 10;
+  slow.epoch = 1;
+  slow.kind = "sleep";
+  slow.payload.data = "{\"ms\":5000}";
+  quick.id = 11;
+  quick.epoch = 1;
+  quick.kind = "echo";
+  quick.payload.data = "{\"late\":true}";
+  a.jobs = {slow, quick};
+  broker.Send(routing, Cmd::kAssign, a);
+  ASSERT_TRUE(broker.Next(Cmd::kStarted, &routing)) << testing::ReadFile(tmp / "w.log");
+  proto::Started first;
+  first.leases.push_back({10, 1});
+  broker.Send(routing, Cmd::kStarted, first);
+  w.Signal(SIGTERM);
+  proto::Heartbeat h;
+  h.heartbeat_ms = 1000;
+  for (int64_t end = MonoMs() + 3800; MonoMs() < end;) {
+    broker.Send(routing, Cmd::kHeartbeat, h);
+    std::this_thread::sleep_for(std::chrono::milliseconds(400));
+  }
+  proto::Started late;
+  late.leases.push_back({11, 1});
+  broker.Send(routing, Cmd::kStarted, late);
+  std::map<uint64_t, std::string> results;
+  for (int64_t end = MonoMs() + 15000; results.size() < 2 && MonoMs() < end;) {
+    if (!broker.Next(Cmd::kResult, &routing, &body, end - MonoMs())) break;
+    proto::Result r;
+    ASSERT_TRUE(proto::DecodeBody(body, &r).ok());
+    proto::ResultAck ack;
+    for (const auto& x : r.results) {
+      results[x.id] = x.ok ? x.result.data : "failed: " + x.error;
+      ack.accepted.push_back({x.id, x.epoch});
+    }
+    broker.Send(routing, Cmd::kResultAck, ack);
+  }
+  EXPECT_EQ(results[10], "{\"slept_ms\":5000}") << testing::ReadFile(tmp / "w.log");
+  EXPECT_EQ(results[11], quick.payload.data) << "the late-confirmed job did not run\n" << testing::ReadFile(tmp / "w.log");
+  EXPECT_EQ(w.Wait(20000), 0) << testing::ReadFile(tmp / "w.log");
+  EXPECT_EQ(testing::ReadFile(tmp / "w.log").find("lease_left_unstarted"), std::string::npos);
+}
+
 // ZeroMQ reconnects a worker's socket by itself after a dropped connection, and the broker then
 // sees a new peer: a RESULT sent on it is refused ("unknown worker; send READY first") and the
 // broker's next word is DISCONNECT. The worker used to forget that result, leave the job out of

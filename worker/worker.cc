@@ -101,6 +101,7 @@ struct Worker::Impl {
   bool refused = false;  // READY refused (worker_id_in_use): no heartbeats until READY again
   int64_t next_heartbeat = 0;
   bool draining = false;
+  int64_t last_results_sent = 0;  // when the last RESULT went out
 
   void Connect() {
     sock = std::make_unique<zmq::socket_t>(ctx, zmq::socket_type::dealer);
@@ -139,7 +140,7 @@ struct Worker::Impl {
     }
     if (!resend.empty()) {
       LogInfo("results_sent_again").Kv("results", static_cast<uint64_t>(resend.size()));
-      SendResults(std::move(resend));
+      SendResults(std::move(resend), /*fresh=*/false);
     }
     last_broker_seen = MonoMs();
     LogInfo("worker_connecting").Kv("broker", opt.broker).Kv("worker", opt.worker_id)
@@ -471,8 +472,9 @@ struct Worker::Impl {
     else SendResults(std::move(results));
   }
 
-  // RESULT messages of at most 1,000 results and ~32 MiB.
-  void SendResults(std::vector<proto::JobResult> all) {
+  // RESULT messages of at most 1,000 results and ~32 MiB. `fresh`: not results sent again on a
+  // new connection (a reconnect every few seconds must not put off a stop's end for ever).
+  void SendResults(std::vector<proto::JobResult> all, bool fresh = true) {
     proto::Result results;
     size_t bytes = 0;
     for (auto& r : all) {
@@ -490,6 +492,7 @@ struct Worker::Impl {
       }
     }
     if (!results.results.empty()) Send(Cmd::kResult, results);
+    if (fresh) last_results_sent = MonoMs();
   }
 };
 
@@ -549,9 +552,15 @@ Status Worker::Run(const std::atomic<bool>* stop) {
       s.Send(Cmd::kHeartbeat, proto::Heartbeat{true, 0, 0});
       LogInfo("worker_draining").Kv("running", static_cast<uint64_t>(s.running.size()));
     }
-    if (s.draining && !s.awaiting_start.empty() && now - drain_started > s.opt.drain_ack_wait_ms) {
-      // Leases the broker never confirmed (it may be gone): they never ran here, and the broker
-      // requeues them when this worker says goodbye. Waiting for them would never end.
+    // Leases the broker never confirmed (it may be gone): they never ran here, and the broker
+    // requeues them when this worker says goodbye. Waiting for them would never end; but they
+    // are given up only once nothing else holds the stop, as a confirmation that comes while a
+    // long job finishes still runs its job (dropped, the lease was a started job the broker
+    // counted an attempt for and then requeued).
+    bool only_unstarted = true;
+    for (const auto& [id, e] : s.running) only_unstarted = only_unstarted && s.awaiting_start.count(id);
+    if (s.draining && !s.awaiting_start.empty() && only_unstarted && (!s.sink || s.sink->Pending() == 0) &&
+        now - std::max(drain_started, s.last_results_sent) > s.opt.drain_ack_wait_ms) {
       std::lock_guard<std::mutex> lock(s.mu);
       std::set<uint64_t> groups;
       for (const auto& [id, t] : s.awaiting_start) {
@@ -562,10 +571,22 @@ Status Worker::Run(const std::atomic<bool>* stop) {
       s.awaiting_start.clear();
       for (uint64_t g : groups) s.ReleaseGroupIfComplete(g);
     }
-    if (s.draining && s.running.empty() && (!s.sink || s.sink->Pending() == 0) &&
-        (s.unacked.empty() || now - drain_started > s.opt.drain_ack_wait_ms)) {
-      if (s.sink) s.SendResults(s.sink->TakeDurable());
-      break;
+    if (s.draining && s.running.empty() && (!s.sink || s.sink->Pending() == 0)) {
+      if (s.sink) {
+        std::vector<proto::JobResult> durable = s.sink->TakeDurable();
+        if (!durable.empty()) s.SendResults(std::move(durable));
+      }
+      // The wait for acknowledgements counts from the last RESULT sent: a job that ended after a
+      // long drain gets the same wait as one that ended at its start (its result used to go out
+      // as the worker left, unacknowledged, and a broker that missed it ran the job again).
+      if (s.unacked.empty()) break;
+      if (now - std::max(drain_started, s.last_results_sent) > s.opt.drain_ack_wait_ms) {
+        LogWarn("results_unacknowledged").Kv("results", static_cast<uint64_t>(s.unacked.size()))
+            .Kv("job", s.unacked.begin()->first)
+            .Kv("detail", s.sink ? "durable in PostgreSQL or the outbox; the broker may run them again"
+                                 : "the broker did not confirm them and may run them again");
+        break;
+      }
     }
     zmq::pollitem_t items[3] = {{s.sock->handle(), 0, ZMQ_POLLIN, 0},
                                 {nullptr, s.wake_fd, ZMQ_POLLIN, 0},
