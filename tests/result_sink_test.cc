@@ -59,5 +59,67 @@ TEST(ResultOutbox, ANewRowNeverTakesTheNumberOfOneSetAside) {
   EXPECT_TRUE(db->Get(rocksdb::ReadOptions(), "o/0000000000000002", &next).ok()) << "the new row is not numbered after it";
 }
 
+// Takes what became durable until `want` is among it (or 20 s pass); returns whether it was.
+bool DurableUntil(ResultSink& sink, uint64_t want, size_t* seen) {
+  for (int i = 0; i < 2000; ++i) {
+    bool found = false;
+    for (const auto& r : sink.TakeDurable()) {
+      ++*seen;
+      found = found || r.id == want;
+    }
+    if (found) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return false;
+}
+
+// PostgreSQL slow to take the outbox (here every statement on `results` sleeps 0.2 s and counts
+// itself): a result put while the outbox drains is made durable (in the outbox) after the
+// statement in hand, and so reaches the broker. The sink used to run up to eight drain
+// statements before it looked at new results again, holding them back for all of them.
+TEST(ResultOutbox, ANewResultWaitsForOneDrainStatementNotEight) {
+  TempDir t;
+  PgCluster pg(t / "pg");
+  ASSERT_TRUE(pg.Start());
+  ASSERT_EQ(RunCommand({ASRF_BROKER_BIN, "--migrate", "--pg", pg.url()}).code, 0);
+  ASSERT_EQ(pg.Query("CREATE TABLE statements (n bigserial); "
+                     "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS "
+                     "$$ BEGIN INSERT INTO statements DEFAULT VALUES; PERFORM pg_sleep(0.2); RETURN NULL; END $$; "
+                     "CREATE TRIGGER slow AFTER INSERT ON results FOR EACH STATEMENT EXECUTE FUNCTION slow()"),
+            "");
+  ASSERT_TRUE(pg.Stop());
+  ResultSinkOptions o;
+  o.conninfo = pg.url();
+  o.outbox_dir = t / "outbox";
+  o.retry_ms = 100;
+  o.max_batch = 5;  // 100 waiting results: 20 drain statements
+  std::unique_ptr<ResultSink> sink;
+  ASSERT_TRUE(ResultSink::Open(o, &sink).ok());
+  std::vector<proto::JobResult> rows;
+  for (uint64_t id = 1; id <= 100; ++id) {
+    proto::JobResult r;
+    r.id = id;
+    r.epoch = 1;
+    r.ok = true;
+    r.result.data = "{}";
+    rows.push_back(r);
+  }
+  sink->Put(rows);
+  size_t seen = 0;
+  ASSERT_TRUE(DurableUntil(*sink, 100, &seen));
+  ASSERT_EQ(sink->GetStats().outbox_size, 100u) << "PostgreSQL was down: all of them in the outbox";
+  ASSERT_TRUE(pg.Start());
+  ASSERT_TRUE(WaitFor([&] { return pg.Query("SELECT count(*) FROM statements") != "0"; }, 20000));
+  const long before = std::stol(pg.Query("SELECT count(*) FROM statements"));
+  proto::JobResult late = rows.front();
+  late.id = 1000;
+  sink->Put({late});
+  ASSERT_TRUE(DurableUntil(*sink, 1000, &seen));
+  const long after = std::stol(pg.Query("SELECT count(*) FROM statements"));
+  EXPECT_LE(after - before, 3) << "a new result waited for " << after - before << " drain statements";
+  EXPECT_TRUE(WaitFor([&] { return pg.Query("SELECT count(*) FROM results") == "101"; }, 30000))
+      << pg.Query("SELECT count(*) FROM results");
+}
+
 }  // namespace
 }  // namespace asrf::testing

@@ -308,9 +308,14 @@ struct ResultSink::Impl {
           (void)unused;
         }
       }
-      if (pg) {
-        for (int i = 0; i < 8 && DrainOutboxOnce(); ++i) {
+      // Up to eight statements of the outbox, but new results first as soon as one came: while
+      // the outbox waits they only go into it, which is quick, and then to the broker.
+      for (int i = 0; pg && i < 8; ++i) {
+        if (i > 0) {
+          std::lock_guard<std::mutex> lock(mu);
+          if (!pending.empty()) break;
         }
+        if (!DrainOutboxOnce()) break;
       }
     }
   }
