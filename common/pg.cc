@@ -158,9 +158,13 @@ Status Migrate(PgConn* conn, int* applied) {
   return conn->Exec("COMMIT");
 }
 
-Status ConnectAndMigrate(const std::string& conninfo, bool* migrated, std::unique_ptr<PgConn>* out, int* applied) {
+Status ConnectAndMigrate(const std::string& conninfo, bool* migrated, std::unique_ptr<PgConn>* out, int* applied,
+                         int64_t statement_timeout_ms) {
   std::unique_ptr<PgConn> c;
   ASRF_RETURN_IF_ERROR(PgConn::Connect(conninfo, &c, 2));
+  if (statement_timeout_ms > 0) {
+    ASRF_RETURN_IF_ERROR(c->Exec("SET statement_timeout = " + std::to_string(statement_timeout_ms)));
+  }
   int n = 0;
   if (!*migrated) {
     ASRF_RETURN_IF_ERROR(Migrate(c.get(), &n));

@@ -78,9 +78,10 @@ Status Migrate(PgConn* conn, int* applied);
 
 // Connects (bounded wait) and, unless *migrated is already true, applies the migrations and sets
 // *migrated: a sink may come up before anyone migrated the database. *applied, when given, gets
-// how many migrations ran.
+// how many migrations ran. statement_timeout_ms > 0 bounds every statement of the connection,
+// the migrations' included (a lock held elsewhere then fails a statement instead of hanging it).
 Status ConnectAndMigrate(const std::string& conninfo, bool* migrated, std::unique_ptr<PgConn>* out,
-                         int* applied = nullptr);
+                         int* applied = nullptr, int64_t statement_timeout_ms = 0);
 
 // Text for a text column: invalid UTF-8 sequences become '?' (PostgreSQL rejects them).
 std::string ValidUtf8(const std::string& s);

@@ -5,9 +5,12 @@
 #include <signal.h>
 
 #include <cstdlib>
+#include <filesystem>
+#include <fstream>
 
 #include <nlohmann/json.hpp>
 
+#include "common/sha256.h"
 #include "tests/harness.h"
 
 namespace asrf::testing {
@@ -176,6 +179,17 @@ TEST_F(PgTest, MigrationsRerunHarmlesslyAndBadConninfoIsAClearError) {
   RunResult wsecret = RunCommand({ASRF_WORKER_BIN, "--state-dir", tmp_ / "w", "--pg", "password=x host=/tmp"});
   EXPECT_NE(wsecret.code, 0);
   EXPECT_NE(wsecret.err.find("PGPASSWORD"), std::string::npos) << wsecret.err;
+  // A registry model cached from before does not hide an unparsable conninfo: the worker used to
+  // take it for PostgreSQL down, load the cached copy and fail only when its result sink opened.
+  const std::string model = ReadFile(std::string(ASRF_SOURCE_DIR) + "/models/en-small.pt");
+  ASSERT_FALSE(model.empty());
+  std::filesystem::create_directories(tmp_ / "w/models");
+  std::ofstream(tmp_ / "w/models/en.v1.pt", std::ios::binary) << model;
+  std::ofstream(tmp_ / "w/models/en.v1.sha256") << Sha256Hex(model) << "\n";
+  RunResult wbad = RunCommand({ASRF_WORKER_BIN, "--state-dir", tmp_ / "w", "--model", "en", "--pg", "host=/tmp port=x =="});
+  EXPECT_EQ(wbad.code, 2);
+  EXPECT_NE(wbad.err.find("--pg: bad PostgreSQL conninfo"), std::string::npos) << wbad.err;
+  EXPECT_EQ((wbad.out + wbad.err).find("model_from_cache"), std::string::npos) << wbad.err;
 }
 
 }  // namespace

@@ -339,6 +339,41 @@ TEST_F(TrainTest, CheckpointsAreIndexedInPostgres) {
   EXPECT_EQ(pg.Query("SELECT version, data_summary->>'job' FROM models WHERE name = 'indexed'"), "1|1");
 }
 
+// PostgreSQL holding the checkpoints table (a lock taken elsewhere, for ten minutes): each of the
+// worker's statements on it fails after --pg-statement-timeout-ms, training goes on with its
+// checkpoints kept locally, and a stop still ends with the job given back. The index and publish
+// statements used to wait as long as the lock was held, and the training and the stop with them.
+TEST_F(TrainTest, ALockedCheckpointsTableHoldsUpNeitherTrainingNorAStop) {
+  PgCluster pg(tmp_.path());
+  ASSERT_TRUE(pg.Start());
+  ASSERT_EQ(RunCommand({ASRF_BROKER_BIN, "--migrate", "--pg", pg.url()}).code, 0);
+  Proc locker({"/usr/bin/psql", pg.url(), "-c",
+               "BEGIN; LOCK TABLE checkpoints IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(600); COMMIT;"},
+              tmp_ / "locker.log");
+  ASSERT_TRUE(WaitFor([&] {
+    return pg.Query("SELECT count(*) FROM pg_locks WHERE relation = 'checkpoints'::regclass AND granted") == "1";
+  }, 10000)) << ReadFile(tmp_ / "locker.log");
+  BrokerProc b = StartBroker(tmp_ / "broker", tmp_ / "broker.log", kFastHeartbeats);
+  Proc w = StartWorker(b.endpoint, tmp_ / "w", tmp_ / "w.log",
+                       With(kFastHeartbeats, {"--threads", "2", "--pg", pg.url(), "--pg-statement-timeout-ms", "1000"}));
+  std::vector<std::string> args = TrainArgs("locked", 400, 5);
+  args.insert(args.end(), {"--publish-every", "1"});
+  ASSERT_EQ(Submit(b.endpoint, args).code, 0);
+  // Past two checkpoints (steps 5 and 10), each of which met the lock.
+  ASSERT_TRUE(WaitFor([&] { return Step(JobStatus(b.endpoint, 1)) >= 12; }, 120000)) << ReadFile(tmp_ / "w.log");
+  w.Signal(SIGTERM);  // checkpoints once more, publishing it: that statement meets the lock too
+  EXPECT_EQ(w.Wait(30000), 0) << ReadFile(tmp_ / "w.log");
+  const std::string log = ReadFile(tmp_ / "w.log");
+  EXPECT_NE(log.find("checkpoint_index_failed"), std::string::npos) << log;
+  EXPECT_NE(log.find("statement timeout"), std::string::npos) << log;
+  EXPECT_TRUE(WaitFor([&] { return JobStatus(b.endpoint, 1).value("state", "") == "queued"; }, 10000))
+      << JobStatus(b.endpoint, 1).dump();
+  std::unique_ptr<CheckpointStore> store;
+  ASSERT_TRUE(CheckpointStore::Open(tmp_ / "w/checkpoints", &store).ok());
+  EXPECT_GE(store->Steps(1).size(), 2u) << "the checkpoints are not kept locally";
+  locker.Signal(SIGKILL);
+}
+
 // A done job's checkpoints, tens of MB each in real trainings, used to stay for ever: in the
 // RocksDB of every worker that ran part of it and, for the published ones, in PostgreSQL. Now the
 // worker that finished it drops its own once the broker has the result, a worker that gave the

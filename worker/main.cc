@@ -7,6 +7,7 @@
 
 #include "common/log.h"
 #include "common/options.h"
+#include "common/pg.h"
 #include "common/sha256.h"
 #include "cuda/device_info.h"
 #include "schema/protocol.h"
@@ -37,6 +38,9 @@ int main(int argc, char** argv) {
       ("pg", po::value(&o.pg)->default_value(""),
        "PostgreSQL conninfo (key=value or postgresql:// URI; PGHOST, PGPASSFILE... honoured; never a password "
        "here) for the result sink; empty: results go only to the broker")
+      ("pg-statement-timeout-ms", po::value(&o.pg_statement_timeout_ms)->default_value(o.pg_statement_timeout_ms),
+       "the longest one PostgreSQL statement may take (results, checkpoints, the registry); one held longer by a "
+       "lock or a stalled server fails: results wait in the outbox, a checkpoint stays local, training goes on")
       ("threads", po::value<int>()->default_value(0), "threads for model work (training, inference); 0 = libtorch's own choice (normally one per core)")
       ("model-file", po::value<std::string>()->default_value(""),
        "acoustic model to load at start and keep resident for transcription: a project model file (config + "
@@ -105,10 +109,17 @@ int main(int argc, char** argv) {
     std::cerr << "asr-worker: " << st.message() << "\n";
     return 2;
   }
+  // A conninfo that can never work is an error now, not a PostgreSQL outage to wait out (the
+  // registry fetch fell back to a cached model and the worker failed only later).
+  if (Status st = o.pg.empty() ? Status::Ok() : CheckConninfo(o.pg); !st.ok()) {
+    std::cerr << "asr-worker: --pg: " << st.message() << "\n";
+    return 2;
+  }
   TrainKindOptions tk;
   tk.state_dir = o.state_dir;
   tk.threads = vm["threads"].as<int>();
   tk.pg = o.pg;
+  tk.pg_statement_timeout_ms = o.pg_statement_timeout_ms;
   tk.worker_id = o.worker_id;
   tk.device = o.device;
   if (Status st = RegisterTrainKind(&registry, tk); !st.ok()) {
@@ -127,7 +138,9 @@ int main(int argc, char** argv) {
       std::cerr << "asr-worker: --model: " << st.message() << "\n";
       return 2;
     }
-    if (Status st = FetchRegistryModel(o.pg, registry_name, o.state_dir + "/models", &path, &sha); !st.ok()) {
+    if (Status st = FetchRegistryModel(o.pg, registry_name, o.state_dir + "/models", &path, &sha,
+                                       o.pg_statement_timeout_ms);
+        !st.ok()) {
       std::cerr << "asr-worker: --model " << registry_name << ": " << st.message() << "\n";
       return st.code() == Status::Code::kNotFound ? 2 : 1;
     }

@@ -62,13 +62,15 @@ void EvictOlderCachedModels(const std::string& cache_dir, const std::string& nam
 }
 
 Status FetchRegistryModel(const std::string& conninfo, const std::string& name, const std::string& cache_dir,
-                          std::string* path, std::string* sha256) {
+                          std::string* path, std::string* sha256, int64_t statement_timeout_ms) {
   std::error_code ec;
   fs::create_directories(cache_dir, ec);
   if (ec) return Status::IOError("cannot create " + cache_dir + ": " + ec.message());
   std::unique_ptr<PgConn> pg;
   bool migrated = false;
-  Status st = conninfo.empty() ? Status::Unavailable("no --pg") : ConnectAndMigrate(conninfo, &migrated, &pg);
+  Status st = conninfo.empty() ? Status::Unavailable("no --pg")
+                                : ConnectAndMigrate(conninfo, &migrated, &pg, nullptr, statement_timeout_ms);
+  if (st.code() == Status::Code::kInvalid) return st.WithContext("--pg");
   if (st.ok()) {
     PgResult r;
     st = pg->Query("SELECT version, sha256 FROM models WHERE name = $1 ORDER BY version DESC LIMIT 1", {name}, &r);

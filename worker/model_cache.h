@@ -15,11 +15,13 @@ namespace asrf {
 // newest version (a cached copy is used when its checksum matches, else it is fetched again).
 // Without: the newest cached version whose checksum still matches, if any. Errors: NotFound (no
 // such model), Unavailable (PostgreSQL unreachable and nothing cached), Corruption (bytes that do
-// not match their checksum). *sha256, when given, is set to the copy's checksum (verified).
+// not match their checksum), Invalid (a conninfo that can never work: unparsable, or holding a
+// password; no cached copy hides that). *sha256, when given, is set to the copy's checksum
+// (verified). statement_timeout_ms bounds each statement (a lock held elsewhere, a stalled server).
 // Older cached versions are kept: the caller evicts them once this copy has loaded
 // (EvictOlderCachedModels), so a new version that does not load leaves the last good one cached.
 Status FetchRegistryModel(const std::string& conninfo, const std::string& name, const std::string& cache_dir,
-                          std::string* path, std::string* sha256 = nullptr);
+                          std::string* path, std::string* sha256 = nullptr, int64_t statement_timeout_ms = 60000);
 
 // The verified cached copies of `name` (NAME.vN.pt whose NAME.vN.sha256 matches), newest first.
 struct CachedModel {

@@ -68,7 +68,7 @@ struct ResultSink::Impl {
     next_connect = now + opt.retry_ms;
     pg.reset();
     std::unique_ptr<PgConn> c;
-    Status st = ConnectAndMigrate(opt.conninfo, &migrated, &c);
+    Status st = ConnectAndMigrate(opt.conninfo, &migrated, &c, nullptr, opt.statement_timeout_ms);
     if (st.ok()) {
       st = c->Query(
           "INSERT INTO workers (id, host, device) VALUES ($1, $2, $3) "
@@ -80,9 +80,6 @@ struct ResultSink::Impl {
       std::lock_guard<std::mutex> lock(mu);
       was_up = stats.pg_up;
       stats.pg_up = st.ok();
-    }
-    if (st.ok() && opt.statement_timeout_ms > 0) {
-      st = c->Exec("SET statement_timeout = " + std::to_string(opt.statement_timeout_ms));
     }
     if (st.ok()) {
       pg = std::move(c);

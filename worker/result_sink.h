@@ -27,7 +27,7 @@ struct ResultSinkOptions {
   std::string worker_id, host, device;
   size_t max_batch = 2000;       // results per INSERT
   int64_t retry_ms = 1000;       // reconnect interval while PostgreSQL is down
-  int64_t statement_timeout_ms = 30000;  // a write that takes longer goes to the outbox
+  int64_t statement_timeout_ms = 60000;  // a write that takes longer goes to the outbox
 };
 
 struct ResultSinkStats {

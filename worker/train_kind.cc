@@ -24,8 +24,8 @@ namespace {
 // elsewhere). Checkpoints of failed jobs stay for RETRY, cancelled ones for RETRY of their gang.
 class CheckpointCleaner {
  public:
-  CheckpointCleaner(std::shared_ptr<CheckpointStore> store, std::string pg)
-      : store_(std::move(store)), pg_(std::move(pg)), thread_([this] { Loop(); }) {}
+  CheckpointCleaner(std::shared_ptr<CheckpointStore> store, std::string pg, int64_t statement_timeout_ms)
+      : store_(std::move(store)), pg_(std::move(pg)), timeout_ms_(statement_timeout_ms), thread_([this] { Loop(); }) {}
   ~CheckpointCleaner() {
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -59,7 +59,7 @@ class CheckpointCleaner {
     std::unique_ptr<PgConn> pg;
     bool migrated = false;
     PgResult r;
-    Status st = ConnectAndMigrate(pg_, &migrated, &pg);
+    Status st = ConnectAndMigrate(pg_, &migrated, &pg, nullptr, timeout_ms_);
     if (st.ok()) st = pg->Query("SELECT id FROM jobs WHERE id = ANY($1::bigint[]) AND state = 'done'", {ids}, &r);
     if (!st.ok()) {
       LogWarn("checkpoint_cleanup_skipped").Kv("error", st.message());
@@ -87,6 +87,7 @@ class CheckpointCleaner {
 
   std::shared_ptr<CheckpointStore> store_;
   std::string pg_;
+  int64_t timeout_ms_;
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<uint64_t> queue_;  // GUARDED_BY(mu_)
@@ -100,7 +101,7 @@ Status RegisterTrainKind(JobRegistry* registry, const TrainKindOptions& options)
   std::unique_ptr<CheckpointStore> store;
   ASRF_RETURN_IF_ERROR(CheckpointStore::Open(options.state_dir + "/checkpoints", &store));
   std::shared_ptr<CheckpointStore> shared(std::move(store));
-  auto cleaner = std::make_shared<CheckpointCleaner>(shared, options.pg);
+  auto cleaner = std::make_shared<CheckpointCleaner>(shared, options.pg, options.pg_statement_timeout_ms);
   registry->OnDone("train", [cleaner](uint64_t id) { cleaner->Drop(id); });
   registry->Register("train", [shared, options](std::string_view payload, const JobContext& ctx, std::string* result) {
     TrainSpec spec;
@@ -123,7 +124,7 @@ Status RegisterTrainKind(JobRegistry* registry, const TrainKindOptions& options)
       if (pg && pg->healthy()) return true;
       pg.reset();
       bool migrated = false;
-      if (!ConnectAndMigrate(options.pg, &migrated, &pg).ok()) {
+      if (!ConnectAndMigrate(options.pg, &migrated, &pg, nullptr, options.pg_statement_timeout_ms).ok()) {
         pg.reset();
         return false;
       }

@@ -14,6 +14,9 @@ struct TrainKindOptions {
   std::string pg;         // with a conninfo, each checkpoint is indexed in the checkpoints table
   std::string worker_id;
   std::string device = "cpu";  // where training runs: cpu or cuda:N (gangs then use NCCL)
+  // Bounds each PostgreSQL statement (checkpoint index and bytes, the registry): one that a lock
+  // or a stalled server holds longer fails, and training, or a stopping worker, goes on.
+  int64_t pg_statement_timeout_ms = 60000;
 };
 
 Status RegisterTrainKind(JobRegistry* registry, const TrainKindOptions& options);

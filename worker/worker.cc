@@ -32,6 +32,7 @@ Status WorkerOptions::Sanitize() {
   ClampOption("--slots", &slots, 1, 1024);
   ClampOption<int64_t>("--heartbeat-ms", &heartbeat_ms, 50, 60000);
   ClampOption("--heartbeat-misses", &heartbeat_misses, 1, 100);
+  ClampOption<int64_t>("--pg-statement-timeout-ms", &pg_statement_timeout_ms, 100, 3600000);
   if (worker_id.size() > 256) {
     return Status::Invalid("--worker-id must be at most 256 bytes (the broker refuses longer ones), not " +
                            std::to_string(worker_id.size()));
@@ -528,6 +529,7 @@ Status Worker::Run(const std::atomic<bool>* stop) {
     so.conninfo = s.opt.pg;
     so.outbox_dir = s.opt.state_dir + "/outbox";
     so.worker_id = s.opt.worker_id;
+    so.statement_timeout_ms = s.opt.pg_statement_timeout_ms;
     char host[256] = {0};
     gethostname(host, sizeof(host) - 1);
     so.host = host;

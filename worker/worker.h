@@ -28,6 +28,7 @@ struct WorkerOptions {
   int heartbeat_misses = 3;
   int64_t drain_ack_wait_ms = 3000;    // on stop, how long to wait for the last RESULT_ACKs
   std::string pg;                      // libpq conninfo; empty: results go only to the broker
+  int64_t pg_statement_timeout_ms = 60000;  // the longest one PostgreSQL statement of this worker may take
   std::string advertise_host;          // how other workers reach this one (gang rendezvous); default hostname
   std::string gpu;                     // on cuda:N: the GPU's UUID (gang ranks go to distinct GPUs)
   bool gangs = true;                   // built with the gang backend its device needs (NCCL / Gloo)
