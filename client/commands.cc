@@ -399,7 +399,8 @@ int RunTrain(const GlobalOptions& g, const std::vector<std::string>& args) {
       ("manifest", po::value(&manifest)->default_value(""), "training manifest (JSONL lines with \"audio\" (a path) and \"text\"; other fields are ignored) on storage the worker can read; required unless --evaluate-only")
       ("valid", po::value(&valid)->required(), "validation manifest, same format")
       ("name", po::value(&name)->default_value(""), "model name; required unless --evaluate-only (then \"eval\")")
-      ("out", po::value(&out)->default_value(""), "where the worker writes the final model file (also kept in its state dir)")
+      ("out", po::value(&out)->default_value(""), "where the worker writes the final model file, ending in .pt (also kept in its state dir); an existing file "
+       "there is replaced only if it is a model file")
       ("steps", po::value(&steps)->default_value(steps), "optimizer steps")
       ("batch-seconds", po::value(&batch_seconds)->default_value(batch_seconds), "padded audio seconds per batch")
       ("lr", po::value(&lr)->default_value(lr), "peak learning rate (Adam; linear warm-up, cosine decay)")
@@ -479,6 +480,11 @@ int RunTrain(const GlobalOptions& g, const std::vector<std::string>& args) {
       std::cerr << "asr-submit: --name: " << st.message() << "\n";
       return kExitUsage;
     }
+  }
+  if (!out.empty() && (out.size() < 4 || out.compare(out.size() - 3, 3, ".pt") != 0)) {
+    std::cerr << "asr-submit: --out must name a model file ending in .pt, not " << out
+              << " (the worker replaces only a model file there)\n";
+    return kExitUsage;
   }
   auto absolute = [](const std::string& p) {
     if (p.empty() || p[0] == '/') return p;

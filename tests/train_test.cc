@@ -594,6 +594,49 @@ TEST_F(TrainTest, BadManifestsFailWithClearErrorsBeforeTraining) {
   EXPECT_NE(refused.err.find("it names files"), std::string::npos) << refused.err;
 }
 
+// Any client of the broker can send a train job, so its `out` is where the worker writes a model
+// file and nothing else: an absolute path ending in .pt, and an existing file there is replaced
+// only if it is a model (a zip archive). The worker used to write the model over whatever path it
+// was given.
+TEST_F(TrainTest, ATrainingWritesItsOutOnlyOverAModelFile) {
+  BrokerProc b = StartBroker(tmp_ / "broker", tmp_ / "broker.log");
+  Proc w = StartWorker(b.endpoint, tmp_ / "w", tmp_ / "w.log", {"--threads", "2"});
+  auto failed_error = [&](uint64_t id) {
+    auto j = JobStatus(b.endpoint, static_cast<int>(id));
+    return j.value("state", "") + ": " + j.value("error", "");
+  };
+  // The client refuses another extension before submitting.
+  std::vector<std::string> args = TrainArgs("out", 2, 1);
+  args.insert(args.end(), {"--out", tmp_ / "notes.txt"});
+  RunResult r = Submit(b.endpoint, args);
+  EXPECT_EQ(r.code, 2);
+  EXPECT_NE(r.err.find("ending in .pt"), std::string::npos) << r.err;
+  // The worker refuses a relative path sent by another client.
+  json raw = {{"manifest", Train()}, {"valid", Valid()}, {"name", "raw"}, {"out", "relative.pt"}, {"steps", 2}};
+  r = Submit(b.endpoint, {"submit", "--kind", "train", "--payload", raw.dump(), "--wait"});
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(failed_error(1).find("out must be an absolute path ending in .pt"), std::string::npos) << failed_error(1);
+  // A file that is not a model is left as it is, and the job fails before it trains.
+  {
+    std::ofstream f(tmp_ / "notes.pt");
+    f << "not a model\n";
+  }
+  args = TrainArgs("out", 2, 1);
+  args.insert(args.end(), {"--out", tmp_ / "notes.pt", "--wait"});
+  r = Submit(b.endpoint, args, 120000);
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(failed_error(2).find("is not a model file"), std::string::npos) << failed_error(2);
+  EXPECT_EQ(ReadFile(tmp_ / "notes.pt"), "not a model\n");
+  // A new path, then the same path again: a model replaces a model.
+  for (int id : {3, 4}) {
+    args = TrainArgs("out", 2, 1);
+    args.insert(args.end(), {"--out", tmp_ / "models/m.pt", "--wait"});
+    r = Submit(b.endpoint, args, 120000);
+    EXPECT_EQ(r.code, 0) << r.err << failed_error(id) << ReadFile(tmp_ / "w.log");
+    EXPECT_EQ(ReadFile(tmp_ / "models/m.pt").substr(0, 2), "PK") << id;
+  }
+}
+
 // Audio a transcription would refuse or read is refused or read by training too, and each file
 // that fails is named with its manifest line: a WAV cut short fails the manifest check (its header
 // shows it); a FLAC cut short is only found by decoding it, after the corpus is read, and the job

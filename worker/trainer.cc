@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cmath>
 #include <exception>
+#include <cstring>
 #include <filesystem>
 #include <functional>
 #include <fstream>
@@ -45,6 +46,22 @@ namespace asrf {
 using json = nlohmann::json;
 
 // ---- spec -------------------------------------------------------------------------------------
+
+// A training's `out` replaces only a model file (a zip archive) or nothing: a job naming another
+// file (a configuration, a key) must not have the worker overwrite it.
+Status CheckModelOut(const std::string& out) {
+  std::error_code ec;
+  const auto st = std::filesystem::status(out, ec);
+  if (ec || !std::filesystem::exists(st)) return Status::Ok();
+  if (!std::filesystem::is_regular_file(st)) return Status::Invalid("out " + out + " exists and is not a file");
+  char magic[4] = {0, 0, 0, 0};
+  std::ifstream in(out, std::ios::binary);
+  in.read(magic, 4);
+  if (in.gcount() != 4 || std::memcmp(magic, "PK\x03\x04", 4) != 0) {
+    return Status::Invalid("out " + out + " exists and is not a model file: not replaced (remove it, or name another path)");
+  }
+  return Status::Ok();
+}
 
 Status TrainSpec::FromJson(const std::string& text, TrainSpec* out) {
   auto j = json::parse(text, nullptr, false);
@@ -102,6 +119,12 @@ Status TrainSpec::FromJson(const std::string& text, TrainSpec* out) {
     return Status::Invalid("malformed payload: a train job needs manifest, valid and name");
   }
   if (!s.name.empty()) ASRF_RETURN_IF_ERROR(proto::ValidModelName(s.name));
+  // A job may come from any client of the broker: the worker writes a model file where it says,
+  // and nothing else (see CheckModelOut).
+  if (!s.out.empty() && (s.out[0] != '/' || s.out.size() < 4 || s.out.compare(s.out.size() - 3, 3, ".pt") != 0)) {
+    return Status::Invalid("malformed payload: out must be an absolute path ending in .pt (a model file), not \"" +
+                           s.out + "\"");
+  }
   if (!(s.dropout >= 0 && s.dropout < 1)) return Status::Invalid("malformed payload: dropout must be in [0, 1)");
   if (s.valid_max < 1) return Status::Invalid("malformed payload: valid_max must be at least 1");
   if (!(s.max_seconds > 0 && s.max_seconds <= 3600)) {
@@ -801,6 +824,7 @@ bool GangBackendBuilt(bool on_gpu) {
 }
 
 Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* result) {
+  if (!spec.out.empty() && !spec.evaluate_only) ASRF_RETURN_IF_ERROR(CheckModelOut(spec.out));  // before hours of training
   if (ctx.threads > 0) torch::set_num_threads(ctx.threads);
   torch::manual_seed(spec.seed);  // the initial weights, reproducibly
   CtcModelConfig config;
@@ -1137,6 +1161,8 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
     if (!spec.out.empty() && rank == 0) {
       std::filesystem::path out(spec.out);
       if (out.has_parent_path()) std::filesystem::create_directories(out.parent_path(), ec);
+      Status checked = CheckModelOut(spec.out);  // again: the path may have changed during the run
+      if (!checked.ok()) return Status::Invalid(checked.message() + "; the model is kept at " + kept);
       ASRF_RETURN_IF_ERROR(SaveModel(model, spec.out));
     }
     json r = {{"name", spec.name},          {"steps", pos.step},
