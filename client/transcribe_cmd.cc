@@ -255,6 +255,15 @@ Walk FindFiles(const std::vector<std::string>& inputs, const std::set<std::strin
       continue;
     }
     first_path[j.base] = f.path;
+    // An output name the file system cannot hold (255 bytes) is an error before any audio goes.
+    const size_t name_bytes = fs::path(j.base).filename().string().size();
+    size_t longest = 0;
+    for (const auto& fmt : formats) longest = std::max(longest, name_bytes + 1 + fmt.size());
+    if (longest > 255) {
+      w.errors.push_back(f.path + ": its output name would be " + std::to_string(longest) +
+                         " bytes long, over the 255 a file name may have; rename the file");
+      continue;
+    }
     if (!overwrite) {
       bool all = true;
       for (const auto& fmt : formats) all = all && fs::exists(j.base + "." + fmt);
@@ -402,6 +411,9 @@ int RunTranscribe(const GlobalOptions& g, const std::vector<std::string>& args) 
       return;
     }
     Status st = WriteFile(f, formats);
+    // Written (or failed): its words are not kept, so the client's memory does not grow with the pile.
+    f.parts.clear();
+    f.transcript = Transcript{};
     if (!st.ok()) {
       f.error = st.message();
       files_failed++;
@@ -514,7 +526,12 @@ int RunTranscribe(const GlobalOptions& g, const std::vector<std::string>& args) 
   for (size_t fi = 0; fi < files.size(); ++fi) {
     FileJob& f = files[fi];
     DecodedAudio audio;
+    const int64_t decode_from = MonoMs();
     Status st = DecodeAudio16k(f.path, &audio);
+    // The broker's silence is counted only while this client listens: decoding and splitting a
+    // long file (or one on a slow share) is not the broker failing to answer (it exited with 3
+    // mid-pile).
+    last_answer += MonoMs() - decode_from;
     if (!st.ok()) {
       f.error = st.message();
       f.written = true;
@@ -527,7 +544,9 @@ int RunTranscribe(const GlobalOptions& g, const std::vector<std::string>& args) 
     so.min_s = std::min(5.0, max_segment_s / 2);
     so.pause_s = pause_s;
     so.pause_keep_s = pause_keep_s;
+    const int64_t split_from = MonoMs();
     std::vector<SegmentBounds> segs = SplitAtPauses(audio.pcm.data(), static_cast<int64_t>(audio.pcm.size()), so);
+    last_answer += MonoMs() - split_from;
     f.segments = static_cast<int>(segs.size());
     // Audio in left-out pauses is done as soon as it is left out.
     double kept_s = 0;

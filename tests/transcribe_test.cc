@@ -5,7 +5,9 @@
 // skipping on re-run, PostgreSQL rows, and `collect`.
 #include <gtest/gtest.h>
 
+#include <fcntl.h>
 #include <signal.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <sndfile.h>
 
@@ -16,9 +18,11 @@
 #include <random>
 #include <regex>
 #include <sstream>
+#include <thread>
 
 #include <nlohmann/json.hpp>
 
+#include "common/clock.h"
 #include "common/sha256.h"
 #include "tests/harness.h"
 
@@ -383,6 +387,19 @@ TEST_F(TranscribeTest, NamedFilesOddNamesBadOutAndNoAudioAtAll) {
   EXPECT_NE(r.err.find("no audio file to transcribe"), std::string::npos) << r.err;
   EXPECT_NE(r.err.find("1 file(s) of other extensions skipped"), std::string::npos) << r.err;
 
+  // Names near the file system's 255 bytes: the outputs of a 252-byte name are written (their
+  // temporary files were 23 bytes longer, and failed once the transcription was done); a name
+  // whose outputs could not exist is an error before anything is submitted.
+  fs::create_directories(t / "long");
+  const std::string fits(248, 'x'), over(251, 'y');
+  fs::copy_file((*utts_)[3].wav, t / ("long/" + fits + ".wav"));
+  fs::copy_file((*utts_)[4].wav, t / ("long/" + over + ".wav"));
+  r = Submit(b.endpoint, {"transcribe", t / "long", "--out", t / "out4", "--wait"}, 120000);
+  EXPECT_EQ(r.code, 1) << r.err;
+  EXPECT_FALSE(Trim(ReadFile(t / ("out4/" + fits + ".txt"))).empty()) << r.err;
+  EXPECT_TRUE(fs::exists(t / ("out4/" + fits + ".json"))) << r.err;
+  EXPECT_NE(r.err.find(over + ".wav: its output name would be 256 bytes long"), std::string::npos) << r.err;
+
   if (geteuid() != 0) {
     fs::create_directories(t / "in/locked");
     fs::copy_file((*utts_)[2].wav, t / "in/locked/u.wav");
@@ -575,6 +592,51 @@ TEST_F(TranscribeTest, WorkerDecodesWithTheLanguageModelBesideItsModel) {
                              60000);
   EXPECT_EQ(bad.code, 2);
   EXPECT_NE(bad.err.find("language model"), std::string::npos) << bad.err;
+}
+
+// A file slow to read (here a named pipe whose writer starts 5 s late, as a slow share or a huge
+// file would be) is not the broker falling silent: the client used to give up with exit 3, "the
+// broker stopped answering", once reading a file outlasted --request-timeout + 2 s while earlier
+// segments were in flight, leaving the rest of the pile unsubmitted.
+TEST_F(TranscribeTest, AFileSlowToReadIsNotTheBrokerFallingSilent) {
+  signal(SIGPIPE, SIG_IGN);
+  TempDir t;
+  BrokerProc b = StartBroker(t / "broker", t / "broker.log");
+  Proc w = StartWorker(b.endpoint, t / "worker", t / "worker.log", {"--model-file", kModel, "--threads", "2"});
+  std::vector<int16_t> all;
+  for (int i = 0; i < 4; ++i) {
+    int rate = 0;
+    std::vector<int16_t> pcm = ReadPcm((*utts_)[i].wav, &rate);
+    all.insert(all.end(), pcm.begin(), pcm.end());
+    all.insert(all.end(), 16000, 0);
+  }
+  fs::create_directories(t / "in");
+  WritePcm(t / "in/a.wav", all, 16000, 1, SF_FORMAT_WAV | SF_FORMAT_PCM_16);
+  const std::string bytes = ReadFile(t / "in/a.wav");
+  ASSERT_EQ(mkfifo((t / "in/slow.wav").c_str(), 0600), 0);
+  std::thread writer([&] {
+    std::this_thread::sleep_for(std::chrono::seconds(5));
+    int fd = -1;
+    for (int64_t end = MonoMs() + 60000; fd < 0 && MonoMs() < end;) {
+      fd = open((t / "in/slow.wav").c_str(), O_WRONLY | O_NONBLOCK);
+      if (fd < 0) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    if (fd < 0) return;
+    fcntl(fd, F_SETFL, 0);
+    for (size_t done = 0; done < bytes.size();) {
+      ssize_t n = write(fd, bytes.data() + done, bytes.size() - done);
+      if (n <= 0) break;
+      done += static_cast<size_t>(n);
+    }
+    close(fd);
+  });
+  RunResult r = Submit(b.endpoint, {"--request-timeout", "1", "transcribe", t / "in/a.wav", t / "in/slow.wav", "--out",
+                                    t / "out", "--max-segment-s", "5", "--max-inflight-s", "5", "--wait"},
+                       120000);
+  writer.join();
+  EXPECT_EQ(r.err.find("stopped answering"), std::string::npos) << r.err;
+  EXPECT_TRUE(r.code == 0 || r.code == 1) << r.code << r.err;
+  EXPECT_FALSE(Trim(ReadFile(t / "out/a.txt")).empty()) << r.err;
 }
 
 TEST_F(TranscribeTest, AudioInFlightStaysBoundedWithoutWait) {
