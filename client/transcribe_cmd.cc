@@ -14,6 +14,7 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <iostream>
 #include <map>
 #include <set>
@@ -176,6 +177,18 @@ bool FormatsKnown(const std::vector<std::string>& formats) {
   return true;
 }
 
+// A whole file of at most 256 MiB (empty when it cannot be read or is larger).
+std::string ReadSmallFile(const std::string& path) {
+  std::error_code ec;
+  const auto size = fs::file_size(path, ec);
+  if (ec || size > (256u << 20)) return {};
+  std::ifstream in(path, std::ios::binary);
+  std::string s(static_cast<size_t>(size), '\0');
+  in.read(s.data(), static_cast<std::streamsize>(s.size()));
+  s.resize(static_cast<size_t>(std::max<std::streamsize>(in.gcount(), 0)));
+  return s;
+}
+
 Walk FindFiles(const std::vector<std::string>& inputs, const std::set<std::string>& exts, const std::string& out_dir,
                const std::vector<std::string>& formats, bool overwrite) {
   Walk w;
@@ -268,6 +281,20 @@ Walk FindFiles(const std::vector<std::string>& inputs, const std::set<std::strin
       bool all = true;
       for (const auto& fmt : formats) all = all && fs::exists(j.base + "." + fmt);
       if (all) {
+        // Outputs another file made (a second card's REC001.WAV into the same --out) are neither
+        // this file's nor to be replaced: an error, where they used to count as done.
+        std::string other;
+        if (json made = json::parse(ReadSmallFile(j.base + ".json"), nullptr, false);
+            made.is_object() && made.contains("source") && made["source"].is_string()) {
+          std::error_code eec;
+          const std::string src = made["source"].get<std::string>();
+          if (fs::exists(src, eec) && !fs::equivalent(src, f.path, eec) && !eec) other = src;
+        }
+        if (!other.empty()) {
+          w.errors.push_back(f.path + ": its outputs " + j.base + ".* hold the transcript of " + other +
+                             "; not replaced (use another --out, or --overwrite to replace them)");
+          continue;
+        }
         w.skipped_existing++;
         continue;
       }

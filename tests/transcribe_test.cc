@@ -307,6 +307,16 @@ TEST_F(TranscribeTest, FolderToTranscriptsWithBadFilesLongFilesAndPostgres) {
                                         "--format", "txt,json,srt,vtt,tsv", "--wait"}, 60000);
   EXPECT_EQ(again.code, 0) << again.err;
   EXPECT_NE(again.err.find("8 skipped (outputs exist)"), std::string::npos) << again.err;
+  // Another folder's file of the same name into the same --out (a second card's recordings): its
+  // outputs there are another file's, so it is an error, not "skipped", and they stay as they are.
+  const std::string u0_before = ReadFile(out + "/calls/a/u0.txt");
+  fs::create_directories(t / "card2");
+  fs::copy_file(in + "/calls/a/u1.wav", t / "card2/u0.wav");
+  RunResult card2 = Submit(b.endpoint, {"transcribe", t / "card2", "--out", out + "/calls/a", "--wait"}, 60000);
+  EXPECT_EQ(card2.code, 1) << card2.err;
+  EXPECT_NE(card2.err.find("u0.wav: its outputs " + out + "/calls/a/u0.* hold the transcript of"), std::string::npos)
+      << card2.err;
+  EXPECT_EQ(ReadFile(out + "/calls/a/u0.txt"), u0_before);
 
   // Submitted without --wait, written later by `collect`.
   RunResult nowait = Submit(b.endpoint, {"transcribe", in + "/calls/a/u1.wav", "--out", t / "later",
