@@ -22,6 +22,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "client/broker_client.h"
 #include "common/clock.h"
 #include "common/sha256.h"
 #include "tests/harness.h"
@@ -647,6 +648,43 @@ TEST_F(TranscribeTest, AFileSlowToReadIsNotTheBrokerFallingSilent) {
   EXPECT_EQ(r.err.find("stopped answering"), std::string::npos) << r.err;
   EXPECT_TRUE(r.code == 0 || r.code == 1) << r.code << r.err;
   EXPECT_FALSE(Trim(ReadFile(t / "out/a.txt")).empty()) << r.err;
+}
+
+// A segment over the protocol's 240 s is refused with a clear error (the decoder's memory grows
+// faster than a segment's length; it used to be transcribed whatever its length); one of 240 s is
+// transcribed (digital silence here: an empty transcript).
+TEST_F(TranscribeTest, ASegmentOverTheProtocolsLengthIsRefused) {
+  TempDir t;
+  BrokerProc b = StartBroker(t / "broker", t / "broker.log");
+  Proc w = StartWorker(b.endpoint, t / "worker", t / "worker.log", {"--model-file", kModel});
+  BrokerClient client(b.endpoint);
+  proto::Submit s;
+  s.batch = "lengths";
+  s.request_id = "lengths-1";
+  for (int secs : {240, 241}) {
+    proto::TranscribeSegment seg;
+    seg.file = std::to_string(secs) + ".wav";
+    seg.count = 1;
+    seg.pcm.data.assign(static_cast<size_t>(secs) * 16000 * 2, '\0');
+    proto::SubmitJob job;
+    job.kind = proto::kTranscribeKind;
+    job.payload.data = proto::EncodeBody(seg);
+    job.model = proto::kDefaultModel;
+    job.audio_ms = secs * 1000;
+    s.jobs.push_back(std::move(job));
+  }
+  proto::Reply r;
+  ASSERT_TRUE(client.Call(proto::Cmd::kSubmit, s, &r, 20000).ok());
+  ASSERT_EQ(r.job_ids.size(), 2u);
+  auto state = [&](uint64_t id) {
+    RunResult st = Submit(b.endpoint, {"status", "--job", std::to_string(id), "--json"});
+    auto j = json::parse(st.out, nullptr, false);
+    return j.is_object() ? j.value("state", "") + ": " + j.value("error", "") : st.out + st.err;
+  };
+  ASSERT_TRUE(WaitFor([&] { return StatusCounts(b.endpoint, "lengths").queued + StatusCounts(b.endpoint, "lengths").leased == 0; },
+                      60000)) << ReadFile(t / "worker.log");
+  EXPECT_EQ(state(r.job_ids[0]), "done: ") << ReadFile(t / "worker.log");
+  EXPECT_NE(state(r.job_ids[1]).find("over the 240 s a segment may have"), std::string::npos) << state(r.job_ids[1]);
 }
 
 TEST_F(TranscribeTest, AudioInFlightStaysBoundedWithoutWait) {

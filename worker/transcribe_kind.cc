@@ -12,6 +12,8 @@ namespace asrf {
 
 namespace {
 
+constexpr size_t kMaxSegmentSamples = 240 * 16000;  // schema/protocol.md: pcm of at most 240 s
+
 double Ms(double s) { return std::round(s * 1000.0) / 1000.0; }
 
 }  // namespace
@@ -33,6 +35,11 @@ void RegisterTranscribeKind(std::shared_ptr<AcousticModel> model, JobRegistry* r
       if (st.ok() && segs[i].pcm.data.size() % 2 != 0) st = Status::Invalid("pcm has an odd number of bytes");
       if (st.ok() && (segs[i].file.size() > 4096 || segs[i].source.size() > 4096)) {
         st = Status::Invalid("file name over 4096 bytes");
+      }
+      // The protocol's bound: the decoder's memory grows with a segment's length, and faster.
+      if (st.ok() && segs[i].pcm.data.size() / 2 > kMaxSegmentSamples) {
+        st = Status::Invalid("pcm of " + std::to_string(segs[i].pcm.data.size() / 2 / 16000) +
+                             " s, over the 240 s a segment may have");
       }
       if (!st.ok()) {
         (*statuses)[i] = Status::Invalid("bad transcribe payload: " + st.message());
@@ -56,6 +63,10 @@ void RegisterTranscribeKind(std::shared_ptr<AcousticModel> model, JobRegistry* r
         // The batch as a whole failed: run the segments one by one so one bad input fails alone.
         hyps.assign(spans.size(), Hypothesis{});
         for (size_t k = 0; k < spans.size(); ++k) {
+          if (ctx.all_cancelled && ctx.all_cancelled()) {  // each one alone takes a while
+            item_status[k] = Status::Unavailable("cancelled");
+            continue;
+          }
           std::vector<Hypothesis> one;
           item_status[k] = model->Transcribe({spans[k]}, &one);
           if (item_status[k].ok() && !one.empty()) hyps[k] = std::move(one.front());
