@@ -145,6 +145,22 @@ TEST(Registry, ImportExportRoundTripAndAWorkerLoadsByName) {
   RunResult tx3 = Submit(b.endpoint, {"transcribe", t / "audio/wav", "--out", t / "out3", "--model", "digits", "--wait"},
                          120000);
   EXPECT_EQ(tx3.code, 0) << tx3.err << ReadFile(t / "worker3.log");
+  w3.Signal(SIGTERM);
+  EXPECT_EQ(w3.Wait(30000), 0);
+
+  // The registry's newest bytes no longer match their checksum (damaged in the database): the
+  // worker serves with its verified cached version 2 and says why (it exited 1).
+  EXPECT_EQ(pg.Query("UPDATE models SET bytes = 'damaged'::bytea WHERE name = 'digits' AND version = 3"), "");
+  fs::remove(t / "worker/models/digits.v3.pt");
+  fs::remove(t / "worker/models/digits.v3.sha256");
+  Proc w4 = StartWorker(b.endpoint, t / "worker", t / "worker4.log", {"--model", "digits", "--pg", pg.url()});
+  ASSERT_TRUE(WaitFor([&] { return ReadFile(t / "worker4.log").find("model_loaded") != std::string::npos || !w4.Running(); },
+                      30000));
+  const std::string log4 = ReadFile(t / "worker4.log");
+  EXPECT_NE(log4.find("model_from_cache"), std::string::npos) << log4;
+  EXPECT_NE(log4.find("does not match its sha256"), std::string::npos) << log4;
+  EXPECT_NE(log4.find("digits.v2.pt"), std::string::npos) << log4;
+  EXPECT_TRUE(w4.Running()) << log4;
 }
 
 TEST(Registry, ABrokerWithoutPostgresSaysSo) {

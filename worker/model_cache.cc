@@ -89,18 +89,24 @@ Status FetchRegistryModel(const std::string& conninfo, const std::string& name, 
       if (st.ok() && b.rows() == 1) {
         std::string bytes = DecodeByteaHex(b.get(0, 0));
         if (Sha256Hex(bytes) != sha) {
-          return Status::Corruption("model " + name + " version " + version + " does not match its sha256 " + sha);
+          st = Status::Corruption("model " + name + " version " + version + " does not match its sha256 " + sha);
+        } else {
+          st = WriteFileDurably(base + ".pt", bytes);
+          if (st.ok()) st = WriteFileDurably(base + ".sha256", sha + "\n");
         }
-        ASRF_RETURN_IF_ERROR(WriteFileDurably(base + ".pt", bytes));
-        ASRF_RETURN_IF_ERROR(WriteFileDurably(base + ".sha256", sha + "\n"));
-        *path = base + ".pt";
-        if (sha256) *sha256 = sha;
-        LogInfo("model_fetched").Kv("model", name).Kv("version", version).Kv("bytes", static_cast<uint64_t>(bytes.size()));
-        return Status::Ok();
+        if (st.ok()) {
+          *path = base + ".pt";
+          if (sha256) *sha256 = sha;
+          LogInfo("model_fetched").Kv("model", name).Kv("version", version).Kv("bytes", static_cast<uint64_t>(bytes.size()));
+          return Status::Ok();
+        }
+      } else if (st.ok()) {
+        st = Status::NotFound("model " + name + " version " + version + " went from the registry while it was fetched");
       }
     }
   }
-  // PostgreSQL unreachable: the newest verified cached copy.
+  // PostgreSQL unreachable, or the newest version damaged or not writable here (a full disk): the
+  // newest verified cached copy.
   std::vector<CachedModel> cached = CachedModels(cache_dir, name);
   if (!cached.empty()) {
     *path = cached.front().path;
