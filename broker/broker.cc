@@ -36,6 +36,7 @@ Status BrokerOptions::Sanitize() {
   ClampOption("--max-attempts", &max_attempts, 1, 1000);
   ClampOption<int64_t>("--heartbeat-ms", &heartbeat_ms, 50, 60000);
   ClampOption("--heartbeat-misses", &heartbeat_misses, 1, 100);
+  ClampOption<int64_t>("--pg-statement-timeout-ms", &pg_statement_timeout_ms, 100, 3600000);
   ClampOption<int64_t>("--backoff-ms", &backoff_ms, 0, 3600000);
   backoff_max_ms = std::max(backoff_max_ms, backoff_ms);
   constexpr int64_t kCentury = 100ll * 365 * 24 * 3600;  // seconds; more would overflow as ms
@@ -52,6 +53,9 @@ Status BrokerOptions::Sanitize() {
 }
 
 namespace {
+
+constexpr const char* kSinkBusy =
+    "PostgreSQL is slow to answer and too many requests for it wait already; try again shortly";
 
 struct WorkerConn {
   std::string id;
@@ -873,7 +877,7 @@ struct Broker::Impl {
         l.routing = routing;
         l.req = m.req;
         l.info = InfoOf(*j, false);
-        sink->Lookup(std::move(l));
+        if (!sink->Lookup(std::move(l))) return SendError(routing, m.req, "busy", kSinkBusy);
         return;
       }
       r.jobs.push_back(InfoOf(*j, true));
@@ -1371,8 +1375,9 @@ struct Broker::Impl {
     ResultLookup l;
     l.routing = routing;
     l.req = m.req;
+    const uint64_t req = m.req;
     l.models = std::move(m);
-    sink->Lookup(std::move(l));
+    if (!sink->Lookup(std::move(l))) return SendError(routing, req, "busy", kSinkBusy);
   }
 
   void OnDisconnect(const std::string& routing, std::string_view body, int64_t now) {
@@ -1902,6 +1907,7 @@ Status Broker::Open(const BrokerOptions& options, std::unique_ptr<Broker>* out) 
     ASRF_RETURN_IF_ERROR(CheckConninfo(impl->opt.pg).WithContext("--pg"));
     EventSinkOptions eo;
     eo.conninfo = impl->opt.pg;
+    eo.statement_timeout_ms = impl->opt.pg_statement_timeout_ms;
     impl->sink = std::make_unique<EventSink>(eo, impl->journal.get());
   } else {
     LogWarn("no_postgresql").Kv("detail", "no --pg / ASRF_PG: job history is kept only in the journal");

@@ -36,6 +36,7 @@ struct BrokerOptions {
   int64_t watch_max_ms = 60000;         // longest WATCH subscription without renewal
   int max_messages_per_wake = 2000;     // fairness cap per poll wake-up
   std::string pg;                       // libpq conninfo for the job-history sink; empty: none
+  int64_t pg_statement_timeout_ms = 60000;  // the longest one PostgreSQL statement may take
   std::string http;                     // HOST:PORT for /metrics, /healthz, /readyz, /; empty: none
   // Transcription batching (see broker/batcher.h): padded audio seconds and segments per batch,
   // and how long a partial batch waits for more.

@@ -39,6 +39,8 @@ struct EventSink::Impl {
   bool notified = false;                 // GUARDED_BY(mu)
   bool stopping = false;                 // GUARDED_BY(mu)
   std::deque<ResultLookup> lookups;      // GUARDED_BY(mu)
+  size_t outstanding = 0;                // lookups queued or in hand; GUARDED_BY(mu)
+  size_t outstanding_bytes = 0;          // the model bytes they carry; GUARDED_BY(mu)
   std::vector<uint64_t> forgotten;       // cancelled jobs forgotten; GUARDED_BY(mu)
   std::vector<ResultLookup> answered;    // GUARDED_BY(mu)
   EventSinkStats stats;                  // GUARDED_BY(mu)
@@ -52,7 +54,7 @@ struct EventSink::Impl {
     pg.reset();
     std::unique_ptr<PgConn> c;
     int applied = 0;
-    Status st = ConnectAndMigrate(opt.conninfo, &migrated, &c, &applied);
+    Status st = ConnectAndMigrate(opt.conninfo, &migrated, &c, &applied, opt.statement_timeout_ms);
     if (applied > 0) LogInfo("pg_migrated").Kv("applied", applied);
     bool was_up;
     {
@@ -222,7 +224,11 @@ struct EventSink::Impl {
     {
       std::lock_guard<std::mutex> lock(mu);
       wake = answered.empty();
-      for (auto& l : batch) answered.push_back(std::move(l));
+      for (auto& l : batch) {
+        outstanding -= std::min<size_t>(outstanding, 1);
+        outstanding_bytes -= std::min(outstanding_bytes, l.models.bytes.data.size());
+        answered.push_back(std::move(l));
+      }
     }
     if (wake) {
       uint64_t one = 1;
@@ -301,7 +307,11 @@ struct EventSink::Impl {
       if (st.ok() && r.rows() > 0) l.reply.models.push_back(InfoFromRow(r, 0));
     }
     if (!st.ok()) {
-      l.error_code = pg->healthy() ? "bad_request" : "pg_unavailable";
+      // A timeout, a lock, a conflict, a full disk: PostgreSQL's state, not the request's fault.
+      const std::string code = pg->sqlstate();
+      const bool passing = !pg->healthy() || code.empty() || code.rfind("57", 0) == 0 || code.rfind("55", 0) == 0 ||
+                           code.rfind("40", 0) == 0 || code.rfind("53", 0) == 0 || code.rfind("08", 0) == 0;
+      l.error_code = passing ? "pg_unavailable" : "bad_request";
       l.error = "model registry: " + st.message();
       if (!pg->healthy()) Down(st);
     }
@@ -432,12 +442,20 @@ void EventSink::ForgetCheckpoints(std::vector<uint64_t> job_ids) {
   impl_->cv.notify_one();
 }
 
-void EventSink::Lookup(ResultLookup lookup) {
+bool EventSink::Lookup(ResultLookup lookup) {
   {
     std::lock_guard<std::mutex> lock(impl_->mu);
+    const size_t bytes = lookup.models.bytes.data.size();
+    if (impl_->outstanding >= kMaxLookups ||
+        (impl_->outstanding > 0 && impl_->outstanding_bytes + bytes > kMaxLookupBytes)) {
+      return false;
+    }
+    impl_->outstanding++;
+    impl_->outstanding_bytes += bytes;
     impl_->lookups.push_back(std::move(lookup));
   }
   impl_->cv.notify_one();
+  return true;
 }
 
 int EventSink::wake_fd() const { return impl_->wake_fd; }

@@ -25,6 +25,7 @@ struct EventSinkOptions {
   std::string conninfo;
   size_t max_rows = 2000;   // rows per upsert
   int64_t retry_ms = 1000;  // reconnect interval while PostgreSQL is down
+  int64_t statement_timeout_ms = 60000;  // one statement held longer (a lock elsewhere) fails
 };
 
 struct EventSinkStats {
@@ -59,7 +60,11 @@ class EventSink {
   // Cancelled jobs the broker has forgotten: no RETRY can bring them back (a gang is forgotten
   // only once every rank is done or cancelled), so their checkpoints' bytes go. Best effort.
   void ForgetCheckpoints(std::vector<uint64_t> job_ids);
-  void Lookup(ResultLookup lookup);
+  // Queues a lookup; false (nothing queued) while kMaxLookups, or kMaxLookupBytes of model bytes,
+  // wait for PostgreSQL: a slow database must not make the broker hold whatever clients send.
+  static constexpr size_t kMaxLookups = 1000;
+  static constexpr size_t kMaxLookupBytes = 256u << 20;
+  [[nodiscard]] bool Lookup(ResultLookup lookup);
   int wake_fd() const;
   std::vector<ResultLookup> TakeLookups();
   EventSinkStats GetStats() const;

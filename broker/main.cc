@@ -42,6 +42,9 @@ int main(int argc, char** argv) {
       ("pg", po::value(&o.pg)->default_value(""),
        "PostgreSQL conninfo (key=value or postgresql:// URI; PGHOST, PGPASSFILE... honoured; never a password "
        "here) for the job history; empty: the broker runs without it")
+      ("pg-statement-timeout-ms", po::value(&o.pg_statement_timeout_ms)->default_value(o.pg_statement_timeout_ms),
+       "the longest one PostgreSQL statement may take (job history, results past retention, the registry); one "
+       "held longer by a lock or a stalled server fails and is tried again")
       ("http", po::value(&o.http)->default_value("127.0.0.1:9100"),
        "HOST:PORT for /healthz, /readyz, /metrics and the status page at /; localhost unless you mean it; "
        "empty turns it off; port 0 picks one (written to STATE_DIR/http.endpoint)")

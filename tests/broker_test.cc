@@ -80,6 +80,48 @@ class RawPeer {
   zmq::socket_t sock_;
 };
 
+// PostgreSQL holding the models table (a lock taken elsewhere, for ten minutes): registry
+// requests fail after --pg-statement-timeout-ms with pg_unavailable, instead of waiting as long as
+// the lock is held, and while they wait the broker holds at most 256 MiB of the model bytes
+// clients send; the rest are answered "busy" at once (they used to queue without a bound).
+TEST(BrokerPostgres, ALockedRegistryAnswersWithinTheTimeoutAndBoundsWhatWaits) {
+  TempDir t;
+  testing::PgCluster pg(t / "pg");
+  ASSERT_TRUE(pg.Start());
+  ASSERT_EQ(testing::RunCommand({ASRF_BROKER_BIN, "--migrate", "--pg", pg.url()}).code, 0);
+  testing::Proc locker({"/usr/bin/psql", pg.url(), "-c",
+                        "BEGIN; LOCK TABLE models IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(600); COMMIT;"},
+                       t / "locker.log");
+  ASSERT_TRUE(testing::WaitFor([&] {
+    return pg.Query("SELECT count(*) FROM pg_locks WHERE relation = 'models'::regclass AND granted") == "1";
+  }, 10000)) << testing::ReadFile(t / "locker.log");
+  testing::BrokerProc b = testing::StartBroker(t / "broker", t / "broker.log",
+                                               {"--pg", pg.url(), "--pg-statement-timeout-ms", "1000"});
+  ASSERT_FALSE(b.endpoint.empty()) << testing::ReadFile(t / "broker.log");
+  RawPeer peer(b.endpoint);
+  proto::ModelsReq m;
+  m.op = "import";
+  m.name = "big";
+  m.bytes.data.assign(30u << 20, 'x');
+  for (uint64_t i = 1; i <= 12; ++i) {
+    m.req = i;
+    peer.Send(Cmd::kModels, m);
+  }
+  std::set<uint64_t> answered;
+  int busy = 0, timed_out = 0;
+  for (int i = 0; i < 12; ++i) {
+    proto::Error e = peer.ExpectError(30000);
+    if (e.code == "(none)") break;
+    answered.insert(e.req);
+    if (e.code == "busy") busy++;
+    if (e.code == "pg_unavailable" && e.message.find("statement timeout") != std::string::npos) timed_out++;
+  }
+  EXPECT_EQ(answered.size(), 12u) << testing::ReadFile(t / "broker.log");
+  EXPECT_GE(busy, 2) << "12 x 30 MiB waited for PostgreSQL: more than 256 MiB held";
+  EXPECT_GE(timed_out, 1) << testing::ReadFile(t / "broker.log");
+  locker.Signal(SIGKILL);
+}
+
 // A stand-in broker: a raw ROUTER that a real asr-worker process connects to, to play sequences
 // a real broker only gets into by accident (a lost connection, a reconnect under way).
 class StandInBroker {
