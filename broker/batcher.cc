@@ -16,16 +16,22 @@ void Batcher::Add(uint64_t id, const std::string& model, int64_t audio_ms, int64
   int bucket = solo ? -1 - static_cast<int>(id % 0x3fffffff) : BucketOf(audio_ms);
   Item it{model, bucket, std::max<int64_t>(audio_ms, 0), now_ms};
   buckets_[{model, it.bucket}].insert(id);
+  since_[{model, it.bucket}].insert(it.since_ms);
   items_.emplace(id, std::move(it));
 }
 
 bool Batcher::Remove(uint64_t id) {
   auto it = items_.find(id);
   if (it == items_.end()) return false;
-  auto b = buckets_.find({it->second.model, it->second.bucket});
+  const BucketKey key{it->second.model, it->second.bucket};
+  auto b = buckets_.find(key);
   if (b != buckets_.end()) {
     b->second.erase(id);
     if (b->second.empty()) buckets_.erase(b);
+  }
+  if (auto s = since_.find(key); s != since_.end()) {
+    if (auto one = s->second.find(it->second.since_ms); one != s->second.end()) s->second.erase(one);
+    if (s->second.empty()) since_.erase(s);
   }
   items_.erase(it);
   return true;
@@ -68,22 +74,22 @@ bool Batcher::Take(const std::function<bool(const std::string&)>& model_ok, int6
     if (ids.empty() || !model_ok(key.first)) continue;
     bool full = false;
     TakenBatch plan = Plan(key, ids, &full);
-    const Item& first = items_.at(*ids.begin());
-    bool due = full || now_ms - first.since_ms >= opt_.max_delay_ms;
+    // The bucket's oldest segment sets its age (§8.5), whatever its id.
+    const int64_t since = OldestSince(key);
+    bool due = full || now_ms - since >= opt_.max_delay_ms;
     if (!due) continue;
     // Full batches first; among equals, the one holding the oldest segment.
     // A partial batch that has waited 5x max_delay counts as full, so the tails of files in
     // sparse buckets are not starved by a backlog that keeps other buckets full.
-    full = full || now_ms - first.since_ms >= 5 * std::max<int64_t>(opt_.max_delay_ms, 1);
+    full = full || now_ms - since >= 5 * std::max<int64_t>(opt_.max_delay_ms, 1);
     bool better = !best || (full && !best_full) ||
-                  (full == best_full && (first.since_ms < best_since ||
-                                         (first.since_ms == best_since && *ids.begin() < best_oldest)));
+                  (full == best_full && (since < best_since || (since == best_since && *ids.begin() < best_oldest)));
     if (better) {
       best = &key;
       best_full = full;
       best_plan = std::move(plan);
       best_oldest = *ids.begin();
-      best_since = first.since_ms;
+      best_since = since;
     }
   }
   if (!best) return false;
@@ -96,7 +102,7 @@ int64_t Batcher::NextDue() const {
   int64_t next = 0;
   for (const auto& [key, ids] : buckets_) {
     if (ids.empty()) continue;
-    int64_t due = items_.at(*ids.begin()).since_ms + opt_.max_delay_ms;
+    int64_t due = OldestSince(key) + opt_.max_delay_ms;
     if (next == 0 || due < next) next = due;
   }
   return next;

@@ -73,6 +73,10 @@ class Batcher {
   BatcherOptions opt_;
   std::unordered_map<uint64_t, Item> items_;
   std::map<BucketKey, std::set<uint64_t>> buckets_;  // ids grow with submission: set order = FIFO
+  // When each bucket's segments became runnable: its oldest is not always its lowest id (a
+  // segment given back without an attempt comes back with a low id and a new time).
+  std::map<BucketKey, std::multiset<int64_t>> since_;
+  int64_t OldestSince(const BucketKey& key) const { return *since_.at(key).begin(); }
 };
 
 }  // namespace asrf

@@ -76,6 +76,31 @@ TEST(Batcher, ALoneSegmentLeavesAtMaxDelay) {
   EXPECT_EQ(b.NextDue(), 0);
 }
 
+// A segment given back without an attempt comes back with its low id and a new time: the bucket
+// is as old as its oldest segment, not as its lowest id (which held the others back for another
+// max_delay, and ranked the bucket behind newer ones).
+TEST(Batcher, ABucketIsAsOldAsItsOldestSegmentWhateverItsId) {
+  BatcherOptions o;
+  o.max_delay_ms = 1000;
+  Batcher b(o);
+  for (uint64_t id = 10; id < 20; ++id) b.Add(id, "m", 2000, 0);
+  b.Add(5, "m", 2000, 1000);  // given back at t=1000
+  EXPECT_EQ(b.NextDue(), 1000);
+  TakenBatch t;
+  ASSERT_TRUE(b.Take(Any, 1000, &t)) << "the segments waiting since t=0 are due at t=1000";
+  EXPECT_EQ(t.ids.size(), 11u);
+  // Ranking: of two due buckets, the one holding the segment that waited longest goes first.
+  Batcher c(o);
+  c.Add(1, "m", 60000, 500);   // a long segment's bucket: lowest id, waiting since t=500
+  c.Add(30, "m", 2000, 0);     // a short one's bucket: waiting since t=0 ...
+  c.Add(2, "m", 2000, 2000);   // ... with a lower id given back at t=2000
+  ASSERT_TRUE(c.Take(Any, 3000, &t));
+  EXPECT_EQ(t.ids, (std::vector<uint64_t>{2, 30}));
+  c.Remove(1);
+  EXPECT_EQ(c.size(), 0u);
+  EXPECT_EQ(c.NextDue(), 0);
+}
+
 TEST(Batcher, OnlyModelsTheWorkerHolds) {
   Batcher b;
   b.Add(1, "en", 1000, 0);
