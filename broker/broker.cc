@@ -168,6 +168,7 @@ struct Broker::Impl {
   std::unordered_map<uint64_t, PendingSubmit> pending_submits;
   std::unordered_map<uint64_t, std::vector<PendingFinish>> pending_finishes;  // by journal token
   std::unordered_map<uint64_t, PendingReply> pending_replies;
+  std::unordered_map<uint64_t, std::vector<uint64_t>> pending_retries;  // by journal token: jobs RETRY requeues
   std::deque<std::pair<int64_t, uint64_t>> retention;  // (finished wall ms, job id)
   std::deque<std::pair<int64_t, uint64_t>> forgetting;  // every finished job: (finished wall ms, job id)
   static constexpr const char* kNextIdKey = "m/next_job_id";
@@ -1030,7 +1031,7 @@ struct Broker::Impl {
   }
   // RETRY of a gang rank requeues the whole gang (the ranks cancelled with it too): a gang runs
   // whole or not at all. Refused when a rank ended done, as the gang can no longer run whole.
-  Status RetryGang(const Job& j, JournalBatch* b, uint64_t* n) {
+  Status RetryGang(const Job& j, JournalBatch* b, std::vector<uint64_t>* held, uint64_t* n) {
     std::vector<Job*> members;
     for (uint64_t id : table.GangMembers(j.gang)) {
       Job* m = table.Find(id);
@@ -1045,21 +1046,46 @@ struct Broker::Impl {
       }
       members.push_back(m);
     }
-    for (Job* m : members) *n += RetryJob(*m, b, /*cancelled_too=*/true) ? 1 : 0;
+    for (Job* m : members) *n += RetryJob(*m, b, held, /*cancelled_too=*/true) ? 1 : 0;
     return Status::Ok();
   }
 
-  bool RetryJob(Job& j, JournalBatch* b, bool cancelled_too = false) {
+  // Writes the job's queued record into `b` and holds the job (finishing) until that write is
+  // durable: only then is it queued (RetryWritten). A RETRY whose write failed used to leave the
+  // job queued and running while the journal, and the ERROR the client got, said it was not.
+  bool RetryJob(Job& j, JournalBatch* b, std::vector<uint64_t>* held, bool cancelled_too = false) {
     if (!Retryable(j) && !(cancelled_too && !j.finishing && j.state == JobState::kCancelled)) return false;
-    j.attempts = 0;
-    j.error.clear();
-    j.result.clear();
-    j.result_dropped = false;
-    j.finished_ms = 0;
-    table.SetState(j, JobState::kQueued);
-    b->Put(rec::StateKey(j.id), proto::EncodeBody(StateOf(j)));
-    AddEvent(b, {RowOf(j, JobState::kQueued)});
+    rec::StateRecord r = StateOf(j);
+    r.state = static_cast<uint8_t>(JobState::kQueued);
+    r.attempts = 0;
+    r.error.clear();
+    r.result.data.clear();
+    r.result_dropped = false;
+    r.finished_ms = 0;
+    b->Put(rec::StateKey(j.id), proto::EncodeBody(r));
+    records::JobRow row = RowOf(j, JobState::kQueued);
+    row.attempts = 0;
+    row.error.clear();
+    row.finished_ms = 0;
+    AddEvent(b, {std::move(row)});
+    j.finishing = true;
+    held->push_back(j.id);
     return true;
+  }
+
+  void RetryWritten(const std::vector<uint64_t>& ids, const Status& st) {
+    for (uint64_t id : ids) {
+      Job* j = table.Find(id);
+      if (!j || !j->finishing) continue;
+      j->finishing = false;
+      if (!st.ok()) continue;  // as it was: the journal holds no retry
+      j->attempts = 0;
+      j->error.clear();
+      j->result.clear();
+      j->result_dropped = false;
+      j->finished_ms = 0;
+      table.SetState(*j, JobState::kQueued);
+    }
   }
 
   void OnRetry(const std::string& routing, std::string_view body) {
@@ -1068,18 +1094,25 @@ struct Broker::Impl {
     if (!st.ok()) return SendError(routing, PeekReq(body), "bad_request", st.message());
     JournalBatch b;
     uint64_t n = 0;
+    std::vector<uint64_t> held;
     if (m.job != 0) {
       Job* j = table.Find(m.job);
       if (!j) return SendError(routing, m.req, "not_found", NoJob(m.job));
+      if (j->finishing) {
+        return SendError(routing, m.req, "busy",
+                         "job " + std::to_string(m.job) + " is being written (a RETRY or CANCEL of it); try again");
+      }
       if (!Retryable(*j)) {
         return SendError(routing, m.req, "bad_request",
                          "job " + std::to_string(m.job) + " is " + proto::StateName(j->state) +
                              "; only dead or failed jobs can be retried");
       }
       if (IsGangMember(*j)) {
-        if (Status gs = RetryGang(*j, &b, &n); !gs.ok()) return SendError(routing, m.req, "bad_request", gs.message());
+        if (Status gs = RetryGang(*j, &b, &held, &n); !gs.ok()) {
+          return SendError(routing, m.req, "bad_request", gs.message());
+        }
       } else {
-        n = RetryJob(*j, &b) ? 1 : 0;
+        n = RetryJob(*j, &b, &held) ? 1 : 0;
       }
     } else if (m.all_dead) {
       std::vector<Job*> dead;
@@ -1089,9 +1122,9 @@ struct Broker::Impl {
       for (Job* j : dead) {
         if (!Retryable(*j)) continue;  // requeued already, with its gang
         if (IsGangMember(*j)) {
-          (void)RetryGang(*j, &b, &n);  // a gang that cannot run whole again stays dead
+          (void)RetryGang(*j, &b, &held, &n);  // a gang that cannot run whole again stays dead
         } else {
-          n += RetryJob(*j, &b) ? 1 : 0;
+          n += RetryJob(*j, &b, &held) ? 1 : 0;
         }
       }
     } else {
@@ -1104,6 +1137,7 @@ struct Broker::Impl {
     p.reply.req = m.req;
     p.reply.affected = n;
     pending_replies.emplace(token, std::move(p));
+    if (!held.empty()) pending_retries.emplace(token, std::move(held));
     journal->Write(std::move(b), /*sync=*/true, token);
   }
 
@@ -1824,6 +1858,10 @@ struct Broker::Impl {
           }
         }
         pending_finishes.erase(f);
+      }
+      if (auto rt = pending_retries.find(c.token); rt != pending_retries.end()) {
+        RetryWritten(rt->second, c.status);
+        pending_retries.erase(rt);
       }
       // (A reply may share its token with a group of finishes: CANCEL's.)
       if (auto r = pending_replies.find(c.token); r != pending_replies.end()) {

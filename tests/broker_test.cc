@@ -822,6 +822,62 @@ TEST(Broker, AGangsRanksEndInOneWriteOrNotAtAll) {
   EXPECT_EQ(a.given.size() + b.given.size(), 4u) << "the gang was not placed again whole";
 }
 
+// RETRY reports the write that holds it, and the job follows that write: when it fails the job
+// stays failed (not queued, not run), as the journal and the client's ERROR say. It used to be
+// queued, and run, at once, while the journal still had it failed.
+TEST(Broker, ARetryWhoseWriteFailsLeavesTheJobAsItWas) {
+  TempDir tmp;
+  FaultFs fs;
+  BrokerOptions o = GangTestOptions(tmp / "b");
+  o.journal_env = fs.env();
+  InProcBroker broker(o);
+  ASSERT_TRUE(broker.open_status().ok()) << broker.open_status().ToString();
+  BrokerClient client(broker.endpoint());
+  FakeWorkers fleet(broker.endpoint());
+  auto& a = fleet.Connect("a-cpu", "cpu", "");
+  proto::Submit s;
+  s.batch = "rt";
+  proto::SubmitJob job;
+  job.kind = "gangwork";
+  job.payload = proto::Blob{"{}"};
+  s.jobs.push_back(job);
+  proto::Reply r;
+  ASSERT_TRUE(client.Call(Cmd::kSubmit, s, &r, 5000).ok());
+  const uint64_t id = r.job_ids.at(0);
+  fleet.Pump(800);
+  ASSERT_EQ(a.given.size(), 1u);
+  proto::Result res;
+  res.results.push_back({id, a.given.back().epoch, false, proto::Blob{"{}"}, "broke", 1, false});
+  a.peer->Send(Cmd::kResult, res);
+  fleet.Pump(800);
+  auto state = [&] {
+    proto::StatusReq q;
+    q.job = id;
+    proto::Reply sr;
+    EXPECT_TRUE(client.Call(Cmd::kStatus, q, &sr, 5000).ok());
+    return sr.jobs.empty() ? std::string("?") : sr.jobs[0].state;
+  };
+  ASSERT_EQ(state(), "failed");
+  proto::RetryReq retry;
+  retry.job = id;
+  fs.FailNextAppends(1);
+  Status st = client.Call(Cmd::kRetry, retry, &r, 5000);
+  EXPECT_NE(st.message().find("journal_unavailable"), std::string::npos) << st.ToString();
+  fleet.Pump(800);
+  EXPECT_EQ(state(), "failed");
+  EXPECT_EQ(a.given.size(), 1u) << "the job ran again though its RETRY was not written";
+  // The journal takes writes again: the same RETRY requeues it, and it runs.
+  for (int64_t end = MonoMs() + 5000; MonoMs() < end;) {
+    st = client.Call(Cmd::kRetry, retry, &r, 5000);
+    if (st.ok()) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  EXPECT_EQ(r.affected, 1u);
+  fleet.Pump(800);
+  EXPECT_EQ(a.given.size(), 2u);
+}
+
 std::vector<uint64_t> Ids(const std::vector<proto::Assignment>& given) {
   std::vector<uint64_t> ids;
   for (const auto& a : given) ids.push_back(a.id);
