@@ -193,8 +193,13 @@ class CtcAcousticModel : public AcousticModel {
   std::shared_ptr<const CharLm> lm_;
   std::vector<int> class_symbol_;
   // Padded feature frames per micro-batch: options_.max_batch_frames, capped by the device's free
-  // memory, halved after the device runs out of memory.
+  // memory (full_frames_), halved after the device runs out of memory and doubled again, up to
+  // full_frames_, after kGrowAfter calls in a row that did not (a passing shortage, such as a
+  // training's peak on the same GPU, must not shrink the batches for the rest of the process).
   int64_t batch_frames_;
+  int64_t full_frames_ = 0;
+  int calls_since_shrink_ = 0;
+  static constexpr int kGrowAfter = 32;
 #if ASRF_HAVE_CUDA
   std::unique_ptr<FrontEndStager> stager_;  // cuda:N: the front end on the GPU
 #endif
@@ -235,6 +240,7 @@ class CtcAcousticModel : public AcousticModel {
         batch_frames_ = fit;
       }
     }
+    full_frames_ = batch_frames_;
 #endif
     return Status::Ok();
   }
@@ -307,9 +313,15 @@ Status CtcAcousticModel::Transcribe(const std::vector<std::span<const int16_t>>&
       const bool single = std::all_of(batches.begin(), batches.end(), [](const auto& b) { return b.size() == 1; });
       if (single) return Status::Unavailable("out of memory on " + device() + " with one utterance per batch: " + oom);
       batch_frames_ = std::max<int64_t>(1, batch_frames_ / 2);
+      calls_since_shrink_ = -1;  // this call does not count
       LogWarn("transcribe_batch_shrunk").Kv("device", device()).Kv("max_batch_frames", batch_frames_).Kv("error", oom);
     }
   });
+  if (batch_frames_ < full_frames_ && ++calls_since_shrink_ >= kGrowAfter) {
+    batch_frames_ = std::min(full_frames_, batch_frames_ * 2);
+    calls_since_shrink_ = 0;
+    LogInfo("transcribe_batch_grown").Kv("device", device()).Kv("max_batch_frames", batch_frames_);
+  }
   if (!st.ok()) return st;
   *out = std::move(result);
   return Status::Ok();
