@@ -40,6 +40,7 @@ struct FileJob {
   std::string path;      // as found
   std::string rel;       // relative to its input root: the name the segments carry
   std::string base;      // output path without extension
+  std::string out_rel;   // base relative to --out (what the segments carry for `collect`)
   double duration_s = 0;
   double known_duration_s = 0;  // collect: the file's length as transcribe sent it (0: unknown)
   int segments = 0;
@@ -247,6 +248,18 @@ Walk FindFiles(const std::vector<std::string>& inputs, const std::set<std::strin
       w.errors.push_back(in + ": no such file or directory");
     }
   }
+  // The same file found twice (named and inside a named folder, or a folder named twice) is one
+  // input, so it neither shares a stem with itself nor fails as its own duplicate below.
+  {
+    std::set<std::string> seen;
+    std::vector<Found> unique;
+    for (auto& f : found) {
+      std::error_code cec;
+      const std::string key = fs::weakly_canonical(f.path, cec).string();
+      if (seen.insert(cec ? f.path : key).second) unique.push_back(std::move(f));
+    }
+    found = std::move(unique);
+  }
   // Inputs that would share an output name keep their source extension.
   std::map<std::string, int> stems;
   for (const auto& f : found) stems[OutputBase(f.path, f.root, out_dir, false)]++;
@@ -259,6 +272,8 @@ Walk FindFiles(const std::vector<std::string>& inputs, const std::set<std::strin
     if (j.rel.empty() || j.rel.rfind("..", 0) == 0) j.rel = fs::path(f.path).filename().string();
     bool keep = stems[OutputBase(f.path, f.root, out_dir, false)] > 1;
     j.base = OutputBase(f.path, f.root, out_dir, keep);
+    j.out_rel = fs::path(j.base).lexically_relative(out_dir).string();
+    if (j.out_rel.empty() || j.out_rel.rfind("..", 0) == 0) j.out_rel = fs::path(j.base).filename().string();
     if (!bases.insert(j.base).second) {
       // The same file named twice, or two input folders holding the same relative name.
       if (fs::weakly_canonical(f.path) != fs::weakly_canonical(first_path[j.base])) {
@@ -615,6 +630,7 @@ int RunTranscribe(const GlobalOptions& g, const std::vector<std::string>& args) 
       seg.offset_s = static_cast<double>(segs[k].begin) / kTargetRate;
       seg.source = f.path;
       seg.file_duration_s = f.duration_s;
+      seg.out = EscapeName(f.out_rel);
       seg.pcm.data.assign(reinterpret_cast<const char*>(audio.pcm.data() + segs[k].begin),
                           static_cast<size_t>(segs[k].end - segs[k].begin) * 2);
       double len_s = static_cast<double>(segs[k].end - segs[k].begin) / kTargetRate;
@@ -781,14 +797,21 @@ int RunCollect(const GlobalOptions& g, const std::vector<std::string>& args) {
         continue;
       }
       DropUnsure(&seg, min_confidence);
-      FileJob& f = by_file[file];
+      // Grouped by the output name `transcribe` chose (echoed as "out"): two names that are not
+      // UTF-8 and look alike in JSON stay two files, and each keeps its name.
+      json extra = json::parse(i.result.data, nullptr, /*allow_exceptions=*/false);
+      std::string out_rel;
+      if (extra.is_object()) {
+        if (auto o = extra.find("out"); o != extra.end() && o->is_string()) out_rel = UnescapeName(o->get<std::string>());
+      }
+      FileJob& f = by_file[out_rel.empty() ? "f:" + file : "o:" + out_rel];
+      f.out_rel = out_rel;
       if (f.path.empty()) f.path = file;
       f.segments = count;
       f.transcript.model = model;
       f.duration_s = std::max(f.duration_s, seg.end);
       f.compute_s += static_cast<double>(i.run_ms) / 1000.0;
       // What `transcribe` knew of the file, echoed by the worker (absent from older clients' jobs).
-      json extra = json::parse(i.result.data, nullptr, /*allow_exceptions=*/false);
       if (extra.is_object()) {
         if (auto s = extra.find("source"); s != extra.end() && s->is_string()) f.path = s->get<std::string>();
         if (auto d = extra.find("file_duration_s"); d != extra.end() && d->is_number() && d->get<double>() > 0) {
@@ -801,14 +824,19 @@ int RunCollect(const GlobalOptions& g, const std::vector<std::string>& args) {
   size_t written = 0, incomplete = 0;
   // Output names as `transcribe` chose them: a file whose stem another file shares keeps its
   // extension (a.wav.txt beside a.mp3.txt), so neither overwrites the other.
+  // (Jobs of older clients carry no "out": their names are worked out again from the batch.)
   std::map<std::string, int> stems;
-  for (const auto& [file, f] : by_file) stems[OutputBase(file, ".", out_dir, false)]++;
-  for (auto& [file, f] : by_file) {
-    f.base = OutputBase(file, ".", out_dir, stems[OutputBase(file, ".", out_dir, false)] > 1);
+  for (const auto& [key, f] : by_file) {
+    if (f.out_rel.empty()) stems[OutputBase(key.substr(2), ".", out_dir, false)]++;
+  }
+  for (auto& [key, f] : by_file) {
+    const std::string file = key.substr(2);
+    f.base = !f.out_rel.empty() ? (fs::path(out_dir) / f.out_rel).string()
+                                : OutputBase(file, ".", out_dir, stems[OutputBase(file, ".", out_dir, false)] > 1);
     if (f.known_duration_s > 0) f.duration_s = f.known_duration_s;
     if (f.received != f.segments) {
       incomplete++;
-      std::cerr << "  error: " << file << ": " << f.received << " of " << f.segments << " segments\n";
+      std::cerr << "  error: " << f.path << ": " << f.received << " of " << f.segments << " segments\n";
       continue;
     }
     if (Status st = WriteFile(f, formats); !st.ok()) {

@@ -1,6 +1,7 @@
 #include "client/transcript.h"
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -248,6 +249,41 @@ Status FormatByName(const std::string& format, const Transcript& t, std::string*
   else if (format == "tsv") *out = FormatTsv(t);
   else return Status::Invalid("unknown output format \"" + format + "\" (txt, json, srt, vtt, tsv)");
   return Status::Ok();
+}
+
+std::string EscapeName(const std::string& name) {
+  std::string out;
+  size_t i = 0;
+  while (i < name.size()) {
+    const unsigned char c = static_cast<unsigned char>(name[i]);
+    size_t n = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
+    bool ok = n > 0 && i + n <= name.size() && c != 0 && c != '%';
+    for (size_t k = 1; ok && k < n; ++k) ok = (static_cast<unsigned char>(name[i + k]) >> 6) == 2;
+    if (ok) {
+      out.append(name, i, n);
+      i += n;
+    } else {
+      char buf[4];
+      std::snprintf(buf, sizeof(buf), "%%%02X", c);
+      out += buf;
+      i += 1;
+    }
+  }
+  return out;
+}
+
+std::string UnescapeName(const std::string& text) {
+  auto hex = [](char h) { return std::isxdigit(static_cast<unsigned char>(h)) != 0; };
+  std::string out;
+  for (size_t i = 0; i < text.size(); ++i) {
+    if (text[i] == '%' && i + 2 < text.size() && hex(text[i + 1]) && hex(text[i + 2])) {
+      out.push_back(static_cast<char>(std::stoi(text.substr(i + 1, 2), nullptr, 16)));
+      i += 2;
+    } else {
+      out.push_back(text[i]);
+    }
+  }
+  return out;
 }
 
 std::string OutputBase(const std::string& input, const std::string& root, const std::string& out_dir, bool keep_ext) {

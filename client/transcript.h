@@ -67,6 +67,12 @@ std::string FormatTsv(const Transcript& t);   // start_ms<TAB>end_ms<TAB>text, w
 // Formats by name: txt, json, srt, vtt, tsv. Invalid for an unknown name.
 Status FormatByName(const std::string& format, const Transcript& t, std::string* out);
 
+// A file name as text that survives a JSON round trip: '%' and every byte that is not part of a
+// valid UTF-8 sequence become %XX; UnescapeName gives the bytes back (a name from a Latin-1 file
+// system stays itself through a worker's JSON result).
+std::string EscapeName(const std::string& name);
+std::string UnescapeName(const std::string& text);
+
 // The output path (without extension) for `input` found under `root`: OUT/<relative dir>/<stem>;
 // with keep_ext the source extension stays in the name (a.wav -> a.wav.txt) for inputs that
 // share a stem with another input. A file given directly (root empty or equal to input), or one

@@ -133,7 +133,10 @@ struct TranscribeSegment {
   Blob pcm;              // int16 little-endian samples at 16 kHz
   std::string source;    // the path as the client found it (echoed in the result, for `collect`)
   double file_duration_s = 0;  // the whole file's length (echoed in the result, for `collect`)
-  MSGPACK_DEFINE_MAP(file, index, count, offset_s, pcm, source, file_duration_s);
+  // The file's output name, relative to the client's --out and without extension, as `transcribe`
+  // chose it; bytes of no valid UTF-8 sequence, and '%', as %XX (echoed, for `collect`).
+  std::string out;
+  MSGPACK_DEFINE_MAP(file, index, count, offset_s, pcm, source, file_duration_s, out);
 };
 inline constexpr const char* kTranscribeKind = "transcribe";
 inline constexpr const char* kDefaultModel = "default";

@@ -101,6 +101,20 @@ void ExpectTone(const DecodedAudio& a, double seconds, double freq, double amp, 
   EXPECT_LT(on.residual_rms, on.amplitude * max_residual_ratio) << "tone at " << freq << " Hz not clean";
 }
 
+// Names through JSON: valid UTF-8 stays readable, '%' and bytes of no UTF-8 sequence become %XX,
+// and every name comes back byte for byte.
+TEST(NameEscape, NamesRoundTripByteForByte) {
+  EXPECT_EQ(EscapeName("calls/a b.wav"), "calls/a b.wav");
+  EXPECT_EQ(EscapeName("caf\xc3\xa9"), "caf\xc3\xa9");
+  EXPECT_EQ(EscapeName("M\xfcller"), "M%FCller");
+  EXPECT_EQ(EscapeName("100%"), "100%25");
+  for (const std::string& name : {std::string("M\xfcller.wav"), std::string("M\xf6ller.wav"), std::string("50%25 off"),
+                                 std::string("\xc3"), std::string("a\0b", 3), std::string("%zz%4"), std::string()}) {
+    EXPECT_EQ(UnescapeName(EscapeName(name)), name) << name;
+  }
+  EXPECT_NE(EscapeName("M\xfcller.wav"), EscapeName("M\xf6ller.wav"));
+}
+
 TEST(DecodeAudio, Wav44k1StereoAveragesChannelsAndResamplesAcrossChunks) {
   TempDir dir;
   // 10 s at 44.1 kHz: several of the decoder's read chunks, so chunk joins are inside the check.

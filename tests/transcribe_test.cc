@@ -687,6 +687,35 @@ TEST_F(TranscribeTest, ASegmentOverTheProtocolsLengthIsRefused) {
   EXPECT_NE(state(r.job_ids[1]).find("over the 240 s a segment may have"), std::string::npos) << state(r.job_ids[1]);
 }
 
+// `collect` writes the names `transcribe` chose (carried in each segment): a.wav beside an a.mp3
+// that does not decode keeps its extension, as --wait writes it (collect worked the names out
+// again from the batch alone, and wrote a.txt); two Latin-1 names that look alike in JSON stay two
+// files under their own names (collect merged them into one); and a file named both on its own
+// and inside its folder is one input (its outputs were named b.wav.*, as if two files shared b).
+TEST_F(TranscribeTest, CollectWritesTheNamesTranscribeChose) {
+  TempDir t;
+  BrokerProc b = StartBroker(t / "broker", t / "broker.log");
+  Proc w = StartWorker(b.endpoint, t / "worker", t / "worker.log", {"--model-file", kModel, "--threads", "2"});
+  const std::string in = t / "in", mueller = "M\xfcller", moeller = "M\xf6ller";
+  fs::create_directories(in);
+  fs::copy_file((*utts_)[0].wav, in + "/a.wav");
+  { std::ofstream(in + "/a.mp3") << "not audio at all\n"; }
+  fs::copy_file((*utts_)[1].wav, in + "/" + mueller + ".wav");
+  fs::copy_file((*utts_)[2].wav, in + "/" + moeller + ".wav");
+  fs::copy_file((*utts_)[3].wav, in + "/b.wav");
+  RunResult r = Submit(b.endpoint, {"transcribe", in, in + "/b.wav", "--out", t / "o", "--batch", "names"}, 60000);
+  EXPECT_EQ(r.code, 1) << r.err;  // a.mp3
+  ASSERT_TRUE(WaitFor([&] { return StatusCounts(b.endpoint, "names").done >= 4; }, 60000)) << ReadFile(t / "worker.log");
+  RunResult col = Submit(b.endpoint, {"collect", "names", "--out", t / "o"}, 60000);
+  EXPECT_EQ(col.code, 0) << col.err;
+  EXPECT_FALSE(Trim(ReadFile(t / "o/a.wav.txt")).empty()) << col.err;
+  EXPECT_FALSE(fs::exists(t / "o/a.txt"));
+  EXPECT_FALSE(Trim(ReadFile(t / ("o/" + mueller + ".txt"))).empty()) << col.err;
+  EXPECT_FALSE(Trim(ReadFile(t / ("o/" + moeller + ".txt"))).empty()) << col.err;
+  EXPECT_FALSE(Trim(ReadFile(t / "o/b.txt")).empty()) << col.err;
+  EXPECT_FALSE(fs::exists(t / "o/b.wav.txt"));
+}
+
 TEST_F(TranscribeTest, AudioInFlightStaysBoundedWithoutWait) {
   TempDir t;
   BrokerProc b = StartBroker(t / "broker", t / "broker.log");

@@ -33,7 +33,7 @@ void RegisterTranscribeKind(std::shared_ptr<AcousticModel> model, JobRegistry* r
     for (size_t i = 0; i < n; ++i) {
       Status st = proto::DecodeBody(payloads[i], &segs[i]);
       if (st.ok() && segs[i].pcm.data.size() % 2 != 0) st = Status::Invalid("pcm has an odd number of bytes");
-      if (st.ok() && (segs[i].file.size() > 4096 || segs[i].source.size() > 4096)) {
+      if (st.ok() && (segs[i].file.size() > 4096 || segs[i].source.size() > 4096 || segs[i].out.size() > 4096 * 3)) {
         st = Status::Invalid("file name over 4096 bytes");
       }
       // The protocol's bound: the decoder's memory grows with a segment's length, and faster.
@@ -98,6 +98,7 @@ void RegisterTranscribeKind(std::shared_ptr<AcousticModel> model, JobRegistry* r
       if (!model_sha256.empty()) j["model_sha256"] = model_sha256;
       if (!segs[i].source.empty()) j["source"] = segs[i].source;
       if (segs[i].file_duration_s > 0) j["file_duration_s"] = segs[i].file_duration_s;
+      if (!segs[i].out.empty()) j["out"] = segs[i].out;
       (*results)[i] = j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
     }
   });
