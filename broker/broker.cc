@@ -1357,6 +1357,13 @@ struct Broker::Impl {
         continue;
       }
       if (r.error.size() > proto::kMaxStringBytes) r.error.resize(proto::kMaxStringBytes);
+      if (!r.ok && r.retry) {
+        // A passing failure (the worker's device ran out of memory): an attempt, and again later.
+        LogWarn("job_failed_passing").Kv("job", j->id).Kv("worker", w->id).Kv("error", r.error);
+        immediate.accepted.push_back({r.id, r.epoch});
+        LoseLease(*j, "failed on worker " + w->id + ": " + (r.error.empty() ? "no message" : r.error), now);
+        continue;
+      }
       if (r.result.data.size() > proto::kMaxResultBytes) {
         r.ok = false;
         r.error = "result of " + std::to_string(r.result.data.size()) + " bytes is over the " +

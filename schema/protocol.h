@@ -382,7 +382,11 @@ struct JobResult {
   // The worker stopped the job on purpose (it is draining) after saving its state: the broker
   // queues it again without counting an attempt.
   bool requeue = false;
-  MSGPACK_DEFINE_MAP(id, epoch, ok, result, error, run_ms, requeue);
+  // Failed for a passing reason (the device ran out of memory, a libtorch error): the broker
+  // counts an attempt and runs the job again after the back-off, as for a lost lease (dead after
+  // --max-attempts). Only with ok false.
+  bool retry = false;
+  MSGPACK_DEFINE_MAP(id, epoch, ok, result, error, run_ms, requeue, retry);
 };
 
 struct Result {

@@ -878,6 +878,57 @@ TEST(Broker, ARetryWhoseWriteFailsLeavesTheJobAsItWas) {
   EXPECT_EQ(a.given.size(), 2u);
 }
 
+// A result that failed for a passing reason (`retry`: the worker's device ran out of memory)
+// counts an attempt and runs again, and the job is dead after --max-attempts with the reason; it
+// used to end failed at once, with every other job of its batch.
+TEST(Broker, APassingFailureIsTriedAgainUntilMaxAttempts) {
+  TempDir tmp;
+  BrokerOptions o = GangTestOptions(tmp / "b");
+  o.max_attempts = 3;
+  InProcBroker broker(o);
+  ASSERT_TRUE(broker.open_status().ok()) << broker.open_status().ToString();
+  BrokerClient client(broker.endpoint());
+  FakeWorkers fleet(broker.endpoint());
+  auto& a = fleet.Connect("a-cpu", "cpu", "");
+  proto::Submit s;
+  s.batch = "flaky";
+  proto::SubmitJob job;
+  job.kind = "gangwork";
+  job.payload = proto::Blob{"{}"};
+  s.jobs.push_back(job);
+  proto::Reply r;
+  ASSERT_TRUE(client.Call(Cmd::kSubmit, s, &r, 5000).ok());
+  const uint64_t id = r.job_ids.at(0);
+  auto info = [&] {
+    proto::StatusReq q;
+    q.job = id;
+    proto::Reply sr;
+    EXPECT_TRUE(client.Call(Cmd::kStatus, q, &sr, 5000).ok());
+    return sr.jobs.empty() ? proto::JobInfo{} : sr.jobs[0];
+  };
+  for (size_t attempt = 1; attempt <= 3; ++attempt) {
+    fleet.Pump(600);
+    ASSERT_EQ(a.given.size(), attempt) << "attempt " << attempt << " was not assigned";
+    proto::Result res;
+    proto::JobResult jr{id, a.given.back().epoch, false, proto::Blob{}, "out of memory on cuda:0", 5, false};
+    jr.retry = true;
+    res.results.push_back(jr);
+    a.peer->Send(Cmd::kResult, res);
+    std::string body;
+    ASSERT_TRUE(a.peer->Expect(Cmd::kResultAck, &body, 5000));
+    proto::ResultAck ack;
+    ASSERT_TRUE(proto::DecodeBody(body, &ack).ok());
+    EXPECT_EQ(ack.accepted.size(), 1u);
+    fleet.Pump(300);
+    if (attempt < 3) {
+      EXPECT_NE(info().state, "failed") << "a passing failure ended the job";
+    }
+  }
+  ASSERT_TRUE(testing::WaitFor([&] { return info().state == "dead"; }, 5000)) << info().state;
+  EXPECT_NE(info().error.find("out of memory on cuda:0"), std::string::npos) << info().error;
+  EXPECT_EQ(info().attempts, 3u);
+}
+
 std::vector<uint64_t> Ids(const std::vector<proto::Assignment>& given) {
   std::vector<uint64_t> ids;
   for (const auto& a : given) ids.push_back(a.id);

@@ -282,8 +282,13 @@ struct Worker::Impl {
       d.result.epoch = a.epoch;
       double share = total_bytes ? static_cast<double>(a.payload.data.size()) / total_bytes : 1.0 / n;
       d.result.run_ms = static_cast<int64_t>(run_us * share / 1000);
-      Status st = w.tasks[i].cancelled->load() ? Status::Unavailable("cancelled") : statuses[i];
+      const bool cancelled = w.tasks[i].cancelled->load();
+      Status st = cancelled ? Status::Unavailable("cancelled") : statuses[i];
       d.result.ok = st.ok();
+      // The batch's device or library failed, not this job's input (that is Invalid): another
+      // try, counted, on this worker or another.
+      d.result.retry = !st.ok() && !cancelled &&
+                       (st.code() == Status::Code::kUnavailable || st.code() == Status::Code::kIOError);
       if (st.ok()) d.result.result.data = std::move(results[i]);
       else d.result.error = st.message().substr(0, proto::kMaxStringBytes);
     }
