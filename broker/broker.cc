@@ -1180,7 +1180,11 @@ struct Broker::Impl {
       // The same worker on a new connection (it reconnected): keep the leases it still runs.
       for (const auto& l : m.running) {
         Job* j = table.Find(l.id);
-        if (j && j->state == JobState::kLeased && j->epoch == l.epoch && j->worker == m.worker_id) keep.insert(l.id);
+        // Not one being finished (a CANCEL's write in flight): it is cancelled below, on this
+        // connection (the CANCEL_JOBS went to the old one), where it used to be kept running.
+        if (j && j->state == JobState::kLeased && j->epoch == l.epoch && j->worker == m.worker_id && !j->finishing) {
+          keep.insert(l.id);
+        }
       }
       std::vector<uint64_t> lost;
       for (uint64_t id : existing->second.leases) if (!keep.count(id)) lost.push_back(id);

@@ -1,7 +1,9 @@
 #include "broker/fault_fs.h"
 
 #include <atomic>
+#include <chrono>
 #include <mutex>
+#include <thread>
 #include <string>
 
 #include <rocksdb/env.h>
@@ -22,6 +24,7 @@ struct FaultFs::State {
     return false;
   }
   std::atomic<long> syncs{0};
+  std::atomic<int> sync_delay_ms{0};
 };
 
 namespace {
@@ -90,6 +93,7 @@ class FaultFile : public rocksdb::FSWritableFileOwnerWrapper {
       if (!s.ok()) return s;
     }
     if (sync) {
+      if (int ms = st_->sync_delay_ms.load(); ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(ms));
       IOStatus s = target()->Sync(o, dbg);
       if (!s.ok()) return s;
       st_->syncs++;
@@ -148,6 +152,7 @@ rocksdb::Env* FaultFs::env() { return env_.get(); }
 void FaultFs::Crash() { state_->crashed = true; }
 void FaultFs::SetNoSpace(bool on) { state_->no_space = on; }
 void FaultFs::FailNextAppends(int n) { state_->fail_appends = n; }
+void FaultFs::SetSyncDelayMs(int ms) { state_->sync_delay_ms = ms; }
 long FaultFs::syncs() const { return state_->syncs.load(); }
 
 }  // namespace asrf

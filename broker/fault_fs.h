@@ -28,6 +28,8 @@ class FaultFs {
   void SetNoSpace(bool on);
   // The next n appends to any file fail as if the disk were full (a passing fault).
   void FailNextAppends(int n);
+  // Every file sync takes this much longer (a slow disk): writes stay in flight that long.
+  void SetSyncDelayMs(int ms);
   // Number of successful file syncs so far.
   long syncs() const;
 

@@ -929,6 +929,66 @@ TEST(Broker, APassingFailureIsTriedAgainUntilMaxAttempts) {
   EXPECT_EQ(info().attempts, 3u);
 }
 
+// A worker that reconnects while a CANCEL of its running job is being written (here a disk whose
+// syncs take 1.5 s) lists that lease in its READY: the broker tells it, on the new connection, to
+// cancel it. It used to keep the lease (the CANCEL_JOBS had gone to the old connection), so the
+// worker went on running a cancelled job, its slot counted free.
+TEST(Broker, AReconnectDuringACancelsWriteStillCancelsTheJob) {
+  TempDir tmp;
+  FaultFs fs;
+  BrokerOptions o = GangTestOptions(tmp / "b");
+  o.journal_env = fs.env();
+  InProcBroker broker(o);
+  ASSERT_TRUE(broker.open_status().ok()) << broker.open_status().ToString();
+  BrokerClient client(broker.endpoint());
+  proto::Ready ready;
+  ready.worker_id = "w";
+  ready.host = "box";
+  ready.device = "cpu";
+  ready.slots = 1;
+  ready.kinds = {"gangwork"};
+  ready.instance = "same-process";
+  RawPeer first(broker.endpoint());
+  first.Send(Cmd::kReady, ready);
+  proto::Submit s;
+  s.batch = "c";
+  proto::SubmitJob job;
+  job.kind = "gangwork";
+  job.payload = proto::Blob{"{}"};
+  s.jobs.push_back(job);
+  proto::Reply r;
+  ASSERT_TRUE(client.Call(Cmd::kSubmit, s, &r, 5000).ok());
+  std::string body;
+  proto::Assign a;
+  ASSERT_TRUE(first.Expect(Cmd::kAssign, &body, 5000));
+  ASSERT_TRUE(proto::DecodeBody(body, &a).ok());
+  ASSERT_EQ(a.jobs.size(), 1u);
+  const proto::Lease lease{a.jobs[0].id, a.jobs[0].epoch};
+  first.Send(Cmd::kStarted, proto::Started{{lease}});
+  ASSERT_TRUE(first.Expect(Cmd::kStarted, &body, 5000));
+  fs.SetSyncDelayMs(1500);
+  std::thread cancel([&] {
+    proto::CancelReq c;
+    c.job = lease.id;
+    proto::Reply cr;
+    EXPECT_TRUE(BrokerClient(broker.endpoint()).Call(Cmd::kCancel, c, &cr, 10000).ok());
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(400));  // the CANCEL's write is in flight
+  RawPeer second(broker.endpoint());
+  ready.running = {lease};
+  second.Send(Cmd::kReady, ready);
+  bool cancelled = false;
+  for (int64_t end = MonoMs() + 5000; !cancelled && MonoMs() < end;) {
+    if (!second.Expect(Cmd::kCancelJobs, &body, static_cast<int>(end - MonoMs()))) break;
+    proto::CancelJobs cj;
+    ASSERT_TRUE(proto::DecodeBody(body, &cj).ok());
+    for (const auto& l : cj.leases) cancelled = cancelled || (l.id == lease.id && l.epoch == lease.epoch);
+  }
+  cancel.join();
+  fs.SetSyncDelayMs(0);
+  EXPECT_TRUE(cancelled) << "the reconnected worker was not told to cancel the job";
+}
+
 std::vector<uint64_t> Ids(const std::vector<proto::Assignment>& given) {
   std::vector<uint64_t> ids;
   for (const auto& a : given) ids.push_back(a.id);
