@@ -8,20 +8,22 @@
 #                             [--model-file FILE] [--gpus LIST | --same-gpu N] [-- EXTRA WORKER OPTIONS]
 #
 #   --state-dir    root of the workers' state (worker-gpuN/ or worker-cpuN/ under it; default
-#                  $ASRF_STATE_DIR, else asrf-state)
+#                  $ASRF_STATE_DIR, else the repository's asrf-state, as the other scripts)
 #   --log-dir      where worker logs go (default STATE/logs)
 #   --cpu-workers  CPU workers when no GPU is visible (default 2); each gets nproc/N threads
-#   --model-file   acoustic model every worker loads (default models/en-small.pt)
+#   --model-file   acoustic model every worker loads (default models/en-small.pt; not passed
+#                  when EXTRA WORKER OPTIONS name --model NAME, a registry model)
 #   --gpus         GPU indices to use (default: CUDA_VISIBLE_DEVICES when set, empty meaning
 #                  none, else every GPU nvidia-smi lists);
 #                  "none": CPU workers even where GPUs are
 #   --same-gpu N   start N workers on GPU 0 instead (tests several processes on a one-GPU host)
 #
 # GPU workers get --slots 2 unless EXTRA WORKER OPTIONS set --slots or ASRF_SLOTS is set: two jobs
-# in flight, so the GPU runs one batch while the worker unpacks and answers the other.
+# in flight, so the GPU runs one batch while the worker unpacks and answers the other. EXTRA WORKER
+# OPTIONS (after --) go to every worker; one naming --threads replaces the CPU workers' share.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-broker="" state="${ASRF_STATE_DIR:-asrf-state}" logs="" cpu_workers=2 model="$REPO/models/en-small.pt" gpus="" same_gpu=0
+broker="" state="${ASRF_STATE_DIR:-$REPO/asrf-state}" logs="" cpu_workers=2 model="$REPO/models/en-small.pt" gpus="" same_gpu=0
 extra=()
 while (($#)); do
     case "$1" in
@@ -35,7 +37,7 @@ while (($#)); do
         --gpus) gpus="$2"; shift 2 ;;
         --same-gpu) same_gpu="$2"; shift 2 ;;
         --) shift; extra=("$@"); break ;;
-        -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
         *) echo "launch-workers: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -95,26 +97,45 @@ check_started() {
     return "$failed"
 }
 
+# Options after -- the worker gets once: the script's own default for them gives way (the worker
+# refuses an option given twice, and --model NAME excludes --model-file); --broker, --device and
+# --state-dir are the script's to set, one per worker.
+has_extra() {
+    local o
+    for o in "${extra[@]}"; do [[ "$o" == "$1" || "$o" == "$1="* ]] && return 0; done
+    return 1
+}
+for o in --broker --device --state-dir; do
+    if has_extra "$o"; then
+        echo "launch-workers: $o after -- is set by this script for each worker; use its own option (see --help)" >&2
+        exit 2
+    fi
+done
+model_args=(--model-file "$model")
+if has_extra --model || has_extra --model-file; then model_args=(); fi
+
 gpu_extra=("${extra[@]}")
 [[ " ${extra[*]} " == *" --slots"* || -n "${ASRF_SLOTS:-}" ]] || gpu_extra=(--slots 2 "${extra[@]}")
 
 if ((same_gpu > 0)); then
     for ((i = 0; i < same_gpu; i++)); do
         start "worker-gpu0-$i" CUDA_VISIBLE_DEVICES="${gpus%%,*}" "$worker_bin" --broker "$broker" --device cuda:0 \
-            --state-dir "$state/worker-gpu0-$i" --model-file "$model" "${gpu_extra[@]}"
+            --state-dir "$state/worker-gpu0-$i" "${model_args[@]}" "${gpu_extra[@]}"
     done
 elif [[ -n "$gpus" ]]; then
     IFS=, read -ra list <<<"$gpus"
     for g in "${list[@]}"; do
         start "worker-gpu$g" CUDA_VISIBLE_DEVICES="$g" "$worker_bin" --broker "$broker" --device cuda:0 \
-            --state-dir "$state/worker-gpu$g" --model-file "$model" "${gpu_extra[@]}"
+            --state-dir "$state/worker-gpu$g" "${model_args[@]}" "${gpu_extra[@]}"
     done
 else
     threads=$(( $(nproc) / cpu_workers ))
     ((threads >= 1)) || threads=1
+    threads_args=(--threads "$threads")
+    if has_extra --threads; then threads_args=(); fi
     for ((i = 1; i <= cpu_workers; i++)); do
         start "worker-cpu$i" CUDA_VISIBLE_DEVICES= "$worker_bin" --broker "$broker" --device cpu \
-            --threads "$threads" --state-dir "$state/worker-cpu$i" --model-file "$model" "${extra[@]}"
+            "${threads_args[@]}" --state-dir "$state/worker-cpu$i" "${model_args[@]}" "${extra[@]}"
     done
 fi
 check_started

@@ -28,11 +28,13 @@ echo "fixture: synthesising $utterances number utterances into $work/data"
 build/scripts/synth/asr-synth --out "$work/data" --utterances "$utterances" --seed 11 --numbers-fraction 1 \
     --valid-fraction 0.1 --heldout-fraction 0.05
 
+rm -f "$work/broker/broker.endpoint"  # a reused --work DIR holds the last run's (a port now closed)
 build/broker/asr-broker --listen tcp://127.0.0.1:0 --state-dir "$work/broker" --http "" >"$work/broker.log" 2>&1 &
 broker=$!
 worker=""
 trap 'kill ${worker:+"$worker"} "$broker" 2>/dev/null || true; wait 2>/dev/null || true' EXIT
 for _ in $(seq 100); do [[ -s "$work/broker/broker.endpoint" ]] && break; sleep 0.1; done
+[[ -s "$work/broker/broker.endpoint" ]] || { echo "fixture: the broker did not start; see $work/broker.log" >&2; exit 1; }
 endpoint="$(<"$work/broker/broker.endpoint")"
 build/worker/asr-worker --broker "$endpoint" --state-dir "$work/worker" --threads "$(nproc)" >"$work/worker.log" 2>&1 &
 worker=$!

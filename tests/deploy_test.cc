@@ -523,8 +523,8 @@ TEST(Deploy, LaunchWorkersPlacesOneWorkerPerGpu) {
       // Keep the placement: CUDA_VISIBLE_DEVICES, --device, the state dir's last part, and the
       // options after the model.
       std::smatch m;
-      EXPECT_TRUE(std::regex_search(line, m, std::regex("^([^|]*)\\|.*--device (\\S+) (?:--threads [0-9]+ )?--state-dir \\S*/(\\S+) "
-                                                         "--model-file \\S+(.*)$")))
+      EXPECT_TRUE(std::regex_search(line, m, std::regex("^([^|]*)\\|.*--device (\\S+) (?:--threads [0-9]+ )?--state-dir \\S*/(\\S+)"
+                                                         "(?: --model-file \\S+)?(.*)$")))
           << name << ": " << line;
       got.push_back(m.size() == 5 ? m[1].str() + " " + m[2].str() + " " + m[3].str() + m[4].str() : line);
     }
@@ -558,6 +558,20 @@ TEST(Deploy, LaunchWorkersPlacesOneWorkerPerGpu) {
   EXPECT_EQ(launch("cuda-torch", {}, nullptr, 0, {"PATH=" + d / "bin-cuda-torch" + ":" + d / "bin" + ":/usr/bin:/bin"}),
             (V{"0 cuda:0 worker-gpu0 --slots 2", "1 cuda:0 worker-gpu1 --slots 2"}));
   launch("contradiction", {"--gpus", "none", "--same-gpu", "2"}, nullptr, 2);
+  // Worker options after -- are given once: --threads replaces the CPU workers' share, --model NAME
+  // the --model-file default (the worker refuses an option twice, and both models at once); the
+  // options the script sets per worker are refused there.
+  EXPECT_EQ(launch("threads", {"--gpus", "none", "--cpu-workers", "1", "--", "--threads", "4"}, nullptr, 0),
+            (V{" cpu worker-cpu1 --threads 4"}));
+  EXPECT_EQ(launch("registry", {"--gpus", "0", "--", "--model", "en"}, nullptr, 0), (V{"0 cuda:0 worker-gpu0 --slots 2 --model en"}));
+  for (const char* name : {"threads", "registry"}) {
+    for (const auto& e : fs::directory_iterator(d / (std::string("calls-") + name))) {
+      const std::string line = ReadFile(e.path());
+      EXPECT_EQ(std::regex_search(line, std::regex("--threads .*--threads |--model-file .*--model |--model .*--model-file ")), false)
+          << name << ": " << line;
+    }
+  }
+  launch("per-worker", {"--", "--state-dir", "/tmp/x"}, nullptr, 2);
   launch("no-value", {"--gpus"}, nullptr, 2);
   // A worker that dies at start is reported, with the end of its log, and fails the launch.
   launch("dies", {"--gpus", "none", "--cpu-workers", "1"}, nullptr, 1, {"ASRF_WORKER_BIN=" + d / "dies"});
