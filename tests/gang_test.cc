@@ -205,8 +205,10 @@ TEST(Gang, TwoRanksTrainWhatOneProcessTrainsOnTheCombinedBatches) {
   // Two ranks, one batch each per step.
   {
     BrokerProc b = StartBroker(t / "b2", t / "b2.log", {"--gang-port-base", std::to_string(GangPortBase(1))});
+    // Two addresses of this machine, as two machines would have: each rank's Gloo device binds its
+    // own worker's address (a rank used to bind rank 0's, which on another machine is not local).
     Proc w1 = StartWorker(b.endpoint, t / "r1", t / "r1.log", {"--threads", "1", "--advertise-host", "127.0.0.1"});
-    Proc w2 = StartWorker(b.endpoint, t / "r2", t / "r2.log", {"--threads", "1", "--advertise-host", "127.0.0.1"});
+    Proc w2 = StartWorker(b.endpoint, t / "r2", t / "r2.log", {"--threads", "1", "--advertise-host", "127.0.0.2"});
     ASSERT_TRUE(WaitFor([&] {
       std::string out = Submit(b.endpoint, {"workers"}).out;
       return std::count(out.begin(), out.end(), '\n') >= 2;

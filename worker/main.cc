@@ -121,6 +121,7 @@ int main(int argc, char** argv) {
   tk.pg = o.pg;
   tk.pg_statement_timeout_ms = o.pg_statement_timeout_ms;
   tk.worker_id = o.worker_id;
+  tk.advertise_host = o.advertise_host;
   tk.device = o.device;
   if (Status st = RegisterTrainKind(&registry, tk); !st.ok()) {
     std::cerr << "asr-worker: " << st.message() << "\n";

@@ -118,6 +118,7 @@ Status RegisterTrainKind(JobRegistry* registry, const TrainKindOptions& options)
     tc.rank = static_cast<int>(ctx.rank);
     tc.world_size = static_cast<int>(ctx.world_size);
     tc.rendezvous = ctx.rendezvous;
+    tc.local_host = options.advertise_host;
     std::unique_ptr<PgConn> pg;
     // Best effort: a connection for the checkpoint index, published checkpoints and the registry.
     auto connect = [&pg, &options]() -> bool {

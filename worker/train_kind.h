@@ -13,6 +13,7 @@ struct TrainKindOptions {
   int threads = 0;        // torch threads for training; 0 = torch's default
   std::string pg;         // with a conninfo, each checkpoint is indexed in the checkpoints table
   std::string worker_id;
+  std::string advertise_host;  // --advertise-host: this worker's address for a gang's Gloo device
   std::string device = "cpu";  // where training runs: cpu or cuda:N (gangs then use NCCL)
   // Bounds each PostgreSQL statement (checkpoint index and bytes, the registry): one that a lock
   // or a stalled server holds longer fails, and training, or a stopping worker, goes on.

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <exception>
 #include <cstring>
+#include <unistd.h>
 #include <filesystem>
 #include <functional>
 #include <fstream>
@@ -631,7 +632,8 @@ class Gang {
   // step requeued the gang. With Gloo a rank that dies closes its connections, which ends the
   // wait at once; NCCL waits the timeout out.
   static constexpr std::chrono::seconds kCollectiveTimeout{600};
-  static Status Join(const std::string& rendezvous, int rank, int world, const torch::Device& device,
+  static Status Join(const std::string& rendezvous, const std::string& local_host, int rank, int world,
+                     const torch::Device& device,
                      std::unique_ptr<Gang>* out) {
 #if !ASRF_TORCH_NCCL
     if (device.is_cuda()) {
@@ -672,7 +674,15 @@ class Gang {
       if (!device.is_cuda()) {
         auto po = c10d::ProcessGroupGloo::Options::create();
         po->timeout = kCollectiveTimeout;
-        po->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(host));
+        // The device binds an address of this machine: its own, never rank 0's (which another
+        // machine cannot bind, so gangs across machines never formed and were placed again for ever).
+        std::string local = local_host;
+        if (local.empty()) {
+          char name[256] = {0};
+          gethostname(name, sizeof(name) - 1);
+          local = name;
+        }
+        po->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(rank == 0 ? host : local));
         g->pg_ = c10::make_intrusive<c10d::ProcessGroupGloo>(g->store_, rank, world, po);
       }
 #endif
@@ -881,7 +891,7 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
   const int world = std::max(1, ctx.world_size), rank = ctx.rank;
   std::unique_ptr<Gang> gang;
   if (world > 1) {
-    ASRF_RETURN_IF_ERROR(Gang::Join(ctx.rendezvous, rank, world, device, &gang));
+    ASRF_RETURN_IF_ERROR(Gang::Join(ctx.rendezvous, ctx.local_host, rank, world, device, &gang));
     LogInfo("gang_joined").Kv("job", ctx.job_id).Kv("rank", rank).Kv("world", world).Kv("rendezvous", ctx.rendezvous);
   }
   // Check both manifests completely before any training.

@@ -83,6 +83,9 @@ struct TrainContext {
   int rank = 0;
   int world_size = 1;
   std::string rendezvous;
+  // This worker's own address (its --advertise-host; empty: the host name): a Gloo rank's device
+  // binds there, not at rank 0's rendezvous host, which on another machine is not local.
+  std::string local_host;
 };
 
 // Runs (or resumes) training. Returns ok with a JSON summary in *result; Busy (the job should be
