@@ -7,7 +7,7 @@ using proto::Cmd;
 Status StatusFromError(const proto::Error& e) {
   std::string m = e.code + ": " + e.message;
   if (e.code == "not_found") return Status::NotFound(m);
-  if (e.code == "journal_unavailable" || e.code == "pg_unavailable") return Status::Unavailable(m);
+  if (e.code == "journal_unavailable" || e.code == "pg_unavailable" || e.code == "busy") return Status::Unavailable(m);
   return Status::Invalid(m);
 }
 

@@ -272,7 +272,7 @@ Walk FindFiles(const std::vector<std::string>& inputs, const std::set<std::strin
     if (j.rel.empty() || j.rel.rfind("..", 0) == 0) j.rel = fs::path(f.path).filename().string();
     bool keep = stems[OutputBase(f.path, f.root, out_dir, false)] > 1;
     j.base = OutputBase(f.path, f.root, out_dir, keep);
-    j.out_rel = fs::path(j.base).lexically_relative(out_dir).string();
+    j.out_rel = fs::path(j.base).lexically_relative(fs::path(out_dir).lexically_normal()).string();
     if (j.out_rel.empty() || j.out_rel.rfind("..", 0) == 0) j.out_rel = fs::path(j.base).filename().string();
     if (!bases.insert(j.base).second) {
       // The same file named twice, or two input folders holding the same relative name.
@@ -803,6 +803,14 @@ int RunCollect(const GlobalOptions& g, const std::vector<std::string>& args) {
       std::string out_rel;
       if (extra.is_object()) {
         if (auto o = extra.find("out"); o != extra.end() && o->is_string()) out_rel = UnescapeName(o->get<std::string>());
+      }
+      // Only a name inside --out (a result is whatever a job of the batch said): anything else
+      // is named from its file as before.
+      if (!out_rel.empty()) {
+        const fs::path rel(out_rel);
+        bool inside = rel.is_relative() && !rel.empty();
+        for (const auto& part : rel) inside = inside && part != ".." && part != ".";
+        if (!inside) out_rel.clear();
       }
       FileJob& f = by_file[out_rel.empty() ? "f:" + file : "o:" + out_rel];
       f.out_rel = out_rel;

@@ -252,14 +252,24 @@ Status FormatByName(const std::string& format, const Transcript& t, std::string*
 }
 
 std::string EscapeName(const std::string& name) {
+  // Well-formed UTF-8 as Unicode defines it (Table 3-7): no overlong forms, no surrogates,
+  // nothing past U+10FFFF; a JSON writer replaces anything else. Control characters are escaped too.
+  auto at = [&](size_t k) { return k < name.size() ? static_cast<unsigned char>(name[k]) : 0u; };
+  auto in = [](unsigned v, unsigned lo, unsigned hi) { return v >= lo && v <= hi; };
   std::string out;
   size_t i = 0;
   while (i < name.size()) {
-    const unsigned char c = static_cast<unsigned char>(name[i]);
-    size_t n = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
-    bool ok = n > 0 && i + n <= name.size() && c != 0 && c != '%';
-    for (size_t k = 1; ok && k < n; ++k) ok = (static_cast<unsigned char>(name[i + k]) >> 6) == 2;
-    if (ok) {
+    const unsigned c = at(i);
+    size_t n = 0;
+    if (c >= 0x20 && c < 0x7f && c != '%') n = 1;
+    else if (in(c, 0xC2, 0xDF) && in(at(i + 1), 0x80, 0xBF)) n = 2;
+    else if (c == 0xE0 && in(at(i + 1), 0xA0, 0xBF) && in(at(i + 2), 0x80, 0xBF)) n = 3;
+    else if ((in(c, 0xE1, 0xEC) || in(c, 0xEE, 0xEF)) && in(at(i + 1), 0x80, 0xBF) && in(at(i + 2), 0x80, 0xBF)) n = 3;
+    else if (c == 0xED && in(at(i + 1), 0x80, 0x9F) && in(at(i + 2), 0x80, 0xBF)) n = 3;
+    else if (c == 0xF0 && in(at(i + 1), 0x90, 0xBF) && in(at(i + 2), 0x80, 0xBF) && in(at(i + 3), 0x80, 0xBF)) n = 4;
+    else if (in(c, 0xF1, 0xF3) && in(at(i + 1), 0x80, 0xBF) && in(at(i + 2), 0x80, 0xBF) && in(at(i + 3), 0x80, 0xBF)) n = 4;
+    else if (c == 0xF4 && in(at(i + 1), 0x80, 0x8F) && in(at(i + 2), 0x80, 0xBF) && in(at(i + 3), 0x80, 0xBF)) n = 4;
+    if (n > 0 && i + n <= name.size()) {
       out.append(name, i, n);
       i += n;
     } else {

@@ -1142,12 +1142,22 @@ TEST(WorkerStop, AResultThatEndsALongStopStillWaitsForItsAcknowledgement) {
   ASSERT_TRUE(broker.Next(Cmd::kStarted, &routing, &body)) << testing::ReadFile(tmp / "w.log");
   broker.SendRaw(routing, Cmd::kStarted, body);
   w.Signal(SIGTERM);
-  ASSERT_TRUE(broker.Next(Cmd::kResult, &routing, &body, 20000)) << testing::ReadFile(tmp / "w.log");
+  // Heartbeats keep the worker on this connection (silent, the broker is taken for gone in 3 s).
+  proto::Heartbeat h;
+  h.heartbeat_ms = 1000;
+  auto beat_for = [&](int64_t ms) {
+    for (int64_t end = MonoMs() + ms; MonoMs() < end;) {
+      broker.Send(routing, Cmd::kHeartbeat, h);
+      if (broker.Next(Cmd::kResult, &routing, &body, 300)) return true;
+    }
+    return false;
+  };
+  ASSERT_TRUE(beat_for(20000)) << testing::ReadFile(tmp / "w.log");
   proto::Result sent;
   ASSERT_TRUE(proto::DecodeBody(body, &sent).ok());
   ASSERT_EQ(sent.results.size(), 1u);
   EXPECT_TRUE(sent.results[0].ok) << sent.results[0].error;
-  std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+  (void)beat_for(1500);
   EXPECT_TRUE(w.Running()) << "the worker left without waiting for its last result's acknowledgement\n"
                            << testing::ReadFile(tmp / "w.log");
   proto::ResultAck ack;

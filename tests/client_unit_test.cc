@@ -108,8 +108,12 @@ TEST(NameEscape, NamesRoundTripByteForByte) {
   EXPECT_EQ(EscapeName("caf\xc3\xa9"), "caf\xc3\xa9");
   EXPECT_EQ(EscapeName("M\xfcller"), "M%FCller");
   EXPECT_EQ(EscapeName("100%"), "100%25");
+  // Not well-formed UTF-8, which a JSON writer would replace: an overlong form, a surrogate.
+  EXPECT_EQ(EscapeName("\xc0\xa3"), "%C0%A3");
+  EXPECT_EQ(EscapeName("\xed\xa0\x80"), "%ED%A0%80");
   for (const std::string& name : {std::string("M\xfcller.wav"), std::string("M\xf6ller.wav"), std::string("50%25 off"),
-                                 std::string("\xc3"), std::string("a\0b", 3), std::string("%zz%4"), std::string()}) {
+                                 std::string("\xc3"), std::string("a\0b", 3), std::string("%zz%4"), std::string(),
+                                 std::string("\xc0\xa3\xf4\x90\x80\x80")}) {
     EXPECT_EQ(UnescapeName(EscapeName(name)), name) << name;
   }
   EXPECT_NE(EscapeName("M\xfcller.wav"), EscapeName("M\xf6ller.wav"));

@@ -116,7 +116,9 @@ TEST(ResultOutbox, ANewResultWaitsForOneDrainStatementNotEight) {
   sink->Put({late});
   ASSERT_TRUE(DurableUntil(*sink, 1000, &seen));
   const long after = std::stol(pg.Query("SELECT count(*) FROM statements"));
-  EXPECT_LE(after - before, 3) << "a new result waited for " << after - before << " drain statements";
+  // The statement in hand, and those the sink starts while this test's psql starts (0.2 s each);
+  // before the fix it was the rest of the eight, 7 here.
+  EXPECT_LE(after - before, 4) << "a new result waited for " << after - before << " drain statements";
   EXPECT_TRUE(WaitFor([&] { return pg.Query("SELECT count(*) FROM results") == "101"; }, 30000))
       << pg.Query("SELECT count(*) FROM results");
 }

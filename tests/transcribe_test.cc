@@ -703,9 +703,15 @@ TEST_F(TranscribeTest, CollectWritesTheNamesTranscribeChose) {
   fs::copy_file((*utts_)[1].wav, in + "/" + mueller + ".wav");
   fs::copy_file((*utts_)[2].wav, in + "/" + moeller + ".wav");
   fs::copy_file((*utts_)[3].wav, in + "/b.wav");
-  RunResult r = Submit(b.endpoint, {"transcribe", in, in + "/b.wav", "--out", t / "o", "--batch", "names"}, 60000);
+  // One name in two folders, and --out not in normal form ("./DIR", relative): each keeps its folder.
+  fs::create_directories(in + "/d1");
+  fs::create_directories(in + "/d2");
+  fs::copy_file((*utts_)[4].wav, in + "/d1/x.wav");
+  fs::copy_file((*utts_)[5].wav, in + "/d2/x.wav");
+  const std::string dot_out = "./" + fs::relative(t / "o", fs::current_path()).string();
+  RunResult r = Submit(b.endpoint, {"transcribe", in, in + "/b.wav", "--out", dot_out, "--batch", "names"}, 60000);
   EXPECT_EQ(r.code, 1) << r.err;  // a.mp3
-  ASSERT_TRUE(WaitFor([&] { return StatusCounts(b.endpoint, "names").done >= 4; }, 60000)) << ReadFile(t / "worker.log");
+  ASSERT_TRUE(WaitFor([&] { return StatusCounts(b.endpoint, "names").done >= 6; }, 60000)) << ReadFile(t / "worker.log");
   RunResult col = Submit(b.endpoint, {"collect", "names", "--out", t / "o"}, 60000);
   EXPECT_EQ(col.code, 0) << col.err;
   EXPECT_FALSE(Trim(ReadFile(t / "o/a.wav.txt")).empty()) << col.err;
@@ -714,6 +720,9 @@ TEST_F(TranscribeTest, CollectWritesTheNamesTranscribeChose) {
   EXPECT_FALSE(Trim(ReadFile(t / ("o/" + moeller + ".txt"))).empty()) << col.err;
   EXPECT_FALSE(Trim(ReadFile(t / "o/b.txt")).empty()) << col.err;
   EXPECT_FALSE(fs::exists(t / "o/b.wav.txt"));
+  EXPECT_FALSE(Trim(ReadFile(t / "o/d1/x.txt")).empty()) << col.err;
+  EXPECT_FALSE(Trim(ReadFile(t / "o/d2/x.txt")).empty()) << col.err;
+  EXPECT_NE(ReadFile(t / "o/d1/x.json"), ReadFile(t / "o/d2/x.json"));
 }
 
 TEST_F(TranscribeTest, AudioInFlightStaysBoundedWithoutWait) {

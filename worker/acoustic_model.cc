@@ -595,9 +595,6 @@ bool NoSpeech(std::span<const int16_t> pcm) {
   constexpr int64_t kFrame = 160, kWindow = 10;  // 10 ms frames, 100 ms windows
   constexpr double kQuietLevel = 327.68 * 327.68;  // -40 dBFS as a mean square, full scale 32768
   constexpr double kSteady = 3.98;                  // 6 dB as a ratio of mean squares
-  // Stretches quieter than -60 dBFS count as -60 dBFS: digital silence (muted, edited) beside faint
-  // hiss is no pause between words, and with a quietest stretch of 0 nothing was steady.
-  constexpr double kFloor = 32.768 * 32.768;
   const int64_t frames = static_cast<int64_t>(pcm.size()) / kFrame;
   if (frames < kWindow) return false;  // too short to tell: the model decides
   std::vector<double> energy(static_cast<size_t>(frames));
@@ -619,7 +616,7 @@ bool NoSpeech(std::span<const int16_t> pcm) {
     loudest = f + 1 == kWindow ? w : std::max(loudest, w);
     quietest = f + 1 == kWindow ? w : std::min(quietest, w);
   }
-  return loudest < kQuietLevel && loudest <= kSteady * std::max(quietest, kFloor);
+  return loudest < kQuietLevel && loudest <= kSteady * quietest;
 }
 
 Status LoadAcousticModel(const std::string& path, const std::string& name, const AcousticModelOptions& options,
