@@ -71,6 +71,12 @@ elif [[ -z "$gpus" ]]; then
     fi
 fi
 
+# --same-gpu needs a GPU the worker can use: without one its workers all exited at start.
+if ((same_gpu > 0)) && [[ -z "$gpus" ]]; then
+    echo "launch-workers: --same-gpu needs a GPU this worker can use (none found, or its libtorch has no CUDA)" >&2
+    exit 2
+fi
+
 started=()
 start() {  # name, then the environment assignments and command
     local name="$1"; shift

@@ -572,6 +572,9 @@ TEST(Deploy, LaunchWorkersPlacesOneWorkerPerGpu) {
     }
   }
   launch("per-worker", {"--", "--state-dir", "/tmp/x"}, nullptr, 2);
+  // --same-gpu where no GPU can be used: an error, not workers that all exit at start.
+  launch("same-cpu-torch", {"--same-gpu", "2"}, nullptr, 2, {"PATH=" + d / "bin-cpu-torch" + ":" + d / "bin" + ":/usr/bin:/bin"});
+  launch("same-hidden", {"--same-gpu", "2"}, "", 2);
   launch("no-value", {"--gpus"}, nullptr, 2);
   // A worker that dies at start is reported, with the end of its log, and fails the launch.
   launch("dies", {"--gpus", "none", "--cpu-workers", "1"}, nullptr, 1, {"ASRF_WORKER_BIN=" + d / "dies"});
