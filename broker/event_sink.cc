@@ -225,8 +225,8 @@ struct EventSink::Impl {
       std::lock_guard<std::mutex> lock(mu);
       wake = answered.empty();
       for (auto& l : batch) {
-        outstanding -= std::min<size_t>(outstanding, 1);
-        outstanding_bytes -= std::min(outstanding_bytes, l.models.bytes.data.size());
+        --outstanding;  // each came through Lookup, which counted it
+        outstanding_bytes -= l.models.bytes.data.size();
         answered.push_back(std::move(l));
       }
     }

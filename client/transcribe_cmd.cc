@@ -264,7 +264,6 @@ Walk FindFiles(const std::vector<std::string>& inputs, const std::set<std::strin
   std::map<std::string, int> stems;
   for (const auto& f : found) stems[OutputBase(f.path, f.root, out_dir, false)]++;
   std::set<std::string> bases;
-  std::map<std::string, std::string> first_path;
   for (const auto& f : found) {
     FileJob j;
     j.path = f.path;
@@ -275,14 +274,11 @@ Walk FindFiles(const std::vector<std::string>& inputs, const std::set<std::strin
     j.out_rel = fs::path(j.base).lexically_relative(fs::path(out_dir).lexically_normal()).string();
     if (j.out_rel.empty() || j.out_rel.rfind("..", 0) == 0) j.out_rel = fs::path(j.base).filename().string();
     if (!bases.insert(j.base).second) {
-      // The same file named twice, or two input folders holding the same relative name.
-      if (fs::weakly_canonical(f.path) != fs::weakly_canonical(first_path[j.base])) {
-        w.errors.push_back(f.path + ": its output " + j.base + ".* is already taken by another input; "
-                           "transcribe the folders separately or with different --out");
-      }
+      // Two input folders holding the same relative name (one file found twice is one input).
+      w.errors.push_back(f.path + ": its output " + j.base + ".* is already taken by another input; "
+                         "transcribe the folders separately or with different --out");
       continue;
     }
-    first_path[j.base] = f.path;
     // An output name the file system cannot hold (255 bytes) is an error before any audio goes.
     const size_t name_bytes = fs::path(j.base).filename().string().size();
     size_t longest = 0;

@@ -110,6 +110,17 @@ class TranscribeTest : public ::testing::Test {
     delete utts_;
     delete data_;
   }
+  // The first n utterances one after another, a second of silence after each (16 kHz).
+  static std::vector<int16_t> Joined(int n) {
+    std::vector<int16_t> all;
+    for (int i = 0; i < n; ++i) {
+      int rate = 0;
+      std::vector<int16_t> pcm = ReadPcm((*utts_)[i].wav, &rate);
+      all.insert(all.end(), pcm.begin(), pcm.end());
+      all.insert(all.end(), 16000, 0);
+    }
+    return all;
+  }
   static TempDir* data_;
   static std::vector<Utt>* utts_;
 };
@@ -614,13 +625,7 @@ TEST_F(TranscribeTest, AFileSlowToReadIsNotTheBrokerFallingSilent) {
   TempDir t;
   BrokerProc b = StartBroker(t / "broker", t / "broker.log");
   Proc w = StartWorker(b.endpoint, t / "worker", t / "worker.log", {"--model-file", kModel, "--threads", "2"});
-  std::vector<int16_t> all;
-  for (int i = 0; i < 4; ++i) {
-    int rate = 0;
-    std::vector<int16_t> pcm = ReadPcm((*utts_)[i].wav, &rate);
-    all.insert(all.end(), pcm.begin(), pcm.end());
-    all.insert(all.end(), 16000, 0);
-  }
+  std::vector<int16_t> all = Joined(4);
   fs::create_directories(t / "in");
   WritePcm(t / "in/a.wav", all, 16000, 1, SF_FORMAT_WAV | SF_FORMAT_PCM_16);
   const std::string bytes = ReadFile(t / "in/a.wav");
@@ -752,13 +757,7 @@ TEST_F(TranscribeTest, AudioInFlightStaysBoundedWithoutWait) {
   for (int i = 0; i < 8; ++i) EXPECT_FALSE(Trim(ReadFile(t / ("out/u" + std::to_string(i) + ".txt"))).empty()) << i;
 
   // One long file is bounded too, segment by segment (it used to go out whole).
-  std::vector<int16_t> all;
-  for (int i = 0; i < 8; ++i) {
-    int rate = 0;
-    std::vector<int16_t> pcm = ReadPcm((*utts_)[i].wav, &rate);
-    all.insert(all.end(), pcm.begin(), pcm.end());
-    all.insert(all.end(), 16000, 0);
-  }
+  std::vector<int16_t> all = Joined(8);
   fs::create_directories(t / "long");
   WritePcm(t / "long/all.wav", all, 16000, 1, SF_FORMAT_WAV | SF_FORMAT_PCM_16);
   r = Submit(b.endpoint, {"transcribe", t / "long", "--out", t / "out-long", "--max-segment-s", "5",

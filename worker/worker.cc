@@ -564,10 +564,11 @@ Status Worker::Run(const std::atomic<bool>* stop) {
     // are given up only once nothing else holds the stop, as a confirmation that comes while a
     // long job finishes still runs its job (dropped, the lease was a started job the broker
     // counted an attempt for and then requeued).
+    // The wait counts from the later of the stop's start and the last new RESULT sent.
+    const bool waited = now - std::max(drain_started, s.last_results_sent) > s.opt.drain_ack_wait_ms;
     bool only_unstarted = true;
     for (const auto& [id, e] : s.running) only_unstarted = only_unstarted && s.awaiting_start.count(id);
-    if (s.draining && !s.awaiting_start.empty() && only_unstarted && (!s.sink || s.sink->Pending() == 0) &&
-        now - std::max(drain_started, s.last_results_sent) > s.opt.drain_ack_wait_ms) {
+    if (s.draining && !s.awaiting_start.empty() && only_unstarted && (!s.sink || s.sink->Pending() == 0) && waited) {
       std::lock_guard<std::mutex> lock(s.mu);
       std::set<uint64_t> groups;
       for (const auto& [id, t] : s.awaiting_start) {
@@ -579,15 +580,17 @@ Status Worker::Run(const std::atomic<bool>* stop) {
       for (uint64_t g : groups) s.ReleaseGroupIfComplete(g);
     }
     if (s.draining && s.running.empty() && (!s.sink || s.sink->Pending() == 0)) {
+      bool sent_now = false;  // then `waited` is out of date: their wait starts now
       if (s.sink) {
         std::vector<proto::JobResult> durable = s.sink->TakeDurable();
-        if (!durable.empty()) s.SendResults(std::move(durable));
+        sent_now = !durable.empty();
+        if (sent_now) s.SendResults(std::move(durable));
       }
       // The wait for acknowledgements counts from the last RESULT sent: a job that ended after a
       // long drain gets the same wait as one that ended at its start (its result used to go out
       // as the worker left, unacknowledged, and a broker that missed it ran the job again).
       if (s.unacked.empty()) break;
-      if (now - std::max(drain_started, s.last_results_sent) > s.opt.drain_ack_wait_ms) {
+      if (waited && !sent_now) {
         LogWarn("results_unacknowledged").Kv("results", static_cast<uint64_t>(s.unacked.size()))
             .Kv("job", s.unacked.begin()->first)
             .Kv("detail", s.sink ? "durable in PostgreSQL or the outbox; the broker may run them again"
