@@ -368,6 +368,108 @@ TEST(Gang, AKilledRankRequeuesTheGangWhichResumesFromAPublishedCheckpoint) {
   (void)rank0_worker;
 }
 
+// Two CPU workers named so that the broker's placement (by worker id) is known: `first` runs
+// rank 0, `second` rank 1. No PostgreSQL: checkpoints are only in the workers' own stores.
+void StartNamedPair(const BrokerProc& b, const TempDir& t, Proc* first, Proc* second) {
+  *first = StartWorker(b.endpoint, t / "w1", t / "w1.log",
+                       With(kFastHeartbeats, {"--threads", "1", "--advertise-host", "127.0.0.1", "--worker-id", "b-w1"}));
+  *second = StartWorker(b.endpoint, t / "w2", t / "w2.log",
+                        With(kFastHeartbeats, {"--threads", "1", "--advertise-host", "127.0.0.1", "--worker-id", "c-w2"}));
+  ASSERT_TRUE(WaitFor([&] {
+    std::string out = Submit(b.endpoint, {"workers"}).out;
+    return std::count(out.begin(), out.end(), '\n') >= 2;
+  }, 10000));
+}
+
+// Where job 1 (rank 0) started each time it ran in this worker log: its step, 0 when from scratch.
+std::vector<int64_t> Rank0Starts(const std::string& log_path) {
+  std::vector<int64_t> starts;
+  std::istringstream in(ReadFile(log_path));
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.find("\"train_resumed\"") == std::string::npos && line.find("\"train_started\"") == std::string::npos) continue;
+    json j = json::parse(line, nullptr, false);
+    if (!j.is_object() || j.value("job", 0) != 1) continue;
+    starts.push_back(j.value("step", int64_t{0}));
+  }
+  return starts;
+}
+
+// The gang placed again on other workers, the one holding the newest checkpoint now running rank
+// 1: the gang resumes from that checkpoint (it started again from step 0, since only rank 0
+// looked for checkpoints, and only in its own store).
+TEST(Gang, AGangResumesFromTheNewestCheckpointWhicheverRankItsWorkerRuns) {
+  TempDir t;
+  ASSERT_NO_FATAL_FAILURE(SynthTinyCorpus(t, "13"));
+  BrokerProc b = StartBroker(t / "broker", t / "broker.log",
+                             With(kFastHeartbeats, {"--gang-port-base", std::to_string(GangPortBase(13))}));
+  Proc w1, w2;
+  ASSERT_NO_FATAL_FAILURE(StartNamedPair(b, t, &w1, &w2));
+  std::string gt;
+  ASSERT_NO_FATAL_FAILURE(SubmitTinyGang(b, t, {"--name", "moved", "--steps", "100000", "--checkpoint-every", "5"}, &gt));
+  auto saved = [&] {
+    std::string log = ReadFile(t / "w1.log");
+    size_t n = 0;
+    for (size_t at = log.find("checkpoint_saved"); at != std::string::npos; at = log.find("checkpoint_saved", at + 1)) n++;
+    return n >= 2;
+  };
+  ASSERT_TRUE(WaitFor(saved, 120000)) << ReadFile(t / "w1.log");
+  ASSERT_NE(ReadFile(t / "w1.log").find("\"job\":1,\"rank\":0"), std::string::npos) << ReadFile(t / "w1.log");
+  w2.Signal(SIGKILL);
+  w2.Wait(5000);
+  ASSERT_TRUE(WaitFor([&] { return StatusCounts(b.endpoint, gt).queued == 2; }, 30000)) << ReadFile(t / "broker.log");
+  // "a-w3" sorts first: rank 0 runs there now, and w1, with the checkpoints, runs rank 1.
+  Proc w3 = StartWorker(b.endpoint, t / "w3", t / "w3.log",
+                        With(kFastHeartbeats, {"--threads", "1", "--advertise-host", "127.0.0.1", "--worker-id", "a-w3"}));
+  std::vector<int64_t> starts;
+  ASSERT_TRUE(WaitFor([&] { return !(starts = Rank0Starts(t / "w3.log")).empty(); }, 120000))
+      << ReadFile(t / "broker.log") << ReadFile(t / "w3.log");
+  EXPECT_GE(starts[0], 10) << ReadFile(t / "w3.log") << ReadFile(t / "w1.log");
+  EXPECT_EQ(starts[0] % 5, 0);
+  EXPECT_NE(ReadFile(t / "w3.log").find("train_resuming_from_rank"), std::string::npos) << ReadFile(t / "w3.log");
+  ASSERT_EQ(Submit(b.endpoint, {"cancel", gt}).code, 0);
+}
+
+// A drained worker (SIGTERM) running rank 1: the gang stops at the next step together, rank 0
+// checkpoints there, and the gang placed again resumes from that step. Only rank 0 checkpointed
+// when its own worker stopped: rank 1 gave its job back and the gang went back to its last
+// interval checkpoint (here: none, so to step 0).
+TEST(Gang, ARankWhoseWorkerStopsHasTheGangCheckpointWhereItStopped) {
+  TempDir t;
+  ASSERT_NO_FATAL_FAILURE(SynthTinyCorpus(t, "17"));
+  BrokerProc b = StartBroker(t / "broker", t / "broker.log",
+                             With(kFastHeartbeats, {"--gang-port-base", std::to_string(GangPortBase(17))}));
+  Proc w1, w2;
+  ASSERT_NO_FATAL_FAILURE(StartNamedPair(b, t, &w1, &w2));
+  std::string gt;
+  ASSERT_NO_FATAL_FAILURE(
+      SubmitTinyGang(b, t, {"--name", "drained", "--steps", "100000", "--checkpoint-every", "100000"}, &gt));
+  ASSERT_TRUE(WaitFor([&] {
+    json st = json::parse(Submit(b.endpoint, {"status", "1", "--json"}).out, nullptr, false);
+    return st.is_object() && st.contains("progress") && st["progress"].value("step", 0) >= 6;
+  }, 120000)) << ReadFile(t / "w1.log");
+  ASSERT_NE(ReadFile(t / "w1.log").find("\"job\":1,\"rank\":0"), std::string::npos) << ReadFile(t / "w1.log");
+  w2.Signal(SIGTERM);
+  EXPECT_EQ(w2.Wait(60000), 0) << ReadFile(t / "w2.log");
+  std::string log1 = ReadFile(t / "w1.log");
+  size_t at = log1.find("\"why\":\"a rank's worker stopping\"");
+  ASSERT_NE(at, std::string::npos) << log1;
+  // The step it saved at, from that checkpoint_saved line.
+  size_t line = log1.rfind('\n', at);
+  json saved_line = json::parse(log1.substr(line + 1, log1.find('\n', at) - line - 1), nullptr, false);
+  ASSERT_TRUE(saved_line.is_object()) << log1;
+  const int64_t stopped_at = saved_line.value("step", int64_t{-1});
+  EXPECT_GE(stopped_at, 6);
+  ASSERT_TRUE(WaitFor([&] { return StatusCounts(b.endpoint, gt).queued == 2; }, 30000)) << ReadFile(t / "broker.log");
+  Proc w3 = StartWorker(b.endpoint, t / "w3", t / "w3.log",
+                        With(kFastHeartbeats, {"--threads", "1", "--advertise-host", "127.0.0.1", "--worker-id", "d-w3"}));
+  std::vector<int64_t> starts;
+  ASSERT_TRUE(WaitFor([&] { return (starts = Rank0Starts(t / "w1.log")).size() >= 2; }, 120000))
+      << ReadFile(t / "broker.log") << ReadFile(t / "w1.log");
+  EXPECT_EQ(starts[1], stopped_at) << ReadFile(t / "w1.log");
+  ASSERT_EQ(Submit(b.endpoint, {"cancel", gt}).code, 0);
+}
+
 // Rank 0 failing at the very end (here: PostgreSQL gone, so the model cannot be registered)
 // fails the gang once. Rank 1, told so through the gang's store, waits for the broker's cancel;
 // it used to give its job back when rank 0's store closed, which could requeue the whole gang

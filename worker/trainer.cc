@@ -633,8 +633,8 @@ class Gang {
   // wait at once; NCCL waits the timeout out.
   static constexpr std::chrono::seconds kCollectiveTimeout{600};
   static Status Join(const std::string& rendezvous, const std::string& local_host, int rank, int world,
-                     const torch::Device& device,
-                     std::unique_ptr<Gang>* out) {
+                     const torch::Device& device, const std::atomic<bool>* cancelled,
+                     const std::atomic<bool>* stopping, std::unique_ptr<Gang>* out) {
 #if !ASRF_TORCH_NCCL
     if (device.is_cuda()) {
       return Status::Unavailable("a gang on " + device.str() +
@@ -654,8 +654,8 @@ class Gang {
     auto g = std::make_unique<Gang>();
     g->rank_ = rank;
     g->world_ = world;
+    const std::string host = rendezvous.substr(0, colon);
     try {
-      std::string host = rendezvous.substr(0, colon);
       c10d::TCPStoreOptions o;
       o.port = static_cast<uint16_t>(std::stoi(rendezvous.substr(colon + 1)));
       o.isServer = rank == 0;
@@ -663,6 +663,19 @@ class Gang {
       o.waitWorkers = false;
       o.timeout = std::chrono::seconds(10);  // ranks are placed together; a missing rank 0 is gone
       g->store_ = c10::make_intrusive<c10d::TCPStore>(host, o);
+      // Rank 0's store answers within the store's timeout, or what listens there is not it (a
+      // reply-less socket would hold a rank's add() for ever).
+      if (rank == 0) g->store_->set("asrf/rank0", std::vector<uint8_t>{1});
+      else g->store_->wait({"asrf/rank0"});
+    } catch (const std::exception& e) {
+      return Status::Busy(std::string("gang rendezvous at ") + rendezvous + " failed: " + e.what());
+    }
+    // Every rank at the store before the process group forms: forming it waits for all ranks
+    // without hearing a cancel, for the whole collective timeout, and a gang can be placed on a
+    // worker that died a moment before the broker noticed (its other ranks then sat here for ten
+    // minutes, holding their workers, after the broker had cancelled them).
+    ASRF_RETURN_IF_ERROR(g->WaitForAll("asrf/joined", cancelled, stopping));
+    try {
 #if ASRF_TORCH_NCCL
       if (device.is_cuda()) {
         auto po = c10d::ProcessGroupNCCL::Options::create();
@@ -770,11 +783,12 @@ class Gang {
     }
     return Status::Ok();
   }
-  // Rank 0 hands `bytes` to every rank (the training state all ranks start from). The others wait
-  // for it as long as rank 0 lives: it may first fetch a published checkpoint of tens of MB.
-  Status Share(const std::string& key, std::string* bytes, const std::atomic<bool>* cancelled) {
+  // Rank `from` hands `bytes` to every rank (e.g. the training state all ranks start from). The
+  // others wait for it as long as rank 0's store lives: `from` may first fetch a published
+  // checkpoint of tens of MB.
+  Status Share(const std::string& key, std::string* bytes, const std::atomic<bool>* cancelled, int from = 0) {
     try {
-      if (rank_ == 0) {
+      if (rank_ == from) {
         store_->set(key, std::vector<uint8_t>(bytes->begin(), bytes->end()));
       } else {
         while (!store_->check({key})) {
@@ -786,6 +800,20 @@ class Gang {
       }
     } catch (const std::exception& e) {
       return Status::Unavailable(std::string("gang state exchange failed: ") + e.what());
+    }
+    return Status::Ok();
+  }
+  // Every rank's `mine`, by rank, in *all (each rank gives one and waits for the others).
+  Status Gather(const std::string& key, int64_t mine, std::vector<int64_t>* all, const std::atomic<bool>* cancelled) {
+    all->assign(static_cast<size_t>(world_), 0);
+    for (int r = 0; r < world_; ++r) {
+      std::string v = r == rank_ ? std::to_string(mine) : std::string();
+      ASRF_RETURN_IF_ERROR(Share(key + "/" + std::to_string(r), &v, cancelled, r));
+      try {
+        (*all)[static_cast<size_t>(r)] = std::stoll(v);
+      } catch (const std::exception&) {
+        return Status::Unavailable("gang exchange: rank " + std::to_string(r) + " sent \"" + v + "\"");
+      }
     }
     return Status::Ok();
   }
@@ -891,7 +919,8 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
   const int world = std::max(1, ctx.world_size), rank = ctx.rank;
   std::unique_ptr<Gang> gang;
   if (world > 1) {
-    ASRF_RETURN_IF_ERROR(Gang::Join(ctx.rendezvous, ctx.local_host, rank, world, device, &gang));
+    ASRF_RETURN_IF_ERROR(Gang::Join(ctx.rendezvous, ctx.local_host, rank, world, device, ctx.cancelled, ctx.stopping,
+                                    &gang));
     LogInfo("gang_joined").Kv("job", ctx.job_id).Kv("rank", rank).Kv("world", world).Kv("rendezvous", ctx.rendezvous);
   }
   // Check both manifests completely before any training.
@@ -928,12 +957,15 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
   int64_t ckpt_step = 0;
   std::string ckpt;
   bool resumed = false;
+  const std::string spec_json = spec.ToJson();
+  // Rank 0 could not read its checkpoints and has nothing to fall back on: the job fails, unless
+  // another rank of its gang holds a newer checkpoint.
+  Status rank0_error = Status::Ok();
   if (rank == 0) {
     // The newest of this worker's own checkpoint and the published one (the job may have run
     // further on another worker since this one last held it); the other one if that fails. A
     // checkpoint of another training under the same job id is skipped, and a local one dropped,
     // or it would outrank (and, kept as the newest, delete) every checkpoint this job writes.
-    const std::string spec_json = spec.ToJson();
     bool local = ctx.store && ctx.store->Latest(ctx.job_id, &ckpt_step, &ckpt).ok();
     std::string published;
     int64_t published_step = 0;
@@ -969,15 +1001,47 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
     // back on fails the job rather than silently starting over.
     if (ls.code() == Status::Code::kNotFound) ls = Status::Ok();
     else if (ls.ok()) resumed = true;
-    ASRF_RETURN_IF_ERROR(ls);
+    if (!gang) ASRF_RETURN_IF_ERROR(ls);
+    rank0_error = ls;
     if (resumed) PlaceOnDevice(model, opt, device);
   }
+  uint64_t rank0_job = ctx.job_id;
   if (gang) {
-    // Every rank starts from rank 0's state: weights, optimizer, position, random generator.
-    std::string state = rank == 0 ? SaveCheckpoint(model, opt, pos, rng, spec) : std::string();
-    ASRF_RETURN_IF_ERROR(gang->Share("state/" + ctx.rendezvous, &state, ctx.cancelled));
-    if (rank != 0) ASRF_RETURN_IF_ERROR(LoadCheckpoint(state, model, opt, &pos, &rng));
-    if (rank != 0) PlaceOnDevice(model, opt, device);
+    // Checkpoints are rank 0's, keyed by its job id, and the worker holding the newest may run
+    // another rank this time (the gang placed again on workers in another order): every rank
+    // offers what its own store has of rank 0's job, and the gang starts from the newest.
+    std::string job0 = std::to_string(ctx.job_id);
+    ASRF_RETURN_IF_ERROR(gang->Share("job0/" + ctx.rendezvous, &job0, ctx.cancelled));
+    rank0_job = std::stoull(job0);
+    int64_t mine = rank == 0 ? (rank0_error.ok() ? pos.step : -1) : -1;
+    if (rank != 0 && ctx.store && ctx.store->Latest(rank0_job, &ckpt_step, &ckpt).ok()) {
+      Status ls = LoadCheckpoint(ckpt, model, opt, &pos, &rng, &spec_json);
+      if (ls.ok()) {
+        mine = pos.step;
+      } else {
+        LogWarn(ls.code() == Status::Code::kNotFound ? "checkpoint_ignored" : "checkpoint_unreadable")
+            .Kv("job", ctx.job_id).Kv("rank0_job", rank0_job).Kv("step", ckpt_step).Kv("error", ls.message());
+        if (ls.code() == Status::Code::kNotFound) ASRF_RETURN_IF_ERROR(ctx.store->Drop(rank0_job));
+      }
+    }
+    std::vector<int64_t> steps;
+    ASRF_RETURN_IF_ERROR(gang->Gather("resume/" + ctx.rendezvous, mine, &steps, ctx.cancelled));
+    int from = 0;
+    for (int r = 1; r < world; ++r) {
+      if (steps[static_cast<size_t>(r)] > steps[static_cast<size_t>(from)]) from = r;
+    }
+    if (steps[static_cast<size_t>(from)] <= 0) from = 0;
+    if (from == 0) ASRF_RETURN_IF_ERROR(rank0_error);  // the others wait for the broker's cancel
+    if (from != 0 && rank == 0) {
+      LogInfo("train_resuming_from_rank").Kv("job", ctx.job_id).Kv("from_rank", from)
+          .Kv("step", steps[static_cast<size_t>(from)]).Kv("own_step", steps[0]);
+    }
+    // Every rank starts from one state: weights, optimizer, position, random generator.
+    if (rank == from && from != 0) PlaceOnDevice(model, opt, device);
+    std::string state = rank == from ? SaveCheckpoint(model, opt, pos, rng, spec) : std::string();
+    ASRF_RETURN_IF_ERROR(gang->Share("state/" + ctx.rendezvous, &state, ctx.cancelled, from));
+    if (rank != from) ASRF_RETURN_IF_ERROR(LoadCheckpoint(state, model, opt, &pos, &rng));
+    if (rank != from) PlaceOnDevice(model, opt, device);
     resumed = pos.step > 0;
   }
   if (resumed) {
@@ -1021,7 +1085,11 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
   };
   while (pos.step < spec.steps) {
     if (ctx.cancelled && ctx.cancelled->load()) return Status::Unavailable("cancelled");
-    if (ctx.stopping && ctx.stopping->load()) {
+    // A worker that drains stops its job at a step's start. In a gang the other ranks hear it
+    // through that step's all-reduce (the step is then not taken) and rank 0 checkpoints there,
+    // whichever rank's worker stops: the gang, placed again, does not do those steps again.
+    const bool stopping_here = ctx.stopping && ctx.stopping->load();
+    if (stopping_here && !gang) {
       ASRF_RETURN_IF_ERROR(checkpoint("worker stopping", /*always_publish=*/true));
       return Status::Busy("interrupted at step " + std::to_string(pos.step) + "; resumes from this checkpoint");
     }
@@ -1039,7 +1107,7 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
     double local_sum = 0;
     bool local_finite = true;
     size_t utterances = 0;
-    for (int c = 0; c < spec.combine; ++c) {
+    for (int c = 0; c < spec.combine && !stopping_here; ++c) {
       size_t k = static_cast<size_t>(pos.batch + rank * spec.combine + c) % order.size();
       const std::vector<size_t>& idx = batches[order[k]];
       utterances += idx.size();
@@ -1084,15 +1152,16 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
       local_sum += v;
       loss_sum.backward();
     }
-    // One all-reduce per step: every gradient, then [non-finite ranks, loss sum, utterances].
+    // One all-reduce per step: every gradient, then [stopping ranks, non-finite ranks, loss sum,
+    // utterances].
     std::vector<torch::Tensor> params = model->parameters();
     std::vector<torch::Tensor> parts;
     for (auto& p : params) {
       if (!p.grad().defined()) p.mutable_grad() = torch::zeros_like(p);
       parts.push_back(p.grad().reshape({-1}));
     }
-    parts.push_back(torch::tensor({local_finite ? 0.0f : 1.0f, local_finite ? static_cast<float>(local_sum) : 0.0f,
-                                   static_cast<float>(utterances)})
+    parts.push_back(torch::tensor({stopping_here ? 1.0f : 0.0f, local_finite ? 0.0f : 1.0f,
+                                   local_finite ? static_cast<float>(local_sum) : 0.0f, static_cast<float>(utterances)})
                         .to(device));
     torch::Tensor flat = torch::cat(parts);
     if (gang) {
@@ -1106,6 +1175,24 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
       }
     }
     int64_t n_flat = flat.size(0);
+    if (gang && flat[n_flat - 4].item<double>() > 0) {
+      // A rank's worker stops: the step is not taken; rank 0 checkpoints the state before it, and
+      // every rank waits for that before it gives its job back (the gang, placed again at once
+      // elsewhere, would otherwise resume from an older checkpoint).
+      std::string saved = "0";
+      if (rank == 0) {
+        Status cs = checkpoint(stopping_here ? "worker stopping" : "a rank's worker stopping", /*always_publish=*/true);
+        if (!cs.ok()) {
+          LogWarn("checkpoint_failed").Kv("job", ctx.job_id).Kv("step", pos.step).Kv("error", cs.message());
+          saved = "1";
+        }
+      }
+      Status ss = gang->Share("stopped/" + std::to_string(pos.step), &saved, ctx.cancelled);
+      if (!ss.ok()) LogWarn("gang_stop_unconfirmed").Kv("job", ctx.job_id).Kv("rank", rank).Kv("error", ss.message());
+      if (ctx.cancelled && ctx.cancelled->load() && !stopping_here) return Status::Unavailable("cancelled");
+      return Status::Busy("a worker of the gang stopped at step " + std::to_string(pos.step) +
+                          (saved == "0" ? "; resumes from this checkpoint" : ""));
+    }
     double bad_ranks = flat[n_flat - 3].item<double>(), total = flat[n_flat - 1].item<double>();
     double l = bad_ranks > 0 ? std::nan("") : flat[n_flat - 2].item<double>() / std::max(total, 1.0);
     {
@@ -1206,6 +1293,13 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
     if (ended.ok() && !fs.ok()) {
       if (ctx.cancelled && ctx.cancelled->load()) return Status::Unavailable("cancelled");
       return Status::Busy(fs.message());
+    }
+    // The model is registered: what this worker kept of rank 0's job from an earlier placement
+    // (when it ran rank 0) is of no more use.
+    if (ended.ok() && rank != 0 && ctx.store && !ctx.store->Steps(rank0_job).empty()) {
+      Status ds = ctx.store->Drop(rank0_job);
+      if (ds.ok()) LogInfo("checkpoints_dropped").Kv("job", rank0_job).Kv("why", "the gang's model is registered");
+      else LogWarn("checkpoint_drop_failed").Kv("job", rank0_job).Kv("error", ds.message());
     }
   }
   ASRF_RETURN_IF_ERROR(ended);
