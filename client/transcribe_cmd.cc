@@ -6,6 +6,7 @@
 // each segment's result), reassembles every file in segment order and writes one output per
 // format. Files that cannot be read are reported in the summary and make the exit non-zero; every
 // other file still goes through.
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -43,6 +44,8 @@ struct FileJob {
   std::string out_rel;   // base relative to --out (what the segments carry for `collect`)
   double duration_s = 0;
   double known_duration_s = 0;  // collect: the file's length as transcribe sent it (0: unknown)
+  uint64_t size = 0;            // the file's size and modification time when picked (0: unknown)
+  int64_t mtime_ns = 0;
   int segments = 0;
   int received = 0;
   bool submitted = false;
@@ -146,6 +149,8 @@ void AcceptResult(FileJob& f, const proto::JobEvent& e, const std::vector<std::s
 
 Status WriteFile(FileJob& f, const std::vector<std::string>& formats) {
   f.transcript.source = f.path;
+  f.transcript.source_size = f.size;
+  f.transcript.source_mtime_ns = f.mtime_ns;
   f.transcript.duration_s = f.duration_s;
   f.transcript.compute_s = f.compute_s;
   f.transcript.wall_s = f.submitted_ms ? (MonoMs() - f.submitted_ms) / 1000.0 : 0;
@@ -163,6 +168,7 @@ struct Walk {
   std::vector<FileJob> files;
   size_t skipped_ext = 0;
   size_t skipped_existing = 0;
+  std::vector<std::string> changed;  // inputs whose outputs exist but were made from other contents
   std::vector<std::string> errors;  // inputs that do not exist
 };
 
@@ -267,6 +273,10 @@ Walk FindFiles(const std::vector<std::string>& inputs, const std::set<std::strin
   for (const auto& f : found) {
     FileJob j;
     j.path = f.path;
+    if (struct stat sb{}; stat(f.path.c_str(), &sb) == 0) {
+      j.size = static_cast<uint64_t>(sb.st_size);
+      j.mtime_ns = static_cast<int64_t>(sb.st_mtim.tv_sec) * 1000000000 + sb.st_mtim.tv_nsec;
+    }
     j.rel = fs::path(f.path).lexically_relative(f.root).string();
     if (j.rel.empty() || j.rel.rfind("..", 0) == 0) j.rel = fs::path(f.path).filename().string();
     bool keep = stems[OutputBase(f.path, f.root, out_dir, false)] > 1;
@@ -295,19 +305,30 @@ Walk FindFiles(const std::vector<std::string>& inputs, const std::set<std::strin
         // Outputs another file made (a second card's REC001.WAV into the same --out) are neither
         // this file's nor to be replaced: an error, where they used to count as done.
         std::string other;
+        bool stale = false;
         if (json made = json::parse(ReadSmallFile(j.base + ".json"), nullptr, false);
             made.is_object() && made.contains("source") && made["source"].is_string()) {
           std::error_code eec;
           const std::string src = made["source"].get<std::string>();
           if (fs::exists(src, eec) && !fs::equivalent(src, f.path, eec) && !eec) other = src;
+          // This file's own outputs, made from other contents (a recorder that wrote a new
+          // REC001.WAV over the old one): transcribed again, where they used to count as done.
+          // Outputs written before the size and time were recorded count as done.
+          const uint64_t size = made.value("source_size", uint64_t{0});
+          const int64_t mtime = made.value("source_mtime_ns", int64_t{0});
+          stale = other.empty() && ((size > 0 && j.size > 0 && size != j.size) ||
+                                    (mtime != 0 && j.mtime_ns != 0 && mtime != j.mtime_ns));
         }
         if (!other.empty()) {
           w.errors.push_back(f.path + ": its outputs " + j.base + ".* hold the transcript of " + other +
                              "; not replaced (use another --out, or --overwrite to replace them)");
           continue;
         }
-        w.skipped_existing++;
-        continue;
+        if (!stale) {
+          w.skipped_existing++;
+          continue;
+        }
+        w.changed.push_back(f.path);
       }
     }
     w.files.push_back(std::move(j));
@@ -332,7 +353,8 @@ Status CheckOutputFolder(const std::string& dir) {
 const char* kTranscribeUsage =
     "usage: asr-submit transcribe PATH... --out DIR [--format txt,json,srt,vtt,tsv] [--model NAME] [--wait]\n"
     "Transcribes every audio file under each PATH (files or folders, searched recursively). IN/x/a.wav becomes\n"
-    "DIR/x/a.<format>; files whose outputs all exist are skipped unless --overwrite. Without --wait the batch\n"
+    "DIR/x/a.<format>; files whose outputs all exist are skipped unless --overwrite, or unless the file's size or\n"
+    "modification time differs from what its .json recorded (it is transcribed again). Without --wait the batch\n"
     "name is printed and `asr-submit collect BATCH --out DIR` writes the outputs later.\n"
     "Files named on the command line are tried whatever their extension; --ext picks the files in folders.\n"
     "Exit: 0 all transcribed (or all done before), 1 some file failed (see the summary) or no audio file found,\n"
@@ -399,6 +421,10 @@ int RunTranscribe(const GlobalOptions& g, const std::vector<std::string>& args) 
 
   Walk walk = FindFiles(inputs, exts, out_dir, formats, vm["overwrite"].as<bool>());
   std::vector<FileJob>& files = walk.files;
+  for (const auto& c : walk.changed) {
+    std::cerr << "asr-submit: " << c << ": changed (size or modification time) since its outputs were written; "
+                 "transcribing it again\n";
+  }
   if (files.empty() && walk.skipped_existing == 0) {
     std::cerr << "asr-submit: no audio file to transcribe in " << inputs.size() << " path(s): "
               << walk.skipped_ext << " file(s) of other extensions skipped (--ext " << ext_list << ")\n";
@@ -627,6 +653,8 @@ int RunTranscribe(const GlobalOptions& g, const std::vector<std::string>& args) 
       seg.source = f.path;
       seg.file_duration_s = f.duration_s;
       seg.out = EscapeName(f.out_rel);
+      seg.source_size = f.size;
+      seg.source_mtime_ns = f.mtime_ns;
       seg.pcm.data.assign(reinterpret_cast<const char*>(audio.pcm.data() + segs[k].begin),
                           static_cast<size_t>(segs[k].end - segs[k].begin) * 2);
       double len_s = static_cast<double>(segs[k].end - segs[k].begin) / kTargetRate;
@@ -820,6 +848,10 @@ int RunCollect(const GlobalOptions& g, const std::vector<std::string>& args) {
         if (auto s = extra.find("source"); s != extra.end() && s->is_string()) f.path = s->get<std::string>();
         if (auto d = extra.find("file_duration_s"); d != extra.end() && d->is_number() && d->get<double>() > 0) {
           f.known_duration_s = d->get<double>();
+        }
+        if (auto z = extra.find("source_size"); z != extra.end() && z->is_number_unsigned()) f.size = z->get<uint64_t>();
+        if (auto m = extra.find("source_mtime_ns"); m != extra.end() && m->is_number_integer()) {
+          f.mtime_ns = m->get<int64_t>();
         }
       }
       if (f.parts.emplace(index, std::move(seg)).second) f.received++;

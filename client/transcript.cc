@@ -216,6 +216,8 @@ std::string FormatJson(const Transcript& t) {
             {"duration_s", RoundMs(t.duration_s)}, {"wall_s", RoundMs(t.wall_s)},
             {"compute_s", RoundMs(t.compute_s)},   {"text", all},
             {"segments", std::move(segs)}};
+  if (t.source_size > 0) j["source_size"] = t.source_size;
+  if (t.source_mtime_ns != 0) j["source_mtime_ns"] = t.source_mtime_ns;
   if (!used.empty() && !used.front().second.empty()) j["model_sha256"] = used.front().second;
   if (used.size() > 1) {
     // Segments of this file were transcribed by different models: each one, in order of first use.

@@ -26,6 +26,8 @@ struct SegmentOut {
 
 struct Transcript {
   std::string source;         // input path as the user gave it
+  uint64_t source_size = 0;   // the input's size and modification time when it was picked (0: unknown)
+  int64_t source_mtime_ns = 0;
   std::string model;
   double duration_s = 0;
   double wall_s = 0;          // submit to last result

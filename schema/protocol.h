@@ -136,7 +136,11 @@ struct TranscribeSegment {
   // The file's output name, relative to the client's --out and without extension, as `transcribe`
   // chose it; bytes of no valid UTF-8 sequence, and '%', as %XX (echoed, for `collect`).
   std::string out;
-  MSGPACK_DEFINE_MAP(file, index, count, offset_s, pcm, source, file_duration_s, out);
+  // The file as the client found it: its size in bytes and modification time (ns since the Unix
+  // epoch); 0 = not known (echoed, for `collect`).
+  uint64_t source_size = 0;
+  int64_t source_mtime_ns = 0;
+  MSGPACK_DEFINE_MAP(file, index, count, offset_s, pcm, source, file_duration_s, out, source_size, source_mtime_ns);
 };
 inline constexpr const char* kTranscribeKind = "transcribe";
 inline constexpr const char* kDefaultModel = "default";

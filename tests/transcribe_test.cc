@@ -319,6 +319,23 @@ TEST_F(TranscribeTest, FolderToTranscriptsWithBadFilesLongFilesAndPostgres) {
                                         "--format", "txt,json,srt,vtt,tsv", "--wait"}, 60000);
   EXPECT_EQ(again.code, 0) << again.err;
   EXPECT_NE(again.err.find("8 skipped (outputs exist)"), std::string::npos) << again.err;
+  // The .json records what the outputs were made from.
+  {
+    json made = json::parse(ReadFile(out + "/calls/a/u7.json"));
+    EXPECT_EQ(made.value("source_size", uint64_t{0}), fs::file_size(in + "/calls/a/u7.wav")) << made.dump();
+    EXPECT_GT(made.value("source_mtime_ns", int64_t{0}), 0) << made.dump();
+  }
+  // A file changed at its path since (a recorder's new take written over the old one) is
+  // transcribed again: its outputs used to count as done. The others are still skipped.
+  const std::string u7_before = ReadFile(out + "/calls/a/u7.txt");
+  fs::copy_file(in + "/calls/a/u6.wav", in + "/calls/a/u7.wav", fs::copy_options::overwrite_existing);
+  RunResult changed = Submit(b.endpoint, {"transcribe", in + "/calls/a", "--out", out + "/calls/a",
+                                          "--format", "txt,json,srt,vtt,tsv", "--wait"}, 60000);
+  EXPECT_EQ(changed.code, 0) << changed.err;
+  EXPECT_NE(changed.err.find("u7.wav: changed"), std::string::npos) << changed.err;
+  EXPECT_NE(changed.err.find("7 skipped (outputs exist)"), std::string::npos) << changed.err;
+  EXPECT_EQ(ReadFile(out + "/calls/a/u7.txt"), ReadFile(out + "/calls/a/u6.txt"));
+  EXPECT_NE(ReadFile(out + "/calls/a/u7.txt"), u7_before);
   // Another folder's file of the same name into the same --out (a second card's recordings): its
   // outputs there are another file's, so it is an error, not "skipped", and they stay as they are.
   const std::string u0_before = ReadFile(out + "/calls/a/u0.txt");
@@ -344,6 +361,8 @@ TEST_F(TranscribeTest, FolderToTranscriptsWithBadFilesLongFilesAndPostgres) {
     json waited = json::parse(ReadFile(out + "/calls/a/u1.json"));
     EXPECT_EQ(later["source"], waited["source"]);
     EXPECT_EQ(later["duration_s"], waited["duration_s"]);
+    EXPECT_EQ(later["source_size"], waited["source_size"]);
+    EXPECT_EQ(later["source_mtime_ns"], waited["source_mtime_ns"]);
     EXPECT_GT(later["compute_s"].get<double>(), 0);
   }
 

@@ -99,6 +99,8 @@ void RegisterTranscribeKind(std::shared_ptr<AcousticModel> model, JobRegistry* r
       if (!segs[i].source.empty()) j["source"] = segs[i].source;
       if (segs[i].file_duration_s > 0) j["file_duration_s"] = segs[i].file_duration_s;
       if (!segs[i].out.empty()) j["out"] = segs[i].out;
+      if (segs[i].source_size > 0) j["source_size"] = segs[i].source_size;
+      if (segs[i].source_mtime_ns != 0) j["source_mtime_ns"] = segs[i].source_mtime_ns;
       (*results)[i] = j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
     }
   });
