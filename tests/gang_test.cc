@@ -460,6 +460,9 @@ TEST(Gang, ARankWhoseWorkerStopsHasTheGangCheckpointWhereItStopped) {
   ASSERT_TRUE(saved_line.is_object()) << log1;
   const int64_t stopped_at = saved_line.value("step", int64_t{-1});
   EXPECT_GE(stopped_at, 6);
+  // Rank 1 heard rank 0 had saved it before rank 0's store closed.
+  EXPECT_EQ((log1 + ReadFile(t / "w2.log")).find("gang_stop_unconfirmed"), std::string::npos) << ReadFile(t / "w2.log");
+  EXPECT_NE(ReadFile(t / "w2.log").find("resumes from this checkpoint"), std::string::npos) << ReadFile(t / "w2.log");
   ASSERT_TRUE(WaitFor([&] { return StatusCounts(b.endpoint, gt).queued == 2; }, 30000)) << ReadFile(t / "broker.log");
   Proc w3 = StartWorker(b.endpoint, t / "w3", t / "w3.log",
                         With(kFastHeartbeats, {"--threads", "1", "--advertise-host", "127.0.0.1", "--worker-id", "d-w3"}));

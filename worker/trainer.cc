@@ -767,21 +767,33 @@ class Gang {
     try {
       store_->add(key, 1);
       while (store_->add(key, 0) < world_) {
-        if (cancelled && cancelled->load()) return Status::Unavailable("cancelled");
-        if (stopping && stopping->load()) return Status::Busy("interrupted while the gang's ranks got ready");
+        const bool gone = cancelled && cancelled->load(), leaving = stopping && stopping->load();
+        if (gone || leaving) {
+          // Counted out again: a rank arriving later must not take this one for present.
+          try {
+            store_->add(key, -1);
+          } catch (const std::exception&) {
+          }
+          if (gone) return Status::Unavailable("cancelled");
+          return Status::Busy("interrupted while the gang's ranks got ready");
+        }
         std::this_thread::sleep_for(std::chrono::milliseconds(200));
       }
     } catch (const std::exception& e) {
-      // Rank 0's store is gone. If rank 0 failed (a file it cannot read), the broker cancels this
-      // rank once it hears: wait a little for that rather than give the job back at once, which
-      // could reach the broker first and requeue the gang, rank 0's failure with it, for ever.
-      for (int64_t until = MonoMs() + 10000; MonoMs() < until;) {
-        if (cancelled && cancelled->load()) return Status::Unavailable("cancelled");
-        std::this_thread::sleep_for(std::chrono::milliseconds(100));
-      }
-      return Status::Busy(std::string("gang lost while its ranks got ready: ") + e.what());
+      return StoreLost(std::string("gang lost while its ranks got ready: ") + e.what(), cancelled);
     }
     return Status::Ok();
+  }
+  // Rank 0's store is gone (its worker died, or it failed: a file it cannot read, a damaged
+  // checkpoint). The broker cancels this rank once it hears: wait a little for that rather than
+  // give the job back at once, which could reach the broker first and requeue the gang, rank 0's
+  // failure with it, for ever. Nor a failure of this rank's own, which would end the gang for good.
+  static Status StoreLost(const std::string& what, const std::atomic<bool>* cancelled) {
+    for (int64_t until = MonoMs() + 10000; MonoMs() < until;) {
+      if (cancelled && cancelled->load()) return Status::Unavailable("cancelled");
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    return Status::Busy(what);
   }
   // Rank `from` hands `bytes` to every rank (e.g. the training state all ranks start from). The
   // others wait for it as long as rank 0's store lives: `from` may first fetch a published
@@ -799,23 +811,40 @@ class Gang {
         bytes->assign(v.begin(), v.end());
       }
     } catch (const std::exception& e) {
-      return Status::Unavailable(std::string("gang state exchange failed: ") + e.what());
+      return StoreLost(std::string("gang state exchange failed: ") + e.what(), cancelled);
     }
     return Status::Ok();
   }
-  // Every rank's `mine`, by rank, in *all (each rank gives one and waits for the others).
+  // Every rank's `mine`, by rank, in *all (each rank gives its own first, then reads the others').
   Status Gather(const std::string& key, int64_t mine, std::vector<int64_t>* all, const std::atomic<bool>* cancelled) {
     all->assign(static_cast<size_t>(world_), 0);
+    std::string own = std::to_string(mine);
+    ASRF_RETURN_IF_ERROR(Share(key + "/" + std::to_string(rank_), &own, cancelled, rank_));
     for (int r = 0; r < world_; ++r) {
-      std::string v = r == rank_ ? std::to_string(mine) : std::string();
-      ASRF_RETURN_IF_ERROR(Share(key + "/" + std::to_string(r), &v, cancelled, r));
+      std::string v = own;
+      if (r != rank_) ASRF_RETURN_IF_ERROR(Share(key + "/" + std::to_string(r), &v, cancelled, r));
       try {
         (*all)[static_cast<size_t>(r)] = std::stoll(v);
       } catch (const std::exception&) {
-        return Status::Unavailable("gang exchange: rank " + std::to_string(r) + " sent \"" + v + "\"");
+        return Status::Busy("gang exchange: rank " + std::to_string(r) + " sent \"" + v + "\"");
       }
     }
     return Status::Ok();
+  }
+  // After Share(key) from rank 0: the other ranks say they have it, and rank 0 waits (up to
+  // `wait_ms`) until all have, so that its store, closed when it returns, outlives their reads.
+  void Heard(const std::string& key, int64_t wait_ms) {
+    try {
+      if (rank_ != 0) {
+        store_->add(key + "/heard", 1);
+        return;
+      }
+      for (int64_t until = MonoMs() + wait_ms; MonoMs() < until;) {
+        if (store_->add(key + "/heard", 0) >= world_ - 1) return;
+        std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      }
+    } catch (const std::exception&) {
+    }
   }
 
  private:
@@ -1021,7 +1050,10 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
       } else {
         LogWarn(ls.code() == Status::Code::kNotFound ? "checkpoint_ignored" : "checkpoint_unreadable")
             .Kv("job", ctx.job_id).Kv("rank0_job", rank0_job).Kv("step", ckpt_step).Kv("error", ls.message());
-        if (ls.code() == Status::Code::kNotFound) ASRF_RETURN_IF_ERROR(ctx.store->Drop(rank0_job));
+        if (ls.code() == Status::Code::kNotFound) {
+          Status ds = ctx.store->Drop(rank0_job);  // another training's: of no use to anyone
+          if (!ds.ok()) LogWarn("checkpoint_drop_failed").Kv("job", rank0_job).Kv("error", ds.message());
+        }
       }
     }
     std::vector<int64_t> steps;
@@ -1031,7 +1063,13 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
       if (steps[static_cast<size_t>(r)] > steps[static_cast<size_t>(from)]) from = r;
     }
     if (steps[static_cast<size_t>(from)] <= 0) from = 0;
-    if (from == 0) ASRF_RETURN_IF_ERROR(rank0_error);  // the others wait for the broker's cancel
+    if (from == 0 && steps[0] < 0) {
+      // Rank 0 failed (its error fails the job, and the broker then cancels the gang): the
+      // others wait for that cancel rather than give their jobs back and requeue the gang.
+      if (rank == 0) return rank0_error;
+      while (ctx.cancelled && !ctx.cancelled->load()) std::this_thread::sleep_for(std::chrono::milliseconds(200));
+      return Status::Unavailable("cancelled");
+    }
     if (from != 0 && rank == 0) {
       LogInfo("train_resuming_from_rank").Kv("job", ctx.job_id).Kv("from_rank", from)
           .Kv("step", steps[static_cast<size_t>(from)]).Kv("own_step", steps[0]);
@@ -1072,9 +1110,11 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
   int64_t skipped = 0;
   // `always_publish`: the worker is stopping and gives the job back; whichever worker takes it
   // next resumes from here, not from an older published checkpoint.
-  auto checkpoint = [&](const char* why, bool always_publish = false) -> Status {
+  // `at_rng`: the random generator to save, when it is not the current one.
+  auto checkpoint = [&](const char* why, bool always_publish = false,
+                        const std::mt19937_64* at_rng = nullptr) -> Status {
     if (!ctx.store || rank != 0) return Status::Ok();
-    std::string bytes = SaveCheckpoint(model, opt, pos, rng, spec);
+    std::string bytes = SaveCheckpoint(model, opt, pos, at_rng ? *at_rng : rng, spec);
     ASRF_RETURN_IF_ERROR(ctx.store->Put(ctx.job_id, pos.step, bytes, spec.keep));
     ++ckpt_count;
     bool publish = spec.publish_every > 0 && (always_publish || ckpt_count % spec.publish_every == 0);
@@ -1093,6 +1133,8 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
       ASRF_RETURN_IF_ERROR(checkpoint("worker stopping", /*always_publish=*/true));
       return Status::Busy("interrupted at step " + std::to_string(pos.step) + "; resumes from this checkpoint");
     }
+    // A step not taken (a gang's worker stopping) leaves the generator as it found it.
+    const std::mt19937_64 rng_at_step = rng;
     if (pos.batch >= static_cast<int64_t>(order.size())) {
       pos.epoch++;
       pos.batch = 0;
@@ -1179,16 +1221,20 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
       // A rank's worker stops: the step is not taken; rank 0 checkpoints the state before it, and
       // every rank waits for that before it gives its job back (the gang, placed again at once
       // elsewhere, would otherwise resume from an older checkpoint).
-      std::string saved = "0";
+      std::string saved = "?";  // "0": rank 0 saved it, "1": it could not
       if (rank == 0) {
-        Status cs = checkpoint(stopping_here ? "worker stopping" : "a rank's worker stopping", /*always_publish=*/true);
+        saved = "0";
+        Status cs = checkpoint(stopping_here ? "worker stopping" : "a rank's worker stopping", /*always_publish=*/true,
+                               &rng_at_step);
         if (!cs.ok()) {
           LogWarn("checkpoint_failed").Kv("job", ctx.job_id).Kv("step", pos.step).Kv("error", cs.message());
           saved = "1";
         }
       }
-      Status ss = gang->Share("stopped/" + std::to_string(pos.step), &saved, ctx.cancelled);
-      if (!ss.ok()) LogWarn("gang_stop_unconfirmed").Kv("job", ctx.job_id).Kv("rank", rank).Kv("error", ss.message());
+      const std::string key = "stopped/" + std::to_string(pos.step);
+      Status ss = gang->Share(key, &saved, ctx.cancelled);
+      if (ss.ok()) gang->Heard(key, 30000);
+      else LogWarn("gang_stop_unconfirmed").Kv("job", ctx.job_id).Kv("rank", rank).Kv("error", ss.message());
       if (ctx.cancelled && ctx.cancelled->load() && !stopping_here) return Status::Unavailable("cancelled");
       return Status::Busy("a worker of the gang stopped at step " + std::to_string(pos.step) +
                           (saved == "0" ? "; resumes from this checkpoint" : ""));
