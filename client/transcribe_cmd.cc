@@ -308,14 +308,20 @@ Walk FindFiles(const std::vector<std::string>& inputs, const std::set<std::strin
         bool stale = false;
         if (json made = json::parse(ReadSmallFile(j.base + ".json"), nullptr, false);
             made.is_object() && made.contains("source") && made["source"].is_string()) {
+          // What the outputs were made from: size and modification time (absent from outputs
+          // written before they were recorded).
+          const uint64_t size = made.contains("source_size") && made["source_size"].is_number_unsigned()
+                                    ? made["source_size"].get<uint64_t>() : 0;
+          const int64_t mtime = made.contains("source_mtime_ns") && made["source_mtime_ns"].is_number_integer()
+                                    ? made["source_mtime_ns"].get<int64_t>() : 0;
+          const bool this_file = size > 0 && mtime != 0 && size == j.size && mtime == j.mtime_ns;
+          // A relative `source` is relative to where that run was started: from elsewhere it can
+          // name another file, so this file's own recorded size and time outrank it.
           std::error_code eec;
           const std::string src = made["source"].get<std::string>();
-          if (fs::exists(src, eec) && !fs::equivalent(src, f.path, eec) && !eec) other = src;
+          if (!this_file && fs::exists(src, eec) && !fs::equivalent(src, f.path, eec) && !eec) other = src;
           // This file's own outputs, made from other contents (a recorder that wrote a new
           // REC001.WAV over the old one): transcribed again, where they used to count as done.
-          // Outputs written before the size and time were recorded count as done.
-          const uint64_t size = made.value("source_size", uint64_t{0});
-          const int64_t mtime = made.value("source_mtime_ns", int64_t{0});
           stale = other.empty() && ((size > 0 && j.size > 0 && size != j.size) ||
                                     (mtime != 0 && j.mtime_ns != 0 && mtime != j.mtime_ns));
         }

@@ -336,6 +336,25 @@ TEST_F(TranscribeTest, FolderToTranscriptsWithBadFilesLongFilesAndPostgres) {
   EXPECT_NE(changed.err.find("7 skipped (outputs exist)"), std::string::npos) << changed.err;
   EXPECT_EQ(ReadFile(out + "/calls/a/u7.txt"), ReadFile(out + "/calls/a/u6.txt"));
   EXPECT_NE(ReadFile(out + "/calls/a/u7.txt"), u7_before);
+  // A relative path is recorded as given, relative to where that run started. Run again from
+  // another folder where that relative name is another file, the outputs are still this file's:
+  // its size and time match what they were made from (an error, "hold the transcript of", before).
+  {
+    fs::create_directories(t / "cwd1/in");
+    fs::create_directories(t / "cwd2/in");
+    fs::copy_file(in + "/calls/a/u0.wav", t / "cwd1/in/r.wav");
+    fs::copy_file(in + "/calls/a/u1.wav", t / "cwd2/in/r.wav");
+    auto from = [&](const std::string& dir, const std::string& path) {
+      return RunCommand({"/bin/sh", "-c", "cd \"$1\" && exec \"$2\" --broker \"$3\" transcribe \"$4\" --out \"$5\" --wait",
+                         "sh", dir, ASRF_SUBMIT_BIN, b.endpoint, path, t / "rel"}, 60000);
+    };
+    RunResult first = from(t / "cwd1", "in/r.wav");
+    ASSERT_EQ(first.code, 0) << first.err;
+    EXPECT_EQ(json::parse(ReadFile(t / "rel/r.json")).value("source", ""), "in/r.wav");
+    RunResult second = from(t / "cwd2", "../cwd1/in/r.wav");
+    EXPECT_EQ(second.code, 0) << second.err;
+    EXPECT_NE(second.err.find("1 skipped (outputs exist)"), std::string::npos) << second.err;
+  }
   // Another folder's file of the same name into the same --out (a second card's recordings): its
   // outputs there are another file's, so it is an error, not "skipped", and they stay as they are.
   const std::string u0_before = ReadFile(out + "/calls/a/u0.txt");
