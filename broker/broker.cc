@@ -1017,6 +1017,10 @@ struct Broker::Impl {
           if (Job* j = table.Find(id); j && !consider(*j)) break;
         }
       }
+    } else if (const std::set<uint64_t>* ids = any_state ? nullptr : table.IdsInState(want)) {
+      for (auto it = ids->upper_bound(m.after); it != ids->end(); ++it) {
+        if (Job* j = table.Find(*it); j && !consider(*j)) break;
+      }
     } else {
       for (auto it = table.all().upper_bound(m.after); it != table.all().end(); ++it) {
         const Job& j = it->second;

@@ -21,8 +21,8 @@ Job& JobTable::Add(Job job) {
   counts_[static_cast<int>(s)]++;
   b.counts[static_cast<int>(s)]++;
   kind_counts_[j.kind][static_cast<int>(s)]++;
+  Index(id, s);
   if (s == JobState::kQueued) {
-    queued_ids_.insert(id);
     if (nb > 0) {
       delayed_.insert({nb, id});
     } else {
@@ -76,8 +76,8 @@ void JobTable::SetState(Job& job, JobState s, int64_t not_before_mono) {
   auto& kc = kind_counts_[job.kind];
   kc[static_cast<int>(job.state)]--;
   kc[static_cast<int>(s)]++;
-  if (job.state == JobState::kQueued) queued_ids_.erase(job.id);
-  if (s == JobState::kQueued) queued_ids_.insert(job.id);
+  Unindex(job.id, job.state);
+  Index(job.id, s);
   auto b = batches_.find(job.batch);
   if (b != batches_.end()) {
     b->second.counts[static_cast<int>(job.state)]--;
@@ -176,6 +176,7 @@ void JobTable::Forget(uint64_t id) {
       if (g->second.members.empty()) gangs_.erase(g);
     }
   }
+  Unindex(id, j.state);
   std::string batch = j.batch;
   jobs_.erase(it);
   // A batch's counts keep its forgotten jobs (in their final states) until every job of it is

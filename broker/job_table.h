@@ -116,7 +116,15 @@ class JobTable {
   const Counts& counts() const { return counts_; }
   const std::unordered_map<std::string, Counts>& kind_counts() const { return kind_counts_; }
   // The oldest queued job (lowest id, ids grow with time); 0 when none is queued.
-  uint64_t OldestQueued() const { return queued_ids_.empty() ? 0 : *queued_ids_.begin(); }
+  uint64_t OldestQueued() const {
+    const auto& q = ids_by_state_[static_cast<int>(JobState::kQueued)];
+    return q.empty() ? 0 : *q.begin();
+  }
+  // The ids of the jobs in state `s`, ascending; null for kDone (not indexed: done jobs are the
+  // bulk of the table, where a scan finds them at once).
+  const std::set<uint64_t>* IdsInState(JobState s) const {
+    return s == JobState::kDone ? nullptr : &ids_by_state_[static_cast<int>(s)];
+  }
   Counts BatchCounts(const std::string& batch) const;
   const std::vector<uint64_t>* BatchJobs(const std::string& batch) const;
 
@@ -139,7 +147,15 @@ class JobTable {
   size_t ready_count_ = 0;
   Counts counts_{};
   std::unordered_map<std::string, Counts> kind_counts_;
-  std::set<uint64_t> queued_ids_;
+  // Ids by state, every state but kDone (IdsInState): a JOBS request for the few dead jobs among
+  // millions of done ones is answered without a scan of the poll thread's whole table.
+  std::array<std::set<uint64_t>, proto::kNumStates> ids_by_state_;
+  void Index(uint64_t id, JobState s) {
+    if (s != JobState::kDone) ids_by_state_[static_cast<int>(s)].insert(id);
+  }
+  void Unindex(uint64_t id, JobState s) {
+    if (s != JobState::kDone) ids_by_state_[static_cast<int>(s)].erase(id);
+  }
   struct BatchInfo {
     std::vector<uint64_t> ids;  // may hold forgotten ids until compacted
     Counts counts{};

@@ -93,5 +93,37 @@ TEST(JobTable, CancelledQueuedJobLeavesTheQueueAndCountsMove) {
   EXPECT_EQ(t.BatchJobs("nope"), nullptr);
 }
 
+// The per-state index JOBS --state reads: every state but done, through add, moves and forget.
+TEST(JobTable, IdsByStateFollowEveryMove) {
+  JobTable t;
+  for (uint64_t id = 1; id <= 6; ++id) t.Add(MakeJob(id, 0));
+  Job dead = MakeJob(7, 0);
+  dead.state = JobState::kDead;
+  t.Add(dead);
+  auto ids = [&](JobState s) { return std::vector<uint64_t>(t.IdsInState(s)->begin(), t.IdsInState(s)->end()); };
+  EXPECT_EQ(ids(JobState::kQueued), (std::vector<uint64_t>{1, 2, 3, 4, 5, 6}));
+  EXPECT_EQ(ids(JobState::kDead), (std::vector<uint64_t>{7}));
+  t.SetState(*t.Find(2), JobState::kLeased);
+  t.SetState(*t.Find(3), JobState::kLeased);
+  t.SetState(*t.Find(3), JobState::kDead);
+  t.SetState(*t.Find(4), JobState::kLeased);
+  t.SetState(*t.Find(4), JobState::kDone);
+  t.SetState(*t.Find(5), JobState::kFailed);
+  t.SetState(*t.Find(6), JobState::kCancelled);
+  EXPECT_EQ(ids(JobState::kQueued), (std::vector<uint64_t>{1}));
+  EXPECT_EQ(ids(JobState::kLeased), (std::vector<uint64_t>{2}));
+  EXPECT_EQ(ids(JobState::kDead), (std::vector<uint64_t>{3, 7}));
+  EXPECT_EQ(ids(JobState::kFailed), (std::vector<uint64_t>{5}));
+  EXPECT_EQ(ids(JobState::kCancelled), (std::vector<uint64_t>{6}));
+  EXPECT_EQ(t.IdsInState(JobState::kDone), nullptr);
+  EXPECT_EQ(t.OldestQueued(), 1u);
+  t.Forget(3);
+  t.Forget(4);
+  EXPECT_EQ(ids(JobState::kDead), (std::vector<uint64_t>{7}));
+  t.SetState(*t.Find(7), JobState::kQueued);  // RETRY
+  EXPECT_TRUE(ids(JobState::kDead).empty());
+  EXPECT_EQ(ids(JobState::kQueued), (std::vector<uint64_t>{1, 7}));
+}
+
 }  // namespace
 }  // namespace asrf
