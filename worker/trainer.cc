@@ -1081,7 +1081,16 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
     if (rank != from) ASRF_RETURN_IF_ERROR(LoadCheckpoint(state, model, opt, &pos, &rng));
     if (rank != from) PlaceOnDevice(model, opt, device);
     resumed = pos.step > 0;
+    // Each rank its own random draws (augmentation): the shared generator, told apart by rank
+    // (the ranks drew the same perturbations for their different batches). Deterministic from
+    // the checkpoint, which holds rank 0's generator.
+    const uint64_t base = rng();
+    std::seed_seq per_rank{static_cast<uint32_t>(base), static_cast<uint32_t>(base >> 32), static_cast<uint32_t>(rank)};
+    rng.seed(per_rank);
   }
+  // Dropout draws from torch's generator: seeded from ours, so that a resumed run (or another
+  // rank) does not repeat the masks a fresh process starts with.
+  torch::manual_seed(rng());
   if (resumed) {
     LogInfo("train_resumed").Kv("job", ctx.job_id).Kv("step", pos.step).Kv("epoch", pos.epoch).Kv("rank", rank);
   } else {
