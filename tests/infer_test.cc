@@ -403,6 +403,30 @@ TEST(NoSpeechTest, FaintSteadyNoiseIsNoSpeechQuietBurstsAre) {
   for (size_t at = 0; at + word.size() < ten_s; at += 8000) std::copy(word.begin(), word.end(), bursts.begin() + at);
   EXPECT_FALSE(NoSpeech(bursts));
   EXPECT_FALSE(NoSpeech(std::vector<int16_t>(1000, 0)));  // under 100 ms: the model decides
+  // Digital silence beside faint hiss (a recorder that pads with zeros): no speech; it was, as the
+  // hiss is more than 6 dB above zeros. The quiet bursts beside zeros are still speech.
+  std::vector<int16_t> padded(ten_s / 2, 0), hiss = noise(33, ten_s / 2);
+  padded.insert(padded.end(), hiss.begin(), hiss.end());
+  EXPECT_TRUE(NoSpeech(padded));
+  std::vector<int16_t> dithered = noise(0.7, ten_s / 4);  // +-1 LSB dither, then -45 dBFS hiss
+  std::vector<int16_t> hiss45 = noise(180, ten_s / 2);
+  dithered.insert(dithered.end(), hiss45.begin(), hiss45.end());
+  EXPECT_TRUE(NoSpeech(dithered));
+  std::vector<int16_t> gated(ten_s / 2, 0);
+  gated.insert(gated.end(), bursts.begin(), bursts.end());
+  EXPECT_FALSE(NoSpeech(gated));
+  // Words that rise and fall (a syllable's envelope) with digital silence between them (a noise
+  // gate): speech, though quiet.
+  std::vector<int16_t> syllable = noise(300, 4000);
+  for (size_t i = 0; i < syllable.size(); ++i) {
+    const double env = std::sin(3.14159265 * static_cast<double>(i) / static_cast<double>(syllable.size()));
+    syllable[i] = static_cast<int16_t>(syllable[i] * env * env);
+  }
+  std::vector<int16_t> gate_only(ten_s, 0);
+  for (size_t at = 0; at + syllable.size() < ten_s; at += 8000) {
+    std::copy(syllable.begin(), syllable.end(), gate_only.begin() + at);
+  }
+  EXPECT_FALSE(NoSpeech(gate_only));
 }
 
 TEST(ResidualTest, GrowingIsTheIdentityAndConfigsSayWhatTheyHold) {

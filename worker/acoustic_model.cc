@@ -607,15 +607,33 @@ bool NoSpeech(std::span<const int16_t> pcm) {
     const double mean = sum / kFrame;
     energy[static_cast<size_t>(f)] = std::max(0.0, sq / kFrame - mean * mean);
   }
+  // The quietest stretch is measured over its frames of sound only: frames of digital silence
+  // (under 2 LSB RMS, -84 dBFS: zeros, dither) are left out, and a stretch needs 4 frames of
+  // sound to count. Faint hiss beside digital silence (a recorder that pads with zeros) was "more
+  // than 6 dB above the quietest" and went to the model, which wrote words for it; a word's rise
+  // and fall beside the silence of a noise gate still is. All digital silence holds no speech.
+  constexpr double kDigitalSilence = 4.0;
+  constexpr int64_t kMinSound = 4;
   double window = 0, loudest = 0, quietest = 0;
+  int64_t sound_frames = 0;  // in the window
+  bool any_quietest = false;
   for (int64_t f = 0; f < frames; ++f) {
-    window += energy[static_cast<size_t>(f)];
-    if (f >= kWindow) window -= energy[static_cast<size_t>(f - kWindow)];
+    const double e = energy[static_cast<size_t>(f)];
+    window += e;
+    sound_frames += e >= kDigitalSilence ? 1 : 0;
+    if (f >= kWindow) {
+      const double gone = energy[static_cast<size_t>(f - kWindow)];
+      window -= gone;
+      sound_frames -= gone >= kDigitalSilence ? 1 : 0;
+    }
     if (f + 1 < kWindow) continue;
-    const double w = window / kWindow;
-    loudest = f + 1 == kWindow ? w : std::max(loudest, w);
-    quietest = f + 1 == kWindow ? w : std::min(quietest, w);
+    loudest = f + 1 == kWindow ? window / kWindow : std::max(loudest, window / kWindow);
+    if (sound_frames < kMinSound) continue;
+    const double w = window / static_cast<double>(sound_frames);
+    quietest = any_quietest ? std::min(quietest, w) : w;
+    any_quietest = true;
   }
+  if (!any_quietest) return loudest < kQuietLevel;  // digital silence, or sound under 40 ms at a time
   return loudest < kQuietLevel && loudest <= kSteady * quietest;
 }
 
