@@ -65,6 +65,13 @@ Status HttpServer::Start(const std::string& listen, const SnapshotHolder* snapsh
   // Bounds on what a client can make the broker hold: no request here has a body over a few
   // hundred bytes, a slow or silent client is dropped after 5 s, and connections are bounded.
   srv.new_task_queue = [] { return new BoundedQueue(8, 64); };
+  // SO_REUSEADDR only: the library's default, SO_REUSEPORT, let a second broker (or any server
+  // that sets it) listen on the same port, and the kernel then shared connections between them:
+  // /metrics, /readyz and the journal checkpoint answered by either.
+  srv.set_socket_options([](socket_t sock) {
+    int yes = 1;
+    setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, reinterpret_cast<void*>(&yes), sizeof(yes));
+  });
   srv.set_payload_max_length(64 * 1024);
   srv.set_read_timeout(5, 0);
   srv.set_write_timeout(5, 0);
@@ -120,7 +127,11 @@ Status HttpServer::Start(const std::string& listen, const SnapshotHolder* snapsh
     port = srv.bind_to_any_port(host);
     if (port <= 0) return Status::Unavailable("cannot listen for HTTP on " + listen);
   } else if (!srv.bind_to_port(host, port)) {
-    return Status::Unavailable("cannot listen for HTTP on " + listen + " (in use, or a bad address?)");
+    // 9100, the default, is also prometheus-node-exporter's, which many hosts run.
+    return Status::Unavailable("cannot listen for HTTP on " + listen +
+                               ": the port is taken (by another broker, or another server: 9100 is also "
+                               "prometheus-node-exporter's) or the address is not this host's; give another with "
+                               "--http HOST:PORT (ASRF_HTTP), port 0 for any free one, or --http '' for none");
   }
   s->port_ = port;
   Impl* impl = s->impl_.get();

@@ -71,6 +71,23 @@ TEST(Http, HealthReadinessAndMetricsFromTheStart) {
 // into a staircase of 10s and 100s), fractions read back as themselves; and the history backlog,
 // counted up to 1,000,000, makes the broker not ready at that count while PostgreSQL is down (it
 // tested "over 1,000,000", which the count never reaches).
+// A taken HTTP port (another broker here; on many hosts 9100 is node-exporter's) stops the
+// broker at start with what to do about it. A second broker used to share the port with the
+// first (SO_REUSEPORT), each answering some of the requests.
+TEST(Http, ATakenPortIsAClearErrorAtStart) {
+  TempDir t;
+  BrokerProc a = StartBroker(t / "a", t / "a.log");
+  ASSERT_FALSE(a.endpoint.empty()) << ReadFile(t / "a.log");
+  const std::string taken = HttpEndpoint(t / "a");
+  ASSERT_FALSE(taken.empty());
+  RunResult b = RunCommand({ASRF_BROKER_BIN, "--listen", "tcp://127.0.0.1:*", "--state-dir", t / "b", "--http", taken},
+                           20000);
+  EXPECT_NE(b.code, 0);
+  const std::string said = b.out + b.err;
+  EXPECT_NE(said.find("cannot listen for HTTP on " + taken + ": the port is taken"), std::string::npos) << said;
+  EXPECT_NE(said.find("--http HOST:PORT"), std::string::npos) << said;
+}
+
 TEST(Http, LargeCountersPrintExactlyAndTheBacklogLimitIsReached) {
   FleetSnapshot s;
   s.audio_seconds_total = 1234567.0;
