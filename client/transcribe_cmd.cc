@@ -199,6 +199,7 @@ std::string ReadSmallFile(const std::string& path) {
 Walk FindFiles(const std::vector<std::string>& inputs, const std::set<std::string>& exts, const std::string& out_dir,
                const std::vector<std::string>& formats, bool overwrite) {
   Walk w;
+  const bool writes_json = std::find(formats.begin(), formats.end(), "json") != formats.end();
   struct Found {
     std::string path, root;
   };
@@ -314,16 +315,20 @@ Walk FindFiles(const std::vector<std::string>& inputs, const std::set<std::strin
                                     ? made["source_size"].get<uint64_t>() : 0;
           const int64_t mtime = made.contains("source_mtime_ns") && made["source_mtime_ns"].is_number_integer()
                                     ? made["source_mtime_ns"].get<int64_t>() : 0;
-          const bool this_file = size > 0 && mtime != 0 && size == j.size && mtime == j.mtime_ns;
           // A relative `source` is relative to where that run was started: from elsewhere it can
-          // name another file, so this file's own recorded size and time outrank it.
-          std::error_code eec;
+          // name another file, so there this file's own recorded size and time outrank it (not
+          // for an absolute one: two cards' REC001.WAV can agree in both).
           const std::string src = made["source"].get<std::string>();
+          const bool this_file = fs::path(src).is_relative() && size > 0 && mtime != 0 && size == j.size &&
+                                 mtime == j.mtime_ns;
+          std::error_code eec;
           if (!this_file && fs::exists(src, eec) && !fs::equivalent(src, f.path, eec) && !eec) other = src;
           // This file's own outputs, made from other contents (a recorder that wrote a new
           // REC001.WAV over the old one): transcribed again, where they used to count as done.
-          stale = other.empty() && ((size > 0 && j.size > 0 && size != j.size) ||
-                                    (mtime != 0 && j.mtime_ns != 0 && mtime != j.mtime_ns));
+          // Only when this run writes the .json, which records what they are made from: without
+          // it the redone outputs would still look stale to every later run.
+          stale = other.empty() && writes_json && ((size > 0 && j.size > 0 && size != j.size) ||
+                                                   (mtime != 0 && j.mtime_ns != 0 && mtime != j.mtime_ns));
         }
         if (!other.empty()) {
           w.errors.push_back(f.path + ": its outputs " + j.base + ".* hold the transcript of " + other +

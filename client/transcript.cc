@@ -325,9 +325,12 @@ Status WriteOutputs(const Transcript& t, const std::string& base, const std::vec
     fs::create_directories(parent, ec);
     if (ec) return Status::IOError("cannot create " + parent.string() + ": " + ec.message());
   }
-  for (size_t i = 0; i < formats.size(); ++i) {
-    ASRF_RETURN_IF_ERROR(WriteFileDurably(base + "." + formats[i], bodies[i]));
-  }
+  // The .json last: it records what the outputs were made from, and a rerun trusts the others
+  // by it (a write that failed after it would leave another recording's text beside it).
+  std::vector<size_t> order;
+  for (size_t i = 0; i < formats.size(); ++i) if (formats[i] != "json") order.push_back(i);
+  for (size_t i = 0; i < formats.size(); ++i) if (formats[i] == "json") order.push_back(i);
+  for (size_t i : order) ASRF_RETURN_IF_ERROR(WriteFileDurably(base + "." + formats[i], bodies[i]));
   return Status::Ok();
 }
 

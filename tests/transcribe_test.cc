@@ -336,6 +336,14 @@ TEST_F(TranscribeTest, FolderToTranscriptsWithBadFilesLongFilesAndPostgres) {
   EXPECT_NE(changed.err.find("7 skipped (outputs exist)"), std::string::npos) << changed.err;
   EXPECT_EQ(ReadFile(out + "/calls/a/u7.txt"), ReadFile(out + "/calls/a/u6.txt"));
   EXPECT_NE(ReadFile(out + "/calls/a/u7.txt"), u7_before);
+  // Without json among the formats a change is not looked for: the .json would keep its old
+  // record, and every later run would transcribe the file again.
+  fs::copy_file(in + "/calls/a/u4.wav", in + "/calls/a/u5.wav", fs::copy_options::overwrite_existing);
+  RunResult txt_only = Submit(b.endpoint, {"transcribe", in + "/calls/a", "--out", out + "/calls/a",
+                                           "--format", "txt", "--wait"}, 60000);
+  EXPECT_EQ(txt_only.code, 0) << txt_only.err;
+  EXPECT_EQ(txt_only.err.find("changed"), std::string::npos) << txt_only.err;
+  EXPECT_NE(txt_only.err.find("8 skipped (outputs exist)"), std::string::npos) << txt_only.err;
   // A relative path is recorded as given, relative to where that run started. Run again from
   // another folder where that relative name is another file, the outputs are still this file's:
   // its size and time match what they were made from (an error, "hold the transcript of", before).
@@ -359,7 +367,10 @@ TEST_F(TranscribeTest, FolderToTranscriptsWithBadFilesLongFilesAndPostgres) {
   // outputs there are another file's, so it is an error, not "skipped", and they stay as they are.
   const std::string u0_before = ReadFile(out + "/calls/a/u0.txt");
   fs::create_directories(t / "card2");
-  fs::copy_file(in + "/calls/a/u1.wav", t / "card2/u0.wav");
+  // The same size and modification time as the first card's (a copy, its time set back): still
+  // another file's, as the transcript's source names it absolutely.
+  fs::copy_file(in + "/calls/a/u0.wav", t / "card2/u0.wav");
+  fs::last_write_time(t / "card2/u0.wav", fs::last_write_time(in + "/calls/a/u0.wav"));
   RunResult card2 = Submit(b.endpoint, {"transcribe", t / "card2", "--out", out + "/calls/a", "--wait"}, 60000);
   EXPECT_EQ(card2.code, 1) << card2.err;
   EXPECT_NE(card2.err.find("u0.wav: its outputs " + out + "/calls/a/u0.* hold the transcript of"), std::string::npos)

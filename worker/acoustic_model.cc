@@ -614,22 +614,28 @@ bool NoSpeech(std::span<const int16_t> pcm) {
   // and fall beside the silence of a noise gate still is. All digital silence holds no speech.
   constexpr double kDigitalSilence = 4.0;
   constexpr int64_t kMinSound = 4;
-  double window = 0, loudest = 0, quietest = 0;
+  double window = 0, sound = 0, loudest = 0, quietest = 0;  // sums over the window: all frames, frames of sound
   int64_t sound_frames = 0;  // in the window
   bool any_quietest = false;
   for (int64_t f = 0; f < frames; ++f) {
     const double e = energy[static_cast<size_t>(f)];
     window += e;
-    sound_frames += e >= kDigitalSilence ? 1 : 0;
+    if (e >= kDigitalSilence) {
+      sound += e;
+      ++sound_frames;
+    }
     if (f >= kWindow) {
       const double gone = energy[static_cast<size_t>(f - kWindow)];
       window -= gone;
-      sound_frames -= gone >= kDigitalSilence ? 1 : 0;
+      if (gone >= kDigitalSilence) {
+        sound -= gone;
+        --sound_frames;
+      }
     }
     if (f + 1 < kWindow) continue;
     loudest = f + 1 == kWindow ? window / kWindow : std::max(loudest, window / kWindow);
     if (sound_frames < kMinSound) continue;
-    const double w = window / static_cast<double>(sound_frames);
+    const double w = sound / static_cast<double>(sound_frames);
     quietest = any_quietest ? std::min(quietest, w) : w;
     any_quietest = true;
   }

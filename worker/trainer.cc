@@ -1067,8 +1067,11 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
       // Rank 0 failed (its error fails the job, and the broker then cancels the gang): the
       // others wait for that cancel rather than give their jobs back and requeue the gang.
       if (rank == 0) return rank0_error;
-      while (ctx.cancelled && !ctx.cancelled->load()) std::this_thread::sleep_for(std::chrono::milliseconds(200));
-      return Status::Unavailable("cancelled");
+      for (int64_t until = MonoMs() + 120000; MonoMs() < until;) {
+        if (ctx.cancelled && ctx.cancelled->load()) return Status::Unavailable("cancelled");
+        std::this_thread::sleep_for(std::chrono::milliseconds(200));
+      }
+      return Status::Busy("rank 0 could not read its checkpoints, and no cancel came");
     }
     if (from != 0 && rank == 0) {
       LogInfo("train_resuming_from_rank").Kv("job", ctx.job_id).Kv("from_rank", from)
@@ -1221,8 +1224,12 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
         // Another rank is gone: this rank gives its job back (no attempt); the broker requeues the
         // gang and it resumes from the newest checkpoint.
         LogWarn("gang_step_failed").Kv("job", ctx.job_id).Kv("rank", rank).Kv("step", pos.step).Kv("error", gst.message());
-        if (ctx.cancelled && ctx.cancelled->load()) return Status::Unavailable("cancelled");
-        return Status::Busy("gang member lost at step " + std::to_string(pos.step) + ": " + gst.message());
+        // The broker's cancel comes first when the other rank failed (its failure ends or
+        // retries the gang, counted) or its worker died: a job given back at once could reach the
+        // broker before that failure, which it then refused, and the gang ran again uncounted,
+        // for as long as the failure repeats.
+        return Gang::StoreLost("gang member lost at step " + std::to_string(pos.step) + ": " + gst.message(),
+                               ctx.cancelled);
       }
     }
     int64_t n_flat = flat.size(0);
