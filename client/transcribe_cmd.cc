@@ -365,8 +365,9 @@ const char* kTranscribeUsage =
     "usage: asr-submit transcribe PATH... --out DIR [--format txt,json,srt,vtt,tsv] [--model NAME] [--wait]\n"
     "Transcribes every audio file under each PATH (files or folders, searched recursively). IN/x/a.wav becomes\n"
     "DIR/x/a.<format>; files whose outputs all exist are skipped unless --overwrite, or unless the file's size or\n"
-    "modification time differs from what its .json recorded (it is transcribed again). Without --wait the batch\n"
-    "name is printed and `asr-submit collect BATCH --out DIR` writes the outputs later.\n"
+    "modification time differs from what its .json recorded, when json is among the formats (it is\n"
+    "transcribed again). Without --wait the batch name is printed and `asr-submit collect BATCH --out DIR`\n"
+    "writes the outputs later.\n"
     "Files named on the command line are tried whatever their extension; --ext picks the files in folders.\n"
     "Exit: 0 all transcribed (or all done before), 1 some file failed (see the summary) or no audio file found,\n"
     "2 usage (or --out not a writable folder), 3 broker unreachable or --timeout.";

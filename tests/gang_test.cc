@@ -293,12 +293,20 @@ TEST(Gang, ARendezvousPortInUseMovesTheGangToAnotherPort) {
   EXPECT_EQ(c.dead, 0);
 }
 
-// The tests below train a tiny network as a gang of two CPU workers with --pg: a synthetic corpus
-// under t/data, both workers on the broker, the training submitted; each step ASSERTs.
+// The tests below train a tiny network as a gang of two CPU workers, most with --pg: a synthetic
+// corpus under t/data, both workers on the broker, the training submitted; each step ASSERTs.
 void SynthTinyCorpus(const TempDir& t, const std::string& seed) {
   RunResult synth = RunCommand({ASRF_SYNTH_BIN, "--out", t / "data", "--utterances", "40", "--seed", seed,
                                 "--valid-fraction", "0.1", "--heldout-fraction", "0", "--max-words", "4"});
   ASSERT_EQ(synth.code, 0) << synth.err;
+}
+
+// Until the broker lists `n` workers.
+void WaitForWorkers(const BrokerProc& b, size_t n) {
+  ASSERT_TRUE(WaitFor([&] {
+    std::string out = Submit(b.endpoint, {"workers"}).out;
+    return static_cast<size_t>(std::count(out.begin(), out.end(), '\n')) >= n;
+  }, 10000));
 }
 
 void StartTwoPgWorkers(const BrokerProc& b, const TempDir& t, const std::string& pg_url, Proc* w1, Proc* w2) {
@@ -306,10 +314,7 @@ void StartTwoPgWorkers(const BrokerProc& b, const TempDir& t, const std::string&
                                                           "--pg", pg_url});
   *w1 = StartWorker(b.endpoint, t / "w1", t / "w1.log", wargs);
   *w2 = StartWorker(b.endpoint, t / "w2", t / "w2.log", wargs);
-  ASSERT_TRUE(WaitFor([&] {
-    std::string out = Submit(b.endpoint, {"workers"}).out;
-    return std::count(out.begin(), out.end(), '\n') >= 2;
-  }, 10000));
+  WaitForWorkers(b, 2);
 }
 
 // `asr-submit train --world-size 2` of the tiny network with `args` added; *batch gets its batch.
@@ -370,15 +375,16 @@ TEST(Gang, AKilledRankRequeuesTheGangWhichResumesFromAPublishedCheckpoint) {
 
 // Two CPU workers named so that the broker's placement (by worker id) is known: `first` runs
 // rank 0, `second` rank 1. No PostgreSQL: checkpoints are only in the workers' own stores.
+// A CPU worker without PostgreSQL in t/NAME (log t/NAME.log), listed as `id`.
+Proc StartNamedWorker(const BrokerProc& b, const TempDir& t, const std::string& name, const std::string& id) {
+  return StartWorker(b.endpoint, t / name, t / (name + ".log"),
+                     With(kFastHeartbeats, {"--threads", "1", "--advertise-host", "127.0.0.1", "--worker-id", id}));
+}
+
 void StartNamedPair(const BrokerProc& b, const TempDir& t, Proc* first, Proc* second) {
-  *first = StartWorker(b.endpoint, t / "w1", t / "w1.log",
-                       With(kFastHeartbeats, {"--threads", "1", "--advertise-host", "127.0.0.1", "--worker-id", "b-w1"}));
-  *second = StartWorker(b.endpoint, t / "w2", t / "w2.log",
-                        With(kFastHeartbeats, {"--threads", "1", "--advertise-host", "127.0.0.1", "--worker-id", "c-w2"}));
-  ASSERT_TRUE(WaitFor([&] {
-    std::string out = Submit(b.endpoint, {"workers"}).out;
-    return std::count(out.begin(), out.end(), '\n') >= 2;
-  }, 10000));
+  *first = StartNamedWorker(b, t, "w1", "b-w1");
+  *second = StartNamedWorker(b, t, "w2", "c-w2");
+  WaitForWorkers(b, 2);
 }
 
 // Where job 1 (rank 0) started each time it ran in this worker log: its step, 0 when from scratch.
@@ -419,8 +425,7 @@ TEST(Gang, AGangResumesFromTheNewestCheckpointWhicheverRankItsWorkerRuns) {
   w2.Wait(5000);
   ASSERT_TRUE(WaitFor([&] { return StatusCounts(b.endpoint, gt).queued == 2; }, 30000)) << ReadFile(t / "broker.log");
   // "a-w3" sorts first: rank 0 runs there now, and w1, with the checkpoints, runs rank 1.
-  Proc w3 = StartWorker(b.endpoint, t / "w3", t / "w3.log",
-                        With(kFastHeartbeats, {"--threads", "1", "--advertise-host", "127.0.0.1", "--worker-id", "a-w3"}));
+  Proc w3 = StartNamedWorker(b, t, "w3", "a-w3");
   std::vector<int64_t> starts;
   ASSERT_TRUE(WaitFor([&] { return !(starts = Rank0Starts(t / "w3.log")).empty(); }, 120000))
       << ReadFile(t / "broker.log") << ReadFile(t / "w3.log");
@@ -464,8 +469,7 @@ TEST(Gang, ARankWhoseWorkerStopsHasTheGangCheckpointWhereItStopped) {
   EXPECT_EQ((log1 + ReadFile(t / "w2.log")).find("gang_stop_unconfirmed"), std::string::npos) << ReadFile(t / "w2.log");
   EXPECT_NE(ReadFile(t / "w2.log").find("resumes from this checkpoint"), std::string::npos) << ReadFile(t / "w2.log");
   ASSERT_TRUE(WaitFor([&] { return StatusCounts(b.endpoint, gt).queued == 2; }, 30000)) << ReadFile(t / "broker.log");
-  Proc w3 = StartWorker(b.endpoint, t / "w3", t / "w3.log",
-                        With(kFastHeartbeats, {"--threads", "1", "--advertise-host", "127.0.0.1", "--worker-id", "d-w3"}));
+  Proc w3 = StartNamedWorker(b, t, "w3", "d-w3");
   std::vector<int64_t> starts;
   ASSERT_TRUE(WaitFor([&] { return (starts = Rank0Starts(t / "w1.log")).size() >= 2; }, 120000))
       << ReadFile(t / "broker.log") << ReadFile(t / "w1.log");

@@ -64,13 +64,6 @@ TEST(Http, HealthReadinessAndMetricsFromTheStart) {
   EXPECT_GT(Metric(m, "asrf_jobs_per_second"), 0);
 }
 
-// What a hostile or careless HTTP client can make the broker hold or do is bounded: a body over
-// 64 KiB is refused, a job kind that is not a metric-safe name is refused at SUBMIT, and the
-// journal checkpoint is taken neither for a web page (an Origin header) nor outside the state dir.
-// Counters past a million print every digit (six significant ones turned a rate over a minute
-// into a staircase of 10s and 100s), fractions read back as themselves; and the history backlog,
-// counted up to 1,000,000, makes the broker not ready at that count while PostgreSQL is down (it
-// tested "over 1,000,000", which the count never reaches).
 // A taken HTTP port (another broker here; on many hosts 9100 is node-exporter's) stops the
 // broker at start with what to do about it. A second broker used to share the port with the
 // first (SO_REUSEPORT), each answering some of the requests.
@@ -88,6 +81,13 @@ TEST(Http, ATakenPortIsAClearErrorAtStart) {
   EXPECT_NE(said.find("--http HOST:PORT"), std::string::npos) << said;
 }
 
+// What a hostile or careless HTTP client can make the broker hold or do is bounded: a body over
+// 64 KiB is refused, a job kind that is not a metric-safe name is refused at SUBMIT, and the
+// journal checkpoint is taken neither for a web page (an Origin header) nor outside the state dir.
+// Counters past a million print every digit (six significant ones turned a rate over a minute
+// into a staircase of 10s and 100s), fractions read back as themselves; and the history backlog,
+// counted up to 1,000,000, makes the broker not ready at that count while PostgreSQL is down (it
+// tested "over 1,000,000", which the count never reaches).
 TEST(Http, LargeCountersPrintExactlyAndTheBacklogLimitIsReached) {
   FleetSnapshot s;
   s.audio_seconds_total = 1234567.0;

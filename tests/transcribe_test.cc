@@ -315,8 +315,11 @@ TEST_F(TranscribeTest, FolderToTranscriptsWithBadFilesLongFilesAndPostgres) {
   EXPECT_GE(std::stol(rows), 9 + 3) << rows;
 
   // Re-running skips what is done; --overwrite redoes it.
-  RunResult again = Submit(b.endpoint, {"transcribe", in + "/calls/a", "--out", out + "/calls/a",
-                                        "--format", "txt,json,srt,vtt,tsv", "--wait"}, 60000);
+  auto rerun = [&](const std::string& formats) {
+    return Submit(b.endpoint, {"transcribe", in + "/calls/a", "--out", out + "/calls/a", "--format", formats, "--wait"},
+                  60000);
+  };
+  RunResult again = rerun("txt,json,srt,vtt,tsv");
   EXPECT_EQ(again.code, 0) << again.err;
   EXPECT_NE(again.err.find("8 skipped (outputs exist)"), std::string::npos) << again.err;
   // The .json records what the outputs were made from.
@@ -329,8 +332,7 @@ TEST_F(TranscribeTest, FolderToTranscriptsWithBadFilesLongFilesAndPostgres) {
   // transcribed again: its outputs used to count as done. The others are still skipped.
   const std::string u7_before = ReadFile(out + "/calls/a/u7.txt");
   fs::copy_file(in + "/calls/a/u6.wav", in + "/calls/a/u7.wav", fs::copy_options::overwrite_existing);
-  RunResult changed = Submit(b.endpoint, {"transcribe", in + "/calls/a", "--out", out + "/calls/a",
-                                          "--format", "txt,json,srt,vtt,tsv", "--wait"}, 60000);
+  RunResult changed = rerun("txt,json,srt,vtt,tsv");
   EXPECT_EQ(changed.code, 0) << changed.err;
   EXPECT_NE(changed.err.find("u7.wav: changed"), std::string::npos) << changed.err;
   EXPECT_NE(changed.err.find("7 skipped (outputs exist)"), std::string::npos) << changed.err;
@@ -339,8 +341,7 @@ TEST_F(TranscribeTest, FolderToTranscriptsWithBadFilesLongFilesAndPostgres) {
   // Without json among the formats a change is not looked for: the .json would keep its old
   // record, and every later run would transcribe the file again.
   fs::copy_file(in + "/calls/a/u4.wav", in + "/calls/a/u5.wav", fs::copy_options::overwrite_existing);
-  RunResult txt_only = Submit(b.endpoint, {"transcribe", in + "/calls/a", "--out", out + "/calls/a",
-                                           "--format", "txt", "--wait"}, 60000);
+  RunResult txt_only = rerun("txt");
   EXPECT_EQ(txt_only.code, 0) << txt_only.err;
   EXPECT_EQ(txt_only.err.find("changed"), std::string::npos) << txt_only.err;
   EXPECT_NE(txt_only.err.find("8 skipped (outputs exist)"), std::string::npos) << txt_only.err;

@@ -61,7 +61,7 @@ class AcousticModel {
 
 // True when 16 kHz audio holds no speech to speak of: no 100 ms stretch of it is above -40 dBFS
 // or more than 6 dB above its quietest stretch of sound (faint steady hiss or hum, digital
-// silence, or both: stretches holding digital silence are not the quietest sound).
+// silence, or both: frames of digital silence are left out of the quietest stretch).
 // Audio under 100 ms: false (the model decides).
 bool NoSpeech(std::span<const int16_t> pcm);
 

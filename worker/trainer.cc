@@ -737,14 +737,11 @@ class Gang {
   // for as long as the cause lasts).
   Status Finish(bool ok, const std::atomic<bool>* cancelled, bool* rank0_failed) {
     *rank0_failed = false;
-    const std::string finished = "asrf/finished", heard = "asrf/heard";
+    const std::string finished = "asrf/finished";
     try {
       if (rank_ == 0) {
         store_->set(finished, std::vector<uint8_t>{static_cast<uint8_t>(ok ? 1 : 0)});
-        for (int64_t until = MonoMs() + 60000; MonoMs() < until;) {
-          if (store_->add(heard, 0) >= world_ - 1) break;
-          std::this_thread::sleep_for(std::chrono::milliseconds(50));
-        }
+        Heard(finished, 60000);
         return Status::Ok();
       }
       while (!store_->check({finished})) {
@@ -752,7 +749,7 @@ class Gang {
         std::this_thread::sleep_for(std::chrono::milliseconds(200));
       }
       std::vector<uint8_t> v = store_->get(finished);
-      store_->add(heard, 1);
+      Heard(finished, 0);
       *rank0_failed = v.empty() || v[0] != 1;
     } catch (const std::exception& e) {
       if (rank_ == 0) return Status::Ok();  // its own part is done; a lost rank ends as the broker decides
@@ -784,12 +781,13 @@ class Gang {
     }
     return Status::Ok();
   }
-  // Rank 0's store is gone (its worker died, or it failed: a file it cannot read, a damaged
-  // checkpoint). The broker cancels this rank once it hears: wait a little for that rather than
-  // give the job back at once, which could reach the broker first and requeue the gang, rank 0's
-  // failure with it, for ever. Nor a failure of this rank's own, which would end the gang for good.
-  static Status StoreLost(const std::string& what, const std::atomic<bool>* cancelled) {
-    for (int64_t until = MonoMs() + 10000; MonoMs() < until;) {
+  // A gang member is gone (rank 0's store, or a peer in the all-reduce: its worker died, or it
+  // failed: a file it cannot read, a damaged checkpoint). The broker cancels this rank once it
+  // hears: wait a little for that rather than give the job back at once, which could reach the
+  // broker first and requeue the gang, the other's failure with it, for ever. Nor a failure of
+  // this rank's own, which would end the gang for good.
+  static Status StoreLost(const std::string& what, const std::atomic<bool>* cancelled, int64_t wait_ms = 10000) {
+    for (int64_t until = MonoMs() + wait_ms; MonoMs() < until;) {
       if (cancelled && cancelled->load()) return Status::Unavailable("cancelled");
       std::this_thread::sleep_for(std::chrono::milliseconds(100));
     }
@@ -1067,11 +1065,7 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
       // Rank 0 failed (its error fails the job, and the broker then cancels the gang): the
       // others wait for that cancel rather than give their jobs back and requeue the gang.
       if (rank == 0) return rank0_error;
-      for (int64_t until = MonoMs() + 120000; MonoMs() < until;) {
-        if (ctx.cancelled && ctx.cancelled->load()) return Status::Unavailable("cancelled");
-        std::this_thread::sleep_for(std::chrono::milliseconds(200));
-      }
-      return Status::Busy("rank 0 could not read its checkpoints, and no cancel came");
+      return Gang::StoreLost("rank 0 could not read its checkpoints, and no cancel came", ctx.cancelled, 120000);
     }
     if (from != 0 && rank == 0) {
       LogInfo("train_resuming_from_rank").Kv("job", ctx.job_id).Kv("from_rank", from)
@@ -1221,8 +1215,6 @@ Status RunTraining(const TrainSpec& spec, const TrainContext& ctx, std::string* 
     if (gang) {
       Status gst = gang->AllReduceSum(flat);
       if (!gst.ok()) {
-        // Another rank is gone: this rank gives its job back (no attempt); the broker requeues the
-        // gang and it resumes from the newest checkpoint.
         LogWarn("gang_step_failed").Kv("job", ctx.job_id).Kv("rank", rank).Kv("step", pos.step).Kv("error", gst.message());
         // The broker's cancel comes first when the other rank failed (its failure ends or
         // retries the gang, counted) or its worker died: a job given back at once could reach the
