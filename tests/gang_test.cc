@@ -387,6 +387,17 @@ void StartNamedPair(const BrokerProc& b, const TempDir& t, Proc* first, Proc* se
   WaitForWorkers(b, 2);
 }
 
+// A tiny gang on two named CPU workers without PostgreSQL (w1 runs rank 0, w2 rank 1): corpus
+// (seed k), broker (gang ports from GangPortBase(k)), workers, and the training with `args`.
+void StartNamedGang(const TempDir& t, int k, const std::vector<std::string>& args, BrokerProc* b, Proc* w1, Proc* w2,
+                    std::string* gt) {
+  ASSERT_NO_FATAL_FAILURE(SynthTinyCorpus(t, std::to_string(k)));
+  *b = StartBroker(t / "broker", t / "broker.log",
+                   With(kFastHeartbeats, {"--gang-port-base", std::to_string(GangPortBase(k))}));
+  ASSERT_NO_FATAL_FAILURE(StartNamedPair(*b, t, w1, w2));
+  ASSERT_NO_FATAL_FAILURE(SubmitTinyGang(*b, t, args, gt));
+}
+
 // Where job 1 (rank 0) started each time it ran in this worker log: its step, 0 when from scratch.
 std::vector<int64_t> Rank0Starts(const std::string& log_path) {
   std::vector<int64_t> starts;
@@ -406,13 +417,11 @@ std::vector<int64_t> Rank0Starts(const std::string& log_path) {
 // looked for checkpoints, and only in its own store).
 TEST(Gang, AGangResumesFromTheNewestCheckpointWhicheverRankItsWorkerRuns) {
   TempDir t;
-  ASSERT_NO_FATAL_FAILURE(SynthTinyCorpus(t, "13"));
-  BrokerProc b = StartBroker(t / "broker", t / "broker.log",
-                             With(kFastHeartbeats, {"--gang-port-base", std::to_string(GangPortBase(13))}));
+  BrokerProc b;
   Proc w1, w2;
-  ASSERT_NO_FATAL_FAILURE(StartNamedPair(b, t, &w1, &w2));
   std::string gt;
-  ASSERT_NO_FATAL_FAILURE(SubmitTinyGang(b, t, {"--name", "moved", "--steps", "100000", "--checkpoint-every", "5"}, &gt));
+  ASSERT_NO_FATAL_FAILURE(
+      StartNamedGang(t, 13, {"--name", "moved", "--steps", "100000", "--checkpoint-every", "5"}, &b, &w1, &w2, &gt));
   auto saved = [&] {
     std::string log = ReadFile(t / "w1.log");
     size_t n = 0;
@@ -441,14 +450,11 @@ TEST(Gang, AGangResumesFromTheNewestCheckpointWhicheverRankItsWorkerRuns) {
 // interval checkpoint (here: none, so to step 0).
 TEST(Gang, ARankWhoseWorkerStopsHasTheGangCheckpointWhereItStopped) {
   TempDir t;
-  ASSERT_NO_FATAL_FAILURE(SynthTinyCorpus(t, "17"));
-  BrokerProc b = StartBroker(t / "broker", t / "broker.log",
-                             With(kFastHeartbeats, {"--gang-port-base", std::to_string(GangPortBase(17))}));
+  BrokerProc b;
   Proc w1, w2;
-  ASSERT_NO_FATAL_FAILURE(StartNamedPair(b, t, &w1, &w2));
   std::string gt;
-  ASSERT_NO_FATAL_FAILURE(
-      SubmitTinyGang(b, t, {"--name", "drained", "--steps", "100000", "--checkpoint-every", "100000"}, &gt));
+  ASSERT_NO_FATAL_FAILURE(StartNamedGang(t, 17, {"--name", "drained", "--steps", "100000", "--checkpoint-every", "100000"},
+                                         &b, &w1, &w2, &gt));
   ASSERT_TRUE(WaitFor([&] {
     json st = json::parse(Submit(b.endpoint, {"status", "1", "--json"}).out, nullptr, false);
     return st.is_object() && st.contains("progress") && st["progress"].value("step", 0) >= 6;
